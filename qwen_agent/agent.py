@@ -178,8 +178,14 @@ class FinalAnswerEvent(Event):
 # ------------------------------------------------------------------------------------------------ the agent
 
 
-def _tool_map(tools: Iterable[ToolLike] | Mapping[str, ToolLike]) -> dict[str, ToolLike]:
-    items = tools.values() if isinstance(tools, Mapping) else tools
+def _tool_map(tools: Any) -> dict[str, ToolLike]:
+    """Tools from a ToolRegistry (whose iteration yields names), a name -> tool mapping, or an iterable."""
+    if callable(getattr(tools, "tools", None)):
+        items = tools.tools()
+    elif isinstance(tools, Mapping):
+        items = tools.values()
+    else:
+        items = tools
     mapping: dict[str, ToolLike] = {}
     for tool in items:
         if tool.name in mapping:
@@ -194,7 +200,8 @@ def _clean(text: str) -> str:
 
 
 class Agent:
-    """A ReAct agent over any :class:`~qwen_agent.llm.LLM` and a set of tools.
+    """A ReAct agent over any :class:`~qwen_agent.llm.LLM` and a set of tools (a ``ToolRegistry``, a list of
+    tools, or a name -> tool mapping).
 
     ``variant`` picks the Qwen prompt wording (see :mod:`qwen_agent.react`); ``max_iterations`` caps the tool
     steps of one run; ``sampling`` is passed to the backend on every call.
@@ -203,7 +210,7 @@ class Agent:
     def __init__(
         self,
         llm: LLM,
-        tools: Iterable[ToolLike] | Mapping[str, ToolLike] = (),
+        tools: Iterable[ToolLike] | Mapping[str, ToolLike] | Any = (),
         system: str | None = None,
         max_iterations: int = 8,
         *,
