@@ -1,0 +1,247 @@
+"""The ReAct loop driven by a scripted model replaying Qwen-style outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from qwen_agent.agent import (
+    ActionEvent,
+    Agent,
+    AnswerDelta,
+    ErrorEvent,
+    FinalAnswerEvent,
+    ObservationEvent,
+    StepStarted,
+    ThoughtDelta,
+)
+from qwen_agent.errors import ConfigError
+from qwen_agent.llm import ScriptedLLM
+from qwen_agent.react import Problem
+
+
+@dataclass
+class Result:
+    observation: str
+    ok: bool = True
+    error: str | None = None
+
+
+class Weather:
+    """A small tool with the BaseTool surface the agent uses; it counts its calls."""
+
+    name = "get_weather"
+    args_format = "json"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def tool_desc(self, variant: str) -> str:
+        return f"get_weather: the weather ({variant})"
+
+    def invoke(self, raw_arguments: str) -> Result:
+        self.calls.append(raw_arguments)
+        if "Atlantis" in raw_arguments:
+            return Result("Error: no such city: Atlantis", ok=False, error="no such city: Atlantis")
+        if "boom" in raw_arguments:
+            raise RuntimeError("sensor offline")
+        return Result("sunny, 21 °C")
+
+
+def call(city: str, thought: str = "Thought: I should look up the weather.") -> str:
+    return f'{thought}\nAction: get_weather\nAction Input: {{"city": "{city}"}}\nObservation:'
+
+
+FINAL = " I now know the final answer.\nFinal Answer: It is sunny and 21 °C in Paris."
+
+
+def test_prompt_layout_and_transcript_of_a_two_step_run():
+    llm = ScriptedLLM([call("Paris"), FINAL])
+    agent = Agent(llm, [Weather()])
+    result = agent.run("Weather in Paris?")
+    assert result.answer == "It is sunny and 21 °C in Paris." and result.stop_reason == "final_answer"
+    first, second = (prompt for prompt, _ in llm.calls)
+    assert first.query.startswith("Answer the following questions as best you can.")
+    assert (
+        "following tools:\n\nget_weather: the weather (react_prompt)\n\nUse the following format:"
+        in first.query
+    )
+    assert first.query.endswith("Begin!\n\nQuestion: Weather in Paris?")
+    assert first.assistant_prefix == ""
+    assert second.assistant_prefix == (
+        'Thought: I should look up the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
+        "Observation: sunny, 21 °C\nThought:"
+    )
+    assert all(stop == ("Observation:", "Observation:\n") for _, stop in llm.calls)
+    assert result.transcript == second.assistant_prefix + FINAL
+    assert [s.action for s in result.steps] == ["get_weather", None]
+    assert result.steps[0].arguments == {"city": "Paris"} and result.steps[0].observation == "sunny, 21 °C"
+    assert result.llm_calls == 2 and result.history == [("Weather in Paris?", result.transcript)]
+
+
+def test_event_order_is_well_formed():
+    llm = ScriptedLLM([call("Paris"), FINAL], chunk_size=4)
+    events = list(Agent(llm, [Weather()]).stream("Weather in Paris?"))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "step_started" and kinds[-1] == "final_answer"
+    first_step = kinds[: kinds.index("step_started", 1)]
+    assert first_step == ["step_started"] + ["thought_delta"] * (len(first_step) - 3) + [
+        "action",
+        "observation",
+    ]
+    second = kinds[kinds.index("step_started", 1) :]
+    assert second[0] == "step_started" and set(second[1:-1]) == {"thought_delta", "answer_delta"}
+    assert second.index("answer_delta") > max(i for i, k in enumerate(second) if k == "thought_delta")
+    thoughts = "".join(e.text for e in events if isinstance(e, ThoughtDelta) and e.index == 0)
+    assert thoughts == "I should look up the weather."
+    answer = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+    assert answer == events[-1].answer == "It is sunny and 21 °C in Paris."
+
+
+def test_unknown_tool_becomes_an_observation_listing_valid_tools():
+    bad = 'Thought: search it\nAction: web_search\nAction Input: {"q": "Paris weather"}\nObservation:'
+    llm = ScriptedLLM([bad, call("Paris", " Wrong tool; use get_weather."), FINAL])
+    events = list(Agent(llm, [Weather()]).stream("Weather in Paris?"))
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert [e.kind for e in errors] == ["unknown_tool"]
+    assert "web_search" in errors[0].message and "get_weather" in errors[0].message
+    assert "Observation: Error: there is no tool named 'web_search'." in llm.calls[1][0].assistant_prefix
+    result = events[-1].result
+    assert result.steps[0].ok is False and result.steps[0].problems == (Problem.UNKNOWN_TOOL,)
+    assert result.answer.startswith("It is sunny")
+
+
+def test_tool_error_and_tool_exception_are_observations():
+    llm = ScriptedLLM([call("Atlantis"), call("boom", " Try another."), FINAL])
+    tool = Weather()
+    events = list(Agent(llm, [tool]).stream("Weather?"))
+    errors = [(e.kind, e.message) for e in events if isinstance(e, ErrorEvent)]
+    assert errors == [
+        ("tool_error", "no such city: Atlantis"),
+        ("tool_error", "RuntimeError: sensor offline"),
+    ]
+    observations = [e.observation for e in events if isinstance(e, ObservationEvent)]
+    assert observations == [
+        "Error: no such city: Atlantis",
+        "Error: the tool get_weather failed: RuntimeError: sensor offline",
+    ]
+    assert len(tool.calls) == 2 and events[-1].result.answer.startswith("It is sunny")
+
+
+def test_malformed_output_gets_the_expected_format_back():
+    llm = ScriptedLLM(["Thought: I am thinking about the weather.", FINAL])
+    result = Agent(llm, [Weather()]).run("Weather?")
+    prefix = llm.calls[1][0].assistant_prefix
+    assert prefix.startswith(
+        "Thought: I am thinking about the weather.\nObservation: Error: the reply has neither"
+    )
+    assert "Reply in this format:" in prefix and prefix.endswith("\nThought:")
+    assert result.steps[0].problems == (Problem.MISSING_FINAL_ANSWER,)
+
+
+def test_invented_observation_is_dropped_and_the_real_tool_runs():
+    llm = ScriptedLLM(
+        [
+            call("Paris")[: -len("Observation:")]
+            + "Observation: rainy (made up)\nThought: ok\nFinal Answer: rainy",
+            FINAL,
+        ],
+        apply_stop=False,
+    )
+    result = Agent(llm, [Weather()]).run("Weather in Paris?")
+    assert result.steps[0].problems == (Problem.INVENTED_OBSERVATION,)
+    assert "made up" not in llm.calls[1][0].assistant_prefix
+    assert "Observation: sunny, 21 °C" in llm.calls[1][0].assistant_prefix
+    assert result.answer == "It is sunny and 21 °C in Paris."
+
+
+def test_repeated_identical_action_is_not_run_again():
+    tool = Weather()
+    repeat = call("Paris", " Let me check again.").replace('{"city": "Paris"}', '{ "city" : "Paris" }')
+    llm = ScriptedLLM([call("Paris"), repeat, FINAL])
+    events = list(Agent(llm, [tool]).stream("Weather in Paris?"))
+    assert len(tool.calls) == 1
+    (error,) = [e for e in events if isinstance(e, ErrorEvent)]
+    assert (
+        error.kind == "repeated_action"
+        and "already called get_weather" in error.message
+        and "step 1" in error.message
+    )
+    assert events[-1].result.steps[1].ok is False
+
+
+def test_budget_exhaustion_forces_a_final_answer():
+    llm = ScriptedLLM([call("Paris"), call("Lyon", " And Lyon."), " Both are sunny."])
+    events = list(Agent(llm, [Weather()], max_iterations=2).stream("Weather in France?"))
+    result = events[-1].result
+    assert result.stop_reason == "max_iterations" and result.answer == "Both are sunny."
+    forced = [e for e in events if isinstance(e, StepStarted) and e.forced]
+    assert len(forced) == 1 and forced[0].index == 2
+    assert llm.calls[2][0].assistant_prefix.endswith(
+        "Observation: sunny, 21 °C\nThought: I now know the final answer.\nFinal Answer:"
+    )
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == " Both are sunny."
+    assert result.transcript.endswith("Final Answer: Both are sunny.")
+
+
+def test_forced_turn_with_nothing_usable_still_answers():
+    llm = ScriptedLLM([call("Paris"), "   "])
+    result = Agent(llm, [Weather()], max_iterations=1).run("Weather?")
+    assert result.stop_reason == "max_iterations" and "could not find an answer" in result.answer
+
+
+def test_plain_text_answer_is_accepted():
+    llm = ScriptedLLM(["你好！很高兴见到你。"])
+    events = list(Agent(llm, [Weather()]).stream("你好"))
+    assert events[-1].answer == "你好！很高兴见到你。"
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "你好！很高兴见到你。"
+
+
+def test_multi_turn_history_moves_the_instruction_to_the_previous_turn():
+    llm = ScriptedLLM([call("Paris"), FINAL, "Thought: I know it.\nFinal Answer: Also sunny tomorrow."])
+    agent = Agent(llm, [Weather()], system="Be brief.")
+    first = agent.run("Weather in Paris?")
+    second = agent.run("And tomorrow?", history=first.history)
+    prompt = llm.calls[2][0]
+    assert prompt.system == "Be brief."
+    assert prompt.query == "And tomorrow?"
+    ((old_query, old_response),) = prompt.history
+    assert old_query.startswith("Answer the following questions") and old_query.endswith(
+        "Question: Weather in Paris?"
+    )
+    assert old_response == first.transcript
+    # the first run's prompt is a prefix of the second's: a KV cache stays valid
+    assert prompt.to_chatml().startswith(
+        llm.calls[1][0].to_chatml()[: -len(llm.calls[1][0].assistant_prefix)]
+    )
+    assert second.history[0] == ("Weather in Paris?", first.transcript)
+    assert second.answer == "Also sunny tomorrow."
+
+
+def test_token_counts_and_timings_are_summed():
+    llm = ScriptedLLM([call("Paris"), FINAL])
+    result = Agent(llm, [Weather()]).run("Weather?")
+    assert result.completion_tokens == len(call("Paris")) - len("Observation:") + len(FINAL)
+    assert result.seconds >= result.tool_seconds >= 0
+
+
+def test_configuration_errors():
+    with pytest.raises(ConfigError, match="max_iterations"):
+        Agent(ScriptedLLM([]), [Weather()], max_iterations=0)
+    with pytest.raises(ConfigError, match="two tools"):
+        Agent(ScriptedLLM([]), [Weather(), Weather()])
+
+
+def test_variant_is_passed_to_tool_descriptions():
+    llm = ScriptedLLM([FINAL])
+    Agent(llm, [Weather()], variant="react_demo").run("x")
+    assert "get_weather: the weather (react_demo)" in llm.calls[0][0].query
+    assert "following APIs" in llm.calls[0][0].query
+
+
+def test_final_answer_event_carries_the_result():
+    llm = ScriptedLLM([FINAL])
+    events = list(Agent(llm, [Weather()]).stream("x"))
+    assert isinstance(events[-1], FinalAnswerEvent) and events[-1].result.answer == events[-1].answer
+    assert not any(isinstance(e, ActionEvent) for e in events)
