@@ -47,7 +47,9 @@ def apply_limits(limits: dict) -> None:
 
 def run_as_init(argv: list) -> None:
     """pid 1 of the namespace: start the kernel, reap everything, exit with the kernel's status."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is meant for the kernel, which shares our group
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # an interrupt is meant for the kernel, which shares our group
     kernel = os.fork()
     if kernel == 0:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -75,7 +77,14 @@ def main() -> None:
         apply_limits({k: v for k, v in config["limits"].items() if k != "nproc"})
         if config.get("unshare"):
             inner = dict(config, stage="inner", parent=os.getpid())
-            argv = [*config["unshare"], sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(inner)]
+            argv = [
+                *config["unshare"],
+                sys.executable,
+                "-I",
+                "-S",
+                os.path.abspath(__file__),
+                json.dumps(inner),
+            ]
             os.execv(argv[0], argv)
     if config.get("uid") is not None:
         os.setgroups([])

@@ -109,8 +109,10 @@ class BaseTool:
         elif variant in ("react_prompt", "react_demo"):
             parameters = qwen_parameter_list(self.schema)
         else:
-            raise ToolError(f"tool {self.name!r}: unknown TOOL_DESC variant {variant!r} "
-                            "(valid: react_prompt, react_demo, openai_api)")
+            raise ToolError(
+                f"tool {self.name!r}: unknown TOOL_DESC variant {variant!r} "
+                "(valid: react_prompt, react_demo, openai_api)"
+            )
         line = TOOL_DESC_BARE.format(
             name_for_model=self.name,
             name_for_human=self.name_for_human or self.name,
@@ -125,8 +127,12 @@ class BaseTool:
 
     def openai_function(self) -> dict[str, Any]:
         """This tool as an OpenAI ``functions`` entry (name, description, parameters)."""
-        return {"name": self.name, "name_for_human": self.name_for_human or self.name,
-                "description": self.description, "parameters": self.schema}
+        return {
+            "name": self.name,
+            "name_for_human": self.name_for_human or self.name,
+            "description": self.description,
+            "parameters": self.schema,
+        }
 
     # ---- arguments --------------------------------------------------------------------------------------
     def parse_arguments(self, raw: str | dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +181,9 @@ class BaseTool:
             reason = str(exc).split("\n")[0][:120]
             raise ToolArgumentError(f"arguments are not valid JSON ({reason}); give a JSON object") from None
         if not isinstance(loaded, dict):
-            kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(loaded), "a number")
+            kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+                type(loaded), "a number"
+            )
             raise ToolArgumentError(f"arguments must be a JSON object, got {kind}")
         return loaded
 
@@ -207,14 +215,24 @@ class BaseTool:
             arguments = self.parse_arguments(raw_arguments)
         except ToolArgumentError as exc:
             message = f"invalid arguments for tool '{self.name}': {exc}"
-            return ToolResult(f"Error: {message}", ok=False, error=message, error_kind="invalid_arguments",
-                              duration=time.perf_counter() - start)
+            return ToolResult(
+                f"Error: {message}",
+                ok=False,
+                error=message,
+                error_kind="invalid_arguments",
+                duration=time.perf_counter() - start,
+            )
         try:
             observation, data = self._run(arguments)
         except Exception as exc:  # any failure of the tool becomes an Observation, by design
             short = _short_traceback(exc)
-            return ToolResult(f"Error: tool '{self.name}' failed:\n{short}", ok=False, error=short,
-                              error_kind="tool_error", duration=time.perf_counter() - start)
+            return ToolResult(
+                f"Error: tool '{self.name}' failed:\n{short}",
+                ok=False,
+                error=short,
+                error_kind="tool_error",
+                duration=time.perf_counter() - start,
+            )
         return ToolResult(observation, data=data, duration=time.perf_counter() - start)
 
     def _run(self, arguments: dict[str, Any]) -> tuple[str, Any]:

@@ -29,8 +29,11 @@ class CodeInterpreterTool(BaseTool):
     name = "code_interpreter"
     name_for_human = "代码解释器"
     description = "代码解释器，可用于执行Python代码。"
-    parameters = {"type": "object", "properties": {"code": {"type": "string", "description": "待执行的代码"}},
-                  "required": ["code"]}
+    parameters = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "description": "待执行的代码"}},
+        "required": ["code"],
+    }
     args_format = "code"
 
     def __init__(self, interpreter: Executor | None = None, **interpreter_kwargs: Any) -> None:
@@ -57,9 +60,11 @@ class CodeInterpreterTool(BaseTool):
 
 
 class _TextExtractor(html.parser.HTMLParser):
-    _SKIP = {"script", "style", "noscript", "template", "svg", "head"}
-    _BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "pre",
-              "table", "ul", "ol", "header", "footer", "title", "blockquote"}
+    _SKIP = frozenset("script style noscript template svg head".split())
+    _BLOCK = frozenset(
+        "p div br li tr h1 h2 h3 h4 h5 h6 section article pre table ul ol header footer title "
+        "blockquote".split()
+    )
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -106,13 +111,24 @@ class WebFetchTool(BaseTool):
 
     name = "web_fetch"
     name_for_human = "Web Fetch"
-    description = ("Fetch a web page or text file by URL and return its readable text. Use it to read a page "
-                   "whose address you know.")
-    parameters = {"type": "object", "properties": {"url": {"type": "string", "description": "http or https URL"}},
-                  "required": ["url"]}
+    description = (
+        "Fetch a web page or text file by URL and return its readable text. Use it to read a page "
+        "whose address you know."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {"url": {"type": "string", "description": "http or https URL"}},
+        "required": ["url"],
+    }
 
-    def __init__(self, timeout: float = 10.0, max_bytes: int = 2_000_000, max_redirects: int = 5,
-                 max_chars: int = 8000, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        timeout: float = 10.0,
+        max_bytes: int = 2_000_000,
+        max_redirects: int = 5,
+        max_chars: int = 8000,
+        session: requests.Session | None = None,
+    ) -> None:
         super().__init__()
         self.timeout = timeout
         self.max_bytes = max_bytes
@@ -145,15 +161,29 @@ class WebFetchTool(BaseTool):
             return f"Error: no response from {url} within {self.timeout:g} s"
         except requests.exceptions.ConnectionError as exc:
             text = str(exc)
-            if any(s in text for s in ("Name or service not known", "nodename nor servname", "getaddrinfo failed",
-                                       "Temporary failure in name resolution", "No address associated")):
+            if any(
+                s in text
+                for s in (
+                    "Name or service not known",
+                    "nodename nor servname",
+                    "getaddrinfo failed",
+                    "Temporary failure in name resolution",
+                    "No address associated",
+                )
+            ):
                 return f"Error: could not resolve the host name of {url} (DNS lookup failed)"
             return f"Error: could not connect to {url} ({_reason(text)})"
         except requests.exceptions.RequestException as exc:
             return f"Error: request to {url} failed ({_reason(str(exc))})"
-        if not (content_type.startswith("text/") or "json" in content_type or "xml" in content_type
-                or not content_type):
-            return f"Error: {final_url} returned {content_type.split(';')[0]}, not text ({len(body)} bytes read)"
+        if not (
+            content_type.startswith("text/")
+            or "json" in content_type
+            or "xml" in content_type
+            or not content_type
+        ):
+            return (
+                f"Error: {final_url} returned {content_type.split(';')[0]}, not text ({len(body)} bytes read)"
+            )
         text = body.decode(encoding, errors="replace")
         title = ""
         if "html" in content_type or text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
@@ -185,10 +215,20 @@ class CurrentTimeTool(BaseTool):
 
     name = "current_time"
     name_for_human = "Current Time"
-    description = "Get the current date, time and weekday. Use it whenever the answer depends on today's date."
-    parameters = {"type": "object", "properties": {"timezone": {
-        "type": "string", "description": "IANA time zone such as 'Asia/Shanghai' or 'UTC'", "default": "UTC"}},
-        "required": []}
+    description = (
+        "Get the current date, time and weekday. Use it whenever the answer depends on today's date."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {
+            "timezone": {
+                "type": "string",
+                "description": "IANA time zone such as 'Asia/Shanghai' or 'UTC'",
+                "default": "UTC",
+            }
+        },
+        "required": [],
+    }
 
     def __init__(self, clock: Any = None) -> None:
         super().__init__()
@@ -199,8 +239,9 @@ class CurrentTimeTool(BaseTool):
         try:
             args["timezone"] = ZoneInfo(args.get("timezone") or "UTC")
         except (ZoneInfoNotFoundError, ValueError):
-            raise ToolArgumentError(f"unknown time zone '{args['timezone']}'; use an IANA name such as "
-                                    "'Asia/Shanghai'") from None
+            raise ToolArgumentError(
+                f"unknown time zone '{args['timezone']}'; use an IANA name such as 'Asia/Shanghai'"
+            ) from None
         return args
 
     def call(self, arguments: dict[str, Any]) -> str:

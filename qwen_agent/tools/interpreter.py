@@ -69,8 +69,15 @@ class ExecutionResult:
 
     def to_observation(self) -> str:
         """The Observation text, in the Qwen code-interpreter benchmark's format ("stdout:", "error:" blocks)."""
-        blocks = [f"{kind}:\n\n```\n{text.rstrip()}\n```" for kind, text in
-                  (("stdout", self.stdout), ("stderr", self.stderr), ("execute_result", self.result)) if text.strip()]
+        blocks = [
+            f"{kind}:\n\n```\n{text.rstrip()}\n```"
+            for kind, text in (
+                ("stdout", self.stdout),
+                ("stderr", self.stderr),
+                ("execute_result", self.result),
+            )
+            if text.strip()
+        ]
         if self.error is not None:
             head = f"{self.error.name}: {self.error.value}".rstrip(": ")
             text = f"{self.error.traceback.rstrip()}\n{head}" if self.error.traceback.strip() else head
@@ -137,15 +144,23 @@ class _Cell:
                 lines = lines[:-1]  # the last line repeats name: value
             tb = "\n".join(lines)
             limit = self.interp.max_output_chars // 2
-            self.error = ExecutionError(content["ename"], content["evalue"], tb if len(tb) <= limit else "..." + tb[-limit:])
+            self.error = ExecutionError(
+                content["ename"], content["evalue"], tb if len(tb) <= limit else "..." + tb[-limit:]
+            )
         elif kind == "status" and content["execution_state"] == "idle":
             self.idle = True
 
     def result(self, start: float, **flags: Any) -> ExecutionResult:
         return ExecutionResult(
-            stdout=self.streams["stdout"].render(), stderr=self.streams["stderr"].render(),
-            result=self.streams["result"].render(), error=self.error, images=self.images,
-            duration=time.monotonic() - start, truncated=any(s.elided for s in self.streams.values()), **flags)
+            stdout=self.streams["stdout"].render(),
+            stderr=self.streams["stderr"].render(),
+            result=self.streams["result"].render(),
+            error=self.error,
+            images=self.images,
+            duration=time.monotonic() - start,
+            truncated=any(s.elided for s in self.streams.values()),
+            **flags,
+        )
 
 
 def _close_kernel(holder: dict[str, Any]) -> None:
@@ -170,10 +185,19 @@ class CodeInterpreter:
         startup_timeout: how long a kernel may take to start.
     """
 
-    def __init__(self, workdir: str | Path | None = None, timeout: float = 30, *, grace: float = 1.0,
-                 max_output_chars: int = 8000, limits: SandboxLimits | None = None, network: bool = False,
-                 sandbox_uid: int | str | None = "auto", env: dict[str, str] | None = None,
-                 startup_timeout: float = 30) -> None:
+    def __init__(
+        self,
+        workdir: str | Path | None = None,
+        timeout: float = 30,
+        *,
+        grace: float = 1.0,
+        max_output_chars: int = 8000,
+        limits: SandboxLimits | None = None,
+        network: bool = False,
+        sandbox_uid: int | str | None = "auto",
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 30,
+    ) -> None:
         self.timeout = timeout
         self.grace = grace
         self.max_output_chars = max_output_chars
@@ -259,7 +283,10 @@ class CodeInterpreter:
                 break  # the reply came but the idle status never did (a flooded iopub can drop it)
             if now >= deadline:
                 return self._on_timeout(cell, msg_id, start, timeout, restarted)
-            if not self._pump(kernel, cell, msg_id, min(0.1, deadline - now)) and kernel.exit_status() is not None:
+            if (
+                not self._pump(kernel, cell, msg_id, min(0.1, deadline - now))
+                and kernel.exit_status() is not None
+            ):
                 return self._on_death(cell, start)
         self._wait_reply(kernel, cell, msg_id)
         return cell.result(start, restarted=restarted, state_lost=restarted)
@@ -282,7 +309,9 @@ class CodeInterpreter:
         while not cell.replied_at and time.monotonic() < end and kernel.exit_status() is None:
             self._pump(kernel, cell, msg_id, 0.05)
 
-    def _on_timeout(self, cell: _Cell, msg_id: str, start: float, timeout: float, restarted: bool) -> ExecutionResult:
+    def _on_timeout(
+        self, cell: _Cell, msg_id: str, start: float, timeout: float, restarted: bool
+    ) -> ExecutionResult:
         kernel = self._kernel
         kernel.interrupt()
         end = time.monotonic() + self.grace
@@ -290,22 +319,31 @@ class CodeInterpreter:
             self._pump(kernel, cell, msg_id, 0.05)
         if cell.idle:
             self._wait_reply(kernel, cell, msg_id)
-            message = f"execution exceeded the {timeout:g} s time limit and was interrupted; variables are kept"
+            message = (
+                f"execution exceeded the {timeout:g} s time limit and was interrupted; variables are kept"
+            )
         else:
             self._restart()  # the new kernel starts in the background; the next call waits for it
             restarted = True
-            message = (f"execution exceeded the {timeout:g} s time limit and did not stop on interrupt; "
-                       "the kernel was restarted and all variables were lost")
+            message = (
+                f"execution exceeded the {timeout:g} s time limit and did not stop on interrupt; "
+                "the kernel was restarted and all variables were lost"
+            )
         cell.error = ExecutionError("TimeoutError", message)
         return cell.result(start, timed_out=True, restarted=restarted, state_lost=restarted)
 
     def _on_death(self, cell: _Cell, start: float) -> ExecutionResult:
         status = self._kernel.exit_status() or 0
-        how = f"was killed by {_SIGNALS.get(status - 128, f'signal {status - 128}')}" if status > 128 else \
-            f"exited with status {status}"
+        how = (
+            f"was killed by {_SIGNALS.get(status - 128, f'signal {status - 128}')}"
+            if status > 128
+            else f"exited with status {status}"
+        )
         self._restart()
-        cell.error = ExecutionError("KernelDied", f"the Python kernel {how} while running this code; it was "
-                                    "restarted and all variables were lost")
+        cell.error = ExecutionError(
+            "KernelDied",
+            f"the Python kernel {how} while running this code; it was restarted and all variables were lost",
+        )
         return cell.result(start, restarted=True, state_lost=True)
 
     def _save_png(self, b64: str) -> Path:

@@ -42,18 +42,35 @@ class KernelProcess:
         for sub in ("tmp", "mpl", "ipython", "jupyter"):
             (self.runtime / sub).mkdir()
         conn_file, self._conn = write_connection_file(
-            str(self.runtime / "kernel.json"), transport="ipc", ip=str(self.runtime / "zmq"),
-            key=secrets.token_hex(16).encode(), kernel_name="python3")
+            str(self.runtime / "kernel.json"),
+            transport="ipc",
+            ip=str(self.runtime / "zmq"),
+            key=secrets.token_hex(16).encode(),
+            kernel_name="python3",
+        )
         if plan.uid is not None:
             for path in [self.runtime, *self.runtime.iterdir()]:
                 os.chown(path, plan.uid, plan.uid)
-        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", conn_file,
-                "--HistoryManager.enabled=False", "--IPKernelApp.quiet=True"]
+        argv = [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            conn_file,
+            "--HistoryManager.enabled=False",
+            "--IPKernelApp.quiet=True",
+        ]
         self._log = open(self.runtime / "kernel.log", "wb")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(plan.launcher_config(argv))],
-            cwd=workdir, env=kernel_env(workdir, self.runtime, env), stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            cwd=workdir,
+            env=kernel_env(workdir, self.runtime, env),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
         self.client = BlockingKernelClient()
         self.client.load_connection_info(self._conn)
         self.client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
@@ -98,7 +115,9 @@ class KernelProcess:
         while not (got_reply and got_iopub):
             status = self.exit_status()
             if status is not None:
-                raise InterpreterError(f"the kernel exited during start-up (status {status}): {self.log_tail()}")
+                raise InterpreterError(
+                    f"the kernel exited during start-up (status {status}): {self.log_tail()}"
+                )
             now = time.monotonic()
             if now > deadline:
                 raise InterpreterError(f"the kernel did not start within {timeout:.0f} s: {self.log_tail()}")

@@ -28,7 +28,9 @@ class ToolRegistry:
         for t in tools:
             self.register(t)
 
-    def register(self, tool: type[BaseTool] | BaseTool, *, overwrite: bool = False) -> type[BaseTool] | BaseTool:
+    def register(
+        self, tool: type[BaseTool] | BaseTool, *, overwrite: bool = False
+    ) -> type[BaseTool] | BaseTool:
         """Add a tool class or instance under its ``name``; a second tool of the same name needs ``overwrite``."""
         is_class = isinstance(tool, type) and issubclass(tool, BaseTool)
         if not is_class and not isinstance(tool, BaseTool):
@@ -37,8 +39,10 @@ class ToolRegistry:
         if not name:
             raise ToolError(f"tool {tool!r} has no name")
         if name in self._entries and not overwrite and self._entries[name] is not tool:
-            raise ToolError(f"a tool named {name!r} is already registered ({self._entries[name]!r}); "
-                            "pass overwrite=True to replace it")
+            raise ToolError(
+                f"a tool named {name!r} is already registered ({self._entries[name]!r}); "
+                "pass overwrite=True to replace it"
+            )
         self._entries[name] = tool
         self._instances.pop(name, None)
         if not is_class:
@@ -136,7 +140,9 @@ def register_tool(cls: T, /) -> T: ...
 def register_tool(*, registry: ToolRegistry | None = None, overwrite: bool = False) -> Callable[[T], T]: ...
 
 
-def register_tool(cls: Any = None, /, *, registry: ToolRegistry | None = None, overwrite: bool = False) -> Any:
+def register_tool(
+    cls: Any = None, /, *, registry: ToolRegistry | None = None, overwrite: bool = False
+) -> Any:
     """Class decorator: register a BaseTool subclass (in the default registry unless ``registry`` is given)."""
 
     def decorate(c: T) -> T:
@@ -149,8 +155,16 @@ def register_tool(cls: Any = None, /, *, registry: ToolRegistry | None = None, o
 class FunctionTool(BaseTool):
     """A tool made from a plain function by :func:`tool`; the schema comes from its type hints and docstring."""
 
-    def __init__(self, func: Callable[..., Any], *, name: str, name_for_human: str, description: str,
-                 parameters: dict[str, Any], args_format: Literal["json", "code"]) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        name: str,
+        name_for_human: str,
+        description: str,
+        parameters: dict[str, Any],
+        args_format: Literal["json", "code"],
+    ) -> None:
         self.name = name  # type: ignore[misc]
         self.name_for_human = name_for_human  # type: ignore[misc]
         self.description = description  # type: ignore[misc]
@@ -166,9 +180,17 @@ class FunctionTool(BaseTool):
         return self.func(*args, **kwargs)
 
 
-def tool(func: Callable[..., Any] | None = None, /, *, name: str | None = None, name_for_human: str | None = None,
-         description: str | None = None, args_format: Literal["json", "code"] = "json",
-         registry: ToolRegistry | None = None, register: bool = True) -> Any:
+def tool(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    name_for_human: str | None = None,
+    description: str | None = None,
+    args_format: Literal["json", "code"] = "json",
+    registry: ToolRegistry | None = None,
+    register: bool = True,
+) -> Any:
     """Function decorator: make a :class:`FunctionTool` (and register it unless ``register=False``).
 
     The description is the docstring's first part; each parameter's description comes from its ``Args:``
@@ -177,9 +199,14 @@ def tool(func: Callable[..., Any] | None = None, /, *, name: str | None = None, 
 
     def decorate(f: Callable[..., Any]) -> FunctionTool:
         doc_description, parameters = schema_from_function(f)
-        t = FunctionTool(f, name=name or f.__name__, name_for_human=name_for_human or name or f.__name__,
-                         description=description if description is not None else doc_description,
-                         parameters=parameters, args_format=args_format)
+        t = FunctionTool(
+            f,
+            name=name or f.__name__,
+            name_for_human=name_for_human or name or f.__name__,
+            description=description if description is not None else doc_description,
+            parameters=parameters,
+            args_format=args_format,
+        )
         if register:
             (registry if registry is not None else default_registry).register(t)
         return t

@@ -45,7 +45,11 @@ class SandboxLimits:
 
     def rlimits(self) -> dict[str, Any]:
         out: dict[str, Any] = {"core": 0}
-        for key, value in (("as", self.memory_bytes), ("fsize", self.max_file_bytes), ("nofile", self.max_open_files)):
+        for key, value in (
+            ("as", self.memory_bytes),
+            ("fsize", self.max_file_bytes),
+            ("nofile", self.max_open_files),
+        ):
             if value is not None:
                 out[key] = value
         if self.cpu_seconds is not None:
@@ -103,7 +107,11 @@ def _create_pids_cgroup(limit: int) -> tuple[Path | None, str]:
     """A fresh pids cgroup (v1 hierarchy, or v2 under our own cgroup) with ``pids.max = limit``."""
     candidates = [_PIDS_V1]
     try:
-        v2 = [ln[3:].strip() for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")]
+        v2 = [
+            ln[3:].strip()
+            for ln in Path("/proc/self/cgroup").read_text().splitlines()
+            if ln.startswith("0::")
+        ]
         if v2 and "pids" in Path("/sys/fs/cgroup/cgroup.controllers").read_text():
             candidates.append(Path("/sys/fs/cgroup") / v2[0].lstrip("/"))
     except OSError:
@@ -203,8 +211,10 @@ def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str
             if all(_readable_by_others(p) for p in (sys.executable, sys.base_prefix, sys.prefix)):
                 uid = NOBODY_UID
             else:
-                notes.append(f"kernel runs as root: the Python installation ({sys.base_prefix}) is not readable "
-                             "by an unprivileged uid")
+                notes.append(
+                    f"kernel runs as root: the Python installation ({sys.base_prefix}) is not readable "
+                    "by an unprivileged uid"
+                )
     elif sandbox_uid is not None:
         uid = int(sandbox_uid)
 

@@ -43,7 +43,10 @@ def _type_schema(hint: Any, where: str) -> dict[str, Any]:
     if hint in _PY_TO_JSON:
         return {"type": _PY_TO_JSON[hint]}
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return {"type": _PY_TO_JSON.get(type(next(iter(hint)).value), "string"), "enum": [m.value for m in hint]}
+        return {
+            "type": _PY_TO_JSON.get(type(next(iter(hint)).value), "string"),
+            "enum": [m.value for m in hint],
+        }
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Literal:
@@ -59,8 +62,10 @@ def _type_schema(hint: Any, where: str) -> dict[str, Any]:
         members = [a for a in args if a is not type(None)]
         if len(members) == 1:
             return _type_schema(members[0], where)
-    raise ToolError(f"{where}: type {hint!r} cannot be described in JSON Schema; use str, int, float, bool, "
-                    "list[...], dict, Literal[...] or an Enum")
+    raise ToolError(
+        f"{where}: type {hint!r} cannot be described in JSON Schema; use str, int, float, bool, "
+        "list[...], dict, Literal[...] or an Enum"
+    )
 
 
 def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
@@ -71,8 +76,11 @@ def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
         arg_docs[name] = " ".join(text.split())
     section = re.search(r"^(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.*\n?|\s*\n)+)", doc, re.M)
     if section:
-        for name, text in re.findall(r"^[ \t]+(\w+)(?:\s*\([^)]*\))?:\s*(.+(?:\n[ \t]{2,}(?![ \t]*\w+(?:\s*\([^)]*\))?:).+)*)",
-                                     section.group(1), re.M):
+        for name, text in re.findall(
+            r"^[ \t]+(\w+)(?:\s*\([^)]*\))?:\s*(.+(?:\n[ \t]{2,}(?![ \t]*\w+(?:\s*\([^)]*\))?:).+)*)",
+            section.group(1),
+            re.M,
+        ):
             arg_docs[name] = " ".join(text.split())
     first_section = re.search(r"^(?:Args|Arguments|Parameters|Returns|Raises|Examples?):|^:param", doc, re.M)
     description = doc[: first_section.start()] if first_section else doc
@@ -131,7 +139,9 @@ def normalize_schema(parameters: Any, where: str) -> dict[str, Any]:
     if isinstance(parameters, type) and hasattr(parameters, "model_json_schema"):
         return schema_from_pydantic(parameters)
     if not isinstance(parameters, dict) or parameters.get("type") != "object":
-        raise ToolError(f"{where}: parameters must be a JSON Schema with \"type\": \"object\", or a pydantic model")
+        raise ToolError(
+            f'{where}: parameters must be a JSON Schema with "type": "object", or a pydantic model'
+        )
     props = parameters.get("properties", {})
     unknown = [r for r in parameters.get("required", []) if r not in props]
     if unknown:
@@ -145,14 +155,24 @@ def qwen_parameter_list(schema: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, prop in schema.get("properties", {}).items():
         type_schema = {k: v for k, v in prop.items() if k not in ("description", "default", "title")}
-        out.append({"name": name, "description": prop.get("description", ""), "required": name in required,
-                    "schema": type_schema})
+        out.append(
+            {
+                "name": name,
+                "description": prop.get("description", ""),
+                "required": name in required,
+                "schema": type_schema,
+            }
+        )
     return out
 
 
 def _type_ok(value: Any, expected: str) -> bool:
     if expected == "integer":
-        return isinstance(value, int) and not isinstance(value, bool) or (isinstance(value, float) and value.is_integer())
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            or (isinstance(value, float) and value.is_integer())
+        )
     if expected == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     checks = {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None)}
@@ -173,7 +193,9 @@ def _check_value(value: Any, schema: dict[str, Any], label: str) -> Any:
     expected = schema.get("type")
     expected_list = expected if isinstance(expected, list) else [expected] if expected else []
     if expected_list and not any(_type_ok(value, t) for t in expected_list):
-        raise ToolArgumentError(f"'{label}' must be {' or '.join(_TYPE_WORDS.get(t, t) for t in expected_list)}")
+        raise ToolArgumentError(
+            f"'{label}' must be {' or '.join(_TYPE_WORDS.get(t, t) for t in expected_list)}"
+        )
     if expected_list == ["integer"] and isinstance(value, float):
         value = int(value)
     if "enum" in schema and value not in schema["enum"]:
