@@ -1,0 +1,312 @@
+"""The tool-use benchmark runner: generate each job's answer with a model, record it, score the run.
+
+A run writes into one directory::
+
+    positive.jsonl   negative.jsonl   the jobs with ``gen`` added, appended one line per job as it finishes
+    report.json      report.md        per_tool.png      the scorecard (:func:`qwen_agent.evaluation.scorecard`)
+
+Generation is greedy with the checkpoint's repetition penalty (as the official script runs ``model.chat`` with
+``do_sample=False``), stops at ``Observation:`` in both tokenizations, and batches jobs of similar prompt length.
+Each line is written with one ``write`` and flushed, so a run killed at any moment leaves at most a torn last
+line; the next run with the same ``--out`` drops that line, keeps every complete one, and generates only the
+jobs that are missing. ``gen`` holds what ``model.chat`` would return with the stop words: the text up to and
+including ``Observation:`` when the model stopped there, stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import BenchmarkError, ConfigError
+from .react import STOP_WORDS
+from .tools.base import BaseTool
+
+__all__ = [
+    "DATA_DIR",
+    "PluginTool",
+    "load_catalog",
+    "plugin_tools",
+    "Generator",
+    "LLMGenerator",
+    "EngineGenerator",
+    "open_generator",
+    "RunFile",
+    "run_tool_use",
+    "write_report",
+]
+
+# the datasets shipped in the source tree
+DATA_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+SPLITS = ("positive", "negative")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plugin catalog
+
+
+class PluginTool(BaseTool):
+    """A benchmark plugin: declared like any tool (so it renders and validates the same way), never executed."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        # BaseTool reads the declaration from class attributes; set them on the instance before it checks them
+        self.name = spec["name_for_model"]
+        self.name_for_human = spec.get("name_for_human", self.name)
+        self.description = spec.get("description_for_model", "")
+        self.parameters = spec.get("parameters")
+        super().__init__()
+
+    def call(self, arguments: dict[str, Any]) -> str:
+        raise BenchmarkError(f"plugin {self.name!r} is a benchmark declaration and cannot be run")
+
+
+def load_catalog(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The plugin catalog (a JSON list of plugin declarations) as name -> declaration."""
+    path = Path(path)
+    try:
+        plugins = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchmarkError(f"{path}: cannot read the plugin catalog ({exc})") from None
+    if not isinstance(plugins, list):
+        raise BenchmarkError(f"{path}: the catalog must be a JSON list of plugins")
+    catalog = {}
+    for index, spec in enumerate(plugins):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name_for_model"), str):
+            raise BenchmarkError(f"{path}: plugin #{index} has no 'name_for_model'")
+        catalog[spec["name_for_model"]] = spec
+    return catalog
+
+
+def plugin_tools(catalog: Mapping[str, Mapping[str, Any]]) -> dict[str, PluginTool]:
+    return {name: PluginTool(spec) for name, spec in catalog.items()}
+
+
+def catalog_schemas(catalog: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: tool.schema for name, tool in plugin_tools(catalog).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generators: prompts in, model outputs out
+
+
+class Generator(Protocol):
+    """Generates the answer to each user message; yields ``(index, gen)`` as each one finishes."""
+
+    def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]: ...
+
+
+def _with_stop_word(text: str, stop: Any) -> str:
+    """What ``model.chat`` returns with stop words: the stop word kept, the whole stripped."""
+    if isinstance(stop, str) and stop.startswith("Observation:"):
+        text += "Observation:"
+    return text.strip()
+
+
+class LLMGenerator:
+    """Any :class:`~qwen_agent.llm.LLM` backend (an OpenAI-compatible server, a scripted model), with up to
+    ``concurrency`` requests in flight so the server can batch them."""
+
+    def __init__(self, llm: Any, *, concurrency: int = 8, max_tokens: int = 512,
+                 repetition_penalty: float | None = None) -> None:
+        from .llm import Sampling
+
+        self.llm = llm
+        self.concurrency = max(1, concurrency)
+        self.sampling = Sampling(max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty)
+
+    def _one(self, prompt: str) -> str:
+        from .llm import ChatPrompt
+
+        completion = self.llm.complete(ChatPrompt(prompt), stop=STOP_WORDS, sampling=self.sampling)
+        return _with_stop_word(completion.text, completion.stop)
+
+    def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self._one, prompt): index for index, prompt in enumerate(prompts)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
+
+class EngineGenerator:
+    """A local :class:`~qwen_agent.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
+    default), generated ``batch_size`` at a time in one batched pass."""
+
+    def __init__(self, engine: Any, *, batch_size: int = 8, max_new_tokens: int | None = None) -> None:
+        self.engine = engine
+        self.batch_size = max(1, batch_size)
+        config = engine.generation_config
+        self.max_new_tokens = max_new_tokens or config.max_new_tokens
+        self.repetition_penalty = config.repetition_penalty
+
+    def _ids(self, prompt: str) -> list[int]:
+        from .chat_format import make_context
+
+        config = self.engine.generation_config
+        _, ids = make_context(self.engine.tokenizer, prompt, system=self.engine.default_system,
+                              max_window_size=config.max_window_size, chat_format=config.chat_format)
+        return ids
+
+    def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]:
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = [self._ids(p) for p in prompts[start : start + self.batch_size]]
+            results = self.engine.generate(
+                chunk, stop=list(STOP_WORDS), do_sample=False, max_new_tokens=self.max_new_tokens,
+                repetition_penalty=self.repetition_penalty,
+            )
+            for offset, result in enumerate(results):
+                yield start + offset, _with_stop_word(result.text, result.stop)
+
+
+def open_generator(model: str, *, batch_size: int = 8, max_new_tokens: int | None = None,
+                   repetition_penalty: float | None = None, device: str | None = None,
+                   dtype: str | None = None) -> Generator:
+    """A URL opens an OpenAI-compatible client; anything else is loaded as a local model directory."""
+    if model.startswith(("http://", "https://")):
+        from .llm import OpenAICompatibleLLM
+        from .tokenizer import QwenTokenizer
+
+        llm = OpenAICompatibleLLM(model, tokenizer=QwenTokenizer.from_pretrained(),
+                                  api_key=os.environ.get("OPENAI_API_KEY"))
+        return LLMGenerator(llm, concurrency=batch_size, max_tokens=max_new_tokens or 512,
+                            repetition_penalty=repetition_penalty)
+    from .engine import load_model
+
+    engine = load_model(model, device=device, dtype=dtype)
+    if repetition_penalty is not None:
+        engine.generation_config.repetition_penalty = repetition_penalty
+    return EngineGenerator(engine, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run file: append-only, resumable
+
+
+def _job_id(job: Mapping[str, Any], index: int, split: str) -> str:
+    return str(job.get("id", f"{split}-{index}"))
+
+
+class RunFile:
+    """The jsonl file of one split's generations. Opening it drops a torn last line left by a killed run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self._recover()
+
+    def _recover(self) -> None:
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with open(self.path, "r+b") as handle:  # a torn line from a killed run: cut it off
+                handle.truncate(len(complete))
+        for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                job = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BenchmarkError(f"{self.path}:{number}: not valid JSON ({exc.msg})") from None
+            if "_id" not in job or "gen" not in job:
+                raise BenchmarkError(f"{self.path}:{number}: not a generation record (no '_id' or 'gen')")
+            self.done[job["_id"]] = job
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write per record: a kill leaves whole lines plus at most one torn one
+        finally:
+            os.close(fd)
+        self.done[record["_id"]] = record
+
+
+def run_tool_use(
+    datasets: Mapping[str, Sequence[Mapping[str, Any]]],
+    generator: Generator,
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """Generate every job not yet recorded in ``out_dir`` and return the recorded jobs per split, in dataset
+    order. ``limit`` keeps the first N jobs of each split. Jobs are sorted by prompt length and handed to the
+    generator ``chunk`` at a time, so batches hold prompts of similar length."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files, pending, ordered = {}, [], {}
+    for split, jobs in datasets.items():
+        jobs = list(jobs)[:limit] if limit else list(jobs)
+        files[split] = RunFile(out / f"{split}.jsonl")
+        ids = [_job_id(job, index, split) for index, job in enumerate(jobs)]
+        if len(set(ids)) != len(ids):
+            raise BenchmarkError(f"{split}: job ids are not unique")
+        ordered[split] = ids
+        pending += [(split, i, job) for i, job in zip(ids, jobs, strict=True) if i not in files[split].done]
+    pending.sort(key=lambda item: len(item[2]["prompt"]))
+    total = sum(len(ids) for ids in ordered.values())
+    bar = tqdm(total=total, initial=total - len(pending), disable=not progress, unit="job", dynamic_ncols=True)
+    try:
+        for start in range(0, len(pending), chunk):
+            batch = pending[start : start + chunk]
+            for index, gen in generator.generate([job["prompt"] for _, _, job in batch]):
+                split, job_id, job = batch[index]
+                files[split].append({**job, "_id": job_id, "gen": [gen]})
+                bar.update(1)
+    finally:
+        bar.close()
+    return {split: [files[split].done[i] for i in ids] for split, ids in ordered.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path, *, meta: Mapping[str, Any] | None = None) -> None:
+    """report.json, report.md and per_tool.png (recall per expected tool) in ``out_dir``."""
+    from .evaluation import render_markdown
+
+    out = Path(out_dir)
+    full = {**report, "meta": dict(meta or {})}
+    (out / "report.json").write_text(json.dumps(full, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    _plot_per_tool(report, out / "per_tool.png")
+
+
+def _plot_per_tool(report: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(tool, row["recall"]) for tool, row in report["per_tool"].items() if row["support"]]
+    rows.sort(key=lambda item: item[1])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(rows) + 1)))
+    ax.barh([tool for tool, _ in rows], [100 * recall for _, recall in rows], color="#4c72b0")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("tool chosen correctly (% of that tool's positive jobs)")
+    ax.set_title(f"Tool selection per tool (overall {100 * report['action_right_rate']:.1f}%)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def check_datasets(paths: Mapping[str, str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """Load each split's dataset, with a clear error for a missing or malformed file."""
+    from .evaluation import load_jobs
+
+    loaded = {}
+    for split, path in paths.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"--{split}: no such dataset file: {path}")
+        loaded[split] = load_jobs(path)
+    return loaded
+

@@ -1,0 +1,423 @@
+"""Tool-use benchmark metrics: Qwen's three official numbers, exactly, and a fuller scorecard.
+
+Jobs are dicts in the official format (``prompt``, ``response`` = the golden ReAct text, ``gen`` = the model's
+output, a string or a list whose first item is used) plus optional metadata: ``tools`` (names offered),
+``expected_tool``, ``category``, ``lang``, ``id``.
+
+The official metrics (``QwenLM/Qwen:eval/evaluate_plugin.py``, December 2023 version)
+--------------------------------------------------------------------------------------
+* ``action_right_rate``: share of positive jobs whose ``gen`` contains the literal ``"\\nAction: "`` and whose
+  :func:`process_res` action equals the golden one (stripped, lower-cased).
+* ``action_input_rouge``: mean over *all* positive jobs of the Rouge-L F1 between the normalised action inputs
+  (``json5`` then sorted-keys JSON, ``""`` on failure), each written as its Qwen tokens joined by spaces and split
+  on whitespace again.
+* ``bad_rate``: share of negative jobs whose ``gen`` contains ``"\\nAction: "``.
+
+:func:`process_res` slices with ``str.find`` exactly as the original, so its quirks are kept on purpose: with two
+actions in one output the first name wins and the action input runs into the second action, which then fails to
+parse and scores 0.
+
+The scorecard
+-------------
+Adds what the three numbers hide, using the project's own parser (:func:`qwen_agent.react.parse_output`, first
+action wins): per-tool precision, recall and confusion; the missed-tool rate on positives; calls to tools that
+were not offered; the schema-validity rate of arguments; exact-argument match; the format-violation rate with a
+count per problem; and bootstrap 95% confidence intervals for the three headline numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import json5
+import numpy as np
+from rouge_score import rouge_scorer
+
+from .errors import BenchmarkError
+from .react import Action, FinalAnswer, Malformed, Problem, parse_output
+
+__all__ = [
+    "ACTION_MARKER",
+    "load_jobs",
+    "process_res",
+    "normalize_action_input",
+    "qwen_token_string",
+    "rouge_l",
+    "action_right_rate",
+    "action_input_rouge",
+    "bad_rate",
+    "offered_tools",
+    "scorecard",
+    "render_markdown",
+]
+
+ACTION_MARKER = "\nAction: "  # the December 2023 script requires the newline and the trailing space
+NO_TOOL = "(none)"
+_FORMAT_PROBLEMS = {
+    Problem.EMPTY,
+    Problem.NO_FORMAT,
+    Problem.MISSING_FINAL_ANSWER,
+    Problem.MISSING_ACTION,
+    Problem.MISSING_ACTION_INPUT,
+    Problem.INVALID_ARGUMENTS,
+    Problem.MULTIPLE_ACTIONS,
+    Problem.INVENTED_OBSERVATION,
+    Problem.TEXT_AFTER_ACTION,
+    Problem.LEAKED_STOP_FRAGMENT,
+}
+_TOOL_NAMES_RE = re.compile(r"should be one of \[([^\]\n]*)\]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_jobs(path: str | Path, *, require_gen: bool = False) -> list[dict[str, Any]]:
+    """Read a jsonl file of jobs; a malformed line raises BenchmarkError naming the file, line and field."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise BenchmarkError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchmarkError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(job, dict):
+            raise BenchmarkError(f"{path}:{number}: a job must be a JSON object")
+        needed = ("prompt", "response", "gen") if require_gen else ("prompt", "response")
+        for key in needed:
+            if key not in job:
+                raise BenchmarkError(f"{path}:{number}: the job has no {key!r} field")
+        for key in ("prompt", "response"):
+            if not isinstance(job[key], str):
+                raise BenchmarkError(f"{path}:{number}: field {key!r} must be a string")
+        if "gen" in job:
+            try:
+                _gen(job)
+            except BenchmarkError as exc:
+                raise BenchmarkError(f"{path}:{number}: {exc}") from None
+        jobs.append(job)
+    return jobs
+
+
+def _gen(job: Mapping[str, Any]) -> str:
+    """The model output of a job (the official files store it as a one-item list)."""
+    gen = job.get("gen")
+    if isinstance(gen, list) and gen and isinstance(gen[0], str):
+        return gen[0]
+    if isinstance(gen, str):
+        return gen
+    raise BenchmarkError("field 'gen' must be a string or a non-empty list of strings")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The official metrics
+
+
+def process_res(response: str) -> dict[str, str]:
+    """Split a ReAct text into its parts exactly as the official script does (``find`` slicing, quirks kept).
+
+    The ``"\\n"`` appended first makes a missing marker (``find`` = -1) cut off only that newline.
+    """
+    response += "\n"
+    act, act_in, obs = response.find("Action:"), response.find("Action Input:"), response.find("Observation:")
+    last_thought, final = response.rfind("Thought:"), response.find("Final Answer:")
+    return {
+        "thought": response[:act].strip(),
+        "action": response[act + len("Action:") : act_in].strip(),
+        "action_input": normalize_action_input(response[act_in + len("Action Input:") : obs].strip()),
+        "observation": response[obs + len("Observation:") : last_thought].strip(),
+        "thought_last": response[last_thought + len("Thought:") : final].strip(),
+        "final_answer": response[final + len("Final Answer:") :].strip(),
+    }
+
+
+def normalize_action_input(text: str) -> str:
+    """``json5`` value re-dumped as sorted-keys JSON (non-ASCII kept), or ``""`` when it does not parse."""
+    try:
+        return json.dumps(json5.loads(text), ensure_ascii=False, sort_keys=True)
+    except Exception:  # the original catches everything; json5 raises several types on odd input
+        return ""
+
+
+def qwen_token_string(text: str, tokenizer: Any) -> str:
+    """The text's Qwen tokens, each decoded on its own (bad UTF-8 replaced), joined by spaces."""
+    pieces = (tokenizer.id_to_piece(i) for i in tokenizer.encode(text, allowed_special="all"))
+    return " ".join(p.decode("utf-8", errors="replace") if isinstance(p, bytes) else p for p in pieces)
+
+
+class _WhitespaceTokenizer:
+    """The official script's tokenizer for rouge_score: the token string split on whitespace."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WhitespaceTokenizer())
+
+
+def rouge_l(reference: str, generated: str, tokenizer: Any) -> float:
+    """Rouge-L F1 (``rouge_score``) of two action inputs written as Qwen-token strings; 0 when either is empty."""
+    score = _SCORER.score(qwen_token_string(reference, tokenizer), qwen_token_string(generated, tokenizer))
+    return float(score["rougeL"].fmeasure)
+
+
+def _action_right(job: Mapping[str, Any]) -> bool:
+    gen = _gen(job)
+    if ACTION_MARKER not in gen:
+        return False
+    return process_res(gen)["action"].strip().lower() == process_res(job["response"])["action"].strip().lower()
+
+
+def _action_input_rouge(job: Mapping[str, Any], tokenizer: Any) -> float:
+    reference = process_res(job["response"])["action_input"]
+    return rouge_l(reference, process_res(_gen(job))["action_input"], tokenizer)
+
+
+def _is_bad(job: Mapping[str, Any]) -> bool:
+    return ACTION_MARKER in _gen(job)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def action_right_rate(positive: Sequence[Mapping[str, Any]]) -> float:
+    """Share of positive jobs with the right tool (official definition), as a fraction."""
+    return _mean([float(_action_right(job)) for job in positive])
+
+
+def action_input_rouge(positive: Sequence[Mapping[str, Any]], tokenizer: Any) -> float:
+    """Mean Rouge-L F1 of the action inputs over all positive jobs (official definition)."""
+    return _mean([_action_input_rouge(job, tokenizer) for job in positive])
+
+
+def bad_rate(negative: Sequence[Mapping[str, Any]]) -> float:
+    """Share of negative jobs that call a tool anyway (official definition), as a fraction."""
+    return _mean([float(_is_bad(job)) for job in negative])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scorecard
+
+
+def offered_tools(job: Mapping[str, Any]) -> list[str] | None:
+    """Tool names offered to the model: the ``tools`` field, else the names listed in the prompt's format line."""
+    tools = job.get("tools")
+    if isinstance(tools, list):
+        return [t if isinstance(t, str) else str(t.get("name_for_model", "")) for t in tools]
+    match = _TOOL_NAMES_RE.search(job.get("prompt", ""))
+    if match is None:
+        return None
+    return [name.strip() for name in match.group(1).split(",") if name.strip()]
+
+
+def _expected_tool(job: Mapping[str, Any], positive: bool) -> str:
+    if not positive:
+        return NO_TOOL
+    expected = job.get("expected_tool")
+    return expected if isinstance(expected, str) and expected else process_res(job["response"])["action"]
+
+
+def _golden_arguments(job: Mapping[str, Any]) -> Any:
+    parsed = parse_output(job["response"])
+    return parsed.arguments if isinstance(parsed, Action) else None
+
+
+def _called_tool(parsed: Action | FinalAnswer | Malformed) -> str:
+    if isinstance(parsed, Action):
+        return parsed.tool
+    if isinstance(parsed, Malformed) and parsed.tool:
+        return parsed.tool
+    return NO_TOOL
+
+
+def _is_format_violation(parsed: Action | FinalAnswer | Malformed) -> bool:
+    if isinstance(parsed, Malformed) and parsed.problem in _FORMAT_PROBLEMS:
+        return True
+    return any(p in _FORMAT_PROBLEMS for p in parsed.problems)
+
+
+def _schema_valid(tool: str, arguments: Any, catalog: Mapping[str, Mapping[str, Any]]) -> bool:
+    from .errors import ToolArgumentError
+    from .tools.schema import validate_arguments
+
+    if not isinstance(arguments, dict):
+        return False
+    try:
+        validate_arguments(arguments, catalog[tool])
+    except ToolArgumentError:
+        return False
+    return True
+
+
+def _bootstrap_ci(values: Sequence[float], rounds: int, rng: np.random.Generator) -> list[float] | None:
+    """Percentile 95% interval of the mean, resampling jobs with replacement."""
+    if not values or rounds <= 0:
+        return None
+    data = np.asarray(values, dtype=np.float64)
+    means = data[rng.integers(0, len(data), size=(rounds, len(data)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def _rate(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+def scorecard(
+    positive: Sequence[Mapping[str, Any]],
+    negative: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    catalog: Mapping[str, Mapping[str, Any]] | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The full report: the three official numbers at the top level (fractions), then the scorecard.
+
+    ``catalog`` maps tool names to their JSON-Schema parameters; calls to tools missing from it are left out of
+    the schema-validity rate. Jobs without ``gen`` raise BenchmarkError.
+    """
+    for label, jobs in (("positive", positive), ("negative", negative)):
+        for index, job in enumerate(jobs):
+            if "gen" not in job:
+                raise BenchmarkError(f"{label} job {job.get('id', index)!r} has no 'gen' field (not generated yet)")
+    catalog = catalog or {}
+    right = [float(_action_right(job)) for job in positive]
+    rouge = [_action_input_rouge(job, tokenizer) for job in positive]
+    bad = [float(_is_bad(job)) for job in negative]
+
+    confusion: dict[str, Counter[str]] = defaultdict(Counter)
+    problems: Counter[str] = Counter()
+    missed = not_offered = violations = exact = 0
+    checked = valid = 0
+    by_group: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for is_positive, jobs in ((True, positive), (False, negative)):
+        for job in jobs:
+            offered = offered_tools(job)
+            parsed = parse_output(_gen(job), offered)
+            called, expected = _called_tool(parsed), _expected_tool(job, is_positive)
+            confusion[expected][called] += 1
+            problems.update(p.value for p in parsed.problems)
+            if isinstance(parsed, Malformed):
+                problems[parsed.problem.value] += 1
+            violations += _is_format_violation(parsed)
+            if called != NO_TOOL and offered is not None and called not in offered:
+                not_offered += 1
+            if isinstance(parsed, Action) and parsed.tool in catalog:
+                checked += 1
+                valid += _schema_valid(parsed.tool, parsed.arguments, catalog)
+            elif isinstance(parsed, Malformed) and parsed.problem == Problem.INVALID_ARGUMENTS:
+                if parsed.tool in catalog:
+                    checked += 1
+            if is_positive:
+                missed += called == NO_TOOL
+                exact += (
+                    isinstance(parsed, Action)
+                    and called == expected
+                    and parsed.arguments == _golden_arguments(job)
+                )
+            hit = float(called == expected)
+            for key in ("category", "lang"):
+                if job.get(key):
+                    by_group[key][f"{'positive' if is_positive else 'negative'}/{job[key]}"].append(hit)
+
+    tools = sorted({t for row in confusion.values() for t in row} | set(confusion) - {NO_TOOL})
+    per_tool = {}
+    for tool in tools:
+        if tool == NO_TOOL:
+            continue
+        tp = confusion[tool][tool]
+        fn = sum(confusion[tool].values()) - tp
+        fp = sum(row[tool] for expected, row in confusion.items() if expected != tool)
+        per_tool[tool] = {
+            "support": tp + fn,
+            "predicted": tp + fp,
+            "precision": _rate(tp, tp + fp),
+            "recall": _rate(tp, tp + fn),
+        }
+
+    rng = np.random.default_rng(seed)
+    total = len(positive) + len(negative)
+    return {
+        "action_right_rate": _mean(right),
+        "action_input_rouge": _mean(rouge),
+        "bad_rate": _mean(bad),
+        "counts": {"positive": len(positive), "negative": len(negative)},
+        "confidence_intervals": {
+            "level": 0.95,
+            "bootstrap_rounds": bootstrap,
+            "action_right_rate": _bootstrap_ci(right, bootstrap, rng),
+            "action_input_rouge": _bootstrap_ci(rouge, bootstrap, rng),
+            "bad_rate": _bootstrap_ci(bad, bootstrap, rng),
+        },
+        "missed_tool_rate": _rate(missed, len(positive)),
+        "not_offered_call_rate": _rate(not_offered, total),
+        "schema_valid_rate": _rate(valid, checked),
+        "schema_checked_calls": checked,
+        "exact_argument_match": _rate(exact, len(positive)),
+        "format_violation_rate": _rate(violations, total),
+        "problems": dict(sorted(problems.items())),
+        "per_tool": per_tool,
+        "confusion": {expected: dict(row) for expected, row in sorted(confusion.items())},
+        "groups": {
+            key: {name: {"jobs": len(v), "accuracy": _mean(v)} for name, v in sorted(groups.items())}
+            for key, groups in sorted(by_group.items())
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _ci(interval: Iterable[float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    if interval is None:
+        return ""
+    low, high = interval
+    return f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """A markdown summary: the headline table with 95% intervals, the scorecard, then per-tool rows."""
+    ci = report["confidence_intervals"]
+    lines = [
+        "| Metric | Value | 95% CI |",
+        "|---|---|---|",
+        f"| Tool selection (action_right_rate) | {_pct(report['action_right_rate'])} | "
+        f"{_ci(ci['action_right_rate'])} |",
+        f"| Tool input (action_input_rouge) | {report['action_input_rouge']:.3f} | "
+        f"{_ci(ci['action_input_rouge'], 1.0, 3)} |",
+        f"| False positive (bad_rate) | {_pct(report['bad_rate'])} | {_ci(ci['bad_rate'])} |",
+        "",
+        "| Scorecard | Value |",
+        "|---|---|",
+        f"| Jobs (positive / negative) | {report['counts']['positive']} / {report['counts']['negative']} |",
+        f"| Missed tool on positives | {_pct(report['missed_tool_rate'])} |",
+        f"| Calls to tools not offered | {_pct(report['not_offered_call_rate'])} |",
+        f"| Arguments valid for the schema | {_pct(report['schema_valid_rate'])} "
+        f"(of {report['schema_checked_calls']} calls) |",
+        f"| Exact argument match | {_pct(report['exact_argument_match'])} |",
+        f"| Format violations | {_pct(report['format_violation_rate'])} |",
+    ]
+    if report["problems"]:
+        lines.append("| Problems | " + ", ".join(f"{k}: {v}" for k, v in report["problems"].items()) + " |")
+    lines += ["", "| Tool | Support | Precision | Recall |", "|---|---|---|---|"]
+    for tool, row in report["per_tool"].items():
+        lines.append(f"| {tool} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""The shipped tool-use datasets: rebuilt identically from source, and every golden response is valid."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from qwen_agent.bench import DATA_DIR, load_catalog, plugin_tools
+from qwen_agent.errors import ToolArgumentError
+from qwen_agent.evaluation import load_jobs, offered_tools, process_res
+from qwen_agent.react import Action, FinalAnswer, parse_output
+from qwen_agent.tools.schema import validate_arguments
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog(DATA_DIR / "tool_use_plugins.json")
+
+
+@pytest.fixture(scope="module")
+def positive():
+    return load_jobs(DATA_DIR / "tool_use_positive.jsonl")
+
+
+@pytest.fixture(scope="module")
+def negative():
+    return load_jobs(DATA_DIR / "tool_use_negative.jsonl")
+
+
+def test_committed_files_equal_a_fresh_build():
+    spec = importlib.util.spec_from_file_location("build_tool_use_dataset", ROOT / "tools" / "build_tool_use_dataset.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for name, text in build.build().items():
+        assert (DATA_DIR / name).read_text(encoding="utf-8") == text, f"{name} is stale: rerun the build script"
+
+
+def test_sizes_languages_and_plugin_coverage(catalog, positive, negative):
+    assert len(positive) >= 300 and len(negative) >= 150
+    assert len({job["expected_tool"] for job in positive}) >= 40
+    assert len(catalog) >= 40
+    assert Counter(job["lang"] for job in positive).keys() == {"en", "zh"}
+    assert Counter(job["lang"] for job in negative).keys() == {"en", "zh"}
+    assert set(Counter(job["category"] for job in negative)) == {"chitchat", "knowledge", "unserved", "near_miss"}
+    types = {prop["type"] for spec in catalog.values() for prop in spec["parameters"]["properties"].values()}
+    assert types == {"string", "integer", "number", "boolean", "array"}
+    assert any("enum" in prop for spec in catalog.values() for prop in spec["parameters"]["properties"].values())
+    ids = [job["id"] for job in positive + negative]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_positive_golden_parses_names_an_offered_tool_and_fits_its_schema(catalog, positive):
+    schemas = {name: tool.schema for name, tool in plugin_tools(catalog).items()}
+    for job in positive:
+        offered = job["tools"]
+        assert 3 <= len(offered) <= 5, job["id"]
+        assert offered == offered_tools({"prompt": job["prompt"]}), job["id"]  # the prompt lists the same tools
+        parsed = parse_output(job["response"], offered)
+        assert isinstance(parsed, Action) and not parsed.problems, job["id"]
+        assert parsed.tool == job["expected_tool"] and parsed.tool in offered
+        try:
+            validate_arguments(parsed.arguments, schemas[parsed.tool])
+        except ToolArgumentError as exc:
+            pytest.fail(f"{job['id']}: golden arguments do not satisfy {parsed.tool}: {exc}")
+        # the official normalisation accepts it too
+        assert process_res(job["response"])["action_input"] == json.dumps(parsed.arguments, ensure_ascii=False, sort_keys=True)
+
+
+def test_only_the_expected_tool_fits(catalog, positive):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("plugins_source", DATA_DIR / "source" / "plugins.py")
+    source = module_from_spec(spec)
+    spec.loader.exec_module(source)
+    domain = {p["name_for_model"]: p["domain"] for p in source.PLUGINS}
+    for job in positive:
+        domains = [domain[name] for name in job["tools"]]
+        assert len(domains) == len(set(domains)), f"{job['id']}: two offered tools share a domain"
+
+
+def test_every_negative_golden_is_a_final_answer(negative):
+    for job in negative:
+        assert job["expected_tool"] is None
+        assert len(job["tools"]) >= 3
+        parsed = parse_output(job["response"], job["tools"])
+        assert isinstance(parsed, FinalAnswer) and not parsed.problems, job["id"]
+        assert "\nAction: " not in job["response"]
