@@ -299,14 +299,48 @@ def _plot_per_tool(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def check_datasets(paths: Mapping[str, str | Path]) -> dict[str, list[dict[str, Any]]]:
-    """Load each split's dataset, with a clear error for a missing or malformed file."""
-    from .evaluation import load_jobs
+def _schemas_for(plugins: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Schemas of the catalog given, or of the shipped one when it exists; {} when there is none."""
+    path = Path(plugins) if plugins else DATA_DIR / "tool_use_plugins.json"
+    if plugins is None and not path.exists():
+        return {}
+    return catalog_schemas(load_catalog(path))
 
-    loaded = {}
+
+def score_files(positive: str | Path, negative: str | Path, *, plugins: str | Path | None = None,
+                bootstrap: int = 1000) -> dict[str, Any]:
+    """Score recorded generations (for example the official ``.cache`` files) without a model."""
+    from .evaluation import load_jobs, scorecard
+    from .tokenizer import QwenTokenizer
+
+    jobs = {}
+    for split, path in (("positive", positive), ("negative", negative)):
+        if not Path(path).is_file():
+            raise ConfigError(f"--{split}: no such file: {path}")
+        jobs[split] = load_jobs(path, require_gen=True)
+    return scorecard(jobs["positive"], jobs["negative"], QwenTokenizer.from_pretrained(),
+                     catalog=_schemas_for(plugins), bootstrap=bootstrap)
+
+
+def run_benchmark(generator: Generator, out_dir: str | Path, *, positive: str | Path | None = None,
+                  negative: str | Path | None = None, plugins: str | Path | None = None,
+                  limit: int | None = None, progress: bool = True,
+                  meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Generate (resuming whatever ``out_dir`` already holds), score, and write the report files."""
+    from .evaluation import load_jobs, scorecard
+
+    paths = {"positive": positive or DATA_DIR / "tool_use_positive.jsonl",
+             "negative": negative or DATA_DIR / "tool_use_negative.jsonl"}
+    datasets = {}
     for split, path in paths.items():
         if not Path(path).is_file():
             raise ConfigError(f"--{split}: no such dataset file: {path}")
-        loaded[split] = load_jobs(path)
-    return loaded
+        datasets[split] = load_jobs(path)
+    recorded = run_tool_use(datasets, generator, out_dir, limit=limit, progress=progress)
+    # Rouge-L is always over Qwen-7B-Chat's own tokens, so runs of different models stay comparable
+    from .tokenizer import QwenTokenizer
 
+    report = scorecard(recorded["positive"], recorded["negative"], QwenTokenizer.from_pretrained(),
+                       catalog=_schemas_for(plugins))
+    write_report(report, out_dir, meta=meta)
+    return report
