@@ -207,3 +207,50 @@ def test_bench_score_reports_a_missing_file_clearly(tmp_path):
                           env=env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "--positive: no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The local engine on a tiny random-weight checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from qwen_agent.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_dir):
+    from qwen_agent.engine import load_model
+
+    return load_model(tiny_dir, device="cpu")
+
+
+def test_tiny_checkpoint_end_to_end_batched_equals_one_by_one(tiny_engine, tmp_path):
+    from qwen_agent.bench import EngineGenerator
+
+    assert EngineGenerator(tiny_engine).repetition_penalty == 1.1  # the checkpoint's, as the official script
+    datasets = {"positive": POSITIVE[::80], "negative": NEGATIVE[::60]}  # 5 + 3 jobs of different lengths
+    batched = run_tool_use(datasets, EngineGenerator(tiny_engine, batch_size=4, max_new_tokens=6),
+                           tmp_path / "b4", progress=False)
+    single = run_tool_use(datasets, EngineGenerator(tiny_engine, batch_size=1, max_new_tokens=6),
+                          tmp_path / "b1", progress=False)
+    gens = {split: [job["gen"] for job in jobs] for split, jobs in batched.items()}
+    assert gens == {split: [job["gen"] for job in jobs] for split, jobs in single.items()}
+    assert all(g[0] for jobs in gens.values() for g in jobs)  # random weights still write something
+    report = run_benchmark(EngineGenerator(tiny_engine, batch_size=2, max_new_tokens=6), tmp_path / "full",
+                           limit=2, progress=False)
+    assert report["counts"] == {"positive": 2, "negative": 2}
+    assert (tmp_path / "full" / "per_tool.png").exists() and (tmp_path / "full" / "report.md").exists()
+
+
+def test_tiny_checkpoint_through_the_cli(tiny_dir, tmp_path):
+    done = subprocess.run(cli("bench", "tool-use", "--model", str(tiny_dir), "--limit", "2", "--batch-size", "2",
+                              "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "-q", "--json"),
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["counts"] == {"positive": 2, "negative": 2}
+    meta = json.loads((tmp_path / "run" / "report.json").read_text())["meta"]
+    assert meta["model"] == str(tiny_dir) and meta["batch_size"] == 2
