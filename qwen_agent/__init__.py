@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "CodeInterpreter": "qwen_agent.tools",
     "ExecutionResult": "qwen_agent.tools",
     "SandboxLimits": "qwen_agent.tools",
+    "scorecard": "qwen_agent.evaluation",
+    "run_benchmark": "qwen_agent.bench",
+    "run_code_benchmark": "qwen_agent.bench_code",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]

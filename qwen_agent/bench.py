@@ -141,6 +141,7 @@ class EngineGenerator:
         config = engine.generation_config
         self.max_new_tokens = max_new_tokens or config.max_new_tokens
         self.repetition_penalty = config.repetition_penalty
+        self.generated_tokens = 0
 
     def _ids(self, prompt: str) -> list[int]:
         from .chat_format import make_context
@@ -157,6 +158,7 @@ class EngineGenerator:
                 chunk, stop=list(STOP_WORDS), do_sample=False, max_new_tokens=self.max_new_tokens,
                 repetition_penalty=self.repetition_penalty,
             )
+            self.generated_tokens += sum(result.completion_tokens for result in results)
             for offset, result in enumerate(results):
                 yield start + offset, _with_stop_word(result.text, result.stop)
 
