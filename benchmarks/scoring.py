@@ -52,7 +52,9 @@ def positive_output(job: dict, variant: int) -> str:
 
 def negative_output(job: dict, variant: int) -> str:
     if variant % 4 == 0:
-        return f'Thought: let me check\nAction: {job["tools"][0]}\nAction Input: {{"query": "x"}}\nObservation:'
+        return (
+            f'Thought: let me check\nAction: {job["tools"][0]}\nAction Input: {{"query": "x"}}\nObservation:'
+        )
     return job["response"]
 
 
@@ -60,10 +62,14 @@ def recorded_jobs(total: int) -> tuple[list[dict], list[dict]]:
     positive = load_jobs(DATA_DIR / "tool_use_positive.jsonl")
     negative = load_jobs(DATA_DIR / "tool_use_negative.jsonl")
     n_pos = round(total * len(positive) / (len(positive) + len(negative)))
-    pos = [{**positive[i % len(positive)], "gen": [positive_output(positive[i % len(positive)], i % 6)]}
-           for i in range(n_pos)]
-    neg = [{**negative[i % len(negative)], "gen": [negative_output(negative[i % len(negative)], i)]}
-           for i in range(total - n_pos)]
+    pos = [
+        {**positive[i % len(positive)], "gen": [positive_output(positive[i % len(positive)], i % 6)]}
+        for i in range(n_pos)
+    ]
+    neg = [
+        {**negative[i % len(negative)], "gen": [negative_output(negative[i % len(negative)], i)]}
+        for i in range(total - n_pos)
+    ]
     return pos, neg
 
 
@@ -84,17 +90,42 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, jobs in (("positive", pos), ("negative", neg)):
-            Path(tmp, f"{name}.jsonl").write_text("".join(json.dumps(j, ensure_ascii=False) + "\n" for j in jobs))
+            Path(tmp, f"{name}.jsonl").write_text(
+                "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in jobs)
+            )
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "qwen_agent.cli", "bench", "score", "--positive", f"{tmp}/positive.jsonl",
-                        "--negative", f"{tmp}/negative.jsonl", "--json", "--bootstrap", str(args.bootstrap)],
-                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qwen_agent.cli",
+                "bench",
+                "score",
+                "--positive",
+                f"{tmp}/positive.jsonl",
+                "--negative",
+                f"{tmp}/negative.jsonl",
+                "--json",
+                "--bootstrap",
+                str(args.bootstrap),
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         cli_s = time.perf_counter() - start
 
     result = {
-        "jobs": args.jobs, "positive": len(pos), "negative": len(neg), "bootstrap": args.bootstrap,
-        "tokenizer_load_s": load_s, "scorecard_s": score_s, "cli_end_to_end_s": cli_s,
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "jobs": args.jobs,
+        "positive": len(pos),
+        "negative": len(neg),
+        "bootstrap": args.bootstrap,
+        "tokenizer_load_s": load_s,
+        "scorecard_s": score_s,
+        "cli_end_to_end_s": cli_s,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
         "metrics": {k: report[k] for k in ("action_right_rate", "action_input_rouge", "bad_rate")},
     }
     print(f"{'jobs':>6} {'tokenizer load':>15} {'scorecard':>10} {'bench score CLI':>16}")

@@ -52,24 +52,37 @@ def main() -> None:
             start = time.perf_counter()
             list(generator.generate(prompts))
             seconds = time.perf_counter() - start
-            rows.append({"batch_size": batch_size, "seconds": seconds, "jobs_per_s": len(prompts) / seconds,
-                         "generated_tokens": generator.generated_tokens,
-                         "tokens_per_s": generator.generated_tokens / seconds})
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "seconds": seconds,
+                    "jobs_per_s": len(prompts) / seconds,
+                    "generated_tokens": generator.generated_tokens,
+                    "tokens_per_s": generator.generated_tokens / seconds,
+                }
+            )
         base = rows[0]["jobs_per_s"]
         for row in rows:
             row["speedup"] = row["jobs_per_s"] / base
 
     prompt_tokens = [len(engine.tokenizer.encode(p)) for p in prompts]
     result = {
-        "model": str(args.model or "tiny random checkpoint (hidden 64, 2 layers)"), "device": args.device,
-        "jobs": len(prompts), "new_tokens": args.new_tokens,
-        "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens), "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(), "rows": rows,
+        "model": str(args.model or "tiny random checkpoint (hidden 64, 2 layers)"),
+        "device": args.device,
+        "jobs": len(prompts),
+        "new_tokens": args.new_tokens,
+        "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens),
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
     }
     print(f"{'batch':>5} {'seconds':>8} {'jobs/s':>7} {'tokens/s':>9} {'speed-up':>8}")
     for row in rows:
-        print(f"{row['batch_size']:>5} {row['seconds']:>8.2f} {row['jobs_per_s']:>7.2f} {row['tokens_per_s']:>9.1f} "
-              f"{row['speedup']:>7.2f}x")
+        print(
+            f"{row['batch_size']:>5} {row['seconds']:>8.2f} {row['jobs_per_s']:>7.2f} {row['tokens_per_s']:>9.1f} "
+            f"{row['speedup']:>7.2f}x"
+        )
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "tool_use_throughput.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -31,18 +31,21 @@ __all__ = [
     "PluginTool",
     "load_catalog",
     "plugin_tools",
+    "catalog_schemas",
     "Generator",
     "LLMGenerator",
     "EngineGenerator",
     "open_generator",
     "RunFile",
     "run_tool_use",
+    "load_datasets",
+    "run_benchmark",
+    "score_files",
     "write_report",
 ]
 
 # the datasets shipped in the source tree
 DATA_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
-SPLITS = ("positive", "negative")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,13 +113,21 @@ class LLMGenerator:
     """Any :class:`~qwen_agent.llm.LLM` backend (an OpenAI-compatible server, a scripted model), with up to
     ``concurrency`` requests in flight so the server can batch them."""
 
-    def __init__(self, llm: Any, *, concurrency: int = 8, max_tokens: int = 512,
-                 repetition_penalty: float | None = None) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        concurrency: int = 8,
+        max_tokens: int = 512,
+        repetition_penalty: float | None = None,
+    ) -> None:
         from .llm import Sampling
 
         self.llm = llm
         self.concurrency = max(1, concurrency)
-        self.sampling = Sampling(max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty)
+        self.sampling = Sampling(
+            max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty
+        )
 
     def _one(self, prompt: str) -> str:
         from .llm import ChatPrompt
@@ -135,27 +146,44 @@ class EngineGenerator:
     """A local :class:`~qwen_agent.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
     default), generated ``batch_size`` at a time in one batched pass."""
 
-    def __init__(self, engine: Any, *, batch_size: int = 8, max_new_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int | None = None,
+        repetition_penalty: float | None = None,
+    ) -> None:
         self.engine = engine
         self.batch_size = max(1, batch_size)
         config = engine.generation_config
         self.max_new_tokens = max_new_tokens or config.max_new_tokens
-        self.repetition_penalty = config.repetition_penalty
+        self.repetition_penalty = (
+            config.repetition_penalty if repetition_penalty is None else repetition_penalty
+        )
         self.generated_tokens = 0
 
     def _ids(self, prompt: str) -> list[int]:
         from .chat_format import make_context
 
         config = self.engine.generation_config
-        _, ids = make_context(self.engine.tokenizer, prompt, system=self.engine.default_system,
-                              max_window_size=config.max_window_size, chat_format=config.chat_format)
+        _, ids = make_context(
+            self.engine.tokenizer,
+            prompt,
+            system=self.engine.default_system,
+            max_window_size=config.max_window_size,
+            chat_format=config.chat_format,
+        )
         return ids
 
     def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]:
         for start in range(0, len(prompts), self.batch_size):
             chunk = [self._ids(p) for p in prompts[start : start + self.batch_size]]
             results = self.engine.generate(
-                chunk, stop=list(STOP_WORDS), do_sample=False, max_new_tokens=self.max_new_tokens,
+                chunk,
+                stop=list(STOP_WORDS),
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
                 repetition_penalty=self.repetition_penalty,
             )
             self.generated_tokens += sum(result.completion_tokens for result in results)
@@ -163,24 +191,35 @@ class EngineGenerator:
                 yield start + offset, _with_stop_word(result.text, result.stop)
 
 
-def open_generator(model: str, *, batch_size: int = 8, max_new_tokens: int | None = None,
-                   repetition_penalty: float | None = None, device: str | None = None,
-                   dtype: str | None = None) -> Generator:
+def open_generator(
+    model: str,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    repetition_penalty: float | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Generator:
     """A URL opens an OpenAI-compatible client; anything else is loaded as a local model directory."""
     if model.startswith(("http://", "https://")):
         from .llm import OpenAICompatibleLLM
         from .tokenizer import QwenTokenizer
 
-        llm = OpenAICompatibleLLM(model, tokenizer=QwenTokenizer.from_pretrained(),
-                                  api_key=os.environ.get("OPENAI_API_KEY"))
-        return LLMGenerator(llm, concurrency=batch_size, max_tokens=max_new_tokens or 512,
-                            repetition_penalty=repetition_penalty)
+        llm = OpenAICompatibleLLM(
+            model, tokenizer=QwenTokenizer.from_pretrained(), api_key=os.environ.get("OPENAI_API_KEY")
+        )
+        return LLMGenerator(
+            llm,
+            concurrency=batch_size,
+            max_tokens=max_new_tokens or 512,
+            repetition_penalty=repetition_penalty,
+        )
     from .engine import load_model
 
     engine = load_model(model, device=device, dtype=dtype)
-    if repetition_penalty is not None:
-        engine.generation_config.repetition_penalty = repetition_penalty
-    return EngineGenerator(engine, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return EngineGenerator(
+        engine, batch_size=batch_size, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,7 +293,9 @@ def run_tool_use(
         pending += [(split, i, job) for i, job in zip(ids, jobs, strict=True) if i not in files[split].done]
     pending.sort(key=lambda item: len(item[2]["prompt"]))
     total = sum(len(ids) for ids in ordered.values())
-    bar = tqdm(total=total, initial=total - len(pending), disable=not progress, unit="job", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=total - len(pending), disable=not progress, unit="job", dynamic_ncols=True
+    )
     try:
         for start in range(0, len(pending), chunk):
             batch = pending[start : start + chunk]
@@ -271,7 +312,9 @@ def run_tool_use(
 # Reports
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path, *, meta: Mapping[str, Any] | None = None) -> None:
+def write_report(
+    report: Mapping[str, Any], out_dir: str | Path, *, meta: Mapping[str, Any] | None = None
+) -> None:
     """report.json, report.md and per_tool.png (recall per expected tool) in ``out_dir``."""
     from .evaluation import render_markdown
 
@@ -309,8 +352,9 @@ def _schemas_for(plugins: str | Path | None) -> dict[str, dict[str, Any]]:
     return catalog_schemas(load_catalog(path))
 
 
-def score_files(positive: str | Path, negative: str | Path, *, plugins: str | Path | None = None,
-                bootstrap: int = 1000) -> dict[str, Any]:
+def score_files(
+    positive: str | Path, negative: str | Path, *, plugins: str | Path | None = None, bootstrap: int = 1000
+) -> dict[str, Any]:
     """Score recorded generations (for example the official ``.cache`` files) without a model."""
     from .evaluation import load_jobs, scorecard
     from .tokenizer import QwenTokenizer
@@ -320,29 +364,53 @@ def score_files(positive: str | Path, negative: str | Path, *, plugins: str | Pa
         if not Path(path).is_file():
             raise ConfigError(f"--{split}: no such file: {path}")
         jobs[split] = load_jobs(path, require_gen=True)
-    return scorecard(jobs["positive"], jobs["negative"], QwenTokenizer.from_pretrained(),
-                     catalog=_schemas_for(plugins), bootstrap=bootstrap)
+    return scorecard(
+        jobs["positive"],
+        jobs["negative"],
+        QwenTokenizer.from_pretrained(),
+        catalog=_schemas_for(plugins),
+        bootstrap=bootstrap,
+    )
 
 
-def run_benchmark(generator: Generator, out_dir: str | Path, *, positive: str | Path | None = None,
-                  negative: str | Path | None = None, plugins: str | Path | None = None,
-                  limit: int | None = None, progress: bool = True,
-                  meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Generate (resuming whatever ``out_dir`` already holds), score, and write the report files."""
-    from .evaluation import load_jobs, scorecard
+def load_datasets(
+    positive: str | Path | None = None, negative: str | Path | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The positive and negative jobs (the shipped sets by default); a missing or bad file is a clear error."""
+    from .evaluation import load_jobs
 
-    paths = {"positive": positive or DATA_DIR / "tool_use_positive.jsonl",
-             "negative": negative or DATA_DIR / "tool_use_negative.jsonl"}
+    paths = {
+        "positive": positive or DATA_DIR / "tool_use_positive.jsonl",
+        "negative": negative or DATA_DIR / "tool_use_negative.jsonl",
+    }
     datasets = {}
     for split, path in paths.items():
         if not Path(path).is_file():
             raise ConfigError(f"--{split}: no such dataset file: {path}")
         datasets[split] = load_jobs(path)
-    recorded = run_tool_use(datasets, generator, out_dir, limit=limit, progress=progress)
-    # Rouge-L is always over Qwen-7B-Chat's own tokens, so runs of different models stay comparable
+    return datasets
+
+
+def run_benchmark(
+    generator: Generator,
+    out_dir: str | Path,
+    *,
+    datasets: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    plugins: str | Path | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate (resuming whatever ``out_dir`` already holds), score, and write the report files.
+    ``datasets`` defaults to :func:`load_datasets`'s shipped sets."""
+    from .evaluation import scorecard
     from .tokenizer import QwenTokenizer
 
-    report = scorecard(recorded["positive"], recorded["negative"], QwenTokenizer.from_pretrained(),
-                       catalog=_schemas_for(plugins))
+    schemas = _schemas_for(plugins)  # fail on a bad catalog before generating anything
+    recorded = run_tool_use(datasets or load_datasets(), generator, out_dir, limit=limit, progress=progress)
+    # Rouge-L is always over Qwen-7B-Chat's own tokens, so runs of different models stay comparable
+    report = scorecard(
+        recorded["positive"], recorded["negative"], QwenTokenizer.from_pretrained(), catalog=schemas
+    )
     write_report(report, out_dir, meta=meta)
     return report

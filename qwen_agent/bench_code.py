@@ -26,7 +26,15 @@ from typing import Any
 
 from .errors import BenchmarkError, ConfigError
 
-__all__ = ["CodeTask", "load_tasks", "last_number", "run_task", "summarize", "run_code_benchmark", "TASKS_DIR"]
+__all__ = [
+    "CodeTask",
+    "load_tasks",
+    "last_number",
+    "run_task",
+    "summarize",
+    "run_code_benchmark",
+    "TASKS_DIR",
+]
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "code_interpreter"
 KINDS = ("math", "data", "plot")
@@ -59,8 +67,15 @@ def load_tasks(path: str | Path) -> list[CodeTask]:
         where = f"{path}:{number}"
         try:
             raw = json.loads(line)
-            task = CodeTask(raw["id"], raw["kind"], raw.get("lang", "en"), raw["query"], tuple(raw.get("files", ())),
-                            raw.get("answer"), float(raw.get("tolerance", 1e-6)))
+            task = CodeTask(
+                raw["id"],
+                raw["kind"],
+                raw.get("lang", "en"),
+                raw["query"],
+                tuple(raw.get("files", ())),
+                raw.get("answer"),
+                float(raw.get("tolerance", 1e-6)),
+            )
         except json.JSONDecodeError as exc:
             raise BenchmarkError(f"{where}: not valid JSON ({exc.msg})") from None
         except KeyError as exc:
@@ -110,8 +125,9 @@ def _query(task: CodeTask) -> str:
     return (f"[上传文件{names}]" if task.lang == "zh" else f"[Upload file {names}]") + "\n" + task.query
 
 
-def run_task(task: CodeTask, llm: Any, workdir: Path, files_dir: Path, *, max_tokens: int = 512,
-             timeout: float = 30) -> dict[str, Any]:
+def run_task(
+    task: CodeTask, llm: Any, workdir: Path, files_dir: Path, *, max_tokens: int = 512, timeout: float = 30
+) -> dict[str, Any]:
     """Run one task through the agent in a fresh interpreter rooted at ``workdir``; returns its record."""
     from .agent import Agent
     from .llm import Sampling
@@ -123,8 +139,13 @@ def run_task(task: CodeTask, llm: Any, workdir: Path, files_dir: Path, *, max_to
     recorder = _RecordingExecutor(CodeInterpreter(workdir=workdir, timeout=timeout))
     tool = CodeInterpreterTool(interpreter=recorder)
     try:
-        agent = Agent(llm, [tool], max_iterations=MAX_RUNS[task.kind], variant="react_demo",
-                      sampling=Sampling(max_tokens=max_tokens, temperature=0.0))
+        agent = Agent(
+            llm,
+            [tool],
+            max_iterations=MAX_RUNS[task.kind],
+            variant="react_demo",
+            sampling=Sampling(max_tokens=max_tokens, temperature=0.0),
+        )
         result = agent.run(_query(task))
     finally:
         tool.close()
@@ -176,15 +197,24 @@ def _open_llm(model: str) -> Any:
     try:
         from .local_llm import LocalLLM  # the agent's adapter over a loaded engine
     except ImportError:
-        raise ConfigError("a local model needs qwen_agent.local_llm; serve it and pass its URL instead") from None
+        raise ConfigError(
+            "a local model needs qwen_agent.local_llm; serve it and pass its URL instead"
+        ) from None
     from .engine import load_model
 
     return LocalLLM(load_model(model))
 
 
-def run_code_benchmark(model: str | None = None, *, llm: Any = None, tasks: str | Path | None = None,
-                       out_dir: str | Path = "bench-results/code-interpreter", limit: int | None = None,
-                       max_new_tokens: int = 512, progress: bool = True) -> dict[str, Any]:
+def run_code_benchmark(
+    model: str | None = None,
+    *,
+    llm: Any = None,
+    tasks: str | Path | None = None,
+    out_dir: str | Path = "bench-results/code-interpreter",
+    limit: int | None = None,
+    max_new_tokens: int = 512,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the tasks (the shipped set by default) and write ``results.jsonl`` and ``report.json``."""
     from tqdm import tqdm
 

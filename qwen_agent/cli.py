@@ -32,17 +32,18 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import open_generator, run_benchmark
+    from .bench import load_datasets, open_generator, run_benchmark
     from .evaluation import render_markdown
 
     if args.batch_size < 1:
         raise QwenAgentError(f"--batch-size must be at least 1, got {args.batch_size}")
+    datasets = load_datasets(args.positive, args.negative)  # before the model: a bad path fails at once
     generator = open_generator(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                repetition_penalty=args.repetition_penalty, device=args.device, dtype=args.dtype)
     meta = {"model": args.model, "batch_size": args.batch_size, "limit": args.limit,
             "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
-    report = run_benchmark(generator, args.out, positive=args.positive, negative=args.negative,
-                           plugins=args.plugins, limit=args.limit, progress=not args.quiet, meta=meta)
+    report = run_benchmark(generator, args.out, datasets=datasets, plugins=args.plugins, limit=args.limit,
+                           progress=not args.quiet, meta=meta)
     print(render_markdown(report))
     print(f"report: {args.out}/report.json, report.md, per_tool.png")
     if args.json:

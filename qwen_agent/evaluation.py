@@ -176,7 +176,9 @@ def _action_right(job: Mapping[str, Any]) -> bool:
     gen = _gen(job)
     if ACTION_MARKER not in gen:
         return False
-    return process_res(gen)["action"].strip().lower() == process_res(job["response"])["action"].strip().lower()
+    return (
+        process_res(gen)["action"].strip().lower() == process_res(job["response"])["action"].strip().lower()
+    )
 
 
 def _action_input_rouge(job: Mapping[str, Any], tokenizer: Any) -> float:
@@ -292,7 +294,9 @@ def scorecard(
     for label, jobs in (("positive", positive), ("negative", negative)):
         for index, job in enumerate(jobs):
             if "gen" not in job:
-                raise BenchmarkError(f"{label} job {job.get('id', index)!r} has no 'gen' field (not generated yet)")
+                raise BenchmarkError(
+                    f"{label} job {job.get('id', index)!r} has no 'gen' field (not generated yet)"
+                )
     catalog = catalog or {}
     right = [float(_action_right(job)) for job in positive]
     rouge = [_action_input_rouge(job, tokenizer) for job in positive]

@@ -51,7 +51,11 @@ class ReplayLLM:
 def test_scripted_run_scores_golden_outputs_perfectly(tmp_path):
     llm = ReplayLLM()
     report = run_benchmark(LLMGenerator(llm, concurrency=4), tmp_path, limit=25, progress=False)
-    assert report["action_right_rate"] == 1.0 and report["action_input_rouge"] == 1.0 and report["bad_rate"] == 0.0
+    assert (
+        report["action_right_rate"] == 1.0
+        and report["action_input_rouge"] == 1.0
+        and report["bad_rate"] == 0.0
+    )
     assert report["exact_argument_match"] == 1.0 and report["format_violation_rate"] == 0.0
     assert report["counts"] == {"positive": 25, "negative": 25}
     assert sum(llm.calls.values()) == 50 and max(llm.calls.values()) == 1
@@ -70,10 +74,14 @@ def test_wrong_and_trigger_happy_outputs_are_scored(tmp_path):
     def outputs(question):
         if GOLDEN[question].count("\nAction: "):  # positives: answer directly instead of calling
             return "Thought: I know this.\nFinal Answer: sorry"
-        return 'Thought: let me check\nAction: weather_forecast\nAction Input: {"city": "Paris"}\nObservation:'
+        return (
+            'Thought: let me check\nAction: weather_forecast\nAction Input: {"city": "Paris"}\nObservation:'
+        )
 
     report = run_benchmark(LLMGenerator(ReplayLLM(outputs)), tmp_path, limit=10, progress=False)
-    assert report["action_right_rate"] == 0.0 and report["bad_rate"] == 1.0 and report["missed_tool_rate"] == 1.0
+    assert (
+        report["action_right_rate"] == 0.0 and report["bad_rate"] == 1.0 and report["missed_tool_rate"] == 1.0
+    )
 
 
 def test_torn_last_line_is_dropped_and_only_missing_jobs_run(tmp_path):
@@ -127,7 +135,9 @@ class RecordedServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 text = tokenizer.decode(body["prompt"])
-                question = text.rsplit("\nQuestion: ", 1)[1].removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+                question = text.rsplit("\nQuestion: ", 1)[1].removesuffix(
+                    "<|im_end|>\n<|im_start|>assistant\n"
+                )
                 server.requests[question] += 1
                 time.sleep(delay)
                 out, _ = cut_at_stop(recorded_output(question), body.get("stop", []))
@@ -153,7 +163,19 @@ def env() -> dict[str, str]:
 def test_killed_run_resumes_with_no_duplicate_or_lost_job(tmp_path):
     server = RecordedServer(delay=0.05)
     out = tmp_path / "run"
-    args = cli("bench", "tool-use", "--model", server.url, "--limit", "60", "--batch-size", "2", "--out", str(out), "-q")
+    args = cli(
+        "bench",
+        "tool-use",
+        "--model",
+        server.url,
+        "--limit",
+        "60",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "-q",
+    )
     try:
         proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -186,25 +208,49 @@ def test_killed_run_resumes_with_no_duplicate_or_lost_job(tmp_path):
 
 
 def test_bench_score_json_has_the_official_keys_as_fractions(tmp_path):
-    run_tool_use({"positive": POSITIVE[:8], "negative": NEGATIVE[:8]}, LLMGenerator(ReplayLLM()), tmp_path,
-                 progress=False)
+    run_tool_use(
+        {"positive": POSITIVE[:8], "negative": NEGATIVE[:8]},
+        LLMGenerator(ReplayLLM()),
+        tmp_path,
+        progress=False,
+    )
     # official cache files have no ids or metadata: strip ours
     for split in ("positive", "negative"):
         rows = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
         (tmp_path / f"{split}.cache").write_text(
-            "".join(json.dumps({k: r[k] for k in ("prompt", "response", "gen")}) + "\n" for r in rows))
-    done = subprocess.run(cli("bench", "score", "--positive", str(tmp_path / "positive.cache"),
-                              "--negative", str(tmp_path / "negative.cache"), "--json"),
-                          env=env(), capture_output=True, text=True, timeout=120)
+            "".join(json.dumps({k: r[k] for k in ("prompt", "response", "gen")}) + "\n" for r in rows)
+        )
+    done = subprocess.run(
+        cli(
+            "bench",
+            "score",
+            "--positive",
+            str(tmp_path / "positive.cache"),
+            "--negative",
+            str(tmp_path / "negative.cache"),
+            "--json",
+        ),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert (report["action_right_rate"], report["action_input_rouge"], report["bad_rate"]) == (1.0, 1.0, 0.0)
-    assert report["schema_valid_rate"] == 1.0 and report["not_offered_call_rate"] == 0.0  # tools read from prompts
+    assert (
+        report["schema_valid_rate"] == 1.0 and report["not_offered_call_rate"] == 0.0
+    )  # tools read from prompts
 
 
 def test_bench_score_reports_a_missing_file_clearly(tmp_path):
-    done = subprocess.run(cli("bench", "score", "--positive", str(tmp_path / "nope.jsonl"), "--negative", "x"),
-                          env=env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        cli("bench", "score", "--positive", str(tmp_path / "nope.jsonl"), "--negative", "x"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "--positive: no such file" in done.stderr and "Traceback" not in done.stderr
 
@@ -232,23 +278,54 @@ def test_tiny_checkpoint_end_to_end_batched_equals_one_by_one(tiny_engine, tmp_p
 
     assert EngineGenerator(tiny_engine).repetition_penalty == 1.1  # the checkpoint's, as the official script
     datasets = {"positive": POSITIVE[::80], "negative": NEGATIVE[::60]}  # 5 + 3 jobs of different lengths
-    batched = run_tool_use(datasets, EngineGenerator(tiny_engine, batch_size=4, max_new_tokens=6),
-                           tmp_path / "b4", progress=False)
-    single = run_tool_use(datasets, EngineGenerator(tiny_engine, batch_size=1, max_new_tokens=6),
-                          tmp_path / "b1", progress=False)
+    batched = run_tool_use(
+        datasets,
+        EngineGenerator(tiny_engine, batch_size=4, max_new_tokens=6),
+        tmp_path / "b4",
+        progress=False,
+    )
+    single = run_tool_use(
+        datasets,
+        EngineGenerator(tiny_engine, batch_size=1, max_new_tokens=6),
+        tmp_path / "b1",
+        progress=False,
+    )
     gens = {split: [job["gen"] for job in jobs] for split, jobs in batched.items()}
     assert gens == {split: [job["gen"] for job in jobs] for split, jobs in single.items()}
     assert all(g[0] for jobs in gens.values() for g in jobs)  # random weights still write something
-    report = run_benchmark(EngineGenerator(tiny_engine, batch_size=2, max_new_tokens=6), tmp_path / "full",
-                           limit=2, progress=False)
+    report = run_benchmark(
+        EngineGenerator(tiny_engine, batch_size=2, max_new_tokens=6),
+        tmp_path / "full",
+        limit=2,
+        progress=False,
+    )
     assert report["counts"] == {"positive": 2, "negative": 2}
     assert (tmp_path / "full" / "per_tool.png").exists() and (tmp_path / "full" / "report.md").exists()
 
 
 def test_tiny_checkpoint_through_the_cli(tiny_dir, tmp_path):
-    done = subprocess.run(cli("bench", "tool-use", "--model", str(tiny_dir), "--limit", "2", "--batch-size", "2",
-                              "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "-q", "--json"),
-                          env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        cli(
+            "bench",
+            "tool-use",
+            "--model",
+            str(tiny_dir),
+            "--limit",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+            "-q",
+            "--json",
+        ),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["counts"] == {"positive": 2, "negative": 2}

@@ -35,7 +35,9 @@ def test_shipped_tasks_load_and_cover_three_kinds():
 
 def test_bad_task_file_errors_name_the_line(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    path.write_text('{"id": "a", "kind": "math", "query": "q", "answer": 1}\n{"id": "b", "kind": "poem", "query": "q"}\n')
+    path.write_text(
+        '{"id": "a", "kind": "math", "query": "q", "answer": 1}\n{"id": "b", "kind": "poem", "query": "q"}\n'
+    )
     with pytest.raises(BenchmarkError, match=r"tasks.jsonl:2: kind must be one of"):
         load_tasks(path)
     path.write_text('{"id": "a", "kind": "data", "query": "q", "answer": 1, "files": ["x.csv"]}\n')
@@ -49,22 +51,28 @@ def test_scripted_run_through_the_real_interpreter(tmp_path):
     chosen = [shipped["math-03"], shipped["data-01"], shipped["plot-02"], shipped["math-01"]]
     tasks.write_text("".join(json.dumps(t) + "\n" for t in chosen))
     (tmp_path / "sales.csv").write_bytes((TASKS_DIR / "sales.csv").read_bytes())
-    llm = ScriptedLLM([
-        # math-03: one run, then the forced final answer turn
-        call("print(sum(p for p in range(2, 100) if all(p % d for d in range(2, p))))"),
-        " 1060",
-        # data-01: reads the uploaded CSV from the workspace
-        call("import csv\nrows = list(csv.DictReader(open('sales.csv')))\n"
-             "print(sum(int(r['units']) * float(r['unit_price']) for r in rows))"),
-        " The total revenue is 1845.5.",
-        # plot-02: a figure, then a final answer
-        call("import numpy as np, matplotlib.pyplot as plt\nx = np.linspace(0, 2 * np.pi, 100)\n"
-             "plt.plot(x, np.sin(x))\nplt.show()"),
-        "Thought: The plot is shown above.\nFinal Answer: Here is y = sin(x).",
-        # math-01: code that fails, then a wrong answer
-        call("print(48 + 3 * 48 / 0)"),
-        " 190",
-    ])
+    llm = ScriptedLLM(
+        [
+            # math-03: one run, then the forced final answer turn
+            call("print(sum(p for p in range(2, 100) if all(p % d for d in range(2, p))))"),
+            " 1060",
+            # data-01: reads the uploaded CSV from the workspace
+            call(
+                "import csv\nrows = list(csv.DictReader(open('sales.csv')))\n"
+                "print(sum(int(r['units']) * float(r['unit_price']) for r in rows))"
+            ),
+            " The total revenue is 1845.5.",
+            # plot-02: a figure, then a final answer
+            call(
+                "import numpy as np, matplotlib.pyplot as plt\nx = np.linspace(0, 2 * np.pi, 100)\n"
+                "plt.plot(x, np.sin(x))\nplt.show()"
+            ),
+            "Thought: The plot is shown above.\nFinal Answer: Here is y = sin(x).",
+            # math-01: code that fails, then a wrong answer
+            call("print(48 + 3 * 48 / 0)"),
+            " 190",
+        ]
+    )
     report = run_code_benchmark(llm=llm, tasks=tasks, out_dir=tmp_path / "out", progress=False)
     assert report == {
         "tasks": 4,
@@ -74,7 +82,9 @@ def test_scripted_run_through_the_real_interpreter(tmp_path):
         "data_accuracy": 1.0,
         "plot_success": 1.0,
     }
-    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    records = {
+        r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    }
     assert records["math-01"]["errors"] and "ZeroDivisionError" in records["math-01"]["errors"][0]
     figure = tmp_path / "out" / "plot-02" / records["plot-02"]["figures"][0]
     assert figure.read_bytes()[:4] == b"\x89PNG"
@@ -86,7 +96,23 @@ def test_scripted_run_through_the_real_interpreter(tmp_path):
 
 def test_cli_without_a_reachable_model_fails_cleanly(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "qwen_agent.cli", "bench", "code-interpreter", "--model", "http://127.0.0.1:9",
-         "--limit", "1", "--out", str(tmp_path), "-q"],
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "qwen_agent.cli",
+            "bench",
+            "code-interpreter",
+            "--model",
+            "http://127.0.0.1:9",
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path),
+            "-q",
+        ],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr

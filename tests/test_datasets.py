@@ -34,11 +34,15 @@ def negative():
 
 
 def test_committed_files_equal_a_fresh_build():
-    spec = importlib.util.spec_from_file_location("build_tool_use_dataset", ROOT / "tools" / "build_tool_use_dataset.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_tool_use_dataset", ROOT / "tools" / "build_tool_use_dataset.py"
+    )
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     for name, text in build.build().items():
-        assert (DATA_DIR / name).read_text(encoding="utf-8") == text, f"{name} is stale: rerun the build script"
+        assert (DATA_DIR / name).read_text(encoding="utf-8") == text, (
+            f"{name} is stale: rerun the build script"
+        )
 
 
 def test_sizes_languages_and_plugin_coverage(catalog, positive, negative):
@@ -47,10 +51,17 @@ def test_sizes_languages_and_plugin_coverage(catalog, positive, negative):
     assert len(catalog) >= 40
     assert Counter(job["lang"] for job in positive).keys() == {"en", "zh"}
     assert Counter(job["lang"] for job in negative).keys() == {"en", "zh"}
-    assert set(Counter(job["category"] for job in negative)) == {"chitchat", "knowledge", "unserved", "near_miss"}
+    assert set(Counter(job["category"] for job in negative)) == {
+        "chitchat",
+        "knowledge",
+        "unserved",
+        "near_miss",
+    }
     types = {prop["type"] for spec in catalog.values() for prop in spec["parameters"]["properties"].values()}
     assert types == {"string", "integer", "number", "boolean", "array"}
-    assert any("enum" in prop for spec in catalog.values() for prop in spec["parameters"]["properties"].values())
+    assert any(
+        "enum" in prop for spec in catalog.values() for prop in spec["parameters"]["properties"].values()
+    )
     ids = [job["id"] for job in positive + negative]
     assert len(ids) == len(set(ids))
 
@@ -60,7 +71,9 @@ def test_every_positive_golden_parses_names_an_offered_tool_and_fits_its_schema(
     for job in positive:
         offered = job["tools"]
         assert 3 <= len(offered) <= 5, job["id"]
-        assert offered == offered_tools({"prompt": job["prompt"]}), job["id"]  # the prompt lists the same tools
+        assert offered == offered_tools({"prompt": job["prompt"]}), job[
+            "id"
+        ]  # the prompt lists the same tools
         parsed = parse_output(job["response"], offered)
         assert isinstance(parsed, Action) and not parsed.problems, job["id"]
         assert parsed.tool == job["expected_tool"] and parsed.tool in offered
@@ -69,7 +82,9 @@ def test_every_positive_golden_parses_names_an_offered_tool_and_fits_its_schema(
         except ToolArgumentError as exc:
             pytest.fail(f"{job['id']}: golden arguments do not satisfy {parsed.tool}: {exc}")
         # the official normalisation accepts it too
-        assert process_res(job["response"])["action_input"] == json.dumps(parsed.arguments, ensure_ascii=False, sort_keys=True)
+        assert process_res(job["response"])["action_input"] == json.dumps(
+            parsed.arguments, ensure_ascii=False, sort_keys=True
+        )
 
 
 def test_only_the_expected_tool_fits(catalog, positive):

@@ -31,7 +31,12 @@ CATALOG = {
 
 
 def job(response: str, gen: str | list[str]) -> dict:
-    return {"prompt": "Q", "response": response, "gen": gen if isinstance(gen, list) else [gen], "tools": TOOLS}
+    return {
+        "prompt": "Q",
+        "response": response,
+        "gen": gen if isinstance(gen, list) else [gen],
+        "tools": TOOLS,
+    }
 
 
 # (golden, gen, right, rouge) worked out by hand
@@ -43,8 +48,13 @@ POSITIVE = [
     # 3. arguments that do not parse become "" and score 0; the tool is still right
     (GOLD_WEATHER, 'Thought: 好\nAction: weather\nAction Input: {"city": "北京"', 1, 0.0),
     # 4. two actions: the first name counts, the input runs into the second action and fails to parse
-    (GOLD_WEATHER, 'Thought: 好\nAction: weather\nAction Input: {"city": "北京"}\nAction: weather\n'
-                   'Action Input: {"city": "上海"}', 1, 0.0),
+    (
+        GOLD_WEATHER,
+        'Thought: 好\nAction: weather\nAction Input: {"city": "北京"}\nAction: weather\n'
+        'Action Input: {"city": "上海"}',
+        1,
+        0.0,
+    ),
     # 5. no newline before "Action: ": not a right action (literal "\nAction: "), but the input still scores
     (GOLD_WEATHER, 'Action: weather\nAction Input: {"city": "北京"}', 0, 1.0),
     # 6. Chinese arguments, one token missing: 10 reference tokens, 9 generated, LCS 9 -> F = 18/19
@@ -77,10 +87,18 @@ def negative():
 
 
 def test_process_res_uses_first_occurrences_and_keeps_the_quirks():
-    parts = process_res('Thought: a\nAction: x\nAction Input: {"b": 1, "a": 2}\nObservation: ok\nThought: done\n'
-                        "Final Answer: 42")
-    assert parts == {"thought": "Thought: a", "action": "x", "action_input": '{"a": 2, "b": 1}',
-                     "observation": "ok", "thought_last": "done", "final_answer": "42"}
+    parts = process_res(
+        'Thought: a\nAction: x\nAction Input: {"b": 1, "a": 2}\nObservation: ok\nThought: done\n'
+        "Final Answer: 42"
+    )
+    assert parts == {
+        "thought": "Thought: a",
+        "action": "x",
+        "action_input": '{"a": 2, "b": 1}',
+        "observation": "ok",
+        "thought_last": "done",
+        "final_answer": "42",
+    }
     # no Observation: the input runs to the end of the text
     assert process_res("Action: x\nAction Input: {'k': '中'}")["action_input"] == '{"k": "中"}'
     # no Action Input at all: find() = -1 slices garbage, which does not parse -> ""
@@ -89,7 +107,9 @@ def test_process_res_uses_first_occurrences_and_keeps_the_quirks():
 
 def test_qwen_token_string_and_the_reference_example(tokenizer):
     assert qwen_token_string('{"query": "五彩斑斓的黑"}', tokenizer) == '{" query ":  " 五 彩 斑斓 的 黑 "}'
-    assert rouge_l('{"query": "五彩斑斓的黑"}', '{"query": "五彩斑斓黑"}', tokenizer) == pytest.approx(18 / 19)
+    assert rouge_l('{"query": "五彩斑斓的黑"}', '{"query": "五彩斑斓黑"}', tokenizer) == pytest.approx(
+        18 / 19
+    )
     assert rouge_l("", '{"a": 1}', tokenizer) == 0.0
 
 
@@ -103,7 +123,9 @@ def test_each_positive_job(index, tokenizer):
 
 def test_official_metrics_over_the_set(positive, negative, tokenizer):
     assert action_right_rate(positive) == pytest.approx(5 / 7)
-    assert action_input_rouge(positive, tokenizer) == pytest.approx((3 + 18 / 19) / 7)  # mean over ALL positives
+    assert action_input_rouge(positive, tokenizer) == pytest.approx(
+        (3 + 18 / 19) / 7
+    )  # mean over ALL positives
     assert bad_rate(negative) == pytest.approx(2 / 5)
     assert action_right_rate([{**positive[0], "gen": positive[0]["gen"][0]}]) == 1.0  # gen as a plain string
 
@@ -120,11 +142,20 @@ def test_scorecard_by_hand(positive, negative, tokenizer):
     assert report["exact_argument_match"] == pytest.approx(4 / 7)  # jobs 1, 2, 4 (first action), 5
     # invalid JSON (3), two actions (4), Action without Action Input (negative 4)
     assert report["format_violation_rate"] == pytest.approx(3 / 12)
-    assert report["problems"] == {"invalid_arguments": 1, "missing_action_input": 1, "multiple_actions": 1,
-                                  "unknown_tool": 1}
+    assert report["problems"] == {
+        "invalid_arguments": 1,
+        "missing_action_input": 1,
+        "multiple_actions": 1,
+        "unknown_tool": 1,
+    }
     weather = report["per_tool"]["weather"]
     # expected weather 6 times, called right 5 times; called on 3 negatives (one without arguments)
-    assert weather == {"support": 6, "predicted": 8, "precision": pytest.approx(5 / 8), "recall": pytest.approx(5 / 6)}
+    assert weather == {
+        "support": 6,
+        "predicted": 8,
+        "precision": pytest.approx(5 / 8),
+        "recall": pytest.approx(5 / 6),
+    }
     assert report["per_tool"]["image_gen"]["recall"] == 1.0
     assert report["confusion"]["weather"] == {"weather": 5, "(none)": 1}
     assert report["confusion"]["(none)"] == {"(none)": 1, "weather": 3, "stock": 1}

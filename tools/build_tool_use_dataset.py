@@ -27,8 +27,14 @@ from qwen_agent.react import react_instruction, react_question, render_action, r
 
 DATA = ROOT / "benchmarks" / "data"
 THOUGHT = {
-    "positive": {"en": "I should call the {human} API to {purpose}.", "zh": "我需要调用{human}API来{purpose}。"},
-    "direct": {"en": "I can answer this directly; no tool is needed.", "zh": "这个问题不需要调用工具，我可以直接回答。"},
+    "positive": {
+        "en": "I should call the {human} API to {purpose}.",
+        "zh": "我需要调用{human}API来{purpose}。",
+    },
+    "direct": {
+        "en": "I can answer this directly; no tool is needed.",
+        "zh": "这个问题不需要调用工具，我可以直接回答。",
+    },
     "unserved": {"en": "None of the available tools can do this.", "zh": "现有的工具都无法完成这个请求。"},
 }
 CATALOG_FIELDS = ("name_for_model", "name_for_human", "description_for_model", "parameters")
@@ -81,31 +87,37 @@ def build() -> dict[str, str]:
         case_id = f"pos-{number:04d}"
         plugin = by_name[name]
         offered = _offer(case_id, [name], plugins)
-        thought = THOUGHT["positive"][lang].format(human=plugin["name_for_human"], purpose=plugin["purpose"][lang])
-        positive.append({
-            "id": case_id,
-            "prompt": _prompt(query, offered, tools),
-            "response": render_action(thought, name, json.dumps(args, ensure_ascii=False)),
-            "tools": offered,
-            "expected_tool": name,
-            "category": plugin["domain"],
-            "lang": lang,
-        })
+        thought = THOUGHT["positive"][lang].format(
+            human=plugin["name_for_human"], purpose=plugin["purpose"][lang]
+        )
+        positive.append(
+            {
+                "id": case_id,
+                "prompt": _prompt(query, offered, tools),
+                "response": render_action(thought, name, json.dumps(args, ensure_ascii=False)),
+                "tools": offered,
+                "expected_tool": name,
+                "category": plugin["domain"],
+                "lang": lang,
+            }
+        )
 
     negative = []
     for number, (category, lang, query, answer, near) in enumerate(_source("negative").NEGATIVE, 1):
         case_id = f"neg-{number:04d}"
         offered = _offer(case_id, list(near), plugins) if near else _offer(case_id, [], plugins)
         thought = THOUGHT["unserved" if category == "unserved" else "direct"][lang]
-        negative.append({
-            "id": case_id,
-            "prompt": _prompt(query, offered, tools),
-            "response": render_final_answer(thought, answer),
-            "tools": offered,
-            "expected_tool": None,
-            "category": category,
-            "lang": lang,
-        })
+        negative.append(
+            {
+                "id": case_id,
+                "prompt": _prompt(query, offered, tools),
+                "response": render_final_answer(thought, answer),
+                "tools": offered,
+                "expected_tool": None,
+                "category": category,
+                "lang": lang,
+            }
+        )
     return {
         "tool_use_plugins.json": json.dumps(catalog, ensure_ascii=False, indent=1) + "\n",
         "tool_use_positive.jsonl": _jsonl(positive),
@@ -115,7 +127,9 @@ def build() -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the files on disk instead of writing"
+    )
     args = parser.parse_args()
     stale = []
     for name, text in build().items():
