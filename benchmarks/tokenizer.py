@@ -63,7 +63,9 @@ def time_pairs(first, second, corpus: list[str], repeat: int) -> tuple[float, fl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tokenizer.json")
     args = parser.parse_args()
@@ -73,7 +75,9 @@ def main() -> int:
         print("error: install dashscope (it ships qwen.tiktoken)", file=sys.stderr)
         return 2
     ours = QwenTokenizer.from_pretrained(vocab)
-    raw = tiktoken.Encoding("raw", pat_str=PAT_STR, mergeable_ranks=load_tiktoken_ranks(vocab), special_tokens={})
+    raw = tiktoken.Encoding(
+        "raw", pat_str=PAT_STR, mergeable_ranks=load_tiktoken_ranks(vocab), special_tokens={}
+    )
     corpus = build_corpus()
     megabytes = sum(len(d.encode()) for d in corpus) / 1e6
     assert [ours.encode(d) for d in corpus[:3]] == [raw.encode_ordinary(d) for d in corpus[:3]]

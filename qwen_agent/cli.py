@@ -17,7 +17,9 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         try:
             ids = [int(x) for x in args.text.replace(",", " ").split()]
         except ValueError:
-            raise QwenAgentError(f"--decode expects integer ids separated by spaces or commas, got {args.text!r}") from None
+            raise QwenAgentError(
+                f"--decode expects integer ids separated by spaces or commas, got {args.text!r}"
+            ) from None
         print(tokenizer.decode(ids))
         return 0
     allowed = "all" if args.allow_special else ()
@@ -38,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="print the Qwen token ids of a text (or decode ids with --decode)")
     p.add_argument("text", help="the text to encode, or ids to decode")
     p.add_argument("--decode", action="store_true", help="treat TEXT as token ids and print the decoded text")
-    p.add_argument("--vocab", default=None, help="model directory or qwen.tiktoken file (default: dashscope's copy)")
-    p.add_argument("--allow-special", action="store_true", help="parse <|im_start|> and friends as control tokens")
+    p.add_argument(
+        "--vocab", default=None, help="model directory or qwen.tiktoken file (default: dashscope's copy)"
+    )
+    p.add_argument(
+        "--allow-special", action="store_true", help="parse <|im_start|> and friends as control tokens"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also print each token's bytes")
     p.set_defaults(func=_cmd_tokenize)
 

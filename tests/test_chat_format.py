@@ -47,7 +47,9 @@ def test_history_window_keeps_newest_and_stops_at_first_overflow(tokenizer):
     text, _ = make_context(tokenizer, "q" * 500, history=history, max_window_size=window)
     assert "new" in text and "mid" in text and "old" not in text
     # one token less: the middle turn no longer fits, and nothing older is tried after it
-    text, _ = make_context(tokenizer, "q", history=[("a", "b"), ("mid", "y"), ("new", "z")], max_window_size=window - 1)
+    text, _ = make_context(
+        tokenizer, "q", history=[("a", "b"), ("mid", "y"), ("new", "z")], max_window_size=window - 1
+    )
     assert "new" in text and "mid" not in text and "user\na<" not in text
     # the current query is not counted against the window
     text, _ = make_context(tokenizer, "long " * 5000, history=history, max_window_size=window)

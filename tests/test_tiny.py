@@ -54,7 +54,9 @@ def test_qwen_layout_matches_the_real_download(tiny_qwen_dir):
     assert set(config) == set(qwen_7b_chat_config())
     assert config["architectures"] == ["QWenLMHeadModel"] and config["seq_length"] == 256
     weight_map = _read_index(tiny_qwen_dir)["weight_map"]
-    assert len(weight_map) == 2 * 8 + 3  # 8 tensors a layer + wte, ln_f, lm_head, as the real 259 = 32 * 8 + 3
+    assert (
+        len(weight_map) == 2 * 8 + 3
+    )  # 8 tensors a layer + wte, ln_f, lm_head, as the real 259 = 32 * 8 + 3
 
     def shape(name):
         with safe_open(str(tiny_qwen_dir / weight_map[name]), framework="pt") as f:
@@ -62,7 +64,10 @@ def test_qwen_layout_matches_the_real_download(tiny_qwen_dir):
             return tuple(f.get_slice(name).get_shape())
 
     assert shape("transformer.h.0.attn.c_attn.weight") == (192, 64)
-    assert shape("transformer.h.0.mlp.w1.weight") == (128, 64)  # Qwen's intermediate_size counts both branches
+    assert shape("transformer.h.0.mlp.w1.weight") == (
+        128,
+        64,
+    )  # Qwen's intermediate_size counts both branches
     assert shape("transformer.wte.weight") == (151936, 64)
     generation = json.loads((tiny_qwen_dir / "generation_config.json").read_text())
     assert generation["repetition_penalty"] == 1.1 and generation["top_k"] == 0
@@ -70,7 +75,9 @@ def test_qwen_layout_matches_the_real_download(tiny_qwen_dir):
 
 
 def test_qwen2_layout_grouped_kv_and_tied_embeddings(tmp_path):
-    directory = write_tiny_checkpoint(tmp_path, "qwen2", num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+    directory = write_tiny_checkpoint(
+        tmp_path, "qwen2", num_heads=4, num_kv_heads=2, tie_word_embeddings=True
+    )
     config = json.loads((directory / "config.json").read_text())
     assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is True
     weight_map = _read_index(directory)["weight_map"]

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_agent import cli, tokenizer as tokenizer_module
+from qwen_agent import cli
+from qwen_agent import tokenizer as tokenizer_module
 from qwen_agent.errors import TokenizerError, VocabError
 from qwen_agent.tokenizer import QwenTokenizer
 
