@@ -94,8 +94,12 @@ def main() -> None:
     results: dict[str, object] = {
         "benchmark": "interpreter",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_1m_at_start": os.getloadavg()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_1m_at_start": os.getloadavg()[0],
+        },
         "settings": {"calls": args.calls, "starts": args.starts, "cell": TRIVIAL},
         "sandboxed": sandboxed(args.calls, args.starts),
     }
@@ -109,14 +113,18 @@ def main() -> None:
             continue
         for metric in ("cold_start", "warm_round_trip"):
             s = results[label][metric]  # type: ignore[index]
-            print(f"{label:<24}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}")
+            print(
+                f"{label:<24}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}"
+            )
     if "stock_jupyter_baseline" in results:
         for metric in ("cold_start", "warm_round_trip"):
             ours = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]
             base = results["stock_jupyter_baseline"][metric]["median_ms"]  # type: ignore[index]
             print(f"ratio sandboxed/stock {metric}: {ours / base:.2f}")
-    print(f"load average (1 min) start/end: {results['machine']['load_avg_1m_at_start']:.2f} / "  # type: ignore[index]
-          f"{results['machine']['load_avg_1m_at_end']:.2f}")  # type: ignore[index]
+    print(
+        f"load average (1 min) start/end: {results['machine']['load_avg_1m_at_start']:.2f} / "  # type: ignore[index]
+        f"{results['machine']['load_avg_1m_at_end']:.2f}"
+    )  # type: ignore[index]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
