@@ -13,8 +13,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import statistics
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
