@@ -353,3 +353,22 @@ def test_sandbox_info_reports_layers_and_reasons(ci):
         if not info[layer]:
             assert info["notes"], "an inactive layer must come with a reason"
     assert ci.execute("import os\nprint(os.getcwd())").stdout == f"{ci.workdir}\n"
+
+
+def test_bad_settings_are_config_errors():
+    from qwen_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timeout must be a positive number of seconds, got 0"):
+        CodeInterpreter(timeout=0)
+    with pytest.raises(ConfigError, match="max_output_chars must be at least 100"):
+        CodeInterpreter(max_output_chars=10)
+
+
+def test_kernel_dead_between_calls_is_restarted_with_a_note(fresh):
+    interp = fresh()
+    interp.execute("gone = 1")
+    os.killpg(interp.pid, signal.SIGKILL)  # e.g. the OOM killer
+    interp._kernel.proc.wait(timeout=5)
+    r = interp.execute("print('gone' in globals())")
+    assert r.stdout == "False\n" and r.restarted and r.state_lost
+    assert r.to_observation().startswith("Note: the kernel had stopped and was restarted")
