@@ -330,6 +330,11 @@ def test_no_kernel_survives_the_host(how):
         host.wait(timeout=30)
     assert _wait_gone(runtime) == []
     assert _wait_gone("1000.777") == []
+    if how == "sigkill":  # the dead host's empty cgroup is removed when the next interpreter starts
+        with CodeInterpreter() as interp:
+            cgroup = interp.sandbox_info()["pids_cgroup"]
+            if cgroup:
+                assert not list(Path(cgroup).parent.glob(f"qwen-agent-{host.pid}-*"))
 
 
 # ---- tool wrapper and reporting -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = ["SandboxLimits", "SandboxPlan", "plan_sandbox", "kernel_env"]
 
 NOBODY_UID = 65534
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
+_CGROUP_PREFIX = "qwen-agent-"  # + host pid + random suffix
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def _create_pids_cgroup(limit: int) -> tuple[Path | None, str]:
     for base in candidates:
         if not (base / "cgroup.procs").exists():
             continue
-        path = base / f"qwen-agent-{uuid.uuid4().hex[:12]}"
+        _remove_stale_cgroups(base)
+        path = base / f"{_CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             path.mkdir()
             (path / "pids.max").write_text(str(limit))
@@ -130,6 +132,23 @@ def _create_pids_cgroup(limit: int) -> tuple[Path | None, str]:
             if path.exists():
                 path.rmdir()
     return None, reason
+
+
+def _remove_stale_cgroups(base: Path) -> None:
+    """Remove the empty cgroups of hosts that died without cleaning up (SIGKILL); rmdir fails on busy ones."""
+    for path in base.glob(f"{_CGROUP_PREFIX}*-*"):
+        owner = path.name[len(_CGROUP_PREFIX) :].split("-")[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        except PermissionError:
+            pass
 
 
 def kill_cgroup(path: Path) -> None:
