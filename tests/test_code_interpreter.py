@@ -377,3 +377,13 @@ def test_kernel_dead_between_calls_is_restarted_with_a_note(fresh):
     r = interp.execute("print('gone' in globals())")
     assert r.stdout == "False\n" and r.restarted and r.state_lost
     assert r.to_observation().startswith("Note: the kernel had stopped and was restarted")
+
+
+def test_cli_sandbox_prints_the_layers(capsys):
+    import json
+
+    from qwen_agent.cli import main
+
+    assert main(["sandbox"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["process_group"] and info["transport"] == "ipc" and "notes" in info
