@@ -308,7 +308,7 @@ HOST = textwrap.dedent("""
     from qwen_agent.tools import CodeInterpreter
     ci = CodeInterpreter(timeout=10)
     ci.execute("import subprocess; subprocess.Popen(['sleep', '1000.777'], start_new_session=True)")
-    print(ci._kernel.runtime, flush=True)
+    print(ci._kernel.runtime, ci.workdir, flush=True)
     sys.stdin.readline()     # the test checks the kernel is up, then lets us go
     if sys.argv[1] == "exit":
         sys.exit(0)          # no close(): the finalizer must clean up
@@ -321,7 +321,7 @@ def test_no_kernel_survives_the_host(how):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
     with subprocess.Popen([sys.executable, "-c", HOST, how], text=True, env=env, **pipes) as host:
-        runtime = host.stdout.readline().strip()
+        runtime, workdir = host.stdout.readline().split()
         assert runtime and _procs_mentioning(runtime)
         host.stdin.write("go\n")
         host.stdin.flush()
@@ -330,11 +330,13 @@ def test_no_kernel_survives_the_host(how):
         host.wait(timeout=30)
     assert _wait_gone(runtime) == []
     assert _wait_gone("1000.777") == []
-    if how == "sigkill":  # the dead host's empty cgroup is removed when the next interpreter starts
-        with CodeInterpreter() as interp:
-            cgroup = interp.sandbox_info()["pids_cgroup"]
-            if cgroup:
-                assert not list(Path(cgroup).parent.glob(f"qwen-agent-{host.pid}-*"))
+    if how == "exit":
+        assert not Path(workdir).exists() and not Path(runtime).exists()
+    else:  # the dead host's leftovers go when the next host starts an interpreter
+        cleaner = "from qwen_agent.tools import CodeInterpreter; CodeInterpreter().close()"
+        subprocess.run([sys.executable, "-c", cleaner], env=env, check=True, timeout=60)
+        assert not Path(workdir).exists() and not Path(runtime).exists()
+        assert not list(Path("/sys/fs/cgroup/pids").glob(f"qwen-agent-{host.pid}-*"))
 
 
 # ---- tool wrapper and reporting -----------------------------------------------------------------------------

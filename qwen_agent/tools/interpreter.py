@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError, InterpreterError
 from .kernel import KernelProcess
-from .sandbox import SandboxLimits, plan_sandbox
+from .sandbox import SandboxLimits, plan_sandbox, private_temp_dir, remove_stale_temp_dirs
 
 __all__ = ["CodeInterpreter", "ExecutionResult", "ExecutionError", "Executor"]
 
@@ -174,6 +173,13 @@ def _close_kernel(holder: dict[str, Any]) -> None:
         kernel.close()
 
 
+def _release(holder: dict[str, Any], temp_workdir: Path | None) -> None:
+    """Everything close() frees; also run at garbage collection and interpreter exit."""
+    _close_kernel(holder)
+    if temp_workdir is not None:
+        shutil.rmtree(temp_workdir, ignore_errors=True)
+
+
 class CodeInterpreter:
     """A sandboxed, persistent Python kernel. See the module docstring; :meth:`sandbox_info` lists the layers.
 
@@ -224,15 +230,18 @@ class CodeInterpreter:
         self.sandbox_uid = sandbox_uid
         self.env = env
         self.startup_timeout = startup_timeout
-        self._owns_workdir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="qa-work-") if workdir is None else workdir).resolve()
+        remove_stale_temp_dirs()
+        owns_workdir = workdir is None
+        self.workdir = (private_temp_dir("work") if workdir is None else Path(workdir)).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._figures = 0
         self._closed = False
         self._lock = threading.RLock()  # one cell at a time; reset/close wait for a running cell
         self._holder: dict[str, Any] = {}
         # closes the kernel when the interpreter is garbage-collected or at interpreter exit
-        self._finalizer = weakref.finalize(self, _close_kernel, self._holder)
+        self._finalizer = weakref.finalize(
+            self, _release, self._holder, self.workdir if owns_workdir else None
+        )
         self._launch()
 
     # ---- kernel lifecycle -------------------------------------------------------------------------------
@@ -268,8 +277,6 @@ class CodeInterpreter:
                 return
             self._closed = True
             self._finalizer()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> CodeInterpreter:
         return self

@@ -21,13 +21,21 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SandboxLimits", "SandboxPlan", "plan_sandbox", "kernel_env"]
+__all__ = [
+    "SandboxLimits",
+    "SandboxPlan",
+    "plan_sandbox",
+    "kernel_env",
+    "private_temp_dir",
+    "remove_stale_temp_dirs",
+]
 
 NOBODY_UID = 65534
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
@@ -253,6 +261,26 @@ def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
     return SandboxPlan(unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, notes)
+
+
+def private_temp_dir(kind: str) -> Path:
+    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir; the pid lets a later host clean up."""
+    return Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
+
+
+@functools.lru_cache(maxsize=1)
+def remove_stale_temp_dirs() -> None:
+    """Delete the workspaces and kernel runtime dirs of hosts that died without cleaning up (SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob("qa-*-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 4 or parts[1] not in ("work", "kernel") or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def kernel_env(workdir: Path, runtime: Path, extra: dict[str, str] | None) -> dict[str, str]:
