@@ -19,6 +19,15 @@ _EXPORTS: dict[str, str] = {
     "stop_ids": "qwen_agent.chat_format",
     "DEFAULT_SYSTEM": "qwen_agent.chat_format",
     "write_tiny_checkpoint": "qwen_agent.tiny",
+    "BaseTool": "qwen_agent.tools",
+    "ToolResult": "qwen_agent.tools",
+    "ToolRegistry": "qwen_agent.tools",
+    "default_registry": "qwen_agent.tools",
+    "register_tool": "qwen_agent.tools",
+    "tool": "qwen_agent.tools",
+    "CodeInterpreter": "qwen_agent.tools",
+    "ExecutionResult": "qwen_agent.tools",
+    "SandboxLimits": "qwen_agent.tools",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]

@@ -31,6 +31,17 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    import json
+
+    from .tools import CodeInterpreter
+
+    with CodeInterpreter(network=args.network) as interpreter:
+        interpreter.execute("pass")  # waits until the kernel is up
+        print(json.dumps(interpreter.sandbox_info(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-agent", description="ReAct tool-use agents for Qwen-7B-Chat running locally."
@@ -48,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="also print each token's bytes")
     p.set_defaults(func=_cmd_tokenize)
+
+    p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")
+    p.add_argument("--network", action="store_true", help="allow network access (no network namespace)")
+    p.set_defaults(func=_cmd_sandbox)
 
     return parser
 
