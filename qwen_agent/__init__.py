@@ -19,6 +19,20 @@ _EXPORTS: dict[str, str] = {
     "stop_ids": "qwen_agent.chat_format",
     "DEFAULT_SYSTEM": "qwen_agent.chat_format",
     "write_tiny_checkpoint": "qwen_agent.tiny",
+    "Agent": "qwen_agent.agent",
+    "RunResult": "qwen_agent.agent",
+    "Step": "qwen_agent.agent",
+    "ChatPrompt": "qwen_agent.llm",
+    "Completion": "qwen_agent.llm",
+    "Sampling": "qwen_agent.llm",
+    "LLM": "qwen_agent.llm",
+    "ScriptedLLM": "qwen_agent.llm",
+    "LocalLLM": "qwen_agent.llm",
+    "llm_from_spec": "qwen_agent.llm",
+    "OpenAICompatibleLLM": "qwen_agent.openai_client",
+    "parse_output": "qwen_agent.react",
+    "chat_completion": "qwen_agent.fncall",
+    "chat_completion_stream": "qwen_agent.fncall",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]

@@ -16,11 +16,11 @@ from qwen_agent.llm import (
     LLM,
     ChatPrompt,
     Completion,
-    OpenAICompatibleLLM,
     Sampling,
     ScriptedLLM,
     StopScanner,
 )
+from qwen_agent.openai_client import OpenAICompatibleLLM
 from qwen_agent.react import STOP_WORDS
 
 Reply = Callable[[BaseHTTPRequestHandler], None]
