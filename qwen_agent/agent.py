@@ -22,7 +22,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
-from .errors import ConfigError
+from .errors import ConfigError, LLMError
 from .llm import DEFAULT_SYSTEM, LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
@@ -306,7 +306,7 @@ class _Run:
                 continue
             for section, text in sections.feed(item):
                 yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
-        raise AssertionError("an LLM stream must end with its Completion")
+        raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
 
     def model_step(self, index: int, prefix: str) -> Generator[Event, None, Step | None]:
         """Generate and parse one step; returns the Step to act on, or None when the answer is final."""
@@ -366,9 +366,10 @@ class _Run:
                 )
                 yield ErrorEvent(index, "repeated_action", step.observation)
             else:
-                self._seen_calls[key] = index
                 step.observation, step.ok, error = self._invoke(step)
-                if not step.ok:
+                if step.ok:  # a failed call may be retried as it was
+                    self._seen_calls[key] = index
+                else:
                     yield ErrorEvent(index, "tool_error", error or step.observation)
         yield ObservationEvent(index, step.observation, step.ok)
         self.steps.append(step)

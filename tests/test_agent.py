@@ -245,3 +245,21 @@ def test_final_answer_event_carries_the_result():
     events = list(Agent(llm, [Weather()]).stream("x"))
     assert isinstance(events[-1], FinalAnswerEvent) and events[-1].result.answer == events[-1].answer
     assert not any(isinstance(e, ActionEvent) for e in events)
+
+
+def test_a_failed_call_may_be_retried_unchanged():
+    tool = Weather()
+    llm = ScriptedLLM([call("Atlantis"), call("Atlantis", " Retry."), FINAL])
+    result = Agent(llm, [tool]).run("Weather in Atlantis?")
+    assert len(tool.calls) == 2 and [s.ok for s in result.steps] == [False, False, True]
+
+
+def test_a_backend_whose_stream_forgets_the_completion_is_reported():
+    from qwen_agent.errors import LLMError
+
+    class Broken(ScriptedLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            yield "Final Answer: x"
+
+    with pytest.raises(LLMError, match="Broken.stream"):
+        Agent(Broken([]), [Weather()]).run("x")
