@@ -240,8 +240,13 @@ class Malformed:
 ParsedOutput = Action | FinalAnswer | Malformed
 
 _OBSERVATION = "Observation:"
-# Line-start markers. "Observ" alone already counts as the start of an (invented or leaked) Observation.
-_MARKER_RE = re.compile(r"^[ \t]*(?:(Thought|Action Input|Action|Final Answer)[ \t]*:|(Observ))", re.M)
+# Line-start markers. An Observation is "Observation:" or a line that holds nothing but a piece of it ("Observ"),
+# so that code such as "Observation = 3" in an Action Input is left alone.
+_OBSERVATION_PIECES = "|".join("Observation"[:n] for n in range(len("Observation"), 2, -1))
+_MARKER_RE = re.compile(
+    rf"^[ \t]*(?:(Thought|Action Input|Action|Final Answer)[ \t]*:|(Observation[ \t]*:|(?:{_OBSERVATION_PIECES})[ \t]*$))",
+    re.M,
+)
 _FENCE_RE = re.compile(r"\A```[ \t]*(?:json5?|JSON5?)?[ \t]*\n(.*?)\n?```\Z", re.S)
 
 
