@@ -33,6 +33,15 @@ _EXPORTS: dict[str, str] = {
     "parse_output": "qwen_agent.react",
     "chat_completion": "qwen_agent.fncall",
     "chat_completion_stream": "qwen_agent.fncall",
+    "BaseTool": "qwen_agent.tools",
+    "ToolResult": "qwen_agent.tools",
+    "ToolRegistry": "qwen_agent.tools",
+    "default_registry": "qwen_agent.tools",
+    "register_tool": "qwen_agent.tools",
+    "tool": "qwen_agent.tools",
+    "CodeInterpreter": "qwen_agent.tools",
+    "ExecutionResult": "qwen_agent.tools",
+    "SandboxLimits": "qwen_agent.tools",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]
