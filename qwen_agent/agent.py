@@ -380,7 +380,9 @@ class _Run:
         started = time.perf_counter()
         try:
             result = tool.invoke(step.raw_arguments)
-            observation, ok, error = str(result.observation), bool(result.ok), getattr(result, "error", None)
+            observation, error = str(result.observation), getattr(result, "error", None)
+            # a structured result may report a failure the tool call itself survived (code that raised)
+            ok = bool(result.ok) and getattr(getattr(result, "data", None), "ok", True) is not False
         except Exception as exc:  # tools should not raise, but a user's tool might: the model hears about it
             tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
             observation, ok, error = f"Error: the tool {step.action} failed: {tb}", False, tb

@@ -263,3 +263,146 @@ def test_a_backend_whose_stream_forgets_the_completion_is_reported():
 
     with pytest.raises(LLMError, match="Broken.stream"):
         Agent(Broken([]), [Weather()]).run("x")
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+# Recorded Qwen-style outputs (react_demo wording, code in fences) replayed against the real code interpreter.
+
+
+@pytest.fixture(scope="module")
+def real_tools():
+    from qwen_agent.tools import CodeInterpreterTool, CurrentTimeTool
+
+    interpreter = CodeInterpreterTool(timeout=20)
+    yield [interpreter, CurrentTimeTool()]
+    interpreter.close()
+
+
+def code_step(code: str, thought: str) -> str:
+    return f"{thought}\nAction: code_interpreter\nAction Input:\n```py\n{code}\n```\nObservation:"
+
+
+def test_e2e_recovers_after_a_bad_argument(real_tools):
+    llm = ScriptedLLM(
+        [
+            "Thought: 我需要运行代码。\nAction: code_interpreter\nAction Input: \nObservation:",
+            code_step("print(sum(range(1, 101)))", " 我忘了写代码。"),
+            " I now know the final answer.\nFinal Answer: 5050",
+        ]
+    )
+    events = list(Agent(llm, real_tools, variant="react_demo").stream("1 加到 100 等于多少？"))
+    observations = [e for e in events if isinstance(e, ObservationEvent)]
+    assert (
+        observations[0].ok is False
+        and "invalid arguments for tool 'code_interpreter'" in observations[0].observation
+    )
+    assert observations[1].ok is True and observations[1].observation == "stdout:\n\n```\n5050\n```"
+    assert [e.kind for e in events if isinstance(e, ErrorEvent)] == ["tool_error"]
+    assert events[-1].answer == "5050"
+    assert "Observation: Error: invalid arguments" in llm.calls[1][0].assistant_prefix
+
+
+def test_e2e_recovers_after_arguments_that_are_not_json(real_tools):
+    llm = ScriptedLLM(
+        [
+            "Thought: 查一下上海时间。\nAction: current_time\nAction Input: Asia/Shanghai\nObservation:",
+            ' 参数要用 JSON。\nAction: current_time\nAction Input: {"timezone": "Asia/Shanghai"}\nObservation:',
+            " I now know the final answer.\nFinal Answer: 已查到上海时间。",
+        ]
+    )
+    result = Agent(llm, real_tools, variant="react_demo").run("上海现在几点？")
+    first, second, _ = result.steps
+    assert first.problems == (Problem.INVALID_ARGUMENTS,) and "not valid JSON" in first.observation
+    assert second.ok and "Asia/Shanghai" in second.observation
+    assert result.stop_reason == "final_answer"
+
+
+def test_e2e_recovers_after_an_unknown_tool(real_tools):
+    llm = ScriptedLLM(
+        [
+            code_step("print(2 ** 100)", "Thought: 用 Python 计算。").replace(
+                "Action: code_interpreter", "Action: python"
+            ),
+            code_step("print(2 ** 100)", " 工具名应为 code_interpreter。"),
+            " I now know the final answer.\nFinal Answer: 1267650600228229401496703205376",
+        ]
+    )
+    result = Agent(llm, real_tools, variant="react_demo").run("2 的 100 次方是多少？")
+    assert result.steps[0].problems == (Problem.UNKNOWN_TOOL,)
+    assert "code_interpreter, current_time" in result.steps[0].observation
+    assert result.steps[1].observation == "stdout:\n\n```\n1267650600228229401496703205376\n```"
+    assert result.answer == "1267650600228229401496703205376"
+
+
+def test_e2e_recovers_after_a_tool_error_and_keeps_kernel_state(real_tools):
+    llm = ScriptedLLM(
+        [
+            code_step("values = [3, 1, 2]\nprint(values[3])", "Thought: 先定义列表再取值。"),
+            code_step("print(sorted(values))", " 下标越界了，列表还在，直接排序。"),
+            " I now know the final answer.\nFinal Answer: [1, 2, 3]",
+        ]
+    )
+    events = list(Agent(llm, real_tools, variant="react_demo").stream("把 3,1,2 排序"))
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert [e.kind for e in errors] == ["tool_error"] and "IndexError" in errors[0].message
+    observations = [e.observation for e in events if isinstance(e, ObservationEvent)]
+    assert "IndexError" in observations[0] and observations[1] == "stdout:\n\n```\n[1, 2, 3]\n```"
+    assert events[-1].answer == "[1, 2, 3]"
+
+
+def test_e2e_budget_exhaustion_forces_an_answer(real_tools):
+    llm = ScriptedLLM(
+        [
+            code_step("n = 10\nprint(n)", "Thought: 先试试。"),
+            code_step("n *= 2\nprint(n)", " 再算一步。"),
+            " n 最后是 20。",
+        ]
+    )
+    result = Agent(llm, real_tools, max_iterations=2, variant="react_demo").run("n 翻倍后是多少？")
+    assert [s.observation for s in result.steps[:2]] == ["stdout:\n\n```\n10\n```", "stdout:\n\n```\n20\n```"]
+    assert result.stop_reason == "max_iterations" and result.answer == "n 最后是 20。"
+    assert result.transcript.endswith("Thought: I now know the final answer.\nFinal Answer: n 最后是 20。")
+
+
+def test_e2e_invented_observation_is_replaced_by_the_real_one(real_tools):
+    output = (
+        code_step("print(6 * 7)", "Thought: 计算一下。")
+        + " 41\nThought: I now know the final answer.\nFinal Answer: 41"
+    )
+    llm = ScriptedLLM([output, " I now know the final answer.\nFinal Answer: 42"], apply_stop=False)
+    result = Agent(llm, real_tools, variant="react_demo").run("6 乘 7？")
+    assert result.steps[0].problems == (Problem.INVENTED_OBSERVATION,)
+    assert result.steps[0].observation == "stdout:\n\n```\n42\n```" and result.answer == "42"
+
+
+def test_e2e_event_order_is_well_formed(real_tools):
+    llm = ScriptedLLM(
+        [
+            "Thought: 用错工具。\nAction: search\nAction Input: {}\nObservation:",
+            code_step("print('hi')", " 换用代码解释器。"),
+            " I now know the final answer.\nFinal Answer: hi",
+        ],
+        chunk_size=5,
+    )
+    events = list(Agent(llm, real_tools, variant="react_demo").stream("say hi"))
+    # a tiny grammar: step = started thought* (action error? observation | error observation | answer* final)
+    i, steps = 0, 0
+    while i < len(events):
+        assert isinstance(events[i], StepStarted) and events[i].index == steps
+        i += 1
+        while isinstance(events[i], ThoughtDelta):
+            assert events[i].index == steps
+            i += 1
+        if isinstance(events[i], ActionEvent):
+            i += 1 + isinstance(events[i + 1], ErrorEvent)
+            assert isinstance(events[i], ObservationEvent)
+        elif isinstance(events[i], ErrorEvent):
+            i += 1
+            assert isinstance(events[i], ObservationEvent) and not events[i].ok
+        else:
+            while isinstance(events[i], AnswerDelta):
+                i += 1
+            assert isinstance(events[i], FinalAnswerEvent) and i == len(events) - 1
+        i += 1
+        steps += 1
+    assert steps == 3
