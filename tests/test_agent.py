@@ -406,3 +406,68 @@ def test_e2e_event_order_is_well_formed(real_tools):
         i += 1
         steps += 1
     assert steps == 3
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _sse_text(*pieces: str) -> list[dict]:
+    return [{"choices": [{"index": 0, "text": p, "finish_reason": None}]} for p in pieces]
+
+
+def test_run_command_prints_steps_as_they_happen(capsys):
+    from fake_openai_server import FakeServer, json_reply, sse_reply
+
+    from qwen_agent.cli import main
+
+    server = FakeServer()
+    server.replies += [
+        json_reply(200, {"data": [{"id": "Qwen-7B-Chat"}]}),
+        sse_reply(
+            _sse_text(
+                "Thought: 用代码算。\nAction: code_interpreter\n",
+                "Action Input:\n```py\nprint(7 * 6)\n```\nObserv",
+                "ation:",
+            )
+        ),
+        sse_reply(_sse_text(" I now know the final answer.\n", "Final Answer: 42")),
+    ]
+    try:
+        code = main(
+            [
+                "run",
+                "--model",
+                server.url,
+                "--tools",
+                "code_interpreter",
+                "--variant",
+                "react_demo",
+                "7 乘 6？",
+            ]
+        )
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == (
+        "\n--- step 1\nThought: 用代码算。\nAction: code_interpreter\nAction Input: ```py\nprint(7 * 6)\n```\n"
+        "Observation: stdout:\n\n```\n42\n```\n"
+        "\n--- step 2\nThought: I now know the final answer.\nFinal Answer: 42\n"
+    )
+    assert "[final_answer; 2 model turns;" in err
+    second_prompt = server.requests[2][2]["prompt"]
+    assert second_prompt.endswith("Observation: stdout:\n\n```\n42\n```\nThought:")
+
+
+def test_run_command_reports_an_unreachable_server(capsys):
+    import socket
+
+    from qwen_agent.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = main(
+        ["run", "--model", f"http://127.0.0.1:{port}", "--served-model", "m", "--tools", "current_time", "hi"]
+    )
+    assert code == 2 and "cannot connect" in capsys.readouterr().err
