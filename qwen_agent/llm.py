@@ -207,7 +207,7 @@ class ScriptedLLM:
 
 
 class LocalLLM:
-    """A model loaded in this process (``qwen_agent.load_model``).
+    """A model loaded in this process (:func:`qwen_agent.engine.load_model`).
 
     The prompt ids are built piece-wise with :func:`~qwen_agent.chat_format.make_context` and the assistant
     prefix is appended as plain text, so neither user text nor tool output can become a control token. The
@@ -246,13 +246,9 @@ class LocalLLM:
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:
         started = time.perf_counter()
-        for item in self.engine.stream(
-            self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling)
-        ):
-            if isinstance(item, str):
-                yield item
-            else:  # the engine's final result
-                yield _local_completion(item, time.perf_counter() - started)
+        yield from self.engine.stream(self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling))
+        # the engine keeps the full result of the stream it just finished
+        yield _local_completion(self.engine.last_result, time.perf_counter() - started)
 
 
 def _engine_options(sampling: Sampling | None) -> dict[str, Any]:
@@ -270,10 +266,11 @@ def _engine_options(sampling: Sampling | None) -> dict[str, Any]:
 
 def _local_completion(result: Any, seconds: float) -> Completion:
     finish = "length" if result.finish_reason == "length" else "stop"
+    stopped = result.stop if isinstance(result.stop, str) else None  # an end-of-turn id is not a stop string
     return Completion(
         result.text,
         finish,
-        result.stop,
+        stopped,
         result.prompt_tokens,
         result.completion_tokens,
         result.prefill_tokens,
@@ -289,8 +286,7 @@ def llm_from_spec(
     if model.startswith(("http://", "https://")):
         from .openai_client import OpenAICompatibleLLM
 
-    return OpenAICompatibleLLM(model, served_model, api_key=api_key or os.environ.get("OPENAI_API_KEY"))
-    from . import load_model
+        return OpenAICompatibleLLM(model, served_model, api_key=api_key or os.environ.get("OPENAI_API_KEY"))
+    from .engine import load_model
 
-    engine = load_model(model, device=device) if device else load_model(model)
-    return LocalLLM(engine)
+    return LocalLLM(load_model(model, device=device))
