@@ -296,17 +296,26 @@ class _Run:
         """Stream one model call, turning text into thought / answer deltas; yields the Completion last."""
         prompt = self.agent.prompt(self.query, self.history, prefix)
         sections = SectionStreamer()
+        completion = None
+        # the backend's stream is read to its end, so that it can finish its own bookkeeping
         for item in self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling):
             if isinstance(item, Completion):
-                self.completions.append(item)
-                yield item
-                return
-            if answer_only:
+                completion = item
+            elif answer_only:
                 yield AnswerDelta(index, item)
-                continue
-            for section, text in sections.feed(item):
-                yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
-        raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
+            else:
+                yield from self._deltas(index, sections.feed(item))
+        if completion is None:
+            raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
+        if not answer_only:
+            yield from self._deltas(index, sections.finish())
+        self.completions.append(completion)
+        yield completion
+
+    @staticmethod
+    def _deltas(index: int, pieces: list[tuple[str, str]]) -> Iterator[Event]:
+        for section, text in pieces:
+            yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
 
     def model_step(self, index: int, prefix: str) -> Generator[Event, None, Step | None]:
         """Generate and parse one step; returns the Step to act on, or None when the answer is final."""

@@ -471,3 +471,111 @@ def test_run_command_reports_an_unreachable_server(capsys):
         ["run", "--model", f"http://127.0.0.1:{port}", "--served-model", "m", "--tools", "current_time", "hi"]
     )
     assert code == 2 and "cannot connect" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- local engine
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    """The runtime's engine on a tiny random network with Qwen's vocabulary (seq_length as in Qwen-7B-Chat, so
+    dynamic NTK does not change between steps)."""
+    from dataclasses import replace
+
+    import torch
+
+    from qwen_agent.config import CONFIGS, GenerationConfig
+    from qwen_agent.engine import QwenEngine
+    from qwen_agent.model import Transformer
+    from qwen_agent.tokenizer import QwenTokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(replace(CONFIGS["tiny"], seq_length=8192)).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
+    return QwenEngine(model, QwenTokenizer.from_pretrained(), GenerationConfig(max_new_tokens=24))
+
+
+def test_local_engine_runs_the_loop_mechanically(tiny_engine):
+    from qwen_agent.llm import LocalLLM, Sampling
+
+    llm = LocalLLM(tiny_engine)
+    result = Agent(llm, [Weather()], max_iterations=2, sampling=Sampling(max_tokens=16, temperature=0)).run(
+        "hi"
+    )
+    assert result.answer and 1 <= result.llm_calls <= 3
+    assert result.prompt_tokens > result.prefill_tokens > 0 or result.llm_calls == 1
+    assert all(s.completion.completion_tokens <= 16 for s in result.steps)
+
+
+class _Steered:
+    """Runs the real tiny network, so the KV cache is filled and reused for real, then puts a planned token on top
+    of its logits so that the loop takes a known path (random weights would never write a ReAct step)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.tok_embeddings = model, model.config, model.tok_embeddings
+        self.plan: list[int] = []
+        self.position = 0
+
+    def __call__(self, ids, cache, last_only=False):
+        logits = self.model(ids, cache, last_only=last_only)
+        logits[:, -1, self.plan[min(self.position, len(self.plan) - 1)]] += 1e4
+        self.position += 1
+        return logits
+
+
+def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
+    from qwen_agent.engine import QwenEngine
+    from qwen_agent.llm import LocalLLM
+
+    tok = tiny_engine.tokenizer
+    steered = _Steered(tiny_engine.model)
+    engine = QwenEngine(steered, tok, tiny_engine.generation_config)
+    outputs = [
+        code_step("total = sum(range(1, 101))\nprint(total)", "Thought: 用代码计算。"),
+        code_step("print(total * 2)", " 再乘以 2。"),
+        " I now know the final answer.\nFinal Answer: 10100",
+    ]
+    seen: list[tuple[list[int], list[int]]] = []  # (prompt ids, generated ids) of every call
+
+    class Recording(LocalLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            steered.plan, steered.position = tok.encode(outputs[len(seen)]) + [tok.im_end_id], 0
+            ids = self.prompt_ids(prompt)
+            for item in super().stream(prompt, stop=stop, sampling=sampling):
+                if not isinstance(item, str):
+                    seen.append((ids, engine.last_result.token_ids))
+                yield item
+
+    from qwen_agent.llm import Sampling
+
+    result = Agent(Recording(engine), real_tools, variant="react_demo", sampling=Sampling(max_tokens=64)).run(
+        "1 加到 100 再乘 2？"
+    )
+    assert result.answer == "10100"
+    assert [s.observation for s in result.steps[:2]] == [
+        "stdout:\n\n```\n5050\n```",
+        "stdout:\n\n```\n10100\n```",
+    ]
+
+    prefills = [s.completion.prefill_tokens for s in result.steps]
+    prompts = [s.completion.prompt_tokens for s in result.steps]
+    assert prefills[0] == prompts[0]  # nothing cached before the first call
+    for k in (1, 2):
+        (old_prompt, old_generated), (new_prompt, _) = seen[k - 1], seen[k]
+        cached = old_prompt + old_generated[:-1]  # the last generated token never ran through the network
+        common = next(
+            (i for i, (a, b) in enumerate(zip(cached, new_prompt, strict=False)) if a != b),
+            min(len(cached), len(new_prompt)),
+        )
+        assert common > len(old_prompt)  # the whole previous prompt and most of the step's output are reused
+        assert prefills[k] == len(new_prompt) - common  # only the Observation and what follows it is encoded
+        observation = tok.encode(render_observation_text(result.steps[k - 1].observation))
+        assert prefills[k] <= len(observation) + 4
+    assert result.prefill_tokens < result.prompt_tokens / 2
+
+
+def render_observation_text(observation: str) -> str:
+    from qwen_agent.react import render_observation
+
+    return render_observation(observation)
