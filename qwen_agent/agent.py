@@ -295,20 +295,17 @@ class _Run:
     def generate(self, index: int, prefix: str, answer_only: bool) -> Iterator[Event | Completion]:
         """Stream one model call, turning text into thought / answer deltas; yields the Completion last."""
         prompt = self.agent.prompt(self.query, self.history, prefix)
-        sections = SectionStreamer()
+        sections = SectionStreamer("answer" if answer_only else "thought")
         completion = None
         # the backend's stream is read to its end, so that it can finish its own bookkeeping
         for item in self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling):
             if isinstance(item, Completion):
                 completion = item
-            elif answer_only:
-                yield AnswerDelta(index, item)
             else:
                 yield from self._deltas(index, sections.feed(item))
         if completion is None:
             raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
-        if not answer_only:
-            yield from self._deltas(index, sections.finish())
+        yield from self._deltas(index, sections.finish())
         self.completions.append(completion)
         yield completion
 

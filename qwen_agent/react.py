@@ -459,10 +459,11 @@ class SectionStreamer:
 
     _MARKERS = ("Thought:", "Action:", "Action Input:", "Final Answer:", _OBSERVATION)
 
-    def __init__(self) -> None:
+    def __init__(self, section: Literal["thought", "answer"] = "thought") -> None:
+        """``section="answer"`` reads text that continues a ``Final Answer:`` the prompt already wrote."""
         self._buf = ""
         self._pos = 0
-        self._section = "thought"  # thought | answer | done
+        self._section = section  # thought | answer | done
         self._fresh = True  # at a section start: skip leading whitespace
 
     def feed(self, delta: str) -> list[tuple[str, str]]:

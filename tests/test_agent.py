@@ -181,7 +181,7 @@ def test_budget_exhaustion_forces_a_final_answer():
     assert llm.calls[2][0].assistant_prefix.endswith(
         "Observation: sunny, 21 °C\nThought: I now know the final answer.\nFinal Answer:"
     )
-    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == " Both are sunny."
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "Both are sunny."
     assert result.transcript.endswith("Final Answer: Both are sunny.")
 
 
