@@ -351,6 +351,8 @@ class _Run:
         else:
             step.ok, step.problems = False, (parsed.problem, *parsed.problems)
             step.observation = f"Error: {parsed.detail}"
+            if completion.finish_reason == "length":
+                step.observation += " The reply was cut off at the token limit; keep the next one shorter."
             if parsed.problem not in (Problem.UNKNOWN_TOOL, Problem.INVALID_ARGUMENTS):
                 step.observation += "\n" + format_hint(list(self.agent.tools))
         return step

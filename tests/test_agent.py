@@ -579,3 +579,21 @@ def render_observation_text(observation: str) -> str:
     from qwen_agent.react import render_observation
 
     return render_observation(observation)
+
+
+def test_a_reply_cut_at_the_token_limit_is_explained():
+    from qwen_agent.llm import Completion
+
+    class Truncating(ScriptedLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            for item in super().stream(prompt, stop=stop, sampling=sampling):
+                yield (
+                    Completion(item.text, "length")
+                    if isinstance(item, Completion) and len(self.calls) == 1
+                    else item
+                )
+
+    llm = Truncating(['Thought: x\nAction: get_weather\nAction Input: {"city": "Par', FINAL])
+    result = Agent(llm, [Weather()]).run("Weather?")
+    assert result.steps[0].problems == (Problem.INVALID_ARGUMENTS,)
+    assert "cut off at the token limit" in result.steps[0].observation
