@@ -37,7 +37,7 @@ ARGS_FORMAT_SUFFIX = {
 Variant = Literal["react_prompt", "react_demo", "openai_api"]
 ErrorKind = Literal["invalid_arguments", "tool_error"]
 
-_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:\n[ \t]*```|$)", re.S)
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
 _MAX_TRACEBACK_CHARS = 1500
 
 
