@@ -87,6 +87,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             elif isinstance(event, FinalAnswerEvent):
                 r = event.result
                 out.write("\n")
+                out.flush()
                 print(
                     f"[{r.stop_reason}; {len(r.steps)} model turns; {r.prompt_tokens} prompt / "
                     f"{r.completion_tokens} completion / {r.prefill_tokens} prefilled tokens; {r.seconds:.1f} s]",

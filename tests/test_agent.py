@@ -477,23 +477,19 @@ def test_run_command_reports_an_unreachable_server(capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_engine():
-    """The runtime's engine on a tiny random network with Qwen's vocabulary (seq_length as in Qwen-7B-Chat, so
-    dynamic NTK does not change between steps)."""
-    from dataclasses import replace
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight checkpoint in Qwen-7B-Chat's exact layout (seq_length as in the real model, so dynamic NTK
+    does not change between steps)."""
+    from qwen_agent.tiny import write_tiny_checkpoint
 
-    import torch
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen", seed=0, seq_length=8192)
 
-    from qwen_agent.config import CONFIGS, GenerationConfig
-    from qwen_agent.engine import QwenEngine
-    from qwen_agent.model import Transformer
-    from qwen_agent.tokenizer import QwenTokenizer
 
-    torch.manual_seed(0)
-    model = Transformer(replace(CONFIGS["tiny"], seq_length=8192)).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
-    return QwenEngine(model, QwenTokenizer.from_pretrained(), GenerationConfig(max_new_tokens=24))
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoint):
+    from qwen_agent.engine import load_model
+
+    return load_model(tiny_checkpoint, device="cpu")
 
 
 def test_local_engine_runs_the_loop_mechanically(tiny_engine):
@@ -530,7 +526,7 @@ def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
 
     tok = tiny_engine.tokenizer
     steered = _Steered(tiny_engine.model)
-    engine = QwenEngine(steered, tok, tiny_engine.generation_config)
+    engine = QwenEngine(steered, tok, tiny_engine.generation_config, tiny_engine.default_system)
     outputs = [
         code_step("total = sum(range(1, 101))\nprint(total)", "Thought: 用代码计算。"),
         code_step("print(total * 2)", " 再乘以 2。"),
@@ -597,3 +593,15 @@ def test_a_reply_cut_at_the_token_limit_is_explained():
     result = Agent(llm, [Weather()]).run("Weather?")
     assert result.steps[0].problems == (Problem.INVALID_ARGUMENTS,)
     assert "cut off at the token limit" in result.steps[0].observation
+
+
+def test_run_command_with_a_local_checkpoint(tiny_checkpoint, capsys):
+    from qwen_agent.cli import main
+
+    args = ["run", "--model", str(tiny_checkpoint), "--device", "cpu", "--tools", "current_time"]
+    code = main(
+        [*args, "--max-iterations", "1", "--max-tokens", "8", "--temperature", "0", "What time is it?"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("\n--- step 1\n")
+    assert "prompt /" in err and "prefilled tokens" in err
