@@ -20,8 +20,10 @@ The parser
 ----------
 :func:`parse_output` maps *every* string to exactly one of :class:`Action`, :class:`FinalAnswer` or
 :class:`Malformed`, and never raises. Markers (``Thought:``, ``Action:``, ``Action Input:``, ``Final Answer:``,
-``Observation``) count only at the start of a line (leading spaces allowed), so a sentence that merely mentions
-"Action:" is not a tool call. Each irregularity is a :class:`Problem` with a fixed policy:
+``Observation:``) count only at the start of a line (leading spaces allowed), so a sentence that merely mentions
+"Action:" is not a tool call; a line holding nothing but a piece of ``Observation`` (``Observ``) also counts as an
+Observation, while a code line such as ``Observation = 3`` does not. Each irregularity is a :class:`Problem` with
+a fixed policy:
 
 ======================  =========================================================================================
 problem                 policy
