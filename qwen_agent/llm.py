@@ -16,8 +16,8 @@ yields text deltas and, as its last item, the :class:`Completion`.
 Backends here
 -------------
 * :class:`ScriptedLLM` replays recorded outputs: it drives the agent loop in tests.
-* :class:`~qwen_agent.openai_client.OpenAICompatibleLLM` talks to any OpenAI-compatible server (vLLM, DashScope, this project's server)
-  over ``/v1/completions`` (a ChatML prompt, sent as token ids when a tokenizer is given) or
+* :class:`~qwen_agent.openai_client.OpenAICompatibleLLM` talks to any OpenAI-compatible server (vLLM,
+  DashScope, this project's server) over ``/v1/completions`` (a ChatML prompt, sent as token ids when a tokenizer is given) or
   ``/v1/chat/completions``, with stop strings, SSE streaming, timeouts and retries.
 * :class:`LocalLLM` runs a model loaded in this process, reusing its KV cache across agent steps.
 """
@@ -30,7 +30,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from .chat_format import DEFAULT_SYSTEM
 from .errors import LLMError
+from .tokenizer import IM_END, IM_START
 
 __all__ = [
     "ChatPrompt",
@@ -42,9 +44,6 @@ __all__ = [
     "LocalLLM",
     "llm_from_spec",
 ]
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 @dataclass(frozen=True)
