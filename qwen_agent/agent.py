@@ -22,8 +22,9 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from .chat_format import DEFAULT_SYSTEM
 from .errors import ConfigError, LLMError
-from .llm import DEFAULT_SYSTEM, LLM, ChatPrompt, Completion, Sampling
+from .llm import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
     STOP_WORDS,
