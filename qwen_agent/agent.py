@@ -22,8 +22,9 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
-from .errors import ConfigError
-from .llm import DEFAULT_SYSTEM, LLM, ChatPrompt, Completion, Sampling
+from .chat_format import DEFAULT_SYSTEM
+from .errors import ConfigError, LLMError
+from .llm import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
     STOP_WORDS,
@@ -295,18 +296,24 @@ class _Run:
     def generate(self, index: int, prefix: str, answer_only: bool) -> Iterator[Event | Completion]:
         """Stream one model call, turning text into thought / answer deltas; yields the Completion last."""
         prompt = self.agent.prompt(self.query, self.history, prefix)
-        sections = SectionStreamer()
+        sections = SectionStreamer("answer" if answer_only else "thought")
+        completion = None
+        # the backend's stream is read to its end, so that it can finish its own bookkeeping
         for item in self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling):
             if isinstance(item, Completion):
-                self.completions.append(item)
-                yield item
-                return
-            if answer_only:
-                yield AnswerDelta(index, item)
-                continue
-            for section, text in sections.feed(item):
-                yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
-        raise AssertionError("an LLM stream must end with its Completion")
+                completion = item
+            else:
+                yield from self._deltas(index, sections.feed(item))
+        if completion is None:
+            raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
+        yield from self._deltas(index, sections.finish())
+        self.completions.append(completion)
+        yield completion
+
+    @staticmethod
+    def _deltas(index: int, pieces: list[tuple[str, str]]) -> Iterator[Event]:
+        for section, text in pieces:
+            yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
 
     def model_step(self, index: int, prefix: str) -> Generator[Event, None, Step | None]:
         """Generate and parse one step; returns the Step to act on, or None when the answer is final."""
@@ -345,6 +352,8 @@ class _Run:
         else:
             step.ok, step.problems = False, (parsed.problem, *parsed.problems)
             step.observation = f"Error: {parsed.detail}"
+            if completion.finish_reason == "length":
+                step.observation += " The reply was cut off at the token limit; keep the next one shorter."
             if parsed.problem not in (Problem.UNKNOWN_TOOL, Problem.INVALID_ARGUMENTS):
                 step.observation += "\n" + format_hint(list(self.agent.tools))
         return step
@@ -366,9 +375,10 @@ class _Run:
                 )
                 yield ErrorEvent(index, "repeated_action", step.observation)
             else:
-                self._seen_calls[key] = index
                 step.observation, step.ok, error = self._invoke(step)
-                if not step.ok:
+                if step.ok:  # a failed call may be retried as it was
+                    self._seen_calls[key] = index
+                else:
                     yield ErrorEvent(index, "tool_error", error or step.observation)
         yield ObservationEvent(index, step.observation, step.ok)
         self.steps.append(step)
@@ -379,7 +389,9 @@ class _Run:
         started = time.perf_counter()
         try:
             result = tool.invoke(step.raw_arguments)
-            observation, ok, error = str(result.observation), bool(result.ok), getattr(result, "error", None)
+            observation, error = str(result.observation), getattr(result, "error", None)
+            # a structured result may report a failure the tool call itself survived (code that raised)
+            ok = bool(result.ok) and getattr(getattr(result, "data", None), "ok", True) is not False
         except Exception as exc:  # tools should not raise, but a user's tool might: the model hears about it
             tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
             observation, ok, error = f"Error: the tool {step.action} failed: {tb}", False, tb

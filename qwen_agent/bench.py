@@ -35,6 +35,7 @@ __all__ = [
     "Generator",
     "LLMGenerator",
     "EngineGenerator",
+    "open_llm",
     "open_generator",
     "RunFile",
     "run_tool_use",
@@ -191,6 +192,21 @@ class EngineGenerator:
                 yield start + offset, _with_stop_word(result.text, result.stop)
 
 
+def open_llm(model: str, *, device: str | None = None) -> Any:
+    """The LLM for a ``--model``: a URL is an OpenAI-compatible server, sent prompts as token ids built as
+    ``make_context`` builds them (so prompts are exactly the local ones); anything else a local model directory."""
+    if model.startswith(("http://", "https://")):
+        from .openai_client import OpenAICompatibleLLM
+        from .tokenizer import QwenTokenizer
+
+        return OpenAICompatibleLLM(
+            model, tokenizer=QwenTokenizer.from_pretrained(), api_key=os.environ.get("OPENAI_API_KEY")
+        )
+    from .llm import llm_from_spec
+
+    return llm_from_spec(model, device=device)
+
+
 def open_generator(
     model: str,
     *,
@@ -200,16 +216,10 @@ def open_generator(
     device: str | None = None,
     dtype: str | None = None,
 ) -> Generator:
-    """A URL opens an OpenAI-compatible client; anything else is loaded as a local model directory."""
+    """A URL gets ``batch_size`` requests in flight; a model directory is loaded and generates in batches."""
     if model.startswith(("http://", "https://")):
-        from .llm import OpenAICompatibleLLM
-        from .tokenizer import QwenTokenizer
-
-        llm = OpenAICompatibleLLM(
-            model, tokenizer=QwenTokenizer.from_pretrained(), api_key=os.environ.get("OPENAI_API_KEY")
-        )
         return LLMGenerator(
-            llm,
+            open_llm(model),
             concurrency=batch_size,
             max_tokens=max_new_tokens or 512,
             repetition_penalty=repetition_penalty,

@@ -188,23 +188,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _open_llm(model: str) -> Any:
-    if model.startswith(("http://", "https://")):
-        from .llm import OpenAICompatibleLLM
-        from .tokenizer import QwenTokenizer
-
-        return OpenAICompatibleLLM(model, tokenizer=QwenTokenizer.from_pretrained())
-    try:
-        from .local_llm import LocalLLM  # the agent's adapter over a loaded engine
-    except ImportError:
-        raise ConfigError(
-            "a local model needs qwen_agent.local_llm; serve it and pass its URL instead"
-        ) from None
-    from .engine import load_model
-
-    return LocalLLM(load_model(model))
-
-
 def run_code_benchmark(
     model: str | None = None,
     *,
@@ -221,7 +204,9 @@ def run_code_benchmark(
     if llm is None:
         if model is None:
             raise ConfigError("give a model (directory or URL) or an llm object")
-        llm = _open_llm(model)
+        from .bench import open_llm
+
+        llm = open_llm(model)
     task_file = Path(tasks) if tasks else TASKS_DIR / "tasks.jsonl"
     selected = load_tasks(task_file)[:limit] if limit else load_tasks(task_file)
     out = Path(out_dir)

@@ -24,8 +24,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .chat_format import DEFAULT_SYSTEM
 from .errors import ConfigError
-from .llm import DEFAULT_SYSTEM, LLM, ChatPrompt, Completion, Sampling
+from .llm import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     STOP_WORDS,
     FinalAnswer,

@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .model import KVCache, Transformer
 from .tokenizer import QwenTokenizer
 
-__all__ = ["GenerationResult", "SamplingParams", "Generation", "prefill", "decode_one_token", "next_token"]
+__all__ = ["GenerationResult", "SamplingParams", "Generation", "prefill", "decode_one_token", "next_token", "process_logits"]
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,19 @@ def decode_one_token(model: Transformer, tokens: Tensor, cache: KVCache) -> Tens
 
 def next_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
     """Pick the next id per row [B] from ``logits`` [B, V]; ``seen`` [B, V] marks ids for the repetition penalty."""
+    logits = process_logits(logits, seen, params)
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
+    """Repetition penalty, then (when sampling) temperature, top-k and top-p; removed ids get -inf."""
     if params.repetition_penalty != 1.0:
         penalised = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if not params.do_sample:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
@@ -104,7 +112,7 @@ def next_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: 
         drop_sorted = cumulative <= 1 - params.top_p
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return logits
 
 
 # -- text and stops ------------------------------------------------------------------------------------------

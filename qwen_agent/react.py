@@ -20,8 +20,10 @@ The parser
 ----------
 :func:`parse_output` maps *every* string to exactly one of :class:`Action`, :class:`FinalAnswer` or
 :class:`Malformed`, and never raises. Markers (``Thought:``, ``Action:``, ``Action Input:``, ``Final Answer:``,
-``Observation``) count only at the start of a line (leading spaces allowed), so a sentence that merely mentions
-"Action:" is not a tool call. Each irregularity is a :class:`Problem` with a fixed policy:
+``Observation:``) count only at the start of a line (leading spaces allowed), so a sentence that merely mentions
+"Action:" is not a tool call; a line holding nothing but a piece of ``Observation`` (``Observ``) also counts as an
+Observation, while a code line such as ``Observation = 3`` does not. Each irregularity is a :class:`Problem` with
+a fixed policy:
 
 ======================  =========================================================================================
 problem                 policy
@@ -240,8 +242,13 @@ class Malformed:
 ParsedOutput = Action | FinalAnswer | Malformed
 
 _OBSERVATION = "Observation:"
-# Line-start markers. "Observ" alone already counts as the start of an (invented or leaked) Observation.
-_MARKER_RE = re.compile(r"^[ \t]*(?:(Thought|Action Input|Action|Final Answer)[ \t]*:|(Observ))", re.M)
+# Line-start markers. An Observation is "Observation:" or a line that holds nothing but a piece of it ("Observ"),
+# so that code such as "Observation = 3" in an Action Input is left alone.
+_OBSERVATION_PIECES = "|".join("Observation"[:n] for n in range(len("Observation"), 2, -1))
+_MARKER_RE = re.compile(
+    rf"^[ \t]*(?:(Thought|Action Input|Action|Final Answer)[ \t]*:|(Observation[ \t]*:|(?:{_OBSERVATION_PIECES})[ \t]*$))",
+    re.M,
+)
 _FENCE_RE = re.compile(r"\A```[ \t]*(?:json5?|JSON5?)?[ \t]*\n(.*?)\n?```\Z", re.S)
 
 
@@ -454,10 +461,11 @@ class SectionStreamer:
 
     _MARKERS = ("Thought:", "Action:", "Action Input:", "Final Answer:", _OBSERVATION)
 
-    def __init__(self) -> None:
+    def __init__(self, section: Literal["thought", "answer"] = "thought") -> None:
+        """``section="answer"`` reads text that continues a ``Final Answer:`` the prompt already wrote."""
         self._buf = ""
         self._pos = 0
-        self._section = "thought"  # thought | answer | done
+        self._section = section  # thought | answer | done
         self._fresh = True  # at a section start: skip leading whitespace
 
     def feed(self, delta: str) -> list[tuple[str, str]]:

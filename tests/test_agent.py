@@ -181,7 +181,7 @@ def test_budget_exhaustion_forces_a_final_answer():
     assert llm.calls[2][0].assistant_prefix.endswith(
         "Observation: sunny, 21 °C\nThought: I now know the final answer.\nFinal Answer:"
     )
-    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == " Both are sunny."
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "Both are sunny."
     assert result.transcript.endswith("Final Answer: Both are sunny.")
 
 
@@ -245,3 +245,363 @@ def test_final_answer_event_carries_the_result():
     events = list(Agent(llm, [Weather()]).stream("x"))
     assert isinstance(events[-1], FinalAnswerEvent) and events[-1].result.answer == events[-1].answer
     assert not any(isinstance(e, ActionEvent) for e in events)
+
+
+def test_a_failed_call_may_be_retried_unchanged():
+    tool = Weather()
+    llm = ScriptedLLM([call("Atlantis"), call("Atlantis", " Retry."), FINAL])
+    result = Agent(llm, [tool]).run("Weather in Atlantis?")
+    assert len(tool.calls) == 2 and [s.ok for s in result.steps] == [False, False, True]
+
+
+def test_a_backend_whose_stream_forgets_the_completion_is_reported():
+    from qwen_agent.errors import LLMError
+
+    class Broken(ScriptedLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            yield "Final Answer: x"
+
+    with pytest.raises(LLMError, match="Broken.stream"):
+        Agent(Broken([]), [Weather()]).run("x")
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+# Recorded Qwen-style outputs (react_demo wording, code in fences) replayed against the real code interpreter.
+
+
+@pytest.fixture(scope="module")
+def real_tools():
+    from qwen_agent.tools import CodeInterpreterTool, CurrentTimeTool
+
+    interpreter = CodeInterpreterTool(timeout=20)
+    yield [interpreter, CurrentTimeTool()]
+    interpreter.close()
+
+
+def code_step(code: str, thought: str) -> str:
+    return f"{thought}\nAction: code_interpreter\nAction Input:\n```py\n{code}\n```\nObservation:"
+
+
+def test_e2e_recovers_after_a_bad_argument(real_tools):
+    llm = ScriptedLLM(
+        [
+            "Thought: 我需要运行代码。\nAction: code_interpreter\nAction Input: \nObservation:",
+            code_step("print(sum(range(1, 101)))", " 我忘了写代码。"),
+            " I now know the final answer.\nFinal Answer: 5050",
+        ]
+    )
+    events = list(Agent(llm, real_tools, variant="react_demo").stream("1 加到 100 等于多少？"))
+    observations = [e for e in events if isinstance(e, ObservationEvent)]
+    assert (
+        observations[0].ok is False
+        and "invalid arguments for tool 'code_interpreter'" in observations[0].observation
+    )
+    assert observations[1].ok is True and observations[1].observation == "stdout:\n\n```\n5050\n```"
+    assert [e.kind for e in events if isinstance(e, ErrorEvent)] == ["tool_error"]
+    assert events[-1].answer == "5050"
+    assert "Observation: Error: invalid arguments" in llm.calls[1][0].assistant_prefix
+
+
+def test_e2e_recovers_after_arguments_that_are_not_json(real_tools):
+    llm = ScriptedLLM(
+        [
+            "Thought: 查一下上海时间。\nAction: current_time\nAction Input: Asia/Shanghai\nObservation:",
+            ' 参数要用 JSON。\nAction: current_time\nAction Input: {"timezone": "Asia/Shanghai"}\nObservation:',
+            " I now know the final answer.\nFinal Answer: 已查到上海时间。",
+        ]
+    )
+    result = Agent(llm, real_tools, variant="react_demo").run("上海现在几点？")
+    first, second, _ = result.steps
+    assert first.problems == (Problem.INVALID_ARGUMENTS,) and "not valid JSON" in first.observation
+    assert second.ok and "Asia/Shanghai" in second.observation
+    assert result.stop_reason == "final_answer"
+
+
+def test_e2e_recovers_after_an_unknown_tool(real_tools):
+    llm = ScriptedLLM(
+        [
+            code_step("print(2 ** 100)", "Thought: 用 Python 计算。").replace(
+                "Action: code_interpreter", "Action: python"
+            ),
+            code_step("print(2 ** 100)", " 工具名应为 code_interpreter。"),
+            " I now know the final answer.\nFinal Answer: 1267650600228229401496703205376",
+        ]
+    )
+    result = Agent(llm, real_tools, variant="react_demo").run("2 的 100 次方是多少？")
+    assert result.steps[0].problems == (Problem.UNKNOWN_TOOL,)
+    assert "code_interpreter, current_time" in result.steps[0].observation
+    assert result.steps[1].observation == "stdout:\n\n```\n1267650600228229401496703205376\n```"
+    assert result.answer == "1267650600228229401496703205376"
+
+
+def test_e2e_recovers_after_a_tool_error_and_keeps_kernel_state(real_tools):
+    llm = ScriptedLLM(
+        [
+            code_step("values = [3, 1, 2]\nprint(values[3])", "Thought: 先定义列表再取值。"),
+            code_step("print(sorted(values))", " 下标越界了，列表还在，直接排序。"),
+            " I now know the final answer.\nFinal Answer: [1, 2, 3]",
+        ]
+    )
+    events = list(Agent(llm, real_tools, variant="react_demo").stream("把 3,1,2 排序"))
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert [e.kind for e in errors] == ["tool_error"] and "IndexError" in errors[0].message
+    observations = [e.observation for e in events if isinstance(e, ObservationEvent)]
+    assert "IndexError" in observations[0] and observations[1] == "stdout:\n\n```\n[1, 2, 3]\n```"
+    assert events[-1].answer == "[1, 2, 3]"
+
+
+def test_e2e_budget_exhaustion_forces_an_answer(real_tools):
+    llm = ScriptedLLM(
+        [
+            code_step("n = 10\nprint(n)", "Thought: 先试试。"),
+            code_step("n *= 2\nprint(n)", " 再算一步。"),
+            " n 最后是 20。",
+        ]
+    )
+    result = Agent(llm, real_tools, max_iterations=2, variant="react_demo").run("n 翻倍后是多少？")
+    assert [s.observation for s in result.steps[:2]] == ["stdout:\n\n```\n10\n```", "stdout:\n\n```\n20\n```"]
+    assert result.stop_reason == "max_iterations" and result.answer == "n 最后是 20。"
+    assert result.transcript.endswith("Thought: I now know the final answer.\nFinal Answer: n 最后是 20。")
+
+
+def test_e2e_invented_observation_is_replaced_by_the_real_one(real_tools):
+    output = (
+        code_step("print(6 * 7)", "Thought: 计算一下。")
+        + " 41\nThought: I now know the final answer.\nFinal Answer: 41"
+    )
+    llm = ScriptedLLM([output, " I now know the final answer.\nFinal Answer: 42"], apply_stop=False)
+    result = Agent(llm, real_tools, variant="react_demo").run("6 乘 7？")
+    assert result.steps[0].problems == (Problem.INVENTED_OBSERVATION,)
+    assert result.steps[0].observation == "stdout:\n\n```\n42\n```" and result.answer == "42"
+
+
+def test_e2e_event_order_is_well_formed(real_tools):
+    llm = ScriptedLLM(
+        [
+            "Thought: 用错工具。\nAction: search\nAction Input: {}\nObservation:",
+            code_step("print('hi')", " 换用代码解释器。"),
+            " I now know the final answer.\nFinal Answer: hi",
+        ],
+        chunk_size=5,
+    )
+    events = list(Agent(llm, real_tools, variant="react_demo").stream("say hi"))
+    # a tiny grammar: step = started thought* (action error? observation | error observation | answer* final)
+    i, steps = 0, 0
+    while i < len(events):
+        assert isinstance(events[i], StepStarted) and events[i].index == steps
+        i += 1
+        while isinstance(events[i], ThoughtDelta):
+            assert events[i].index == steps
+            i += 1
+        if isinstance(events[i], ActionEvent):
+            i += 1 + isinstance(events[i + 1], ErrorEvent)
+            assert isinstance(events[i], ObservationEvent)
+        elif isinstance(events[i], ErrorEvent):
+            i += 1
+            assert isinstance(events[i], ObservationEvent) and not events[i].ok
+        else:
+            while isinstance(events[i], AnswerDelta):
+                i += 1
+            assert isinstance(events[i], FinalAnswerEvent) and i == len(events) - 1
+        i += 1
+        steps += 1
+    assert steps == 3
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _sse_text(*pieces: str) -> list[dict]:
+    return [{"choices": [{"index": 0, "text": p, "finish_reason": None}]} for p in pieces]
+
+
+def test_run_command_prints_steps_as_they_happen(capsys):
+    from fake_openai_server import FakeServer, json_reply, sse_reply
+
+    from qwen_agent.cli import main
+
+    server = FakeServer()
+    server.replies += [
+        json_reply(200, {"data": [{"id": "Qwen-7B-Chat"}]}),
+        sse_reply(
+            _sse_text(
+                "Thought: 用代码算。\nAction: code_interpreter\n",
+                "Action Input:\n```py\nprint(7 * 6)\n```\nObserv",
+                "ation:",
+            )
+        ),
+        sse_reply(_sse_text(" I now know the final answer.\n", "Final Answer: 42")),
+    ]
+    try:
+        code = main(
+            [
+                "run",
+                "--model",
+                server.url,
+                "--tools",
+                "code_interpreter",
+                "--variant",
+                "react_demo",
+                "7 乘 6？",
+            ]
+        )
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == (
+        "\n--- step 1\nThought: 用代码算。\nAction: code_interpreter\nAction Input: ```py\nprint(7 * 6)\n```\n"
+        "Observation: stdout:\n\n```\n42\n```\n"
+        "\n--- step 2\nThought: I now know the final answer.\nFinal Answer: 42\n"
+    )
+    assert "[final_answer; 2 model turns;" in err
+    second_prompt = server.requests[2][2]["prompt"]
+    assert second_prompt.endswith("Observation: stdout:\n\n```\n42\n```\nThought:")
+
+
+def test_run_command_reports_an_unreachable_server(capsys):
+    import socket
+
+    from qwen_agent.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = main(
+        ["run", "--model", f"http://127.0.0.1:{port}", "--served-model", "m", "--tools", "current_time", "hi"]
+    )
+    assert code == 2 and "cannot connect" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- local engine
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight checkpoint in Qwen-7B-Chat's exact layout (seq_length as in the real model, so dynamic NTK
+    does not change between steps)."""
+    from qwen_agent.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen", seed=0, seq_length=8192)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoint):
+    from qwen_agent.engine import load_model
+
+    return load_model(tiny_checkpoint, device="cpu")
+
+
+def test_local_engine_runs_the_loop_mechanically(tiny_engine):
+    from qwen_agent.llm import LocalLLM, Sampling
+
+    llm = LocalLLM(tiny_engine)
+    result = Agent(llm, [Weather()], max_iterations=2, sampling=Sampling(max_tokens=16, temperature=0)).run(
+        "hi"
+    )
+    assert result.answer and 1 <= result.llm_calls <= 3
+    assert result.prompt_tokens > result.prefill_tokens > 0 or result.llm_calls == 1
+    assert all(s.completion.completion_tokens <= 16 for s in result.steps)
+
+
+class _Steered:
+    """Runs the real tiny network, so the KV cache is filled and reused for real, then puts a planned token on top
+    of its logits so that the loop takes a known path (random weights would never write a ReAct step)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.tok_embeddings = model, model.config, model.tok_embeddings
+        self.plan: list[int] = []
+        self.position = 0
+
+    def __call__(self, ids, cache, last_only=False):
+        logits = self.model(ids, cache, last_only=last_only)
+        logits[:, -1, self.plan[min(self.position, len(self.plan) - 1)]] += 1e4
+        self.position += 1
+        return logits
+
+
+def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
+    from qwen_agent.engine import QwenEngine
+    from qwen_agent.llm import LocalLLM
+
+    tok = tiny_engine.tokenizer
+    steered = _Steered(tiny_engine.model)
+    engine = QwenEngine(steered, tok, tiny_engine.generation_config, tiny_engine.default_system)
+    outputs = [
+        code_step("total = sum(range(1, 101))\nprint(total)", "Thought: 用代码计算。"),
+        code_step("print(total * 2)", " 再乘以 2。"),
+        " I now know the final answer.\nFinal Answer: 10100",
+    ]
+    seen: list[tuple[list[int], list[int]]] = []  # (prompt ids, generated ids) of every call
+
+    class Recording(LocalLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            steered.plan, steered.position = tok.encode(outputs[len(seen)]) + [tok.im_end_id], 0
+            ids = self.prompt_ids(prompt)
+            for item in super().stream(prompt, stop=stop, sampling=sampling):
+                if not isinstance(item, str):
+                    seen.append((ids, engine.last_result.token_ids))
+                yield item
+
+    from qwen_agent.llm import Sampling
+
+    result = Agent(Recording(engine), real_tools, variant="react_demo", sampling=Sampling(max_tokens=64)).run(
+        "1 加到 100 再乘 2？"
+    )
+    assert result.answer == "10100"
+    assert [s.observation for s in result.steps[:2]] == [
+        "stdout:\n\n```\n5050\n```",
+        "stdout:\n\n```\n10100\n```",
+    ]
+
+    prefills = [s.completion.prefill_tokens for s in result.steps]
+    prompts = [s.completion.prompt_tokens for s in result.steps]
+    assert prefills[0] == prompts[0]  # nothing cached before the first call
+    for k in (1, 2):
+        (old_prompt, old_generated), (new_prompt, _) = seen[k - 1], seen[k]
+        cached = old_prompt + old_generated[:-1]  # the last generated token never ran through the network
+        common = next(
+            (i for i, (a, b) in enumerate(zip(cached, new_prompt, strict=False)) if a != b),
+            min(len(cached), len(new_prompt)),
+        )
+        assert common > len(old_prompt)  # the whole previous prompt and most of the step's output are reused
+        assert prefills[k] == len(new_prompt) - common  # only the Observation and what follows it is encoded
+        observation = tok.encode(render_observation_text(result.steps[k - 1].observation))
+        assert prefills[k] <= len(observation) + 4
+    assert result.prefill_tokens < result.prompt_tokens / 2
+
+
+def render_observation_text(observation: str) -> str:
+    from qwen_agent.react import render_observation
+
+    return render_observation(observation)
+
+
+def test_a_reply_cut_at_the_token_limit_is_explained():
+    from qwen_agent.llm import Completion
+
+    class Truncating(ScriptedLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            for item in super().stream(prompt, stop=stop, sampling=sampling):
+                yield (
+                    Completion(item.text, "length")
+                    if isinstance(item, Completion) and len(self.calls) == 1
+                    else item
+                )
+
+    llm = Truncating(['Thought: x\nAction: get_weather\nAction Input: {"city": "Par', FINAL])
+    result = Agent(llm, [Weather()]).run("Weather?")
+    assert result.steps[0].problems == (Problem.INVALID_ARGUMENTS,)
+    assert "cut off at the token limit" in result.steps[0].observation
+
+
+def test_run_command_with_a_local_checkpoint(tiny_checkpoint, capsys):
+    from qwen_agent.cli import main
+
+    args = ["run", "--model", str(tiny_checkpoint), "--device", "cpu", "--tools", "current_time"]
+    code = main(
+        [*args, "--max-iterations", "1", "--max-tokens", "8", "--temperature", "0", "What time is it?"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("\n--- step 1\n")
+    assert "prompt /" in err and "prefilled tokens" in err

@@ -415,3 +415,17 @@ def test_streamed_answer_deltas_rebuild_the_parsed_answer(thought, answer, step)
     events = _stream(text, step)
     assert _joined(events, "thought") == thought
     assert _joined(events, "answer") == answer
+
+
+def test_code_lines_that_start_like_markers_stay_in_the_arguments():
+    code = "```py\nObservation = 3\nObservations = [Observation]\nprint(Observations)\n```"
+    result = parse_output(
+        f"Thought: run it\nAction: code_interpreter\nAction Input: {code}\nObservation:", TOOLS
+    )
+    assert isinstance(result, Action) and result.raw_arguments == code and result.problems == ()
+
+
+def test_a_stop_fragment_line_inside_the_output_ends_the_arguments():
+    result = parse_output(FIRST_STEP + "\nObserv\nThought: more", TOOLS)
+    assert isinstance(result, Action) and result.raw_arguments == '{"search_query": "周杰伦"}'
+    assert result.problems == (Problem.INVENTED_OBSERVATION,)

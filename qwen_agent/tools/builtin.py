@@ -71,6 +71,7 @@ class _TextExtractor(html.parser.HTMLParser):
         self.parts: list[str] = []
         self.title = ""
         self._skip = 0
+        self._pre = 0
         self._in_title = False
 
     def handle_starttag(self, tag: str, attrs: Any) -> None:
@@ -78,6 +79,8 @@ class _TextExtractor(html.parser.HTMLParser):
             self._skip += 1
         if tag == "title":
             self._in_title = True
+        if tag == "pre":
+            self._pre += 1
         if tag in self._BLOCK:
             self.parts.append("\n")
 
@@ -86,6 +89,8 @@ class _TextExtractor(html.parser.HTMLParser):
             self._skip -= 1
         if tag == "title":
             self._in_title = False
+        if tag == "pre" and self._pre:
+            self._pre -= 1
         if tag in self._BLOCK:
             self.parts.append("\n")
 
@@ -93,7 +98,8 @@ class _TextExtractor(html.parser.HTMLParser):
         if self._in_title:
             self.title += data
         elif not self._skip:
-            self.parts.append(data)
+            # outside <pre>, line breaks in the markup are just spaces
+            self.parts.append(data if self._pre else re.sub(r"\s+", " ", data))
 
 
 def html_to_text(markup: str) -> tuple[str, str]:
@@ -153,7 +159,7 @@ class WebFetchTool(BaseTool):
                     return f"Error: HTTP {resp.status_code} {resp.reason} for {url}"
                 body, clipped = self._read_capped(resp)
                 content_type = resp.headers.get("Content-Type", "")
-                encoding = resp.encoding or resp.apparent_encoding or "utf-8"
+                encoding = resp.encoding or "utf-8"
                 final_url = resp.url
         except requests.exceptions.TooManyRedirects:
             return f"Error: more than {self.session.max_redirects} redirects fetching {url}"

@@ -146,7 +146,10 @@ def normalize_schema(parameters: Any, where: str) -> dict[str, Any]:
     unknown = [r for r in parameters.get("required", []) if r not in props]
     if unknown:
         raise ToolError(f"{where}: required names {unknown} are not in properties")
-    return {"required": [], **parameters, "properties": props}
+    schema = dict(parameters)  # key order kept: openai_api renders the schema as written
+    schema["properties"] = props
+    schema.setdefault("required", [])
+    return schema
 
 
 def qwen_parameter_list(schema: dict[str, Any]) -> list[dict[str, Any]]:
