@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwen_agent.errors import BenchmarkError
 from qwen_agent.evaluation import (
@@ -200,3 +202,35 @@ def test_load_jobs_errors_name_file_line_and_field(tmp_path):
 def test_scorecard_refuses_jobs_without_generations(tokenizer):
     with pytest.raises(BenchmarkError, match="has no 'gen'"):
         scorecard([{"prompt": "p", "response": GOLD_WEATHER, "id": "x"}], [], tokenizer)
+
+
+MARKERS = [
+    "Thought:",
+    "\nAction: ",
+    "Action:",
+    "\nAction Input: ",
+    "Observation:",
+    "Final Answer:",
+    "{",
+    "}",
+    "'",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(MARKERS), st.text(max_size=12)), max_size=12).map("".join))
+def test_any_output_scores_within_bounds(gen):
+    tokenizer = QwenTokenizer.from_pretrained()
+    positive, negative = [job(GOLD_WEATHER, gen)], [job("Thought: t\nFinal Answer: a", gen)]
+    report = scorecard(positive, negative, tokenizer, catalog=CATALOG, bootstrap=10)
+    for key in ("action_right_rate", "action_input_rouge", "bad_rate", "format_violation_rate"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["bad_rate"] == float("\nAction: " in gen)
+    assert set(process_res(gen)) == {
+        "thought",
+        "action",
+        "action_input",
+        "observation",
+        "thought_last",
+        "final_answer",
+    }
