@@ -43,7 +43,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny")
+        # seq_length as Qwen-7B-Chat: prompts stay below it, so no NTK or logN rescaling, as with the real model
+        model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=8192)
         engine = load_model(model, device=args.device)
         prompts = [job["prompt"] for job in load_jobs(DATA_DIR / "tool_use_positive.jsonl")[: args.jobs]]
         list(EngineGenerator(engine, batch_size=2, max_new_tokens=4).generate(prompts[:2]))  # warm-up

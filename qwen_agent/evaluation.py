@@ -22,7 +22,8 @@ The scorecard
 Adds what the three numbers hide, using the project's own parser (:func:`qwen_agent.react.parse_output`, first
 action wins): per-tool precision, recall and confusion; the missed-tool rate on positives; calls to tools that
 were not offered; the schema-validity rate of arguments; exact-argument match; the format-violation rate with a
-count per problem; and bootstrap 95% confidence intervals for the three headline numbers.
+count per problem; bootstrap 95% confidence intervals for the three headline numbers; and, per ``category``
+and ``lang`` of each split, the share of jobs where the tool called (or none) is the expected one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import json5
 import numpy as np
 from rouge_score import rouge_scorer
 
-from .errors import BenchmarkError
+from .errors import BenchmarkError, ToolArgumentError
 from .react import Action, FinalAnswer, Malformed, Problem, parse_output
 
 __all__ = [
@@ -251,8 +252,7 @@ def _is_format_violation(parsed: Action | FinalAnswer | Malformed) -> bool:
 
 
 def _schema_valid(tool: str, arguments: Any, catalog: Mapping[str, Mapping[str, Any]]) -> bool:
-    from .errors import ToolArgumentError
-    from .tools.schema import validate_arguments
+    from .tools.schema import validate_arguments  # imported here: the tools package pulls in Jupyter
 
     if not isinstance(arguments, dict):
         return False
