@@ -40,12 +40,30 @@ def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise QwenAgentError(f"--batch-size must be at least 1, got {args.batch_size}")
     datasets = load_datasets(args.positive, args.negative)  # before the model: a bad path fails at once
-    generator = open_generator(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               repetition_penalty=args.repetition_penalty, device=args.device, dtype=args.dtype)
-    meta = {"model": args.model, "batch_size": args.batch_size, "limit": args.limit,
-            "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
-    report = run_benchmark(generator, args.out, datasets=datasets, plugins=args.plugins, limit=args.limit,
-                           progress=not args.quiet, meta=meta)
+    generator = open_generator(
+        args.model,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        repetition_penalty=args.repetition_penalty,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    meta = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    report = run_benchmark(
+        generator,
+        args.out,
+        datasets=datasets,
+        plugins=args.plugins,
+        limit=args.limit,
+        progress=not args.quiet,
+        meta=meta,
+    )
     print(render_markdown(report))
     print(f"report: {args.out}/report.json, report.md, per_tool.png")
     if args.json:
@@ -69,8 +87,14 @@ def _cmd_bench_code_interpreter(args: argparse.Namespace) -> int:
 
     from .bench_code import run_code_benchmark
 
-    report = run_code_benchmark(args.model, tasks=args.tasks, out_dir=args.out, limit=args.limit,
-                                max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    report = run_code_benchmark(
+        args.model,
+        tasks=args.tasks,
+        out_dir=args.out,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+    )
     print(json.dumps(report, ensure_ascii=False, indent=None if args.json else 2))
     return 0
 
@@ -80,15 +104,26 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
     p = bench_sub.add_parser("tool-use", help="generate and score the tool-use benchmark (resumable)")
-    p.add_argument("--model", required=True, help="model directory, or the URL of an OpenAI-compatible server")
+    p.add_argument(
+        "--model", required=True, help="model directory, or the URL of an OpenAI-compatible server"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N jobs of each set")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (requests in flight for a URL)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per batch (requests in flight for a URL)"
+    )
     p.add_argument("--out", default="bench-results/tool-use", help="run directory; rerunning resumes it")
     p.add_argument("--positive", default=None, help="positive jobs (default: the shipped set)")
     p.add_argument("--negative", default=None, help="negative jobs (default: the shipped set)")
-    p.add_argument("--plugins", default=None, help="plugin catalog for schema checks (default: the shipped one)")
+    p.add_argument(
+        "--plugins", default=None, help="plugin catalog for schema checks (default: the shipped one)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's (512)")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="default: the checkpoint's (1.1 for Qwen-7B-Chat); for a URL, the server's default",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or auto (local models)")
     p.add_argument("--dtype", default=None, help="auto, bf16, fp16 or fp32 (local models)")
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object")
@@ -96,17 +131,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_tool_use)
 
     p = bench_sub.add_parser("score", help="score recorded generations without a model")
-    p.add_argument("--positive", required=True, help="positive jobs with 'gen' (e.g. the official .cache file)")
+    p.add_argument(
+        "--positive", required=True, help="positive jobs with 'gen' (e.g. the official .cache file)"
+    )
     p.add_argument("--negative", required=True, help="negative jobs with 'gen'")
-    p.add_argument("--plugins", default=None, help="plugin catalog for schema checks (default: the shipped one)")
+    p.add_argument(
+        "--plugins", default=None, help="plugin catalog for schema checks (default: the shipped one)"
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the 95%% intervals")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_cmd_bench_score)
 
     p = bench_sub.add_parser("code-interpreter", help="run the code-interpreter benchmark through the agent")
-    p.add_argument("--model", required=True, help="model directory, or the URL of an OpenAI-compatible server")
+    p.add_argument(
+        "--model", required=True, help="model directory, or the URL of an OpenAI-compatible server"
+    )
     p.add_argument("--tasks", default=None, help="task file (default: the shipped set)")
-    p.add_argument("--out", default="bench-results/code-interpreter", help="directory for results and figures")
+    p.add_argument(
+        "--out", default="bench-results/code-interpreter", help="directory for results and figures"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print the report on one line")

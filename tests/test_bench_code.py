@@ -116,3 +116,38 @@ def test_cli_without_a_reachable_model_fails_cleanly(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_cli_runs_a_local_tiny_checkpoint(tmp_path):
+    from qwen_agent.tiny import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "ckpt", seq_length=8192)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_agent.cli",
+            "bench",
+            "code-interpreter",
+            "--model",
+            str(model),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+            "--json",
+        ],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # random weights write no ReAct call: nothing ran, which counts against the executable rate
+    assert report["tasks"] == 2 and report["executable_rate"] == 0.0
+    records = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(r)["id"] for r in records] == ["math-01", "math-02"]
