@@ -300,7 +300,14 @@ def run_tool_use(
         if len(set(ids)) != len(ids):
             raise BenchmarkError(f"{split}: job ids are not unique")
         ordered[split] = ids
-        pending += [(split, i, job) for i, job in zip(ids, jobs, strict=True) if i not in files[split].done]
+        done = files[split].done
+        for job_id, job in zip(ids, jobs, strict=True):
+            if job_id in done and done[job_id].get("prompt") != job["prompt"]:
+                raise BenchmarkError(
+                    f"{files[split].path}: job {job_id!r} was recorded with a different prompt; this directory "
+                    "holds a run of another dataset (use a new --out)"
+                )
+        pending += [(split, i, job) for i, job in zip(ids, jobs, strict=True) if i not in done]
     pending.sort(key=lambda item: len(item[2]["prompt"]))
     total = sum(len(ids) for ids in ordered.values())
     bar = tqdm(

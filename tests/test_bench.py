@@ -331,3 +331,10 @@ def test_tiny_checkpoint_through_the_cli(tiny_dir, tmp_path):
     assert report["counts"] == {"positive": 2, "negative": 2}
     meta = json.loads((tmp_path / "run" / "report.json").read_text())["meta"]
     assert meta["model"] == str(tiny_dir) and meta["batch_size"] == 2
+
+
+def test_resuming_with_another_dataset_is_refused(tmp_path):
+    run_tool_use({"positive": POSITIVE[:2]}, LLMGenerator(ReplayLLM()), tmp_path, progress=False)
+    other = [{**POSITIVE[1], "id": POSITIVE[0]["id"]}]
+    with pytest.raises(BenchmarkError, match="recorded with a different prompt"):
+        run_tool_use({"positive": other}, LLMGenerator(ReplayLLM()), tmp_path, progress=False)
