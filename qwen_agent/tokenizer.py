@@ -87,7 +87,7 @@ def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 
 @cache
-def _unicode_to_byte() -> dict[str, int]:
+def unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-unicode alphabet, which ``vocab.json`` uses to spell token bytes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {chr(b): b for b in printable}
@@ -108,7 +108,7 @@ def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         raise VocabError(f"cannot read {vocab_path}: {exc}") from None
     if not isinstance(vocab, dict):
         raise VocabError(f"{vocab_path}: expected a JSON object mapping token to id")
-    alphabet = _unicode_to_byte()
+    alphabet = unicode_to_byte()
     ranks: dict[bytes, int] = {}
     for piece, rank in vocab.items():
         try:

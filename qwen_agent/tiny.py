@@ -1,0 +1,349 @@
+"""Random-weight model directories in exactly the Hugging Face layout of the real Qwen downloads.
+
+Weights cannot be downloaded here, so tests and demos exercise the real loading code on small checkpoints written
+by :func:`write_tiny_checkpoint`: ``config.json`` with every key of the real one (sizes shrunk),
+``generation_config.json``, ``model-0000K-of-0000N.safetensors`` shards (tensors split unevenly, so a layer
+straddles two shards as in the real download), ``model.safetensors.index.json``, the tokenizer files, and
+``tokenizer_config.json``.
+
+``family="qwen"`` writes Qwen-7B-Chat's layout (``QWenLMHeadModel``, fused ``c_attn``, ``qwen.tiktoken``);
+``family="qwen2"`` writes the Qwen1.5/Qwen2/Qwen2.5 layout (``Qwen2ForCausalLM``, separate q/k/v with bias,
+grouped KV heads, optionally tied embeddings, ``vocab.json`` + ``merges.txt``). The same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import ConfigError, VocabError
+from .tokenizer import ENDOFTEXT, IM_END, IM_START, unicode_to_byte, dashscope_vocab_path, load_tiktoken_ranks
+
+__all__ = ["write_tiny_checkpoint", "qwen_7b_chat_config", "qwen_7b_chat_generation_config"]
+
+Family = Literal["qwen", "qwen2"]
+PADDED_VOCAB_SIZE = 151936  # embedding rows of every Qwen checkpoint; the tokenizer has 151,851 ids
+
+
+def qwen_7b_chat_config() -> dict[str, Any]:
+    """``config.json`` of Qwen-7B-Chat (the September 2023 release), every key."""
+    return {
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+        },
+        "attn_dropout_prob": 0.0,
+        "bf16": False,
+        "emb_dropout_prob": 0.0,
+        "fp16": False,
+        "fp32": False,
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 22016,
+        "kv_channels": 128,
+        "layer_norm_epsilon": 1e-06,
+        "max_position_embeddings": 32768,
+        "model_type": "qwen",
+        "no_bias": True,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "onnx_safe": None,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "scale_attn_weights": True,
+        "seq_length": 8192,
+        "softmax_in_fp32": False,
+        "tie_word_embeddings": False,
+        "tokenizer_class": "QWenTokenizer",
+        "transformers_version": "4.32.0",
+        "use_cache": True,
+        "use_cache_kernel": False,
+        "use_cache_quantization": False,
+        "use_dynamic_ntk": True,
+        "use_flash_attn": "auto",
+        "use_logn_attn": True,
+        "vocab_size": PADDED_VOCAB_SIZE,
+    }
+
+
+def qwen_7b_chat_generation_config() -> dict[str, Any]:
+    """``generation_config.json`` of Qwen-7B-Chat (the September 2023 release)."""
+    return {
+        "chat_format": "chatml",
+        "do_sample": True,
+        "eos_token_id": 151643,
+        "max_new_tokens": 512,
+        "max_window_size": 24000,
+        "pad_token_id": 151643,
+        "repetition_penalty": 1.1,
+        "top_k": 0,
+        "top_p": 0.8,
+        "transformers_version": "4.32.0",
+    }
+
+
+def _qwen2_config(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, tied: bool, dtype: str) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": inter,
+        "max_position_embeddings": 32768,
+        "max_window_layers": layers,
+        "model_type": "qwen2",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": tied,
+        "torch_dtype": dtype,
+        "transformers_version": "4.43.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": PADDED_VOCAB_SIZE,
+    }
+
+
+QWEN2_GENERATION_CONFIG = {
+    "bos_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_k": 20,
+    "top_p": 0.8,
+    "transformers_version": "4.43.1",
+}
+
+# The Qwen1.5/Qwen2 chat template: ChatML with a default system message.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _qwen_tensors(hidden: int, layers: int, heads: int, inter: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Qwen v1 checkpoint, in the module order the real shards follow."""
+    yield "transformer.wte.weight", (PADDED_VOCAB_SIZE, hidden)
+    width = inter // 2  # Qwen's intermediate_size counts both MLP branches
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        yield p + "ln_1.weight", (hidden,)
+        yield p + "attn.c_attn.weight", (3 * hidden, hidden)
+        yield p + "attn.c_attn.bias", (3 * hidden,)
+        yield p + "attn.c_proj.weight", (hidden, hidden)
+        yield p + "ln_2.weight", (hidden,)
+        yield p + "mlp.w1.weight", (width, hidden)
+        yield p + "mlp.w2.weight", (width, hidden)
+        yield p + "mlp.c_proj.weight", (hidden, width)
+    yield "transformer.ln_f.weight", (hidden,)
+    yield "lm_head.weight", (PADDED_VOCAB_SIZE, hidden)
+
+
+def _qwen2_tensors(
+    hidden: int, layers: int, heads: int, kv_heads: int, inter: int, tied: bool
+) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Qwen2ForCausalLM checkpoint; tied models carry no ``lm_head.weight``."""
+    yield "model.embed_tokens.weight", (PADDED_VOCAB_SIZE, hidden)
+    kv = kv_heads * (hidden // heads)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "self_attn.q_proj.weight", (hidden, hidden)
+        yield p + "self_attn.q_proj.bias", (hidden,)
+        yield p + "self_attn.k_proj.weight", (kv, hidden)
+        yield p + "self_attn.k_proj.bias", (kv,)
+        yield p + "self_attn.v_proj.weight", (kv, hidden)
+        yield p + "self_attn.v_proj.bias", (kv,)
+        yield p + "self_attn.o_proj.weight", (hidden, hidden)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+        yield p + "mlp.gate_proj.weight", (inter, hidden)
+        yield p + "mlp.up_proj.weight", (inter, hidden)
+        yield p + "mlp.down_proj.weight", (hidden, inter)
+    yield "model.norm.weight", (hidden,)
+    if not tied:
+        yield "lm_head.weight", (PADDED_VOCAB_SIZE, hidden)
+
+
+def _layer_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[1] in ("h", "layers") else name
+
+
+def _shard_cuts(names: list[str], num_shards: int) -> list[int]:
+    """Indices where new shards begin: evenly spread by count, moved so that each cut falls inside a layer."""
+    cuts = []
+    for k in range(1, num_shards):
+        cut = max(1, round(k * len(names) / num_shards))
+        while cut < len(names) - 1 and _layer_of(names[cut - 1]) != _layer_of(names[cut]):
+            cut += 1
+        if cut < len(names) and (not cuts or cut > cuts[-1]):
+            cuts.append(cut)
+    return cuts
+
+
+@cache
+def _byte_level_merges(vocab_file: str) -> tuple[dict[str, int], list[str]]:
+    """``vocab.json`` entries and ``merges.txt`` lines equivalent to a ``qwen.tiktoken`` vocabulary.
+
+    Each multi-byte token is the merge of the two parts that byte-pair encoding with all lower-ranked tokens
+    leaves it in; that pair, in rank order, is its merge rule.
+    """
+    ranks = load_tiktoken_ranks(Path(vocab_file))
+    to_char = {b: ch for ch, b in unicode_to_byte().items()}
+
+    def spell(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            candidates = [
+                (r, i) for i in range(len(parts) - 1) if (r := ranks.get(parts[i] + parts[i + 1], rank)) < rank
+            ]
+            if not candidates:
+                raise VocabError(f"{vocab_file}: token of rank {rank} cannot be built from lower-ranked tokens")
+            i = min(candidates)[1]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    return {spell(t): r for t, r in ranks.items()}, merges
+
+
+def write_tiny_checkpoint(
+    path: str | Path,
+    family: Family = "qwen",
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    seq_length: int = 256,
+    tie_word_embeddings: bool = False,
+    num_shards: int = 3,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    init_std: float = 0.02,
+    vocab_file: str | Path | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a random-weight model directory at ``path`` and return it.
+
+    ``intermediate_size`` follows each family's convention (Qwen v1 counts both MLP branches, so its default is
+    ``4 * hidden_size`` for a per-branch width of ``2 * hidden_size``). ``seq_length`` is Qwen v1's base length
+    for dynamic NTK and logN attention, kept small so tests can cross it. ``config_overrides`` are merged into
+    ``config.json`` last.
+    """
+    if family not in ("qwen", "qwen2"):
+        raise ConfigError(f"family must be 'qwen' or 'qwen2', got {family!r}")
+    if hidden_size % num_heads:
+        raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if family == "qwen" and tie_word_embeddings:
+        raise ConfigError("Qwen v1 checkpoints have an untied lm_head; tie_word_embeddings is for family='qwen2'")
+    vocab_path = Path(vocab_file) if vocab_file else dashscope_vocab_path()
+    if vocab_path is None:
+        raise VocabError("no vocabulary: pass vocab_file=<qwen.tiktoken> or install the 'dashscope' package")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if family == "qwen":
+        inter = intermediate_size or 4 * hidden_size
+        config = qwen_7b_chat_config() | {
+            "hidden_size": hidden_size,
+            "intermediate_size": inter,
+            "kv_channels": hidden_size // num_heads,
+            "num_attention_heads": num_heads,
+            "num_hidden_layers": num_layers,
+            "seq_length": seq_length,
+        }
+        shapes = list(_qwen_tensors(hidden_size, num_layers, num_heads, inter))
+        generation_config = qwen_7b_chat_generation_config()
+        shutil.copyfile(vocab_path, out / "qwen.tiktoken")
+        tokenizer_config = {
+            "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+            "model_max_length": seq_length,
+            "tokenizer_class": "QWenTokenizer",
+        }
+    else:
+        kv_heads = num_kv_heads or max(1, num_heads // 2)
+        if num_heads % kv_heads:
+            raise ConfigError(f"num_heads {num_heads} is not divisible by num_kv_heads {kv_heads}")
+        inter = intermediate_size or 2 * hidden_size
+        config = _qwen2_config(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings, dtype)
+        shapes = list(_qwen2_tensors(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings))
+        generation_config = dict(QWEN2_GENERATION_CONFIG)
+        vocab, merges = _byte_level_merges(str(vocab_path.resolve()))
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        specials = {str(len(vocab) + i): tok for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
+        tokenizer_config = {
+            "added_tokens_decoder": {
+                idx: {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}
+                for idx, tok in specials.items()
+            },
+            "additional_special_tokens": [IM_START, IM_END],
+            "bos_token": None,
+            "chat_template": QWEN2_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": IM_END,
+            "errors": "replace",
+            "model_max_length": 32768,
+            "pad_token": ENDOFTEXT,
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None,
+        }
+    config |= config_overrides or {}
+
+    generator = torch.Generator().manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in shapes:
+        if name.endswith("norm.weight") or ".ln_" in name:  # norms near 1, so their weights matter in tests
+            value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            value = init_std * torch.randn(shape, generator=generator)
+        tensors[name] = value.to(torch_dtype)
+
+    names = [name for name, _ in shapes]
+    bounds = [0, *_shard_cuts(names, num_shards), len(names)]
+    total = len(bounds) - 1
+    weight_map: dict[str, str] = {}
+    for k in range(total):
+        shard = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+        chunk = {n: tensors[n] for n in names[bounds[k] : bounds[k + 1]]}
+        save_file(chunk, str(out / shard), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(chunk, shard)
+    total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+
+    _write_json(out / "model.safetensors.index.json", index)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", generation_config)
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
