@@ -19,6 +19,11 @@ _EXPORTS: dict[str, str] = {
     "stop_ids": "qwen_agent.chat_format",
     "DEFAULT_SYSTEM": "qwen_agent.chat_format",
     "write_tiny_checkpoint": "qwen_agent.tiny",
+    "load_model": "qwen_agent.engine",
+    "QwenEngine": "qwen_agent.engine",
+    "GenerationResult": "qwen_agent.generate",
+    "QwenConfig": "qwen_agent.config",
+    "GenerationConfig": "qwen_agent.config",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]

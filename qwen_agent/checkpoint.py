@@ -1,0 +1,295 @@
+"""Hugging Face model directories -> a :class:`~qwen_agent.model.Transformer` with its weights, and nothing else.
+
+A directory may hold ``model.safetensors.index.json`` plus shards (always read through its ``weight_map``), a
+single ``model.safetensors``, or ``pytorch_model.bin`` / ``pytorch_model.bin.index.json`` (read with
+``torch.load(weights_only=True)``: no pickled code runs). No Python file from the checkpoint is ever imported.
+
+Loading is all-or-nothing: every file and tensor is checked (present, readable, right shape) while the weights are
+read into a model built on the ``meta`` device; any problem raises :class:`~qwen_agent.errors.CheckpointError`
+naming the file and the tensor, and no model is returned. Safetensors are read with plain file reads straight
+into each tensor's buffer (no memory map), and each tensor goes to its final dtype and device before the next is
+read, so host memory peaks near the loaded model's size plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import QwenConfig
+from .errors import CheckpointError, ConfigError
+from .model import Transformer
+
+__all__ = ["load_checkpoint", "resolve_model_dir", "weight_name_map", "resolve_dtype", "resolve_device"]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
+
+
+def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
+    """Our parameter name -> the checkpoint tensor names it is made of (several are concatenated on dim 0).
+
+    Qwen v1 maps one to one (``mlp.w2`` is the gate, ``mlp.w1`` the up branch). Qwen2's separate q/k/v
+    projections are concatenated into our fused ``wqkv``; a tied ``lm_head`` comes from the embedding.
+    """
+    names: dict[str, list[str]] = {}
+    if config.family == "qwen":
+        names["tok_embeddings.weight"] = ["transformer.wte.weight"]
+        for i in range(config.num_layers):
+            hf, ours = f"transformer.h.{i}.", f"layers.{i}."
+            names[ours + "attention_norm.weight"] = [hf + "ln_1.weight"]
+            names[ours + "attention.wqkv.weight"] = [hf + "attn.c_attn.weight"]
+            names[ours + "attention.wqkv.bias"] = [hf + "attn.c_attn.bias"]
+            names[ours + "attention.wo.weight"] = [hf + "attn.c_proj.weight"]
+            names[ours + "ffn_norm.weight"] = [hf + "ln_2.weight"]
+            names[ours + "feed_forward.w_gate.weight"] = [hf + "mlp.w2.weight"]
+            names[ours + "feed_forward.w_up.weight"] = [hf + "mlp.w1.weight"]
+            names[ours + "feed_forward.w_down.weight"] = [hf + "mlp.c_proj.weight"]
+        names["norm.weight"] = ["transformer.ln_f.weight"]
+        names["output.weight"] = ["transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        return names
+    names["tok_embeddings.weight"] = ["model.embed_tokens.weight"]
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        qkv = [hf + f"self_attn.{p}_proj" for p in "qkv"]
+        names[ours + "attention_norm.weight"] = [hf + "input_layernorm.weight"]
+        names[ours + "attention.wqkv.weight"] = [p + ".weight" for p in qkv]
+        names[ours + "attention.wqkv.bias"] = [p + ".bias" for p in qkv]
+        names[ours + "attention.wo.weight"] = [hf + "self_attn.o_proj.weight"]
+        names[ours + "ffn_norm.weight"] = [hf + "post_attention_layernorm.weight"]
+        names[ours + "feed_forward.w_gate.weight"] = [hf + "mlp.gate_proj.weight"]
+        names[ours + "feed_forward.w_up.weight"] = [hf + "mlp.up_proj.weight"]
+        names[ours + "feed_forward.w_down.weight"] = [hf + "mlp.down_proj.weight"]
+    names["norm.weight"] = ["model.norm.weight"]
+    names["output.weight"] = ["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+    return names
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` (or None): bf16 on a GPU that supports it, else fp16 on compute capability >= 7, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype in named:
+        return named[dtype]
+    if dtype not in (None, "auto"):
+        raise ConfigError(f"dtype must be one of auto, bf16, fp16, fp32; got {dtype!r}")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if torch.cuda.get_device_capability(device)[0] >= 7:
+            return torch.float16
+    return torch.float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): the current CUDA GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto; got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available")
+    return resolved
+
+
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """A local directory as is; otherwise a Hub id (``Qwen/Qwen-7B-Chat``) downloaded via ``huggingface_hub``.
+
+    Only weights, JSON and vocabulary files are fetched: the checkpoint's Python code is never needed.
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    text = str(path)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not local.exists()
+    if not looks_like_hub_id:
+        raise CheckpointError(f"{text}: not a model directory (expected a folder holding config.json and weights)")
+    how = (f"download https://huggingface.co/{text} (config.json, generation_config.json, the *.safetensors "
+           f"shards and index, tokenizer files) into a folder and pass that folder's path")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{text}: no such directory, and huggingface_hub is not installed to fetch it as a Hub id; "
+            f"pip install 'qwen-react-agent[hub]', or {how}"
+        ) from None
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CheckpointError(f"{text}: could not download from the Hugging Face Hub ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); {how}") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Transformer:
+    """Load a model directory (or Hub id) into a :class:`Transformer` in eval mode on ``device`` in ``dtype``."""
+    model_dir = resolve_model_dir(path)
+    config = QwenConfig.from_file(model_dir)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    name_map = weight_name_map(config)
+    wanted = _expected_source_shapes(config, name_map, expected)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file_name, name, tensor in _read_weights(model_dir, wanted):
+        if tuple(tensor.shape) != wanted[name]:
+            raise CheckpointError(
+                f"{model_dir / file_name}: tensor {name!r} has shape {list(tensor.shape)}, but config.json "
+                f"implies {list(wanted[name])}"
+            )
+        tensors[name] = tensor.to(device=device, dtype=dtype)
+
+    state: dict[str, torch.Tensor] = {}
+    for ours, sources in name_map.items():
+        parts = [tensors[s] for s in sources]
+        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        for s in sources if len(parts) > 1 else ():
+            del tensors[s]  # the fused copy replaces the parts: keep one copy in memory
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval().requires_grad_(False)
+
+
+def _expected_source_shapes(
+    config: QwenConfig, name_map: dict[str, list[str]], ours: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> the shape config.json implies for it."""
+    wanted: dict[str, tuple[int, ...]] = {}
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    for name, sources in name_map.items():
+        shape = ours[name]
+        if len(sources) == 1:
+            wanted[sources[0]] = shape
+        else:  # q, k, v parts of a fused projection
+            for source, rows in zip(sources, (q_rows, kv_rows, kv_rows)):
+                wanted[source] = (rows, *shape[1:])
+    return wanted
+
+
+def _read_weights(model_dir: Path, wanted: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield ``(file name, tensor name, tensor)`` for every wanted tensor, after checking they all exist."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = model_dir / index_name
+        if index_path.exists():
+            by_file = _files_from_index(index_path, wanted)
+            break
+        if (model_dir / single).exists():
+            by_file = {single: sorted(wanted)}
+            break
+    else:
+        raise CheckpointError(
+            f"{model_dir}: no weights found (looked for model.safetensors.index.json, model.safetensors, "
+            f"pytorch_model.bin.index.json, pytorch_model.bin)"
+        )
+    for file_name, names in by_file.items():
+        reader = _read_safetensors if file_name.endswith(".safetensors") else _read_torch_bin
+        for name, tensor in reader(model_dir / file_name, names):
+            yield file_name, name, tensor
+
+
+def _files_from_index(index_path: Path, wanted: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid index file (needs a 'weight_map' object): {exc}") from None
+    by_file: dict[str, list[str]] = {}
+    for name in sorted(wanted):
+        if name not in weight_map:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is not listed in weight_map")
+        by_file.setdefault(weight_map[name], []).append(name)
+    for file_name, names in by_file.items():
+        if not (index_path.parent / file_name).is_file():
+            raise CheckpointError(
+                f"{index_path.parent / file_name}: shard listed in {index_path.name} is missing "
+                f"(it should hold {names[0]!r} and {len(names) - 1} more)"
+            )
+    return by_file
+
+
+def _read_safetensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read the named tensors of one safetensors file with plain reads, validating header, offsets and size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (says {header_len} bytes; file has {size})")
+        try:
+            header: dict[str, Any] = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+        data_start = 8 + header_len
+        for name in names:
+            info = header.get(name)
+            if not isinstance(info, dict):
+                raise CheckpointError(f"{path}: tensor {name!r} is listed for this file but absent from it")
+            yield name, _read_one(f, path, name, info, data_start, size)
+
+
+def _read_one(f: Any, path: Path, name: str, info: dict[str, Any], data_start: int, size: int) -> torch.Tensor:
+    try:
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        shape = [int(n) for n in info["shape"]]
+        begin, end = (int(n) for n in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+    tensor = torch.empty(shape, dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    if end - begin != nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, but {info['dtype']}{shape} "
+                              f"needs {nbytes}")
+    if data_start + end > size:
+        raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
+                              f"the file has {size}")
+    f.seek(data_start + begin)
+    if nbytes and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
+        raise CheckpointError(f"{path}: short read of tensor {name!r}")
+    return tensor
+
+
+def _read_torch_bin(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read a ``pytorch_model*.bin`` file with ``weights_only=True`` (memory-mapped when the format allows)."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # a truncated zip, a pickle with code in it, garbage: all are unreadable files
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    for name in names:
+        tensor = state.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: tensor {name!r} is listed for this file but absent from it")
+        yield name, tensor

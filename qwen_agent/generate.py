@@ -1,0 +1,240 @@
+"""Token generation: prefill, decode, sampling, stop handling and streaming text for one or many prompts.
+
+Hot code is free functions (:func:`prefill`, :func:`decode_one_token`, :func:`next_token`); :class:`Generation`
+drives them for a left-padded batch and turns tokens into text.
+
+Stop rules, the same in every path (single, batched, streamed):
+
+- A **stop id** (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>`` ...) ends the row. The id is kept in
+  ``token_ids`` but adds no text.
+- A **stop string** is matched on the decoded text, so every tokenization that spells it counts
+  (``Observation:`` ending in ``:`` (25) or in the merged ``:\\n`` (510)). The row ends at the first token whose
+  text completes a stop string; ``text`` is cut just *before* the earliest stop string (the stop string and
+  anything after it are dropped) and ``stop`` names it. ``token_ids`` keeps every generated token.
+- Streaming holds back any tail of the text that could still grow into a stop string, so no fragment such as
+  ``Observ`` is ever yielded unless it turns out not to start a stop string; the deltas never split a character
+  and always join to the final ``text``.
+
+Sampling follows transformers' order and semantics: repetition penalty over prompt and generated ids (divide
+positive logits, multiply negative ones), then greedy argmax, or temperature, top-k (0 = off) and top-p.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .model import KVCache, Transformer
+from .tokenizer import QwenTokenizer
+
+__all__ = ["GenerationResult", "SamplingParams", "Generation", "prefill", "decode_one_token", "next_token", "process_logits"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class GenerationResult:
+    """One completion. ``text`` stops before any stop string; ``token_ids`` holds every generated id."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    stop: str | int | None  # the stop string or stop id that ended it
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_tokens: int  # prompt tokens run through the model (fewer than prompt_tokens when a prefix was reused)
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.completion_tokens - 1  # the first token comes from the prefill
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+
+# -- hot path ------------------------------------------------------------------------------------------------
+
+
+def prefill(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
+    """Run ``ids`` [B, S] after the cache's filled slots; logits of the last position [B, V] in fp32."""
+    return model(ids, cache, last_only=True)[:, -1].float()
+
+
+def decode_one_token(model: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
+    """One step for ``tokens`` [B]; logits [B, V] in fp32."""
+    return model(tokens[:, None], cache)[:, -1].float()
+
+
+def next_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """Pick the next id per row [B] from ``logits`` [B, V]; ``seen`` [B, V] marks ids for the repetition penalty."""
+    logits = process_logits(logits, seen, params)
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
+    """Repetition penalty, then (when sampling) temperature, top-k and top-p; removed ids get -inf."""
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if not params.do_sample:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - params.top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+# -- text and stops ------------------------------------------------------------------------------------------
+
+
+class _RowText:
+    """Text of one row as tokens arrive: stop-string search, hold-back for streaming, the final cut."""
+
+    def __init__(self, tokenizer: QwenTokenizer, stop_strings: tuple[str, ...], stop_ids: frozenset[int]) -> None:
+        self.decoder = tokenizer.incremental_decoder()
+        self.stop_strings, self.stop_ids = stop_strings, stop_ids
+        self.longest_stop = max((len(s) for s in stop_strings), default=0)
+        self.text, self.emitted = "", 0
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop: str | int | None = None
+
+    def add(self, token: int, last: bool) -> str:
+        """Take one generated id (``last``: the length limit is reached); return the text now safe to show."""
+        self.token_ids.append(token)
+        if token in self.stop_ids:
+            self.text += self.decoder.flush()
+            self._finish("stop", token)
+        else:
+            searched = max(0, len(self.text) - self.longest_stop + 1)
+            self.text += self.decoder.add([token])
+            self._cut_at_stop_string(searched)
+            if last and self.finish_reason is None:
+                self.text += self.decoder.flush()
+                self._finish("length", None)
+        safe = len(self.text) if self.finish_reason else len(self.text) - self._holdback()
+        delta, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return delta
+
+    def _finish(self, reason: str, stop: str | int | None) -> None:
+        self.finish_reason, self.stop = reason, stop
+
+    def _cut_at_stop_string(self, searched: int) -> None:
+        found = [(at, len(s), s) for s in self.stop_strings if (at := self.text.find(s, searched)) >= 0]
+        if found:
+            at, _, stop = min(found)
+            self.text = self.text[:at]
+            self._finish("stop", stop)
+
+    def _holdback(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        for k in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop_strings):
+                return k
+        return 0
+
+
+class Generation:
+    """Generate for a batch of prompts in one left-padded pass; iterate for ``(row, text delta)`` events.
+
+    After iteration ends, ``results`` holds one :class:`GenerationResult` per prompt. Breaking out early
+    leaves ``results`` empty. ``cache`` must be empty or hold ``reused`` slots of a single prompt's prefix.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: QwenTokenizer,
+        prompts: Sequence[Sequence[int]],
+        cache: KVCache,
+        *,
+        max_new_tokens: Sequence[int],
+        params: SamplingParams,
+        stop_strings: tuple[str, ...] = (),
+        stop_ids: frozenset[int] = frozenset(),
+        generator: torch.Generator | None = None,
+        reused: int = 0,
+        pad_id: int = 0,
+    ) -> None:
+        self.model, self.prompts, self.cache = model, [list(p) for p in prompts], cache
+        self.max_new_tokens, self.params, self.generator = list(max_new_tokens), params, generator
+        self.reused, self.pad_id = reused, pad_id
+        self.rows = [_RowText(tokenizer, stop_strings, stop_ids) for _ in self.prompts]
+        self.fed: list[list[int]] = []  # per row: the ids whose keys and values are now in the cache
+        self.results: list[GenerationResult] = []
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        device = self.cache.k.device
+        batch, longest = len(self.prompts), max(len(p) for p in self.prompts)
+        ids = torch.full((batch, longest - self.reused), self.pad_id, dtype=torch.long)
+        seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool)
+        for b, prompt in enumerate(self.prompts):
+            new = prompt[self.reused :]
+            ids[b, ids.shape[1] - len(new) :] = torch.tensor(new)
+            seen[b, prompt] = True
+        ids, seen = ids.to(device), seen.to(device)
+
+        started = time.perf_counter()
+        logits = prefill(self.model, ids, self.cache)
+        prefill_seconds = decode_started = 0.0
+        self.fed = [list(p) for p in self.prompts]
+        live = list(range(batch))
+        for step in range(max(self.max_new_tokens)):
+            tokens = next_token(logits, seen, self.params, self.generator)
+            seen[torch.arange(batch, device=device), tokens] = True
+            host_tokens = tokens.tolist()
+            if step == 0:
+                decode_started = time.perf_counter()
+                prefill_seconds = decode_started - started
+            for b in live:
+                delta = self.rows[b].add(host_tokens[b], last=step + 1 >= self.max_new_tokens[b])
+                if delta:
+                    yield b, delta
+            live = [b for b in live if self.rows[b].finish_reason is None]
+            if not live:
+                break
+            logits = decode_one_token(self.model, tokens, self.cache)
+            for b in range(batch):
+                self.fed[b].append(host_tokens[b])
+        decode_seconds = time.perf_counter() - decode_started
+        self.results = [
+            GenerationResult(
+                text=row.text, token_ids=row.token_ids, finish_reason=row.finish_reason or "length", stop=row.stop,
+                prompt_tokens=len(prompt), completion_tokens=len(row.token_ids),
+                prefill_tokens=len(prompt) - self.reused, prefill_seconds=prefill_seconds,
+                decode_seconds=decode_seconds,
+            )
+            for row, prompt in zip(self.rows, self.prompts)
+        ]

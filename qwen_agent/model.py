@@ -1,0 +1,238 @@
+"""The Qwen network in plain PyTorch: Qwen v1 (``QWenLMHeadModel``) and the Qwen2 family, with a static KV cache.
+
+Both families are the same pre-norm decoder: RMSNorm computed in fp32, fused q|k|v projection with bias, an
+output projection without bias, rotate-half RoPE applied in fp32, a SiLU-gated MLP ``down(up(x) * silu(gate(x)))``
+(Qwen v1's ``w2`` is the gate, ``w1`` the up branch), a final RMSNorm and an ``lm_head``. Qwen2 adds grouped KV
+heads and optionally ties ``lm_head`` to the embedding.
+
+Qwen v1's long-context rules, both exact no-ops up to ``config.seq_length``:
+
+- **Dynamic NTK.** The rotary base becomes ``theta * alpha ** (d / (d - 2))`` with ``alpha`` from
+  :func:`qwen_agent.config.ntk_alpha` of the prefill length. The alpha is computed when a sequence is prefilled
+  (a call without a cache, or the first call on an empty cache) and *frozen* in the cache for every later step,
+  exactly as the reference caches it at prefill. So a cached decode past ``seq_length`` is not the same as a
+  full recomputation of the longer sequence; that is the reference behaviour.
+- **LogN attention.** The query at 0-based position ``p`` is multiplied by ``log(p + 1) / log(seq_length)`` when
+  ``p + 1 > seq_length`` (after RoPE, queries only).
+
+Positions are counted per row from its first real token, so a left-padded row of a batch computes what it would
+compute alone (the reference gives pads positions too; we do not, so that batch == single).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import QwenConfig
+
+__all__ = ["KVCache", "Transformer"]
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values of every layer for one batch, and what the rotary rules freeze at prefill.
+
+    ``pad[b]`` is the number of left-padding slots of row ``b``; ``length`` is how many slots are filled (the
+    same for every row). Setting ``length`` lower forgets the tail, which is how a cached prefix is reused.
+    """
+
+    def __init__(
+        self,
+        config: QwenConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pad: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if pad is None:
+            pad = torch.zeros(batch_size, dtype=torch.long)
+        self.register_buffer("pad", pad.to(device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("ntk_alpha", torch.ones(batch_size, device=device), persistent=False)
+        self.padded = bool(pad.any())  # kept on the host: decides the attention-mask shortcut without a sync
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` ([B, Hkv, S, D]) at slots ``start..start+S`` of ``layer``; return all slots so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32, cast back, then scale: the reference's order (it matters in bf16)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wqkv = nn.Linear(config.hidden_size, config.qkv_size, bias=True)
+        self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, layer: int, ctx: _StepContext) -> Tensor:
+        cfg = self.config
+        B, S, _ = x.shape
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, S, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = k.view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.q_scale is not None:
+            q = q * ctx.q_scale.to(q.dtype)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, ctx.start, k, v)  # [B, Hkv, T, D]
+        if cfg.num_kv_heads != cfg.num_heads:
+            groups = cfg.num_heads // cfg.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
+        return self.wo(out.transpose(1, 2).reshape(B, S, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w_up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(self.w_up(x) * F.silu(self.w_gate(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, layer: int, ctx: _StepContext) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), layer, ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class _StepContext:
+    """What every layer of one forward call shares: rotary tables, logN scale, mask, cache slot."""
+
+    __slots__ = ("cos", "sin", "q_scale", "mask", "is_causal", "cache", "start")
+
+    def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start):  # noqa: ANN001 - private plumbing
+        self.cos, self.sin, self.q_scale = cos, sin, q_scale
+        self.mask, self.is_causal, self.cache, self.start = mask, is_causal, cache, start
+
+
+class Transformer(nn.Module):
+    """A Qwen decoder. ``model(ids)`` with ``ids`` [B, S] and no cache returns logits [B, S, vocab].
+
+    With a :class:`KVCache`, the call appends ``ids`` after the ``cache.length`` slots already filled and
+    advances ``cache.length``; ``last_only=True`` computes the logits of the last position only ([B, 1, vocab]).
+    """
+
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> Tensor:
+        B, S = ids.shape
+        device = ids.device
+        start = cache.length if cache is not None else 0
+        pad = cache.pad if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        if cache is None or start == 0:
+            alpha = self._ntk_alpha(start + S - pad)  # the prefill fixes alpha ...
+            if cache is not None:
+                cache.ntk_alpha.copy_(alpha)
+        else:
+            alpha = cache.ntk_alpha  # ... and every later step reuses it
+        positions = torch.arange(start, start + S, device=device)[None, :] - pad[:, None]  # [B, S]
+        cos, sin = self._rotary(positions, alpha)
+        q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
+        mask, is_causal = self._mask(start, S, pad, padded=cache is not None and cache.padded)
+        ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start)
+
+        x = self.tok_embeddings(ids)  # [B, S, E]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, ctx)
+        if cache is not None:
+            cache.length = start + S
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))  # [B, S, V]
+
+    def _ntk_alpha(self, lengths: Tensor) -> Tensor:
+        """Per-row dynamic-NTK alpha (see :func:`qwen_agent.config.ntk_alpha`); 1 when the rule is off."""
+        if not self.config.use_dynamic_ntk:
+            return torch.ones(lengths.shape, device=lengths.device)
+        context_value = torch.log2(lengths.double() / self.config.seq_length) + 1
+        return torch.clamp(2 ** torch.ceil(context_value) - 1, min=1).float()
+
+    def _rotary(self, positions: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin tables [B, 1, S, D] in fp32 for per-row positions and NTK alphas."""
+        dim = self.config.head_dim
+        base = self.config.rope_theta * alpha.double() ** (dim / (dim - 2))  # [B]
+        exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
+        inv_freq = 1.0 / (base.float()[:, None] ** exponents)  # [B, D/2]
+        freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
+        return emb.cos(), emb.sin()
+
+    def _logn_scale(self, positions: Tensor) -> Tensor:
+        """Query scale [B, 1, S, 1]: log(p+1)/log(seq_length) past seq_length, else 1."""
+        n = (positions + 1).double()
+        scale = torch.where(n > self.config.seq_length, n.clamp(min=1).log() / math.log(self.config.seq_length), 1.0)
+        return scale.float()[:, None, :, None]
+
+    @staticmethod
+    def _mask(start: int, S: int, pad: Tensor, *, padded: bool) -> tuple[Tensor | None, bool]:
+        """Attention mask [B, 1, S, T] (True = attend), or a shortcut when none is needed."""
+        if not padded and S == 1:
+            return None, False  # one new token sees every slot
+        if not padded and start == 0:
+            return None, True  # plain causal prefill
+        q_slot = torch.arange(start, start + S, device=pad.device)[:, None]  # [S, 1]
+        k_slot = torch.arange(start + S, device=pad.device)[None, :]  # [1, T]
+        allowed = (k_slot <= q_slot) & (k_slot >= pad[:, None, None])  # [B, S, T]
+        # a padding query sees only itself: never an empty row (which would make NaN and spread through V)
+        allowed |= k_slot == q_slot
+        return allowed[:, None], False
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE computed in fp32 and cast back, as the reference does."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)

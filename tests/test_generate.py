@@ -1,0 +1,236 @@
+"""generate.py: sampling semantics against transformers, stop ids and stop strings, streaming, batching.
+
+Stop handling is driven by a scripted logits source (it emits a fixed token sequence) so that the exact
+tokenizations of "Observation:" can be produced; everything else runs the real tiny network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from qwen_agent.config import CONFIGS, GenerationConfig
+from qwen_agent.engine import QwenEngine
+from qwen_agent.errors import ConfigError
+from qwen_agent.generate import SamplingParams, process_logits
+from qwen_agent.model import Transformer
+from qwen_agent.tokenizer import QwenTokenizer
+
+OBSERVATION_COLON = [37763, 367, 25]  # "Observation:"
+OBSERVATION_COLON_NEWLINE = [37763, 367, 510]  # "Observation:\n" with the merged ":\n"
+IM_END = 151645
+STOPS = ["Observation:", "Observation:\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> QwenTokenizer:
+    return QwenTokenizer.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(CONFIGS["tiny"]).eval().requires_grad_(False)
+    for p in model.parameters():  # large weights: peaked, input-dependent next-token choices
+        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
+    return model
+
+
+@pytest.fixture
+def engine(tiny_model, tokenizer) -> QwenEngine:
+    return QwenEngine(tiny_model, tokenizer, GenerationConfig(max_new_tokens=12))
+
+
+class ScriptedLogits(nn.Module):
+    """Emits ``script[k]`` as the argmax at the k-th generated position, whatever the input."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__()
+        self.config = CONFIGS["tiny"]
+        self.tok_embeddings = nn.Embedding(1, 1)  # the engine reads device and dtype from here
+        self.script, self.prompt_len = script, 0
+
+    def forward(self, ids, cache, last_only=False):
+        if cache.length == 0:
+            self.prompt_len = ids.shape[1]
+        cache.length += ids.shape[1]
+        step = cache.length - self.prompt_len
+        logits = torch.zeros(ids.shape[0], 1, self.config.vocab_size)
+        logits[:, :, self.script[min(step, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def scripted(tokenizer, text_before: str, tail: list[int]) -> QwenEngine:
+    script = tokenizer.encode(text_before) + tail + tokenizer.encode(" trailing text")
+    return QwenEngine(ScriptedLogits(script), tokenizer, GenerationConfig(max_new_tokens=100))
+
+
+REACT = 'Thought: look it up\nAction: search\nAction Input: {"q": "x"}\n'
+
+
+@pytest.mark.parametrize("tail", [OBSERVATION_COLON, OBSERVATION_COLON_NEWLINE], ids=["colon", "merged-colon-nl"])
+@pytest.mark.parametrize("stop", [["Observation:"], STOPS], ids=["one-stop", "both-stops"])
+def test_stop_string_matched_for_both_tokenizations(tokenizer, tail, stop):
+    engine = scripted(tokenizer, REACT, tail)
+    result = engine.generate([1, 2, 3], stop=stop)
+    assert result.text == REACT
+    assert (result.finish_reason, result.stop) == ("stop", "Observation:")
+    assert result.token_ids == tokenizer.encode(REACT) + tail  # generation ended on the completing token
+    deltas = list(engine.stream([1, 2, 3], stop=stop))
+    assert "".join(deltas) == result.text
+    assert not any("Obs" in d for d in deltas)  # no fragment of the stop string ever shown
+
+
+def test_stop_string_fragment_is_released_when_it_does_not_complete(tokenizer):
+    text = "Final: Observed it all"
+    engine = scripted(tokenizer, text, [IM_END])
+    result = engine.generate([5], stop=STOPS)
+    assert (result.text, result.finish_reason, result.stop) == (text, "stop", IM_END)
+    assert "".join(engine.stream([5], stop=STOPS)) == text
+
+
+def test_stop_string_inside_a_token_cuts_the_text_there(tokenizer):
+    # " Observation:" is one token (86429) followed by ":" - the match starts inside the first token
+    engine = scripted(tokenizer, "Answer: 42.", [86429, 25, 198])
+    result = engine.generate([5], stop=["Observation:"])
+    assert result.text == "Answer: 42. "
+    assert result.stop == "Observation:"
+
+
+def test_stop_ids_end_generation_without_adding_text(tokenizer):
+    engine = scripted(tokenizer, "Hello there", [IM_END])
+    result = engine.generate([5])
+    assert (result.text, result.finish_reason, result.stop) == ("Hello there", "stop", IM_END)
+    assert result.token_ids[-1] == IM_END
+    assert result.completion_tokens == len(tokenizer.encode("Hello there")) + 1
+
+
+def test_length_limit_and_token_sequence_stops(tokenizer):
+    engine = scripted(tokenizer, "one two three four five", [IM_END])
+    result = engine.generate([5], max_new_tokens=3)
+    assert (result.text, result.finish_reason, result.stop) == ("one two three", "length", None)
+    # a stop given as token ids is matched as its text, whichever tokens spell it
+    assert engine.generate([5], stop=[tokenizer.encode(" three")]).text == "one two"
+
+
+def test_stream_never_splits_a_character(tokenizer):
+    text = "龘🦙é"  # characters spelled by several byte-level tokens
+    ids = tokenizer.encode(text)
+    assert len(ids) > 3
+    engine = scripted(tokenizer, text, [IM_END])
+    deltas = list(engine.stream([5]))
+    assert "".join(deltas) == text == engine.generate([5]).text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
+def test_stream_equals_non_stream(engine, tokenizer, sampling):
+    prompt = tokenizer.encode("Question: what is the weather like today?")
+    kwargs = dict(do_sample=sampling, top_p=0.9, top_k=0, temperature=1.3, seed=7, stop=["e", "a "])
+    for _ in range(3):
+        result = engine.generate(prompt, **kwargs)
+        assert "".join(engine.stream(prompt, **kwargs)) == result.text
+        assert engine.last_result.token_ids == result.token_ids
+        kwargs["seed"] += 1
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    a = engine.generate([100, 200, 300], do_sample=True, top_k=0, top_p=1.0, seed=3, max_new_tokens=20)
+    b = engine.generate([100, 200, 300], do_sample=True, top_k=0, top_p=1.0, seed=3, max_new_tokens=20)
+    c = engine.generate([100, 200, 300], do_sample=True, top_k=0, top_p=1.0, seed=4, max_new_tokens=20)
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_batch_equals_each_prompt_alone(engine, tokenizer):
+    prompts = [tokenizer.encode(t) for t in ("Hi", "A much longer prompt with many more tokens in it", "Mid size q")]
+    batched = engine.generate(prompts, max_new_tokens=15, stop=["e"], do_sample=False)
+    assert isinstance(batched, list) and len(batched) == 3
+    for prompt, got in zip(prompts, batched):
+        alone = engine.generate(prompt, max_new_tokens=15, stop=["e"], do_sample=False)
+        assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+        assert got.prompt_tokens == len(prompt)
+
+
+def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model, tokenizer):
+    """End to end: our greedy decode == Qwen2ForCausalLM.generate on the same weights (reference greedy + 1.1)."""
+    cfg = tiny_model.config
+    hf = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.seq_length,
+        tie_word_embeddings=False,
+    )).eval()
+    state = {"model.embed_tokens.weight": tiny_model.tok_embeddings.weight, "model.norm.weight": tiny_model.norm.weight,
+             "lm_head.weight": tiny_model.output.weight}
+    q = cfg.num_heads * cfg.head_dim
+    for i, block in enumerate(tiny_model.layers):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = getattr(block.attention.wqkv, kind)
+            for j, name in enumerate("qkv"):
+                state[p + f"self_attn.{name}_proj.{kind}"] = fused[j * q : (j + 1) * q]
+        state |= {p + "self_attn.o_proj.weight": block.attention.wo.weight,
+                  p + "input_layernorm.weight": block.attention_norm.weight,
+                  p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+                  p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
+                  p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
+                  p + "mlp.down_proj.weight": block.feed_forward.w_down.weight}
+    hf.load_state_dict(state)
+    engine = QwenEngine(tiny_model, tokenizer, GenerationConfig(eos_token_ids=(), chat_format="raw"))
+    prompt = tokenizer.encode("The quick brown fox")
+    ours = engine.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1.1)
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                             repetition_penalty=1.1, pad_token_id=0, eos_token_id=None)
+    assert ours.token_ids == theirs[0, len(prompt):].tolist()
+
+
+def test_sampling_filters_equal_transformers_processors():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 500) * 3
+    seen = torch.zeros(3, 500, dtype=torch.bool)
+    input_ids = torch.randint(0, 500, (3, 40))
+    seen[torch.arange(3)[:, None], input_ids] = True
+    for top_k, top_p in [(0, 0.8), (20, 1.0), (20, 0.5), (0, 1.0)]:
+        params = SamplingParams(do_sample=True, temperature=0.7, top_p=top_p, top_k=top_k, repetition_penalty=1.1)
+        expected = RepetitionPenaltyLogitsProcessor(1.1)(input_ids, logits.clone())
+        expected = TemperatureLogitsWarper(0.7)(input_ids, expected)
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(input_ids, expected)
+        if top_p < 1:
+            expected = TopPLogitsWarper(top_p)(input_ids, expected)
+        got = process_logits(logits, seen, params)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        finite = ~torch.isinf(got)
+        assert torch.allclose(got[finite], expected[finite], atol=1e-6)
+
+
+def test_bad_generation_arguments_are_rejected(engine):
+    with pytest.raises(ConfigError, match="top_p"):
+        engine.generate([1, 2], top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        engine.generate([1, 2], do_sample=True, temperature=0)
+    with pytest.raises(ConfigError, match="unknown generation argument"):
+        engine.generate([1, 2], max_tokens=5)
+    with pytest.raises(ConfigError, match="token ids"):
+        engine.generate([1, -3])
+    with pytest.raises(ConfigError, match="token ids"):
+        engine.generate([])
+
+
+def test_generation_stops_at_the_models_context(tiny_model, tokenizer):
+    model = Transformer(replace(tiny_model.config, max_context=40)).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    result = QwenEngine(model, tokenizer).generate(list(range(1, 31)), max_new_tokens=50, do_sample=False)
+    assert (result.completion_tokens, result.finish_reason) == (10, "length")
