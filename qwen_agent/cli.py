@@ -128,6 +128,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             out.flush()
     finally:
         tools.close()
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    import json
+
+    from .tools import CodeInterpreter
+
+    with CodeInterpreter(network=args.network) as interpreter:
+        interpreter.execute("pass")  # waits until the kernel is up
+        print(json.dumps(interpreter.sandbox_info(), indent=2))
     return 0
 
 
@@ -182,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")
+    p.add_argument("--network", action="store_true", help="allow network access (no network namespace)")
+    p.set_defaults(func=_cmd_sandbox)
 
     return parser
 

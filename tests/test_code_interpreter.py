@@ -308,7 +308,7 @@ HOST = textwrap.dedent("""
     from qwen_agent.tools import CodeInterpreter
     ci = CodeInterpreter(timeout=10)
     ci.execute("import subprocess; subprocess.Popen(['sleep', '1000.777'], start_new_session=True)")
-    print(ci._kernel.runtime, flush=True)
+    print(ci._kernel.runtime, ci.workdir, flush=True)
     sys.stdin.readline()     # the test checks the kernel is up, then lets us go
     if sys.argv[1] == "exit":
         sys.exit(0)          # no close(): the finalizer must clean up
@@ -321,7 +321,7 @@ def test_no_kernel_survives_the_host(how):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
     with subprocess.Popen([sys.executable, "-c", HOST, how], text=True, env=env, **pipes) as host:
-        runtime = host.stdout.readline().strip()
+        runtime, workdir = host.stdout.readline().split()
         assert runtime and _procs_mentioning(runtime)
         host.stdin.write("go\n")
         host.stdin.flush()
@@ -330,6 +330,13 @@ def test_no_kernel_survives_the_host(how):
         host.wait(timeout=30)
     assert _wait_gone(runtime) == []
     assert _wait_gone("1000.777") == []
+    if how == "exit":
+        assert not Path(workdir).exists() and not Path(runtime).exists()
+    else:  # the dead host's leftovers go when the next host starts an interpreter
+        cleaner = "from qwen_agent.tools import CodeInterpreter; CodeInterpreter().close()"
+        subprocess.run([sys.executable, "-c", cleaner], env=env, check=True, timeout=60)
+        assert not Path(workdir).exists() and not Path(runtime).exists()
+        assert not list(Path("/sys/fs/cgroup/pids").glob(f"qwen-agent-{host.pid}-*"))
 
 
 # ---- tool wrapper and reporting -----------------------------------------------------------------------------
@@ -353,3 +360,32 @@ def test_sandbox_info_reports_layers_and_reasons(ci):
         if not info[layer]:
             assert info["notes"], "an inactive layer must come with a reason"
     assert ci.execute("import os\nprint(os.getcwd())").stdout == f"{ci.workdir}\n"
+
+
+def test_bad_settings_are_config_errors():
+    from qwen_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timeout must be a positive number of seconds, got 0"):
+        CodeInterpreter(timeout=0)
+    with pytest.raises(ConfigError, match="max_output_chars must be at least 100"):
+        CodeInterpreter(max_output_chars=10)
+
+
+def test_kernel_dead_between_calls_is_restarted_with_a_note(fresh):
+    interp = fresh()
+    interp.execute("gone = 1")
+    os.killpg(interp.pid, signal.SIGKILL)  # e.g. the OOM killer
+    interp._kernel.proc.wait(timeout=5)
+    r = interp.execute("print('gone' in globals())")
+    assert r.stdout == "False\n" and r.restarted and r.state_lost
+    assert r.to_observation().startswith("Note: the kernel had stopped and was restarted")
+
+
+def test_cli_sandbox_prints_the_layers(capsys):
+    import json
+
+    from qwen_agent.cli import main
+
+    assert main(["sandbox"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["process_group"] and info["transport"] == "ipc" and "notes" in info

@@ -384,3 +384,28 @@ def test_current_time_tool():
     )
     res = t.invoke('{"timezone": "Mars/Olympus"}')
     assert res.error_kind == "invalid_arguments" and "unknown time zone 'Mars/Olympus'" in res.observation
+
+
+def test_any_of_schemas_and_openai_function_entry():
+    class Lookup(BaseTool):
+        name = "lookup"
+        description = "Look up an id."
+        parameters = {
+            "type": "object",
+            "properties": {"id": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+            "required": ["id"],
+        }
+
+        def call(self, arguments):
+            return repr(arguments["id"])
+
+    t = Lookup()
+    assert t.invoke('{"id": 7}').observation == "7" and t.invoke('{"id": "x7"}').observation == "'x7'"
+    assert t.invoke('{"id": [7]}').error.endswith("'id' must be a string or an integer")
+    assert t.openai_function() == {
+        "name": "lookup",
+        "name_for_human": "lookup",
+        "description": "Look up an id.",
+        "parameters": t.schema,
+    }
+    assert set(default_registry.select().names()) >= {"code_interpreter", "web_fetch", "current_time"}

@@ -16,16 +16,16 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import InterpreterError
+from ..errors import ConfigError, InterpreterError
 from .kernel import KernelProcess
-from .sandbox import SandboxLimits, plan_sandbox
+from .sandbox import SandboxLimits, plan_sandbox, private_temp_dir, remove_stale_temp_dirs
 
 __all__ = ["CodeInterpreter", "ExecutionResult", "ExecutionError", "Executor"]
 
@@ -83,6 +83,10 @@ class ExecutionResult:
             text = f"{self.error.traceback.rstrip()}\n{head}" if self.error.traceback.strip() else head
             blocks.append(f"error:\n\n```\n{text.strip()}\n```")
         blocks += [f"![fig-{i + 1:03d}]({path})" for i, path in enumerate(self.images)]
+        if self.state_lost and self.error is None:
+            blocks.insert(
+                0, "Note: the kernel had stopped and was restarted; variables from earlier calls are gone."
+            )
         return "\n\n".join(blocks) if blocks else "Finished execution."
 
 
@@ -169,6 +173,13 @@ def _close_kernel(holder: dict[str, Any]) -> None:
         kernel.close()
 
 
+def _release(holder: dict[str, Any], temp_workdir: Path | None) -> None:
+    """Everything close() frees; also run at garbage collection and interpreter exit."""
+    _close_kernel(holder)
+    if temp_workdir is not None:
+        shutil.rmtree(temp_workdir, ignore_errors=True)
+
+
 class CodeInterpreter:
     """A sandboxed, persistent Python kernel. See the module docstring; :meth:`sandbox_info` lists the layers.
 
@@ -198,6 +209,19 @@ class CodeInterpreter:
         env: dict[str, str] | None = None,
         startup_timeout: float = 30,
     ) -> None:
+        for label, value, low in (
+            ("timeout", timeout, 0.0),
+            ("grace", grace, 0.0),
+            ("startup_timeout", startup_timeout, 0.0),
+        ):
+            if not value > low:
+                raise ConfigError(
+                    f"CodeInterpreter: {label} must be a positive number of seconds, got {value!r}"
+                )
+        if max_output_chars < 100:
+            raise ConfigError(
+                f"CodeInterpreter: max_output_chars must be at least 100, got {max_output_chars}"
+            )
         self.timeout = timeout
         self.grace = grace
         self.max_output_chars = max_output_chars
@@ -206,14 +230,18 @@ class CodeInterpreter:
         self.sandbox_uid = sandbox_uid
         self.env = env
         self.startup_timeout = startup_timeout
-        self._owns_workdir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="qa-work-") if workdir is None else workdir).resolve()
+        remove_stale_temp_dirs()
+        owns_workdir = workdir is None
+        self.workdir = (private_temp_dir("work") if workdir is None else Path(workdir)).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._figures = 0
         self._closed = False
+        self._lock = threading.RLock()  # one cell at a time; reset/close wait for a running cell
         self._holder: dict[str, Any] = {}
         # closes the kernel when the interpreter is garbage-collected or at interpreter exit
-        self._finalizer = weakref.finalize(self, _close_kernel, self._holder)
+        self._finalizer = weakref.finalize(
+            self, _release, self._holder, self.workdir if owns_workdir else None
+        )
         self._launch()
 
     # ---- kernel lifecycle -------------------------------------------------------------------------------
@@ -231,22 +259,24 @@ class CodeInterpreter:
         return self._holder["kernel"]
 
     def _restart(self) -> None:
+        if self._closed:
+            raise InterpreterError("this CodeInterpreter is closed")
         _close_kernel(self._holder)
         self._launch()
 
     def reset(self) -> None:
         """Start a fresh kernel: all variables are gone; files in the workspace stay."""
-        self._restart()
-        self._kernel.wait_ready(self.startup_timeout)
+        with self._lock:
+            self._restart()
+            self._kernel.wait_ready(self.startup_timeout)
 
     def close(self) -> None:
         """Kill the kernel and everything it started; remove the workspace if it was a temporary one."""
-        if self._closed:
-            return
-        self._closed = True
-        self._finalizer()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._finalizer()
 
     def __enter__(self) -> CodeInterpreter:
         return self
@@ -266,7 +296,12 @@ class CodeInterpreter:
     # ---- running code -----------------------------------------------------------------------------------
     def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:
         """Run ``code`` and return everything it produced; returns within ``timeout + grace`` (+ a kill)."""
-        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            return self._execute(code, self.timeout if timeout is None else timeout)
+
+    run = execute  # the Executor interface
+
+    def _execute(self, code: str, timeout: float) -> ExecutionResult:
         start = time.monotonic()
         kernel = self._kernel
         restarted = False
@@ -290,8 +325,6 @@ class CodeInterpreter:
                 return self._on_death(cell, start)
         self._wait_reply(kernel, cell, msg_id)
         return cell.result(start, restarted=restarted, state_lost=restarted)
-
-    run = execute  # the Executor interface
 
     @staticmethod
     def _pump(kernel: KernelProcess, cell: _Cell, msg_id: str, wait: float) -> bool:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
 from ..errors import InterpreterError
-from .sandbox import SandboxPlan, kernel_env
+from .sandbox import SandboxPlan, kernel_env, private_temp_dir
 
 __all__ = ["KernelProcess"]
 
@@ -38,7 +37,7 @@ class KernelProcess:
     def __init__(self, workdir: Path, plan: SandboxPlan, env: dict[str, str] | None) -> None:
         self.workdir = workdir
         self.plan = plan
-        self.runtime = Path(tempfile.mkdtemp(prefix="qa-kernel-"))  # short path: Unix socket names are capped
+        self.runtime = private_temp_dir("kernel")  # a short path: Unix socket names are capped at 107 bytes
         for sub in ("tmp", "mpl", "ipython", "jupyter"):
             (self.runtime / sub).mkdir()
         conn_file, self._conn = write_connection_file(

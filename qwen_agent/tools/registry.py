@@ -70,7 +70,7 @@ class ToolRegistry:
 
     def select(self, names: Iterable[str] | None = None) -> ToolRegistry:
         """A new registry holding fresh instances of ``names`` (all tools when None), in that order."""
-        chosen = list(self._entries) if names is None else list(names)
+        chosen = self.names() if names is None else list(names)
         return ToolRegistry(self._lookup(n) for n in chosen)
 
     def names(self) -> list[str]:

@@ -21,16 +21,25 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SandboxLimits", "SandboxPlan", "plan_sandbox", "kernel_env"]
+__all__ = [
+    "SandboxLimits",
+    "SandboxPlan",
+    "plan_sandbox",
+    "kernel_env",
+    "private_temp_dir",
+    "remove_stale_temp_dirs",
+]
 
 NOBODY_UID = 65534
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
+_CGROUP_PREFIX = "qwen-agent-"  # + host pid + random suffix
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,8 @@ def _create_pids_cgroup(limit: int) -> tuple[Path | None, str]:
     for base in candidates:
         if not (base / "cgroup.procs").exists():
             continue
-        path = base / f"qwen-agent-{uuid.uuid4().hex[:12]}"
+        _remove_stale_cgroups(base)
+        path = base / f"{_CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             path.mkdir()
             (path / "pids.max").write_text(str(limit))
@@ -130,6 +140,23 @@ def _create_pids_cgroup(limit: int) -> tuple[Path | None, str]:
             if path.exists():
                 path.rmdir()
     return None, reason
+
+
+def _remove_stale_cgroups(base: Path) -> None:
+    """Remove the empty cgroups of hosts that died without cleaning up (SIGKILL); rmdir fails on busy ones."""
+    for path in base.glob(f"{_CGROUP_PREFIX}*-*"):
+        owner = path.name[len(_CGROUP_PREFIX) :].split("-")[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        except PermissionError:
+            pass
 
 
 def kill_cgroup(path: Path) -> None:
@@ -234,6 +261,26 @@ def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
     return SandboxPlan(unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, notes)
+
+
+def private_temp_dir(kind: str) -> Path:
+    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir; the pid lets a later host clean up."""
+    return Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
+
+
+@functools.lru_cache(maxsize=1)
+def remove_stale_temp_dirs() -> None:
+    """Delete the workspaces and kernel runtime dirs of hosts that died without cleaning up (SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob("qa-*-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 4 or parts[1] not in ("work", "kernel") or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def kernel_env(workdir: Path, runtime: Path, extra: dict[str, str] | None) -> dict[str, str]:
