@@ -128,6 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             out.flush()
     finally:
         tools.close()
+    return 0
 
 
 def _cmd_sandbox(args: argparse.Namespace) -> int:
