@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "CodeInterpreter": "qwen_agent.tools",
     "ExecutionResult": "qwen_agent.tools",
     "SandboxLimits": "qwen_agent.tools",
+    "QwenLLM": "qwen_agent.langchain",
+    "ChatQwen": "qwen_agent.langchain",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]

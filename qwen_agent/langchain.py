@@ -47,7 +47,7 @@ try:
     from langchain_core.prompts import PromptTemplate
     from langchain_core.tools import BaseTool as LangChainTool
     from langchain_core.utils.function_calling import convert_to_openai_tool
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ConfigError(
         f"qwen_agent.langchain needs LangChain ({exc.name or exc} is not installed); "
@@ -56,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from .fncall import build_prompt, chat_completion_stream, response_message
 from .llm import LLM, ChatPrompt, Completion, Sampling
-from .react import parse_arguments, react_instruction, tool_desc_line
+from .react import parse_arguments, react_instruction
 from .tools.base import BaseTool
 from .tools.registry import FunctionTool
 
@@ -89,14 +89,14 @@ class _QwenSettings(BaseModel):
     repetition_penalty: float | None = None
     seed: int | None = None
 
-    @field_validator("backend")
-    @classmethod
-    def _check_backend(cls, backend: Any) -> Any:
-        if not isinstance(backend, LLM):
+    def __init__(self, **data: Any) -> None:
+        # checked here rather than in a validator, so that the caller gets our ConfigError, not pydantic's
+        if not isinstance(data.get("backend"), LLM):
             raise ConfigError(
-                f"backend must implement qwen_agent.llm.LLM (complete and stream), got {type(backend).__name__}"
+                "backend must implement qwen_agent.llm.LLM (complete and stream), "
+                f"got {type(data.get('backend')).__name__}"
             )
-        return backend
+        super().__init__(**data)
 
     @classmethod
     def from_model(cls, path: str, *, device: str | None = None, dtype: str | None = None, **settings: Any):
@@ -418,12 +418,10 @@ def from_langchain_tool(lc_tool: LangChainTool, *, name_for_human: str | None = 
 
 
 def render_tool_descs(tools: Sequence[LangChainTool]) -> str:
-    """Qwen's TOOL_DESC lines for LangChain tools, a ``tools_renderer`` for ``create_react_agent``."""
-    lines = []
-    for tool in tools:
-        parameters = convert_to_openai_tool(tool)["function"].get("parameters", {})
-        lines.append(tool_desc_line(tool.name, tool.name, tool.description, parameters))
-    return "\n\n".join(lines)
+    """Qwen's TOOL_DESC lines (react_prompt wording) for LangChain tools: a ``tools_renderer`` for
+    ``create_react_agent``."""
+    qwen_tools = [t.qwen_tool if isinstance(t, QwenToolAdapter) else from_langchain_tool(t) for t in tools]
+    return "\n\n".join(t.tool_desc("react_prompt") for t in qwen_tools)
 
 
 def qwen_react_prompt() -> PromptTemplate:
