@@ -78,7 +78,9 @@ class _QwenSettings(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    backend: Any = Field(description="a qwen_agent.llm backend: LocalLLM, OpenAICompatibleLLM, ScriptedLLM ...")
+    backend: Any = Field(
+        description="a qwen_agent.llm backend: LocalLLM, OpenAICompatibleLLM, ScriptedLLM ..."
+    )
     model_name: str = "qwen"
     system: str = DEFAULT_SYSTEM
     stop: list[str] = Field(default_factory=list, description="stop strings added to every call")
@@ -108,7 +110,9 @@ class _QwenSettings(BaseModel):
         return cls(backend=LocalLLM(load_model(path, device=device, dtype=dtype)), **settings)
 
     @classmethod
-    def from_endpoint(cls, base_url: str, model: str | None = None, *, api_key: str | None = None, **settings: Any):
+    def from_endpoint(
+        cls, base_url: str, model: str | None = None, *, api_key: str | None = None, **settings: Any
+    ):
         """An adapter over an OpenAI-compatible server (``/v1/completions`` with the ChatML prompt)."""
         from .openai_client import OpenAICompatibleLLM
 
@@ -132,7 +136,13 @@ class _QwenSettings(BaseModel):
     def _params(self) -> dict[str, Any]:
         settings = {key: getattr(self, key) for key in sorted(_SAMPLING_KEYS)}
         backend = type(self.backend).__name__
-        return {"model_name": self.model_name, "backend": backend, "system": self.system, "stop": self.stop, **settings}
+        return {
+            "model_name": self.model_name,
+            "backend": backend,
+            "system": self.system,
+            "stop": self.stop,
+            **settings,
+        }
 
 
 # -- one call at a time per backend -----------------------------------------------------------------------------
@@ -186,7 +196,9 @@ class QwenLLM(_QwenSettings, LangChainLLM):
     def _chat_prompt(self, prompt: str) -> ChatPrompt:
         return ChatPrompt(prompt, system=self.system)
 
-    def _complete(self, prompts: list[str], stop: list[str] | None, overrides: dict[str, Any]) -> list[Completion]:
+    def _complete(
+        self, prompts: list[str], stop: list[str] | None, overrides: dict[str, Any]
+    ) -> list[Completion]:
         chat_prompts = [self._chat_prompt(p) for p in prompts]
         stops, sampling = self._stops(stop), self._sampling(overrides)
         with _lock(self.backend):
@@ -239,7 +251,9 @@ class QwenLLM(_QwenSettings, LangChainLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         chat_prompt, stops, sampling = self._chat_prompt(prompt), self._stops(stop), self._sampling(kwargs)
-        items = _locked_stream(self.backend, lambda: self.backend.stream(chat_prompt, stop=stops, sampling=sampling))
+        items = _locked_stream(
+            self.backend, lambda: self.backend.stream(chat_prompt, stop=stops, sampling=sampling)
+        )
         for item in items:
             if isinstance(item, Completion):
                 yield GenerationChunk(text="", generation_info=_info(item))
@@ -271,7 +285,9 @@ def _ai_fields(message: dict[str, Any]) -> dict[str, Any]:
         if error is None:
             tool_calls.append({"name": name, "args": args, "id": call["id"], "type": "tool_call"})
         else:
-            invalid.append({"name": name, "args": raw, "id": call["id"], "error": error, "type": "invalid_tool_call"})
+            invalid.append(
+                {"name": name, "args": raw, "id": call["id"], "error": error, "type": "invalid_tool_call"}
+            )
     return {"content": content, "tool_calls": tool_calls, "invalid_tool_calls": invalid}
 
 
@@ -331,7 +347,11 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         message = AIMessage(
             **_ai_fields(reply),
             usage_metadata=_usage_metadata(_usage(completion)),
-            response_metadata={"finish_reason": finish, "stop": completion.stop, "model_name": self.model_name},
+            response_metadata={
+                "finish_reason": finish,
+                "stop": completion.stop,
+                "model_name": self.model_name,
+            },
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -346,7 +366,12 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         chunks = _locked_stream(
             self.backend,
             lambda: chat_completion_stream(
-                self.backend, openai_messages, tools=tools, stop=stops, sampling=sampling, model=self.model_name
+                self.backend,
+                openai_messages,
+                tools=tools,
+                stop=stops,
+                sampling=sampling,
+                model=self.model_name,
             ),
         )
         for chunk in chunks:
@@ -356,13 +381,20 @@ class ChatQwen(_QwenSettings, BaseChatModel):
                 if delta.get("content"):
                     message = AIMessageChunk(content=delta["content"])
                     if run_manager is not None:
-                        run_manager.on_llm_new_token(delta["content"], chunk=ChatGenerationChunk(message=message))
+                        run_manager.on_llm_new_token(
+                            delta["content"], chunk=ChatGenerationChunk(message=message)
+                        )
                     yield ChatGenerationChunk(message=message)
                 continue
             # the last chunk: any rest of the answer, or the tool call, complete and parsed
             fields_ = _ai_fields(delta)
             calls = [
-                {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"], "index": i}
+                {
+                    "name": c["name"],
+                    "args": json.dumps(c["args"], ensure_ascii=False),
+                    "id": c["id"],
+                    "index": i,
+                }
                 for i, c in enumerate(fields_["tool_calls"])
             ]
             message = AIMessageChunk(
@@ -389,7 +421,9 @@ class QwenToolAdapter(LangChainTool):
 
     qwen_tool: Any
 
-    def _parse_input(self, tool_input: str | dict[str, Any], tool_call_id: str | None) -> str | dict[str, Any]:
+    def _parse_input(
+        self, tool_input: str | dict[str, Any], tool_call_id: str | None
+    ) -> str | dict[str, Any]:
         # LangChain refuses text input for a JSON-schema tool; ours parses and validates it
         if isinstance(tool_input, str):
             return tool_input
@@ -401,12 +435,17 @@ class QwenToolAdapter(LangChainTool):
 
 def to_langchain_tool(tool: BaseTool) -> LangChainTool:
     """A LangChain tool over a qwen_agent tool, with the same name, description and JSON Schema."""
-    return QwenToolAdapter(name=tool.name, description=tool.description, args_schema=tool.schema, qwen_tool=tool)
+    return QwenToolAdapter(
+        name=tool.name, description=tool.description, args_schema=tool.schema, qwen_tool=tool
+    )
 
 
 def from_langchain_tool(lc_tool: LangChainTool, *, name_for_human: str | None = None) -> BaseTool:
     """A qwen_agent tool that runs a LangChain tool; the parameters are the tool's call schema."""
-    parameters = convert_to_openai_tool(lc_tool)["function"].get("parameters") or {"type": "object", "properties": {}}
+    parameters = convert_to_openai_tool(lc_tool)["function"].get("parameters") or {
+        "type": "object",
+        "properties": {},
+    }
     return FunctionTool(
         lambda **arguments: lc_tool.invoke(arguments),
         name=lc_tool.name,

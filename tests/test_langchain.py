@@ -212,7 +212,12 @@ def test_stop_string_cuts_every_path_of_the_tiny_model(tiny_llm):
     assert tiny_llm.batch(["Tell me a story.", "Tell me a story."], stop=[stop]) == [expected, expected]
     assert asyncio.run(tiny_llm.ainvoke("Tell me a story.", stop=[stop])) == expected
     # a default stop on the adapter applies to every call
-    assert QwenLLM(backend=tiny_llm.backend, stop=[stop], temperature=0, max_tokens=24).invoke("Tell me a story.") == expected
+    assert (
+        QwenLLM(backend=tiny_llm.backend, stop=[stop], temperature=0, max_tokens=24).invoke(
+            "Tell me a story."
+        )
+        == expected
+    )
 
 
 def test_batch_is_one_engine_call_with_the_same_results(tiny_engine, tiny_llm):
@@ -273,7 +278,9 @@ INVENTED = [" 7 (invented)\nThought: I now know the final answer\nFinal Answer: 
 @TOKENIZATIONS
 @pytest.mark.parametrize("path", ["invoke", "stream", "batch", "ainvoke", "astream"])
 def test_observation_never_leaks_in_any_path(tokenizer, observation, path):
-    llm = QwenLLM(backend=LocalLLM(scripted_engine(tokenizer, [STEP, observation, *INVENTED])), stop=["Observation:"])
+    llm = QwenLLM(
+        backend=LocalLLM(scripted_engine(tokenizer, [STEP, observation, *INVENTED])), stop=["Observation:"]
+    )
     prompt = "What is 2+40?"
     if path == "invoke":
         texts = [llm.invoke(prompt)]
@@ -323,9 +330,14 @@ def test_classic_agent_multi_step_over_the_engine(tokenizer, observation):
 def test_classic_prompt_is_qwens_react_prompt():
     tools = [to_langchain_tool(add), get_weather]
     text = qwen_react_prompt().format(
-        tools=render_tool_descs(tools), tool_names=",".join(t.name for t in tools), input="Hi", agent_scratchpad=""
+        tools=render_tool_descs(tools),
+        tool_names=",".join(t.name for t in tools),
+        input="Hi",
+        agent_scratchpad="",
     )
-    assert text.startswith("Answer the following questions as best you can. You have access to the following tools:")
+    assert text.startswith(
+        "Answer the following questions as best you can. You have access to the following tools:"
+    )
     assert (
         "add: Call this tool to interact with the add API. What is the add API useful for? Add two integers. "
         'Parameters: [{"name": "a", "description": "the first number", "required": true, "schema": {"type": "integer"}}'
@@ -347,7 +359,9 @@ def test_openai_endpoint_backend_cuts_a_server_that_ignores_stop():
         assert "".join(chunks) == "Thought: add\nAction: add\nAction Input: {}\n"
         assert not any("Obs" in c for c in chunks)
         body = server.requests[0][2]
-        assert body["stop"] == ["Observation:"] and "<|im_start|>user\nWhat is 2+2?<|im_end|>" in body["prompt"]
+        assert (
+            body["stop"] == ["Observation:"] and "<|im_start|>user\nWhat is 2+2?<|im_end|>" in body["prompt"]
+        )
         assert llm._identifying_params["model_name"] == "qwen-7b-chat"
     finally:
         server.close()
@@ -408,8 +422,11 @@ def test_create_agent_streams_answer_tokens_and_a_whole_tool_call():
 def test_create_agent_over_the_engine_stops_before_an_invented_observation(tokenizer, observation):
     engine = scripted_engine(
         tokenizer,
-        ['Thought: I need the weather\nAction: get_weather\nAction Input: {"city": "Paris"}\n', observation,
-         " rain (invented)\nFinal Answer: rain"],
+        [
+            'Thought: I need the weather\nAction: get_weather\nAction Input: {"city": "Paris"}\n',
+            observation,
+            " rain (invented)\nFinal Answer: rain",
+        ],
         [" I now know the final answer\nFinal Answer: Sunny."],
     )
     agent = create_agent(ChatQwen(backend=LocalLLM(engine), temperature=0), [get_weather])
@@ -483,6 +500,9 @@ def test_langchain_tool_as_qwen_tool():
         '[{"name": "city", "description": "", "required": true, "schema": {"type": "string"}}]'
     )
     assert weather.invoke('{"city": "Oslo"}').observation == "Sunny, 25 C in Oslo"
-    assert weather.invoke("{}").observation == "Error: invalid arguments for tool 'get_weather': missing required argument 'city'"
+    assert (
+        weather.invoke("{}").observation
+        == "Error: invalid arguments for tool 'get_weather': missing required argument 'city'"
+    )
     # round trip: ours -> LangChain -> ours keeps the schema
     assert from_langchain_tool(to_langchain_tool(add)).schema["properties"] == add.schema["properties"]
