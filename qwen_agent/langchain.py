@@ -152,12 +152,14 @@ _locks_guard = threading.Lock()
 
 
 def _lock(backend: Any) -> threading.Lock:
-    """The local engine is not thread-safe and LangChain's async paths run calls in worker threads."""
+    """The local engine is not thread-safe and LangChain's async paths run calls in worker threads: one lock
+    per engine (per backend for others), shared by every adapter over it."""
+    target = getattr(backend, "engine", backend)
     with _locks_guard:
-        key = id(backend)
+        key = id(target)
         if key not in _locks:
             _locks[key] = threading.Lock()
-            weakref.finalize(backend, _locks.pop, key, None)
+            weakref.finalize(target, _locks.pop, key, None)
         return _locks[key]
 
 
@@ -302,8 +304,8 @@ class ChatQwen(_QwenSettings, BaseChatModel):
     """A LangChain chat model over a qwen_agent backend; tools are offered through Qwen's ReAct prompt.
 
     ``bind_tools`` accepts LangChain tools, OpenAI tool dicts, functions, pydantic models and qwen_agent
-    tools. ``tool_choice`` is accepted for compatibility, but a ReAct model always decides for itself whether
-    to call a tool. A system message given in the conversation replaces ``system``.
+    tools. ``tool_choice``, ``strict`` and ``parallel_tool_calls`` are accepted for compatibility, but a ReAct
+    model writes at most one Action per turn and decides for itself whether to call a tool. A system message given in the conversation replaces ``system``.
     """
 
     @property
@@ -319,8 +321,11 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | LangChainTool | BaseTool],
         *,
         tool_choice: str | None = None,
+        strict: bool | None = None,
+        parallel_tool_calls: bool | None = None,
         **kwargs: Any,
     ) -> Any:
+        # tool_choice, strict and parallel_tool_calls have no ReAct counterpart: one Action per turn, the model's choice
         return self.bind(tools=[_openai_tool(t) for t in tools], **kwargs)
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):

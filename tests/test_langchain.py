@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,12 +240,14 @@ def test_batch_is_one_engine_call_with_the_same_results(tiny_engine, tiny_llm):
         del tiny_engine.generate, tiny_engine.stream  # back to the class methods
 
 
-def test_concurrent_async_calls_are_serialised_on_the_engine(tiny_llm):
+def test_concurrent_async_calls_are_serialised_on_the_engine(tiny_engine, tiny_llm):
     prompts = ["Tell me a story.", "What is 2+2?", "Name three colours."]
     expected = [tiny_llm.invoke(p) for p in prompts]
+    # a second adapter with its own LocalLLM over the same engine shares the engine's lock
+    other = QwenLLM(backend=LocalLLM(tiny_engine), temperature=0, max_tokens=24)
 
     async def run():
-        return await asyncio.gather(*(tiny_llm.ainvoke(p) for p in prompts))
+        return await asyncio.gather(*((tiny_llm, other)[i % 2].ainvoke(p) for i, p in enumerate(prompts)))
 
     assert asyncio.run(run()) == expected
 
@@ -506,3 +510,17 @@ def test_langchain_tool_as_qwen_tool():
     )
     # round trip: ours -> LangChain -> ours keeps the schema
     assert from_langchain_tool(to_langchain_tool(add)).schema["properties"] == add.schema["properties"]
+
+
+# ------------------------------------------------------------------------------------------------------- README
+
+
+def test_readme_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- langchain-example:start -->")
+    code = re.search(r"```python\n(.*?)^```", readme[start:], re.S | re.M).group(1)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "42 42"
+    assert lines[1] == "{'city': 'Paris'} -> Sunny, 25 C in Paris -> Sunny, 25 C."
+    assert lines[2].startswith("[") and len(eval(lines[2])) == 3
