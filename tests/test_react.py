@@ -429,21 +429,3 @@ def test_a_stop_fragment_line_inside_the_output_ends_the_arguments():
     result = parse_output(FIRST_STEP + "\nObserv\nThought: more", TOOLS)
     assert isinstance(result, Action) and result.raw_arguments == '{"search_query": "周杰伦"}'
     assert result.problems == (Problem.INVENTED_OBSERVATION,)
-
-
-@pytest.mark.parametrize("variant", ["react_prompt", "react_demo", "openai_api"])
-def test_builtin_tools_render_the_same_line_as_tool_desc_line(variant):
-    from qwen_agent.tools import CodeInterpreterTool, CurrentTimeTool
-    from qwen_agent.tools.schema import qwen_parameter_list
-
-    for tool in (CodeInterpreterTool(), CurrentTimeTool()):
-        params = tool.schema if variant == "openai_api" else qwen_parameter_list(tool.schema)
-        expected = tool_desc_line(
-            tool.name,
-            tool.name_for_human,
-            tool.description,
-            params,
-            variant=variant,
-            args_format=tool.args_format,
-        )
-        assert tool.tool_desc(variant) == expected

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 from ..errors import ToolArgumentError, ToolError, ToolNotFoundError
-from .base import ARGS_FORMAT_SUFFIX, TOOL_DESC, TOOL_DESC_BARE, BaseTool, ToolResult, extract_code
+from .base import BaseTool, ToolResult, extract_code
 from .builtin import CodeInterpreterTool, CurrentTimeTool, WebFetchTool, html_to_text
 from .interpreter import CodeInterpreter, ExecutionError, ExecutionResult, Executor
 from .registry import FunctionTool, ToolRegistry, default_registry, register_tool, tool
@@ -32,9 +32,6 @@ __all__ = [
     "register_tool",
     "tool",
     "extract_code",
-    "TOOL_DESC",
-    "TOOL_DESC_BARE",
-    "ARGS_FORMAT_SUFFIX",
     "CodeInterpreter",
     "ExecutionResult",
     "ExecutionError",

@@ -10,7 +10,6 @@ The agent uses :meth:`BaseTool.invoke`, which never raises: bad arguments and fa
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import traceback
@@ -20,21 +19,11 @@ from typing import Any, ClassVar, Literal
 import json5
 
 from ..errors import ToolArgumentError, ToolError
+from ..react import VARIANTS, Variant, tool_desc_line
 from .schema import normalize_schema, qwen_parameter_list, validate_arguments
 
-__all__ = ["BaseTool", "ToolResult", "TOOL_DESC", "TOOL_DESC_BARE", "ARGS_FORMAT_SUFFIX", "extract_code"]
+__all__ = ["BaseTool", "ToolResult", "extract_code"]
 
-# The reference templates (Qwen examples/react_prompt.md; react_demo.py and openai_api.py drop the suffix).
-TOOL_DESC_BARE = (
-    "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the {name_for_human} API "
-    "useful for? {description_for_model} Parameters: {parameters}"
-)
-TOOL_DESC = TOOL_DESC_BARE + " Format the arguments as a JSON object."
-ARGS_FORMAT_SUFFIX = {
-    "json": " Format the arguments as a JSON object.",
-    "code": " Enclose the code within triple backticks (`) at the beginning and end of the code.",
-}
-Variant = Literal["react_prompt", "react_demo", "openai_api"]
 ErrorKind = Literal["invalid_arguments", "tool_error"]
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
@@ -89,7 +78,7 @@ class BaseTool:
         where = f"tool {self.name or type(self).__name__!r}"
         if not self.name or not re.fullmatch(r"[A-Za-z_][\w.-]*", self.name):
             raise ToolError(f"{where}: name must be a non-empty identifier-like string, got {self.name!r}")
-        if self.args_format not in ARGS_FORMAT_SUFFIX:
+        if self.args_format not in ("json", "code"):
             raise ToolError(f"{where}: args_format must be 'json' or 'code', got {self.args_format!r}")
         self._pydantic_model = self.parameters if hasattr(self.parameters, "model_validate") else None
         self.schema: dict[str, Any] = normalize_schema(self.parameters, where)
@@ -104,26 +93,19 @@ class BaseTool:
         ``react_demo``: examples/react_demo.py (suffix by ``args_format``); ``openai_api``: openai_api.py (no
         suffix, the JSON Schema itself as parameters).
         """
-        if variant == "openai_api":
-            parameters: Any = self.schema
-        elif variant in ("react_prompt", "react_demo"):
-            parameters = qwen_parameter_list(self.schema)
-        else:
+        if variant not in VARIANTS:
             raise ToolError(
-                f"tool {self.name!r}: unknown TOOL_DESC variant {variant!r} "
-                "(valid: react_prompt, react_demo, openai_api)"
+                f"tool {self.name!r}: unknown TOOL_DESC variant {variant!r} (valid: {', '.join(VARIANTS)})"
             )
-        line = TOOL_DESC_BARE.format(
-            name_for_model=self.name,
-            name_for_human=self.name_for_human or self.name,
-            description_for_model=self.description,
-            parameters=json.dumps(parameters, ensure_ascii=False),
+        parameters = self.schema if variant == "openai_api" else qwen_parameter_list(self.schema)
+        return tool_desc_line(
+            self.name,
+            self.name_for_human or self.name,
+            self.description,
+            parameters,
+            variant=variant,
+            args_format=self.args_format,
         )
-        if variant == "react_prompt":
-            return line + ARGS_FORMAT_SUFFIX["json"]
-        if variant == "react_demo":
-            return line + ARGS_FORMAT_SUFFIX[self.args_format]
-        return line
 
     def openai_function(self) -> dict[str, Any]:
         """This tool as an OpenAI ``functions`` entry (name, description, parameters)."""
