@@ -133,3 +133,15 @@ def test_chat_cli_reports_a_bad_model_directory(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qwen_agent.cli", "chat", "--model", str(tmp_path)],
                          input="", env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_speed_benchmark_smoke_runs_on_cpu(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    (report_file,) = tmp_path.glob("speed-*.json")
+    report = json.loads(report_file.read_text())
+    assert [r["impl"] for r in report["runs"]] == ["qwen_agent", "transformers"]
+    assert report["same_greedy_tokens"] is True and report["speedup"] > 0
+    assert 0 < report["load_peak_over_checkpoint"] < 1.3
