@@ -19,6 +19,11 @@ _EXPORTS: dict[str, str] = {
     "stop_ids": "qwen_agent.chat_format",
     "DEFAULT_SYSTEM": "qwen_agent.chat_format",
     "write_tiny_checkpoint": "qwen_agent.tiny",
+    "load_model": "qwen_agent.engine",
+    "QwenEngine": "qwen_agent.engine",
+    "GenerationResult": "qwen_agent.generate",
+    "QwenConfig": "qwen_agent.config",
+    "GenerationConfig": "qwen_agent.config",
     "Agent": "qwen_agent.agent",
     "RunResult": "qwen_agent.agent",
     "Step": "qwen_agent.agent",
@@ -45,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "scorecard": "qwen_agent.evaluation",
     "run_benchmark": "qwen_agent.bench",
     "run_code_benchmark": "qwen_agent.bench_code",
+    "QwenLLM": "qwen_agent.langchain",
+    "ChatQwen": "qwen_agent.langchain",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]

@@ -31,6 +31,117 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .engine import load_model
+
+    engine = load_model(args.model, device=args.device, dtype=args.dtype)
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                  "seed": args.seed, "do_sample": False if args.greedy else None}
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.model}. Empty line or :clear resets the history; Ctrl-D quits.")
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            query = input("You> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not query:
+            break  # end of input
+        query = query.rstrip("\n")
+        if query.strip() in ("", ":clear"):
+            history = []
+            continue
+        if interactive:
+            print("Qwen> ", end="", flush=True)
+        deltas = []
+        for delta in engine.chat_stream(query, history, args.system, **generation):
+            deltas.append(delta)
+            print(delta, end="", flush=True)
+        print(flush=True)
+        history.append((query, "".join(deltas)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .agent import (
+        ActionEvent,
+        Agent,
+        AnswerDelta,
+        ErrorEvent,
+        FinalAnswerEvent,
+        ObservationEvent,
+        StepStarted,
+        ThoughtDelta,
+    )
+    from .llm import Sampling, llm_from_spec
+    from .tools.registry import default_registry
+
+    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else None
+    tools = default_registry.select(names)
+    llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    agent = Agent(
+        llm,
+        tools,
+        system=args.system,
+        max_iterations=args.max_iterations,
+        variant=args.variant,
+        sampling=sampling,
+    )
+    out = sys.stdout
+    section = ""
+    try:
+        for event in agent.stream(args.question):
+            if isinstance(event, StepStarted):
+                title = "final answer (step budget used up)" if event.forced else f"step {event.index + 1}"
+                out.write(f"\n--- {title}\n")
+                section = ""
+            elif isinstance(event, (ThoughtDelta, AnswerDelta)):
+                label = "Thought: " if isinstance(event, ThoughtDelta) else "Final Answer: "
+                if section != label:
+                    out.write(("\n" if section else "") + label)
+                    section = label
+                out.write(event.text)
+            elif isinstance(event, ActionEvent):
+                out.write(f"\nAction: {event.tool}\nAction Input: {event.raw_arguments}\n")
+                section = ""
+            elif isinstance(event, ErrorEvent):
+                out.write(f"[{event.kind}]\n")
+            elif isinstance(event, ObservationEvent):
+                text = event.observation
+                if len(text) > args.show_chars:
+                    text = (
+                        text[: args.show_chars]
+                        + f"... ({len(event.observation) - args.show_chars} more characters)"
+                    )
+                out.write(f"Observation: {text}\n")
+            elif isinstance(event, FinalAnswerEvent):
+                r = event.result
+                out.write("\n")
+                out.flush()
+                print(
+                    f"[{r.stop_reason}; {len(r.steps)} model turns; {r.prompt_tokens} prompt / "
+                    f"{r.completion_tokens} completion / {r.prefill_tokens} prefilled tokens; {r.seconds:.1f} s]",
+                    file=sys.stderr,
+                )
+            out.flush()
+    finally:
+        tools.close()
+    return 0
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    import json
+
+    from .tools import CodeInterpreter
+
+    with CodeInterpreter(network=args.network) as interpreter:
+        interpreter.execute("pass")  # waits until the kernel is up
+        print(json.dumps(interpreter.sandbox_info(), indent=2))
+    return 0
+
+
 def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
     import json
 
@@ -157,85 +268,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_code_interpreter)
 
 
-def _cmd_sandbox(args: argparse.Namespace) -> int:
-    import json
-
-    from .tools import CodeInterpreter
-
-    with CodeInterpreter(network=args.network) as interpreter:
-        interpreter.execute("pass")  # waits until the kernel is up
-        print(json.dumps(interpreter.sandbox_info(), indent=2))
-    return 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .agent import (
-        ActionEvent,
-        Agent,
-        AnswerDelta,
-        ErrorEvent,
-        FinalAnswerEvent,
-        ObservationEvent,
-        StepStarted,
-        ThoughtDelta,
-    )
-    from .llm import Sampling, llm_from_spec
-    from .tools.registry import default_registry
-
-    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else None
-    tools = default_registry.select(names)
-    llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
-    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    agent = Agent(
-        llm,
-        tools,
-        system=args.system,
-        max_iterations=args.max_iterations,
-        variant=args.variant,
-        sampling=sampling,
-    )
-    out = sys.stdout
-    section = ""
-    try:
-        for event in agent.stream(args.question):
-            if isinstance(event, StepStarted):
-                title = "final answer (step budget used up)" if event.forced else f"step {event.index + 1}"
-                out.write(f"\n--- {title}\n")
-                section = ""
-            elif isinstance(event, (ThoughtDelta, AnswerDelta)):
-                label = "Thought: " if isinstance(event, ThoughtDelta) else "Final Answer: "
-                if section != label:
-                    out.write(("\n" if section else "") + label)
-                    section = label
-                out.write(event.text)
-            elif isinstance(event, ActionEvent):
-                out.write(f"\nAction: {event.tool}\nAction Input: {event.raw_arguments}\n")
-                section = ""
-            elif isinstance(event, ErrorEvent):
-                out.write(f"[{event.kind}]\n")
-            elif isinstance(event, ObservationEvent):
-                text = event.observation
-                if len(text) > args.show_chars:
-                    text = (
-                        text[: args.show_chars]
-                        + f"... ({len(event.observation) - args.show_chars} more characters)"
-                    )
-                out.write(f"Observation: {text}\n")
-            elif isinstance(event, FinalAnswerEvent):
-                r = event.result
-                out.write("\n")
-                out.flush()
-                print(
-                    f"[{r.stop_reason}; {len(r.steps)} model turns; {r.prompt_tokens} prompt / "
-                    f"{r.completion_tokens} completion / {r.prefill_tokens} prefilled tokens; {r.seconds:.1f} s]",
-                    file=sys.stderr,
-                )
-            out.flush()
-    finally:
-        tools.close()
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-agent", description="ReAct tool-use agents for Qwen-7B-Chat running locally."
@@ -254,9 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="also print each token's bytes")
     p.set_defaults(func=_cmd_tokenize)
 
-    p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")
-    p.add_argument("--network", action="store_true", help="allow network access (no network namespace)")
-    p.set_defaults(func=_cmd_sandbox)
+    p = sub.add_parser("chat", help="chat with a local model in the terminal (reads lines until EOF when piped)")
+    p.add_argument("--model", required=True, help="model directory (Qwen-7B-Chat or a Qwen2-family chat model) or Hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: a GPU when there is one)")
+    p.add_argument("--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--system", default=None, help="system prompt (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default: generation_config)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser(
         "run", help="answer a question with the ReAct agent and the built-in tools, printing each step"
@@ -279,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")
+    p.add_argument("--network", action="store_true", help="allow network access (no network namespace)")
+    p.set_defaults(func=_cmd_sandbox)
 
     _add_bench(sub)
     return parser

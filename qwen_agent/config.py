@@ -215,6 +215,17 @@ CONFIGS: dict[str, QwenConfig] = {
         family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32,
         num_heads=32, num_kv_heads=32, head_dim=128, seq_length=8192, use_dynamic_ntk=True, use_logn_attn=True,
     ),
+    # Qwen-1.8B-Chat (v1 layout)
+    "1.8b": QwenConfig(
+        family="qwen", vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_layers=24,
+        num_heads=16, num_kv_heads=16, head_dim=128, seq_length=8192, use_dynamic_ntk=True, use_logn_attn=True,
+    ),
+    # Qwen2.5-0.5B-Instruct (Qwen2 layout: grouped KV heads, tied embeddings)
+    "0.5b": QwenConfig(
+        family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+        num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, seq_length=32768, max_context=32768,
+        tie_word_embeddings=True,
+    ),
     # the real vocabulary size with a toy body (about 20 MB of fp32 weights): cache, parity and loader tests
     "tiny": QwenConfig(
         family="qwen", vocab_size=151936, hidden_size=64, intermediate_size=96, num_layers=2,

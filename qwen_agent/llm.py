@@ -241,6 +241,17 @@ class LocalLLM:
         result = self.engine.generate(self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling))
         return _local_completion(result, time.perf_counter() - started)
 
+    def complete_batch(
+        self, prompts: Sequence[ChatPrompt], *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> list[Completion]:
+        """Complete several prompts in one batched engine pass (``seconds`` is the time of the whole pass)."""
+        if not prompts:
+            return []
+        started = time.perf_counter()
+        ids = [self.prompt_ids(p) for p in prompts]
+        results = self.engine.generate(ids, stop=tuple(stop), **_engine_options(sampling))
+        return [_local_completion(r, time.perf_counter() - started) for r in results]
+
     def stream(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:

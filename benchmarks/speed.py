@@ -1,0 +1,276 @@
+"""Generation speed and memory, ours against transformers' Qwen2ForCausalLM on the same weights, in one run.
+
+Reproduces the profile of the Qwen-7B-Chat model card: tokens/s generating N tokens from a 1-token context, and
+peak memory while encoding (prefilling) L tokens. The baseline is transformers' native ``Qwen2ForCausalLM``
+(``.generate``, greedy) holding the *same* tensors (renamed, not copied); the greedy tokens of both are compared.
+For a model directory the load is measured too: seconds and peak host-memory growth against the checkpoint's bytes.
+
+    python benchmarks/speed.py /models/Qwen-7B-Chat --device cuda --new-tokens 2048 --context 2048
+    python benchmarks/speed.py --random 7b --device cuda --dtype bf16
+    python benchmarks/speed.py --smoke            # tiny random checkpoint on CPU, a few seconds (used in CI)
+
+Prints a table and writes JSON to ``benchmarks/results/``. On CPU, host memory is read from /proc (VmHWM, reset
+through /proc/self/clear_refs); on CUDA, from the allocator's peak counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qwen_agent.checkpoint import load_checkpoint, resolve_device, resolve_dtype  # noqa: E402
+from qwen_agent.config import CONFIGS, QwenConfig  # noqa: E402
+from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
+from qwen_agent.model import KVCache, Transformer  # noqa: E402
+from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
+
+GIB = 1024**3
+
+
+# -- memory probes ---------------------------------------------------------------------------------------------
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split(key + ":")[1].split()[0]) * 1024
+
+
+class PeakMemory:
+    """Peak growth of host RSS (CPU) or of allocated GPU memory (CUDA) inside a ``with`` block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.before = _proc_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.before
+        else:
+            self.peak = _proc_status("VmHWM") - self.before
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+
+def random_model(config: QwenConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device).to(dtype)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    for name, p in model.named_parameters():
+        p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0, 0.02)
+    return model.eval().requires_grad_(False)
+
+
+def to_transformers(model: Transformer):
+    """transformers' Qwen2ForCausalLM sharing our tensors (q/k/v are row views of the fused projection)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    hf_config = Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_context, tie_word_embeddings=c.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(hf_config)
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.output.weight}
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = getattr(block.attention.wqkv, kind)
+            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+                state[p + f"self_attn.{name}_proj.{kind}"] = fused[a:b]
+        state |= {p + "self_attn.o_proj.weight": block.attention.wo.weight,
+                  p + "input_layernorm.weight": block.attention_norm.weight,
+                  p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+                  p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
+                  p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
+                  p + "mlp.down_proj.weight": block.feed_forward.w_down.weight}
+    hf.load_state_dict(state, assign=True, strict=False)
+    hf.tie_weights()
+    # non-persistent rotary buffers were created on the meta device: build them for real
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config).to(model.tok_embeddings.weight.device)
+    return hf.eval().requires_grad_(False)
+
+
+# -- measurements ----------------------------------------------------------------------------------------------
+
+
+def ours_generate(model: Transformer, tokenizer: QwenTokenizer, n: int, device: torch.device) -> tuple[float, list[int]]:
+    cache = KVCache(model.config, 1, n + 1, dtype=model.tok_embeddings.weight.dtype, device=device)
+    run = Generation(model, tokenizer, [[tokenizer.eod_id]], cache, max_new_tokens=[n], params=SamplingParams())
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in run:
+            pass
+    _sync(device)
+    return time.perf_counter() - start, run.results[0].token_ids
+
+
+def hf_generate(hf, tokenizer: QwenTokenizer, n: int, device: torch.device) -> tuple[float, list[int]]:
+    ids = torch.tensor([[tokenizer.eod_id]], device=device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, attention_mask=torch.ones_like(ids))
+    _sync(device)
+    return time.perf_counter() - start, out[0, 1:].tolist()
+
+
+def ours_encode(model: Transformer, ids: torch.Tensor) -> None:
+    cache = KVCache(model.config, 1, ids.shape[1], dtype=model.tok_embeddings.weight.dtype, device=ids.device)
+    with torch.inference_mode():
+        model(ids, cache, last_only=True)
+
+
+def hf_encode(hf, ids: torch.Tensor) -> None:
+    with torch.inference_mode():
+        hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
+def measure(name: str, generate, encode, n: int, context: int, device: torch.device, vocab: int) -> dict:
+    """One round: generate ``n`` tokens from one, then encode ``context`` tokens under a memory probe."""
+    seconds, tokens = generate(n)
+    ids = torch.randint(0, min(vocab, 150000), (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        encode(ids)
+        _sync(device)
+        encode_seconds = time.perf_counter() - start
+    return {"impl": name, "tokens_per_s": n / seconds, "generate_s": seconds, "encode_peak_gib": mem.peak / GIB,
+            "encode_s": encode_seconds, "tokens": tokens}
+
+
+def best_of(rounds: list[dict]) -> dict:
+    """Fastest round of each measure (other processes share the machine); memory of the first round."""
+    best = dict(rounds[0])
+    best["generate_s"] = min(r["generate_s"] for r in rounds)
+    best["encode_s"] = min(r["encode_s"] for r in rounds)
+    best["tokens_per_s"] = max(r["tokens_per_s"] for r in rounds)
+    best["rounds"] = len(rounds)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", help="model directory (or use --random / --smoke)")
+    parser.add_argument("--random", choices=sorted(CONFIGS), help="random weights of a named shape")
+    parser.add_argument("--smoke", action="store_true", help="tiny random checkpoint on CPU, 16 tokens (CI)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 2048; 256 on CPU)")
+    parser.add_argument("--context", type=int, default=None, help="tokens to encode (default 2048; 512 on CPU)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is reported")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.device, args.new_tokens, args.context = "cpu", args.new_tokens or 16, args.context or 24
+        args.rounds = 1
+    if bool(args.model) + bool(args.random) + bool(args.smoke) != 1:
+        parser.error("give exactly one of MODEL, --random NAME, --smoke")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    n = args.new_tokens or (2048 if device.type == "cuda" else 256)
+    context = args.context or (2048 if device.type == "cuda" else 512)
+    torch.set_grad_enabled(False)
+
+    report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                    or platform.machine(), "cpu_threads": torch.get_num_threads(), "dtype": str(dtype),
+                    "new_tokens": n, "context": context, "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if args.smoke:
+            from qwen_agent.tiny import write_tiny_checkpoint
+
+            model_dir = write_tiny_checkpoint(tmp, "qwen", seq_length=64)
+        if model_dir:
+            checkpoint_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*") if f.suffix in
+                                   (".safetensors", ".bin"))
+            with torch.device("meta"):  # one-time torch imports (~70 MB) that do not scale with the checkpoint
+                Transformer(CONFIGS["tiny"])
+            with PeakMemory(torch.device("cpu")) as mem:
+                start = time.perf_counter()
+                model = load_checkpoint(model_dir, device=device, dtype=dtype)
+                report["load_s"] = time.perf_counter() - start
+            report |= {"model": str(args.model or "tiny (smoke)"), "checkpoint_gib": checkpoint_bytes / GIB,
+                       "load_host_peak_gib": mem.peak / GIB, "load_peak_over_checkpoint": mem.peak / checkpoint_bytes}
+            tokenizer = QwenTokenizer.from_pretrained(model_dir)
+        else:
+            model = random_model(CONFIGS[args.random], device, dtype)
+            report["model"] = f"random {args.random}"
+            tokenizer = QwenTokenizer.from_pretrained()
+        vocab = model.config.vocab_size
+        impls = {"qwen_agent": (lambda k: ours_generate(model, tokenizer, k, device),
+                                lambda ids: ours_encode(model, ids))}
+        if not args.no_baseline:
+            hf = to_transformers(model)
+            impls["transformers"] = (lambda k: hf_generate(hf, tokenizer, k, device), lambda ids: hf_encode(hf, ids))
+        for generate, encode in impls.values():  # warm-up: first-call allocations and kernel selection
+            generate(min(4, n))
+            encode(torch.zeros(1, 8, dtype=torch.long, device=device))
+        rounds: dict[str, list[dict]] = {name: [] for name in impls}
+        for _ in range(args.rounds):  # interleaved, so that load from other processes hits both alike
+            for name, (generate, encode) in impls.items():
+                rounds[name].append(measure(name, generate, encode, n, context, device, vocab))
+    runs = [best_of(r) for r in rounds.values()]
+    report["runs"] = runs
+    print(f"{report['model']} on {report['device_name']} ({device}, {dtype}, {report['cpu_threads']} threads); "
+          f"generate {n} tokens from 1, encode {context}")
+    if "load_s" in report:
+        print(f"load: {report['load_s']:.2f} s, host peak {report['load_host_peak_gib']:.3f} GiB = "
+              f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB")
+    print(f"{'impl':<14}{'tokens/s':>10}{'encode s':>10}{'encode peak GiB':>17}")
+    for r in runs:
+        print(f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}")
+    if len(runs) == 2:
+        ours, base = runs
+        report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]
+        report["same_greedy_tokens"] = ours["tokens"] == base["tokens"]
+        ratio = ours["encode_peak_gib"] / base["encode_peak_gib"] if base["encode_peak_gib"] > 0 else float("nan")
+        print(f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio:.2f}; "
+              f"same greedy tokens: {report['same_greedy_tokens']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"speed-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""engine.py: load_model on tiny checkpoints, chat as Qwen's model.chat, prefix reuse, the chat CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwen_agent
+from qwen_agent.chat_format import DEFAULT_SYSTEM, make_context
+from qwen_agent.engine import QwenEngine, load_model
+from qwen_agent.errors import CheckpointError
+from qwen_agent.tiny import write_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = {"do_sample": False, "max_new_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    # large init so the random model's choices depend on the input; seq_length 48 so NTK can be crossed
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("qwen"), "qwen", seed=4, init_std=0.5, seq_length=48)
+
+
+@pytest.fixture(scope="module")
+def engine(qwen_dir) -> QwenEngine:
+    return load_model(qwen_dir, device="cpu")
+
+
+def fresh(engine: QwenEngine) -> QwenEngine:
+    """Another engine over the same weights, with nothing cached."""
+    return QwenEngine(engine.model, engine.tokenizer, engine.generation_config, engine.default_system)
+
+
+def test_load_model_public_api(engine):
+    assert qwen_agent.load_model is load_model
+    assert isinstance(engine.model, torch.nn.Module)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert engine.model(ids).shape == (1, 5, engine.config.vocab_size)
+    gen = engine.generation_config  # from the checkpoint's generation_config.json
+    assert (gen.do_sample, gen.top_p, gen.top_k, gen.repetition_penalty, gen.max_window_size) == (True, 0.8, 0, 1.1, 24000)
+    assert engine.default_system == DEFAULT_SYSTEM
+    assert len(engine.tokenizer) == 151851
+
+
+def test_chat_matches_generate_on_the_chatml_context(engine):
+    response, history = engine.chat("Hello, who are you?", **GREEDY)
+    _, ids = make_context(engine.tokenizer, "Hello, who are you?", system=DEFAULT_SYSTEM, max_window_size=24000)
+    result = fresh(engine).generate(ids, **GREEDY)
+    assert response == result.text.strip()
+    assert history == [("Hello, who are you?", response)]
+    response2, history2 = engine.chat("And then?", history, **GREEDY)
+    assert history2 == [*history, ("And then?", response2)] and history == [("Hello, who are you?", response)]
+    assert "".join(engine.chat_stream("And then?", history, **GREEDY)) == response2
+
+
+def test_default_sampling_comes_from_generation_config_and_seed_repeats(engine):
+    prompt = engine.tokenizer.encode("Tell me a story")
+    a = engine.generate(prompt, seed=11, max_new_tokens=10)
+    b = engine.generate(prompt, seed=11, max_new_tokens=10)
+    assert a.token_ids == b.token_ids
+
+
+def test_react_continuation_prefills_only_the_new_tokens(engine):
+    tok = engine.tokenizer
+    prompt = tok.encode("Question: what is 2+2?\nThought:")
+    first = engine.generate(prompt, **GREEDY)
+    follow = prompt + first.token_ids + tok.encode("\nObservation: 4\nThought:")
+    second = engine.generate(follow, **GREEDY)
+    cached = len(prompt) + len(first.token_ids) - 1  # the last generated token was never fed to the model
+    assert second.prefill_tokens == len(follow) - cached < len(follow)
+    assert second.prompt_tokens == len(follow)
+    assert second.token_ids == fresh(engine).generate(follow, **GREEDY).token_ids
+    # a batched call in between leaves the kept cache alone
+    engine.generate([prompt, prompt[:3]], **GREEDY)
+    again = follow + second.token_ids[:-1] + tok.encode(" ok")
+    assert engine.generate(again, **GREEDY).prefill_tokens == len(again) - (len(follow) + len(second.token_ids) - 1)
+
+
+def test_prefix_is_not_reused_when_the_ntk_alpha_would_differ(engine):
+    """seq_length is 48: a 60-token prompt gets alpha 3 on a fresh prefill, so alpha-1 keys cannot be reused."""
+    base = list(range(1000, 1010))
+    engine.generate(base, **GREEDY)
+    longer = base + list(range(2000, 2050))
+    result = engine.generate(longer, **GREEDY)
+    assert result.prefill_tokens == len(longer)
+    assert result.token_ids == fresh(engine).generate(longer, **GREEDY).token_ids
+    shorter = base + [7, 8]  # back under seq_length: the alpha-3 cache is not reusable either
+    assert engine.generate(shorter, **GREEDY).prefill_tokens == len(shorter)
+    assert engine.generate(shorter + [9], **GREEDY).prefill_tokens == 1
+
+
+def test_qwen2_family_directory_and_its_default_system(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, "qwen2", seed=5, init_std=0.5)
+    system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = tokenizer_config["chat_template"].replace(DEFAULT_SYSTEM, system)
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    engine = load_model(path, device="cpu", dtype="fp32")
+    assert engine.config.family == "qwen2" and engine.default_system == system
+    engine.chat("hi", **GREEDY)
+    _, ids = make_context(engine.tokenizer, "hi", system=system, max_window_size=engine.generation_config.max_window_size)
+    assert engine.generate(ids, **GREEDY).prefill_tokens == 1  # the chat ran exactly this prompt
+
+
+def test_load_model_bad_directory_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="config.json: unknown architecture"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_chat_cli_reads_lines_until_eof_when_stdin_is_not_a_tty(qwen_dir, engine):
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_agent.cli", "chat", "--model", str(qwen_dir), "--greedy", "--max-new-tokens", "8",
+         "--device", "cpu"],
+        input="Hello there\nWhat next?\n", env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    first, history = fresh(engine).chat("Hello there", max_new_tokens=8, do_sample=False)
+    second, _ = fresh(engine).chat("What next?", history, max_new_tokens=8, do_sample=False)
+    assert out.stdout == f"{first}\n{second}\n"
+
+
+def test_chat_cli_reports_a_bad_model_directory(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "qwen_agent.cli", "chat", "--model", str(tmp_path)],
+                         input="", env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_speed_benchmark_smoke_runs_on_cpu(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    (report_file,) = tmp_path.glob("speed-*.json")
+    report = json.loads(report_file.read_text())
+    assert [r["impl"] for r in report["runs"]] == ["qwen_agent", "transformers"]
+    assert report["same_greedy_tokens"] is True and report["speedup"] > 0
+    assert 0 < report["load_peak_over_checkpoint"] < 1.3
