@@ -277,6 +277,62 @@ def _rate(count: int, total: int) -> float | None:
     return count / total if total else None
 
 
+class _Tally:
+    """Counts over every job, read through the project's parser."""
+
+    def __init__(self, catalog: Mapping[str, Mapping[str, Any]]) -> None:
+        self.catalog = catalog
+        self.confusion: dict[str, Counter[str]] = defaultdict(Counter)
+        self.problems: Counter[str] = Counter()
+        self.missed = self.not_offered = self.violations = self.exact = 0
+        self.checked = self.valid = 0
+        self.groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def add(self, job: Mapping[str, Any], positive: bool) -> None:
+        offered = offered_tools(job)
+        parsed = parse_output(_gen(job), offered)
+        called, expected = _called_tool(parsed), _expected_tool(job, positive)
+        self.confusion[expected][called] += 1
+        self.problems.update(p.value for p in parsed.problems)
+        if isinstance(parsed, Malformed):
+            self.problems[parsed.problem.value] += 1
+        self.violations += _is_format_violation(parsed)
+        if called != NO_TOOL and offered is not None and called not in offered:
+            self.not_offered += 1
+        if isinstance(parsed, Action) and parsed.tool in self.catalog:
+            self.checked += 1
+            self.valid += _schema_valid(parsed.tool, parsed.arguments, self.catalog)
+        elif isinstance(parsed, Malformed) and parsed.problem == Problem.INVALID_ARGUMENTS:
+            self.checked += parsed.tool in self.catalog  # arguments that do not parse are not valid
+        if positive:
+            self.missed += called == NO_TOOL
+            self.exact += (
+                isinstance(parsed, Action)
+                and called == expected
+                and parsed.arguments == _golden_arguments(job)
+            )
+        split = "positive" if positive else "negative"
+        for key in ("category", "lang"):
+            if job.get(key):
+                self.groups[key][f"{split}/{job[key]}"].append(float(called == expected))
+
+    def per_tool(self) -> dict[str, dict[str, Any]]:
+        confusion = self.confusion
+        tools = sorted(({t for row in confusion.values() for t in row} | set(confusion)) - {NO_TOOL})
+        rows = {}
+        for tool in tools:
+            tp = confusion[tool][tool]
+            fn = sum(confusion[tool].values()) - tp
+            fp = sum(row[tool] for expected, row in confusion.items() if expected != tool)
+            rows[tool] = {
+                "support": tp + fn,
+                "predicted": tp + fp,
+                "precision": _rate(tp, tp + fp),
+                "recall": _rate(tp, tp + fn),
+            }
+        return rows
+
+
 def scorecard(
     positive: Sequence[Mapping[str, Any]],
     negative: Sequence[Mapping[str, Any]],
@@ -297,60 +353,14 @@ def scorecard(
                 raise BenchmarkError(
                     f"{label} job {job.get('id', index)!r} has no 'gen' field (not generated yet)"
                 )
-    catalog = catalog or {}
     right = [float(_action_right(job)) for job in positive]
     rouge = [_action_input_rouge(job, tokenizer) for job in positive]
     bad = [float(_is_bad(job)) for job in negative]
-
-    confusion: dict[str, Counter[str]] = defaultdict(Counter)
-    problems: Counter[str] = Counter()
-    missed = not_offered = violations = exact = 0
-    checked = valid = 0
-    by_group: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for is_positive, jobs in ((True, positive), (False, negative)):
-        for job in jobs:
-            offered = offered_tools(job)
-            parsed = parse_output(_gen(job), offered)
-            called, expected = _called_tool(parsed), _expected_tool(job, is_positive)
-            confusion[expected][called] += 1
-            problems.update(p.value for p in parsed.problems)
-            if isinstance(parsed, Malformed):
-                problems[parsed.problem.value] += 1
-            violations += _is_format_violation(parsed)
-            if called != NO_TOOL and offered is not None and called not in offered:
-                not_offered += 1
-            if isinstance(parsed, Action) and parsed.tool in catalog:
-                checked += 1
-                valid += _schema_valid(parsed.tool, parsed.arguments, catalog)
-            elif isinstance(parsed, Malformed) and parsed.problem == Problem.INVALID_ARGUMENTS:
-                if parsed.tool in catalog:
-                    checked += 1
-            if is_positive:
-                missed += called == NO_TOOL
-                exact += (
-                    isinstance(parsed, Action)
-                    and called == expected
-                    and parsed.arguments == _golden_arguments(job)
-                )
-            hit = float(called == expected)
-            for key in ("category", "lang"):
-                if job.get(key):
-                    by_group[key][f"{'positive' if is_positive else 'negative'}/{job[key]}"].append(hit)
-
-    tools = sorted({t for row in confusion.values() for t in row} | set(confusion) - {NO_TOOL})
-    per_tool = {}
-    for tool in tools:
-        if tool == NO_TOOL:
-            continue
-        tp = confusion[tool][tool]
-        fn = sum(confusion[tool].values()) - tp
-        fp = sum(row[tool] for expected, row in confusion.items() if expected != tool)
-        per_tool[tool] = {
-            "support": tp + fn,
-            "predicted": tp + fp,
-            "precision": _rate(tp, tp + fp),
-            "recall": _rate(tp, tp + fn),
-        }
+    tally = _Tally(catalog or {})
+    for job in positive:
+        tally.add(job, positive=True)
+    for job in negative:
+        tally.add(job, positive=False)
 
     rng = np.random.default_rng(seed)
     total = len(positive) + len(negative)
@@ -366,18 +376,18 @@ def scorecard(
             "action_input_rouge": _bootstrap_ci(rouge, bootstrap, rng),
             "bad_rate": _bootstrap_ci(bad, bootstrap, rng),
         },
-        "missed_tool_rate": _rate(missed, len(positive)),
-        "not_offered_call_rate": _rate(not_offered, total),
-        "schema_valid_rate": _rate(valid, checked),
-        "schema_checked_calls": checked,
-        "exact_argument_match": _rate(exact, len(positive)),
-        "format_violation_rate": _rate(violations, total),
-        "problems": dict(sorted(problems.items())),
-        "per_tool": per_tool,
-        "confusion": {expected: dict(row) for expected, row in sorted(confusion.items())},
+        "missed_tool_rate": _rate(tally.missed, len(positive)),
+        "not_offered_call_rate": _rate(tally.not_offered, total),
+        "schema_valid_rate": _rate(tally.valid, tally.checked),
+        "schema_checked_calls": tally.checked,
+        "exact_argument_match": _rate(tally.exact, len(positive)),
+        "format_violation_rate": _rate(tally.violations, total),
+        "problems": dict(sorted(tally.problems.items())),
+        "per_tool": tally.per_tool(),
+        "confusion": {expected: dict(row) for expected, row in sorted(tally.confusion.items())},
         "groups": {
             key: {name: {"jobs": len(v), "accuracy": _mean(v)} for name, v in sorted(groups.items())}
-            for key, groups in sorted(by_group.items())
+            for key, groups in sorted(tally.groups.items())
         },
     }
 

@@ -29,7 +29,7 @@ DATA = ROOT / "benchmarks" / "data"
 THOUGHT = {
     "positive": {
         "en": "I should call the {human} API to {purpose}.",
-        "zh": "我需要调用{human}API来{purpose}。",
+        "zh": "我需要调用{human} API来{purpose}。",
     },
     "direct": {
         "en": "I can answer this directly; no tool is needed.",
