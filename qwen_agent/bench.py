@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import BenchmarkError, ConfigError
+from .llm import ChatPrompt, Sampling
 from .react import STOP_WORDS
 from .tools.base import BaseTool
 
@@ -112,7 +113,8 @@ def _with_stop_word(text: str, stop: Any) -> str:
 
 class LLMGenerator:
     """Any :class:`~qwen_agent.llm.LLM` backend (an OpenAI-compatible server, a scripted model), with up to
-    ``concurrency`` requests in flight so the server can batch them."""
+    ``concurrency`` requests in flight so the server can batch them. A backend that is not thread-safe (the
+    in-process ``LocalLLM``) needs ``concurrency=1``; for a local model :class:`EngineGenerator` batches instead."""
 
     def __init__(
         self,
@@ -122,8 +124,6 @@ class LLMGenerator:
         max_tokens: int = 512,
         repetition_penalty: float | None = None,
     ) -> None:
-        from .llm import Sampling
-
         self.llm = llm
         self.concurrency = max(1, concurrency)
         self.sampling = Sampling(
@@ -131,8 +131,6 @@ class LLMGenerator:
         )
 
     def _one(self, prompt: str) -> str:
-        from .llm import ChatPrompt
-
         completion = self.llm.complete(ChatPrompt(prompt), stop=STOP_WORDS, sampling=self.sampling)
         return _with_stop_word(completion.text, completion.stop)
 
