@@ -239,10 +239,13 @@ def _job_id(job: Mapping[str, Any], index: int, split: str) -> str:
 
 
 class RunFile:
-    """The jsonl file of one split's generations. Opening it drops a torn last line left by a killed run."""
+    """An append-only jsonl file of finished records, keyed by ``key``. Opening it drops a torn last line left by
+    a killed run; ``done`` maps each recorded key to its record."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, key: str = "_id", fields: Sequence[str] = ("gen",)) -> None:
         self.path = Path(path)
+        self.key = key
+        self.fields = (key, *fields)
         self.done: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             self._recover()
@@ -257,12 +260,13 @@ class RunFile:
             if not line.strip():
                 continue
             try:
-                job = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise BenchmarkError(f"{self.path}:{number}: not valid JSON ({exc.msg})") from None
-            if "_id" not in job or "gen" not in job:
-                raise BenchmarkError(f"{self.path}:{number}: not a generation record (no '_id' or 'gen')")
-            self.done[job["_id"]] = job
+            missing = [f for f in self.fields if not isinstance(record, dict) or f not in record]
+            if missing:
+                raise BenchmarkError(f"{self.path}:{number}: not a run record (no {missing[0]!r} field)")
+            self.done[record[self.key]] = record
 
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -271,7 +275,7 @@ class RunFile:
             os.write(fd, line)  # one write per record: a kill leaves whole lines plus at most one torn one
         finally:
             os.close(fd)
-        self.done[record["_id"]] = record
+        self.done[record[self.key]] = record
 
 
 def run_tool_use(

@@ -12,6 +12,9 @@ Metrics, as Qwen-Agent's benchmark defines them:
 * math accuracy (and the same for data tasks): the last number in the whole ReAct transcript equals the answer
   (within the task's ``tolerance``, default 1e-6);
 * plotting success: plot tasks where code that ran without error produced at least one figure.
+
+Each task's record is appended to ``results.jsonl`` as it finishes; rerunning into the same directory skips the
+tasks already recorded.
 """
 
 from __future__ import annotations
@@ -198,26 +201,24 @@ def run_code_benchmark(
     max_new_tokens: int = 512,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the tasks (the shipped set by default) and write ``results.jsonl`` and ``report.json``."""
+    """Run the tasks (the shipped set by default), appending each task's record to ``results.jsonl`` as it
+    finishes (a rerun with the same ``out_dir`` skips tasks already recorded), and write ``report.json``."""
     from tqdm import tqdm
 
+    from .bench import RunFile, open_llm
+
+    task_file = Path(tasks) if tasks else TASKS_DIR / "tasks.jsonl"
+    selected = load_tasks(task_file)[:limit] if limit else load_tasks(task_file)  # before loading a model
     if llm is None:
         if model is None:
             raise ConfigError("give a model (directory or URL) or an llm object")
-        from .bench import open_llm
-
         llm = open_llm(model)
-    task_file = Path(tasks) if tasks else TASKS_DIR / "tasks.jsonl"
-    selected = load_tasks(task_file)[:limit] if limit else load_tasks(task_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    with open(out / "results.jsonl", "w", encoding="utf-8") as handle:
-        for task in tqdm(selected, disable=not progress, unit="task"):
-            record = run_task(task, llm, out / task.id, task_file.parent, max_tokens=max_new_tokens)
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            records.append(record)
-    report = summarize(records)
+    results = RunFile(out / "results.jsonl", key="id", fields=("kind", "executable"))
+    for task in tqdm(selected, disable=not progress, unit="task"):
+        if task.id not in results.done:
+            results.append(run_task(task, llm, out / task.id, task_file.parent, max_tokens=max_new_tokens))
+    report = summarize([results.done[task.id] for task in selected])
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
