@@ -110,7 +110,7 @@ def to_transformers(model: Transformer):
         p = f"model.layers.{i}."
         for kind in ("weight", "bias"):
             fused = getattr(block.attention.wqkv, kind)
-            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv)), strict=True):
                 state[p + f"self_attn.{name}_proj.{kind}"] = fused[a:b]
         state |= {p + "self_attn.o_proj.weight": block.attention.wo.weight,
                   p + "input_layernorm.weight": block.attention_norm.weight,
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=None, help="tokens to encode (default 2048; 512 on CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.new_tokens or (2048 if device.type == "cuda" else 256)
     context = args.context or (2048 if device.type == "cuda" else 512)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()

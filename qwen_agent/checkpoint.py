@@ -183,7 +183,7 @@ def _expected_source_shapes(
         if len(sources) == 1:
             wanted[sources[0]] = shape
         else:  # q, k, v parts of a fused projection
-            for source, rows in zip(sources, (q_rows, kv_rows, kv_rows)):
+            for source, rows in zip(sources, (q_rows, kv_rows, kv_rows), strict=True):
                 wanted[source] = (rows, *shape[1:])
     return wanted
 

@@ -236,5 +236,5 @@ class Generation:
                 prefill_tokens=len(prompt) - self.reused, prefill_seconds=prefill_seconds,
                 decode_seconds=decode_seconds,
             )
-            for row, prompt in zip(self.rows, self.prompts)
+            for row, prompt in zip(self.rows, self.prompts, strict=True)
         ]

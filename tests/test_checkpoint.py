@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_model import TOL, hf_model  # a sibling test module: the same HF reference builder
 from transformers import Qwen2ForCausalLM
 
 from qwen_agent.checkpoint import load_checkpoint
 from qwen_agent.config import QwenConfig
 from qwen_agent.errors import CheckpointError
 from qwen_agent.tiny import write_tiny_checkpoint
-
-from test_model import TOL, hf_model  # noqa: I001 - sibling test module
 
 IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 77091]])
 ROOT = Path(__file__).resolve().parents[1]

@@ -156,7 +156,7 @@ def test_batch_equals_each_prompt_alone(engine, tokenizer):
     prompts = [tokenizer.encode(t) for t in ("Hi", "A much longer prompt with many more tokens in it", "Mid size q")]
     batched = engine.generate(prompts, max_new_tokens=15, stop=["e"], do_sample=False)
     assert isinstance(batched, list) and len(batched) == 3
-    for prompt, got in zip(prompts, batched):
+    for prompt, got in zip(prompts, batched, strict=True):
         alone = engine.generate(prompt, max_new_tokens=15, stop=["e"], do_sample=False)
         assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
         assert got.prompt_tokens == len(prompt)
