@@ -231,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 model = load_checkpoint(model_dir, device=device, dtype=dtype)
                 report["load_s"] = time.perf_counter() - start
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             report |= {"model": str(args.model or "tiny (smoke)"), "checkpoint_gib": checkpoint_bytes / GIB,
-                       "load_host_peak_gib": mem.peak / GIB, "load_peak_over_checkpoint": mem.peak / checkpoint_bytes}
+                       "loaded_model_gib": model_bytes / GIB, "load_host_peak_gib": mem.peak / GIB,
+                       "load_peak_over_checkpoint": mem.peak / checkpoint_bytes,
+                       "load_peak_over_model": mem.peak / model_bytes}
             tokenizer = QwenTokenizer.from_pretrained(model_dir)
         else:
             model = random_model(CONFIGS[args.random], device, dtype)
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
           f"generate {n} tokens from 1, encode {context}")
     if "load_s" in report:
         print(f"load: {report['load_s']:.2f} s, host peak {report['load_host_peak_gib']:.3f} GiB = "
-              f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB")
+              f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB, "
+              f"{report['load_peak_over_model']:.2f}x the loaded model's {report['loaded_model_gib']:.3f} GiB")
     print(f"{'impl':<14}{'tokens/s':>10}{'encode s':>10}{'encode peak GiB':>17}")
     for r in runs:
         print(f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}")

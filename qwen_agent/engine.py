@@ -11,7 +11,9 @@ which re-sends prompt + previous output + Observation, prefills only the new tok
 how many ran). Reuse happens only when it gives the same result as prefilling the whole prompt afresh: with
 Qwen v1's dynamic NTK the cached keys were rotated with the alpha frozen at their prefill, so the cache is
 reused only if the new prompt's own alpha (:func:`qwen_agent.config.ntk_alpha` of its length) is the same;
-below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh.
+below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh. (The
+maths is the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any
+change of batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.)
 Batched calls use a cache of their own and leave the kept one alone.
 """
 
