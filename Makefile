@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/qwen-agent --help
+	$(BIN)/python -m qwen_agent.demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -76,7 +76,9 @@ def make_context(
         + tokenizer.encode("assistant")
         + [NEWLINE]
     )
-    text = f"{IM_START}{system_text}{IM_END}{kept_text}\n{IM_START}{query_text}{IM_END}\n{IM_START}assistant\n"
+    text = (
+        f"{IM_START}{system_text}{IM_END}{kept_text}\n{IM_START}{query_text}{IM_END}\n{IM_START}assistant\n"
+    )
     return text, ids
 
 

@@ -17,7 +17,9 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         try:
             ids = [int(x) for x in args.text.replace(",", " ").split()]
         except ValueError:
-            raise QwenAgentError(f"--decode expects integer ids separated by spaces or commas, got {args.text!r}") from None
+            raise QwenAgentError(
+                f"--decode expects integer ids separated by spaces or commas, got {args.text!r}"
+            ) from None
         print(tokenizer.decode(ids))
         return 0
     allowed = "all" if args.allow_special else ()
@@ -61,6 +63,85 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .agent import (
+        ActionEvent,
+        Agent,
+        AnswerDelta,
+        ErrorEvent,
+        FinalAnswerEvent,
+        ObservationEvent,
+        StepStarted,
+        ThoughtDelta,
+    )
+    from .llm import Sampling, llm_from_spec
+    from .tools.registry import default_registry
+
+    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else None
+    tools = default_registry.select(names)
+    llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    agent = Agent(
+        llm,
+        tools,
+        system=args.system,
+        max_iterations=args.max_iterations,
+        variant=args.variant,
+        sampling=sampling,
+    )
+    out = sys.stdout
+    section = ""
+    try:
+        for event in agent.stream(args.question):
+            if isinstance(event, StepStarted):
+                title = "final answer (step budget used up)" if event.forced else f"step {event.index + 1}"
+                out.write(f"\n--- {title}\n")
+                section = ""
+            elif isinstance(event, (ThoughtDelta, AnswerDelta)):
+                label = "Thought: " if isinstance(event, ThoughtDelta) else "Final Answer: "
+                if section != label:
+                    out.write(("\n" if section else "") + label)
+                    section = label
+                out.write(event.text)
+            elif isinstance(event, ActionEvent):
+                out.write(f"\nAction: {event.tool}\nAction Input: {event.raw_arguments}\n")
+                section = ""
+            elif isinstance(event, ErrorEvent):
+                out.write(f"[{event.kind}]\n")
+            elif isinstance(event, ObservationEvent):
+                text = event.observation
+                if len(text) > args.show_chars:
+                    text = (
+                        text[: args.show_chars]
+                        + f"... ({len(event.observation) - args.show_chars} more characters)"
+                    )
+                out.write(f"Observation: {text}\n")
+            elif isinstance(event, FinalAnswerEvent):
+                r = event.result
+                out.write("\n")
+                out.flush()
+                print(
+                    f"[{r.stop_reason}; {len(r.steps)} model turns; {r.prompt_tokens} prompt / "
+                    f"{r.completion_tokens} completion / {r.prefill_tokens} prefilled tokens; {r.seconds:.1f} s]",
+                    file=sys.stderr,
+                )
+            out.flush()
+    finally:
+        tools.close()
+    return 0
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    import json
+
+    from .tools import CodeInterpreter
+
+    with CodeInterpreter(network=args.network) as interpreter:
+        interpreter.execute("pass")  # waits until the kernel is up
+        print(json.dumps(interpreter.sandbox_info(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-agent", description="ReAct tool-use agents for Qwen-7B-Chat running locally."
@@ -70,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="print the Qwen token ids of a text (or decode ids with --decode)")
     p.add_argument("text", help="the text to encode, or ids to decode")
     p.add_argument("--decode", action="store_true", help="treat TEXT as token ids and print the decoded text")
-    p.add_argument("--vocab", default=None, help="model directory or qwen.tiktoken file (default: dashscope's copy)")
-    p.add_argument("--allow-special", action="store_true", help="parse <|im_start|> and friends as control tokens")
+    p.add_argument(
+        "--vocab", default=None, help="model directory or qwen.tiktoken file (default: dashscope's copy)"
+    )
+    p.add_argument(
+        "--allow-special", action="store_true", help="parse <|im_start|> and friends as control tokens"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also print each token's bytes")
     p.set_defaults(func=_cmd_tokenize)
 
@@ -86,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser(
+        "run", help="answer a question with the ReAct agent and the built-in tools, printing each step"
+    )
+    p.add_argument("question", help="the question to answer")
+    p.add_argument(
+        "--model", required=True, help="a model directory, or the URL of an OpenAI-compatible server"
+    )
+    p.add_argument("--api-key", default=None, help="API key for a server (default: $OPENAI_API_KEY)")
+    p.add_argument(
+        "--served-model", default=None, help="model name on the server (default: the first it lists)"
+    )
+    p.add_argument("--device", default=None, help="device for a local model (default: cuda if available)")
+    p.add_argument("--tools", default=None, help="comma-separated tool names (default: all built-in tools)")
+    p.add_argument("--max-iterations", type=int, default=8, help="tool steps before a final answer is forced")
+    p.add_argument("--variant", default="react_prompt", choices=["react_prompt", "react_demo", "openai_api"])
+    p.add_argument("--system", default=None, help="system message (default: You are a helpful assistant.)")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per model turn")
+    p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")
+    p.add_argument("--network", action="store_true", help="allow network access (no network namespace)")
+    p.set_defaults(func=_cmd_sandbox)
 
     return parser
 

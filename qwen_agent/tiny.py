@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import ConfigError, VocabError
-from .tokenizer import ENDOFTEXT, IM_END, IM_START, unicode_to_byte, dashscope_vocab_path, load_tiktoken_ranks
+from .tokenizer import ENDOFTEXT, IM_END, IM_START, dashscope_vocab_path, load_tiktoken_ranks, unicode_to_byte
 
 __all__ = ["write_tiny_checkpoint", "qwen_7b_chat_config", "qwen_7b_chat_generation_config"]
 
@@ -90,7 +90,9 @@ def qwen_7b_chat_generation_config() -> dict[str, Any]:
     }
 
 
-def _qwen2_config(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, tied: bool, dtype: str) -> dict:
+def _qwen2_config(
+    hidden: int, layers: int, heads: int, kv_heads: int, inter: int, tied: bool, dtype: str
+) -> dict:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "attention_dropout": 0.0,
@@ -219,10 +221,14 @@ def _byte_level_merges(vocab_file: str) -> tuple[dict[str, int], list[str]]:
         parts = [bytes([b]) for b in token]
         while len(parts) > 2:
             candidates = [
-                (r, i) for i in range(len(parts) - 1) if (r := ranks.get(parts[i] + parts[i + 1], rank)) < rank
+                (r, i)
+                for i in range(len(parts) - 1)
+                if (r := ranks.get(parts[i] + parts[i + 1], rank)) < rank
             ]
             if not candidates:
-                raise VocabError(f"{vocab_file}: token of rank {rank} cannot be built from lower-ranked tokens")
+                raise VocabError(
+                    f"{vocab_file}: token of rank {rank} cannot be built from lower-ranked tokens"
+                )
             i = min(candidates)[1]
             parts[i : i + 2] = [parts[i] + parts[i + 1]]
         merges.append(f"{spell(parts[0])} {spell(parts[1])}")
@@ -259,7 +265,9 @@ def write_tiny_checkpoint(
     if hidden_size % num_heads:
         raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     if family == "qwen" and tie_word_embeddings:
-        raise ConfigError("Qwen v1 checkpoints have an untied lm_head; tie_word_embeddings is for family='qwen2'")
+        raise ConfigError(
+            "Qwen v1 checkpoints have an untied lm_head; tie_word_embeddings is for family='qwen2'"
+        )
     vocab_path = Path(vocab_file) if vocab_file else dashscope_vocab_path()
     if vocab_path is None:
         raise VocabError("no vocabulary: pass vocab_file=<qwen.tiktoken> or install the 'dashscope' package")
@@ -289,8 +297,12 @@ def write_tiny_checkpoint(
         if num_heads % kv_heads:
             raise ConfigError(f"num_heads {num_heads} is not divisible by num_kv_heads {kv_heads}")
         inter = intermediate_size or 2 * hidden_size
-        config = _qwen2_config(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings, dtype)
-        shapes = list(_qwen2_tensors(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings))
+        config = _qwen2_config(
+            hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings, dtype
+        )
+        shapes = list(
+            _qwen2_tensors(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings)
+        )
         generation_config = dict(QWEN2_GENERATION_CONFIG)
         vocab, merges = _byte_level_merges(str(vocab_path.resolve()))
         (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -298,8 +310,14 @@ def write_tiny_checkpoint(
         specials = {str(len(vocab) + i): tok for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
         tokenizer_config = {
             "added_tokens_decoder": {
-                idx: {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True}
+                idx: {
+                    "content": tok,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
                 for idx, tok in specials.items()
             },
             "additional_special_tokens": [IM_START, IM_END],

@@ -31,9 +31,7 @@ from .errors import TokenizerError, VocabError
 __all__ = ["QwenTokenizer", "IncrementalDecoder", "PAT_STR", "ENDOFTEXT", "IM_START", "IM_END"]
 
 # The pre-tokenizer of every Qwen generation: cl100k-like, but digits are split one by one.
-PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -80,16 +78,24 @@ def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
             ) from None
         ranks[token] = rank
     if not ranks:
-        raise VocabError(f"{path}: the vocabulary file is empty (expected '<base64 token bytes> <rank>' lines)")
+        raise VocabError(
+            f"{path}: the vocabulary file is empty (expected '<base64 token bytes> <rank>' lines)"
+        )
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise VocabError(f"{path}: ranks must be the ids 0..{len(ranks) - 1}, each once (duplicate or missing ranks)")
+        raise VocabError(
+            f"{path}: ranks must be the ids 0..{len(ranks) - 1}, each once (duplicate or missing ranks)"
+        )
     return ranks
 
 
 @cache
 def unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-unicode alphabet, which ``vocab.json`` uses to spell token bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {chr(b): b for b in printable}
     extra = 0
     for b in range(256):
@@ -114,7 +120,9 @@ def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         try:
             ranks[bytes(alphabet[ch] for ch in piece)] = int(rank)
         except (KeyError, TypeError, ValueError):
-            raise VocabError(f"{vocab_path}: entry {piece!r}: {rank!r} is not a byte-level BPE token") from None
+            raise VocabError(
+                f"{vocab_path}: entry {piece!r}: {rank!r} is not a byte-level BPE token"
+            ) from None
     config_path = directory / "tokenizer_config.json"
     specials: dict[str, int] = {}
     if config_path.is_file():
@@ -136,7 +144,9 @@ class QwenTokenizer:
     [37763, 367, 25]
     """
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int], *, name: str = "Qwen"):
+    def __init__(
+        self, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int], *, name: str = "Qwen"
+    ):
         self._encoding = tiktoken.Encoding(
             name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
         )

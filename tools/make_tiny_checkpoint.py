@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a random-weight model directory in the exact Hugging Face layout of Qwen-7B-Chat (or the Qwen2 family).
 
-    python tools/make_tiny_checkpoint.py OUT_DIR [--family qwen|qwen2] [--seed 0] [--hidden-size 64] ...
+python tools/make_tiny_checkpoint.py OUT_DIR [--family qwen|qwen2] [--seed 0] [--hidden-size 64] ...
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from qwen_agent.tiny import write_tiny_checkpoint  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", help="directory to write")
     parser.add_argument("--family", choices=["qwen", "qwen2"], default="qwen")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,135 @@
+"""Code-interpreter latency: kernel cold start and the warm round trip of a trivial cell.
+
+Measures the sandboxed CodeInterpreter and, as the baseline in the same run, a stock jupyter_client kernel
+(KernelManager over TCP, no sandbox, execute_interactive). Prints a table and writes
+benchmarks/results/interpreter.json.
+
+    PYTHONPATH=$PWD /work/venv/bin/python benchmarks/interpreter.py --calls 300 --starts 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qwen_agent.tools import CodeInterpreter
+
+TRIVIAL = "1 + 1"
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "median_ms": 1000 * statistics.median(ordered),
+        "p95_ms": 1000 * ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+        "min_ms": 1000 * ordered[0],
+    }
+
+
+def sandboxed(calls: int, starts: int) -> dict[str, object]:
+    cold = []
+    for _ in range(starts):
+        t0 = time.perf_counter()
+        with CodeInterpreter() as ci:
+            result = ci.execute(TRIVIAL)  # waits for the kernel, then runs the cell
+            cold.append(time.perf_counter() - t0)
+            assert result.result == "2", result
+    with CodeInterpreter() as ci:
+        ci.execute(TRIVIAL)
+        for _ in range(20):  # warm-up
+            ci.execute(TRIVIAL)
+        warm = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            ci.execute(TRIVIAL)
+            warm.append(time.perf_counter() - t0)
+        layers = ci.sandbox_info()
+    return {"cold_start": _summary(cold), "warm_round_trip": _summary(warm), "sandbox": layers}
+
+
+def stock_jupyter(calls: int, starts: int) -> dict[str, object]:
+    from jupyter_client.manager import start_new_kernel
+
+    def run(kc) -> None:
+        reply = kc.execute_interactive(TRIVIAL, timeout=30, output_hook=lambda msg: None)
+        assert reply["content"]["status"] == "ok"
+
+    cold = []
+    for _ in range(starts):
+        t0 = time.perf_counter()
+        km, kc = start_new_kernel(kernel_name="python3", stderr=subprocess.DEVNULL)
+        run(kc)
+        cold.append(time.perf_counter() - t0)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    km, kc = start_new_kernel(kernel_name="python3", stderr=subprocess.DEVNULL)
+    for _ in range(20):
+        run(kc)
+    warm = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        run(kc)
+        warm.append(time.perf_counter() - t0)
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+    return {"cold_start": _summary(cold), "warm_round_trip": _summary(warm)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=300, help="warm round trips to time (>= 200)")
+    parser.add_argument("--starts", type=int, default=10, help="cold starts to time")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the stock jupyter_client baseline")
+    parser.add_argument("--out", default="benchmarks/results/interpreter.json")
+    args = parser.parse_args()
+
+    results: dict[str, object] = {
+        "benchmark": "interpreter",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_1m_at_start": os.getloadavg()[0],
+        },
+        "settings": {"calls": args.calls, "starts": args.starts, "cell": TRIVIAL},
+        "sandboxed": sandboxed(args.calls, args.starts),
+    }
+    if not args.no_baseline:
+        results["stock_jupyter_baseline"] = stock_jupyter(args.calls, args.starts)
+    results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]  # type: ignore[index]
+
+    print(f"{'kernel':<24}{'metric':<18}{'median ms':>10}{'p95 ms':>10}{'min ms':>10}{'n':>6}")
+    for label in ("sandboxed", "stock_jupyter_baseline"):
+        if label not in results:
+            continue
+        for metric in ("cold_start", "warm_round_trip"):
+            s = results[label][metric]  # type: ignore[index]
+            print(
+                f"{label:<24}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}"
+            )
+    if "stock_jupyter_baseline" in results:
+        for metric in ("cold_start", "warm_round_trip"):
+            ours = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]
+            base = results["stock_jupyter_baseline"][metric]["median_ms"]  # type: ignore[index]
+            print(f"ratio sandboxed/stock {metric}: {ours / base:.2f}")
+    print(
+        f"load average (1 min) start/end: {results['machine']['load_avg_1m_at_start']:.2f} / "  # type: ignore[index]
+        f"{results['machine']['load_avg_1m_at_end']:.2f}"
+    )  # type: ignore[index]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""The one interface the agent talks to a language model through, and its backends.
+
+The protocol
+------------
+A backend is any object with these two methods (see :class:`LLM`)::
+
+    complete(prompt: ChatPrompt, *, stop=(), sampling=None) -> Completion
+    stream(prompt: ChatPrompt, *, stop=(), sampling=None) -> Iterator[str | Completion]
+
+:class:`ChatPrompt` is Qwen's chat as ``make_context`` sees it: a system text, earlier ``(query, response)``
+turns, the current query, and an optional ``assistant_prefix``, the unfinished assistant turn the model must
+continue (text-completion mode, as ``react_demo.py`` and ``openai_api.py`` do it). The returned text is the
+continuation only, cut before the first stop string; ``Completion.stop`` says which one ended it. ``stream``
+yields text deltas and, as its last item, the :class:`Completion`.
+
+Backends here
+-------------
+* :class:`ScriptedLLM` replays recorded outputs: it drives the agent loop in tests.
+* :class:`~qwen_agent.openai_client.OpenAICompatibleLLM` talks to any OpenAI-compatible server (vLLM,
+  DashScope, this project's server) over ``/v1/completions`` (a ChatML prompt, sent as token ids when a tokenizer is given) or
+  ``/v1/chat/completions``, with stop strings, SSE streaming, timeouts and retries.
+* :class:`LocalLLM` runs a model loaded in this process, reusing its KV cache across agent steps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .chat_format import DEFAULT_SYSTEM
+from .errors import LLMError
+from .tokenizer import IM_END, IM_START
+
+__all__ = [
+    "ChatPrompt",
+    "Sampling",
+    "Completion",
+    "LLM",
+    "StopScanner",
+    "ScriptedLLM",
+    "LocalLLM",
+    "llm_from_spec",
+]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A ChatML conversation: ``system``, ``history`` as ``(query, response)`` pairs, the current ``query``,
+    and ``assistant_prefix``, text the assistant has already written in this turn and is to continue."""
+
+    query: str
+    history: tuple[tuple[str, str], ...] = ()
+    system: str = DEFAULT_SYSTEM
+    assistant_prefix: str = ""
+
+    def to_chatml(self) -> str:
+        """The prompt as one ChatML string, exactly as ``make_context`` writes it, plus the prefix."""
+        parts = [f"{IM_START}system\n{self.system}{IM_END}"]
+        for query, response in self.history:
+            parts.append(f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n{response}{IM_END}")
+        parts.append(f"\n{IM_START}user\n{self.query}{IM_END}\n{IM_START}assistant\n{self.assistant_prefix}")
+        return "".join(parts)
+
+    def to_messages(self) -> list[dict[str, str]]:
+        """OpenAI chat messages; a non-empty prefix becomes a final assistant message."""
+        messages = [{"role": "system", "content": self.system}]
+        for query, response in self.history:
+            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+        messages.append({"role": "user", "content": self.query})
+        if self.assistant_prefix:
+            messages.append({"role": "assistant", "content": self.assistant_prefix})
+        return messages
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; ``None`` leaves a setting to the backend's default. ``temperature=0`` is greedy."""
+
+    max_tokens: int = 512
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation.
+
+    ``finish_reason`` is ``"stop"`` (a stop string or end of turn) or ``"length"``; ``stop`` is the stop string
+    that ended it, if one did. Token counts are ``None`` when the backend does not report them;
+    ``prefill_tokens`` is how many prompt tokens had to be encoded (fewer than ``prompt_tokens`` when a KV cache
+    was reused).
+    """
+
+    text: str
+    finish_reason: str = "stop"
+    stop: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prefill_tokens: int | None = None
+    seconds: float = 0.0
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """What the agent needs from a model. Implement both methods to plug in any backend."""
+
+    def complete(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Completion:
+        """The continuation of ``prompt``, cut before the first of ``stop``."""
+        ...
+
+    def stream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Iterator[str | Completion]:
+        """Text deltas as they are generated, then the :class:`Completion` as the last item."""
+        ...
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string, holding back text that may be the start of one.
+
+    ``feed`` returns the text that is safe to emit; once a stop string is seen, ``stopped`` names it and
+    everything after it is ignored. ``finish`` releases what was held back.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self._stop = [s for s in stop if s]
+        self._held = ""
+        self.stopped: str | None = None
+
+    def feed(self, delta: str) -> str:
+        if self.stopped is not None:
+            return ""
+        text = self._held + delta
+        hits = [(text.find(s), s) for s in self._stop if s in text]
+        if hits:
+            index, self.stopped = min(hits)
+            self._held = ""
+            return text[:index]
+        keep = max((k for s in self._stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def finish(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """``text`` before the earliest stop string, and that stop string (or None)."""
+    scanner = StopScanner(stop)
+    kept = scanner.feed(text) + scanner.finish()
+    return kept, scanner.stopped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScriptedLLM:
+    """Replays recorded model outputs, one per call, for tests and demos.
+
+    Each output is cut at the stop strings as a real backend would; ``apply_stop=False`` replays it whole, like
+    a server that ignores ``stop``. Every call's prompt and stop list is kept in ``calls``. ``stream`` yields
+    each output in pieces of ``chunk_size`` characters.
+    """
+
+    outputs: Sequence[str]
+    apply_stop: bool = True
+    chunk_size: int = 3
+    calls: list[tuple[ChatPrompt, tuple[str, ...]]] = field(default_factory=list)
+
+    def complete(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Completion:
+        text = self._next(prompt, stop)
+        stopped = None
+        if self.apply_stop:
+            text, stopped = cut_at_stop(text, stop)
+        return Completion(text, "stop", stopped, completion_tokens=len(text))
+
+    def stream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Iterator[str | Completion]:
+        completion = self.complete(prompt, stop=stop, sampling=sampling)
+        text = completion.text
+        for i in range(0, len(text), self.chunk_size):
+            yield text[i : i + self.chunk_size]
+        yield completion
+
+    def _next(self, prompt: ChatPrompt, stop: Sequence[str]) -> str:
+        if len(self.calls) >= len(self.outputs):
+            raise LLMError(f"ScriptedLLM: the script has only {len(self.outputs)} outputs and all were used")
+        self.calls.append((prompt, tuple(stop)))
+        return self.outputs[len(self.calls) - 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LocalLLM:
+    """A model loaded in this process (:func:`qwen_agent.engine.load_model`).
+
+    The prompt ids are built piece-wise with :func:`~qwen_agent.chat_format.make_context` and the assistant
+    prefix is appended as plain text, so neither user text nor tool output can become a control token. The
+    engine keeps the KV cache of its previous call, so when the agent re-sends the same conversation with a
+    longer assistant prefix only the new tokens are encoded (``Completion.prefill_tokens``).
+    """
+
+    def __init__(self, engine: Any, *, max_window_size: int | None = None):
+        from .chat_format import DEFAULT_MAX_WINDOW_SIZE
+
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        configured = getattr(getattr(engine, "generation_config", None), "max_window_size", None)
+        self.max_window_size = max_window_size or configured or DEFAULT_MAX_WINDOW_SIZE
+
+    def prompt_ids(self, prompt: ChatPrompt) -> list[int]:
+        from .chat_format import make_context
+
+        _, ids = make_context(
+            self.tokenizer,
+            prompt.query,
+            list(prompt.history),
+            prompt.system,
+            max_window_size=self.max_window_size,
+        )
+        return ids + self.tokenizer.encode(prompt.assistant_prefix)
+
+    def complete(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Completion:
+        started = time.perf_counter()
+        result = self.engine.generate(self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling))
+        return _local_completion(result, time.perf_counter() - started)
+
+    def complete_batch(
+        self, prompts: Sequence[ChatPrompt], *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> list[Completion]:
+        """Complete several prompts in one batched engine pass (``seconds`` is the time of the whole pass)."""
+        if not prompts:
+            return []
+        started = time.perf_counter()
+        ids = [self.prompt_ids(p) for p in prompts]
+        results = self.engine.generate(ids, stop=tuple(stop), **_engine_options(sampling))
+        return [_local_completion(r, time.perf_counter() - started) for r in results]
+
+    def stream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Iterator[str | Completion]:
+        started = time.perf_counter()
+        yield from self.engine.stream(self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling))
+        # the engine keeps the full result of the stream it just finished
+        yield _local_completion(self.engine.last_result, time.perf_counter() - started)
+
+
+def _engine_options(sampling: Sampling | None) -> dict[str, Any]:
+    sampling = sampling or Sampling()
+    options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens}
+    if sampling.temperature == 0:
+        options["do_sample"] = False
+    elif sampling.temperature is not None:
+        options["temperature"] = sampling.temperature
+    for key in ("top_p", "top_k", "repetition_penalty", "seed"):
+        if getattr(sampling, key) is not None:
+            options[key] = getattr(sampling, key)
+    return options
+
+
+def _local_completion(result: Any, seconds: float) -> Completion:
+    finish = "length" if result.finish_reason == "length" else "stop"
+    stopped = result.stop if isinstance(result.stop, str) else None  # an end-of-turn id is not a stop string
+    return Completion(
+        result.text,
+        finish,
+        stopped,
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.prefill_tokens,
+        seconds,
+    )
+
+
+def llm_from_spec(
+    model: str, *, api_key: str | None = None, served_model: str | None = None, device: str | None = None
+) -> LLM:
+    """An LLM for a command-line ``--model``: an ``http(s)://`` URL is an OpenAI-compatible server (key from
+    ``api_key`` or ``$OPENAI_API_KEY``), anything else a local model directory."""
+    if model.startswith(("http://", "https://")):
+        from .openai_client import OpenAICompatibleLLM
+
+        return OpenAICompatibleLLM(model, served_model, api_key=api_key or os.environ.get("OPENAI_API_KEY"))
+    from .engine import load_model
+
+    return LocalLLM(load_model(model, device=device))

@@ -1,0 +1,337 @@
+"""A client for OpenAI-compatible servers (vLLM, DashScope, this project's own server), as an :class:`~qwen_agent.llm.LLM`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import requests
+import urllib3
+
+from .errors import ConfigError, LLMAuthError, LLMConnectionError, LLMError, LLMProtocolError, LLMTimeoutError
+from .llm import ChatPrompt, Completion, Sampling, StopScanner, cut_at_stop
+
+__all__ = ["OpenAICompatibleLLM"]
+
+# ids of <|im_end|> and <|im_start|> in every Qwen vocabulary; servers that drop special tokens from the text
+# can only stop on them by id
+QWEN_STOP_TOKEN_IDS = (151645, 151644)
+
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class OpenAICompatibleLLM:
+    """A client for an OpenAI-compatible server.
+
+    ``mode="completions"`` (default) sends the ChatML prompt to ``/v1/completions``, so the assistant turn can
+    be continued exactly (what vLLM serving Qwen-7B-Chat needs). With a ``tokenizer`` the prompt is sent as token
+    ids built piece-wise, so no user text or tool output can become a control token on the server; without one
+    it is sent as a string, and the server parses ``<|im_start|>`` written inside messages as a control token.
+    ``mode="chat"`` sends ``messages`` to ``/v1/chat/completions``; an assistant prefix is sent as a final
+    assistant message with vLLM's ``continue_final_message``.
+
+    Requests time out after ``timeout`` seconds without data (``connect_timeout`` to connect). HTTP 429 and 5xx
+    answers and refused connections are retried ``max_retries`` times with exponential backoff (``Retry-After``
+    is honoured, capped at ``max_backoff``); a stream is never retried once data has arrived. Failures raise
+    :class:`LLMConnectionError`, :class:`LLMAuthError`, :class:`LLMTimeoutError`, :class:`LLMProtocolError` or
+    :class:`LLMError` (other HTTP errors, with the server's message).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        mode: Literal["completions", "chat"] = "completions",
+        tokenizer: Any = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        extra_body: dict[str, Any] | None = None,
+    ):
+        if mode not in ("completions", "chat"):
+            raise ConfigError(f"mode must be 'completions' or 'chat', got {mode!r}")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+        base_url = base_url.rstrip("/")
+        self.base_url = base_url if "/v1" in base_url else base_url + "/v1"
+        self._model = model
+        self.mode = mode
+        self.tokenizer = tokenizer
+        self.timeout = (connect_timeout, timeout)
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        if extra_body is None:
+            extra_body = {"stop_token_ids": list(QWEN_STOP_TOKEN_IDS)} if mode == "completions" else {}
+        self.extra_body = extra_body
+        self._session = requests.Session()
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    @property
+    def model(self) -> str:
+        """The model name; when none was given, the first one the server lists under ``/v1/models``."""
+        if self._model is None:
+            body = self._json(self._request("GET", "/models", None, stream=False), "/models")
+            try:
+                self._model = str(body["data"][0]["id"])
+            except (KeyError, IndexError, TypeError):
+                raise LLMProtocolError(
+                    f"{self.base_url}/models: no model listed in {_preview(body)}"
+                ) from None
+        return self._model
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- the protocol --------------------------------------------------------------------------------------
+
+    def complete(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Completion:
+        started = time.perf_counter()
+        path, body = self._body(prompt, stop, sampling, stream=False)
+        data = self._json(self._request("POST", path, body, stream=False), path)
+        choice = _first_choice(data, path)
+        text = (
+            choice.get("text") if self.mode == "completions" else (choice.get("message") or {}).get("content")
+        )
+        if not isinstance(text, str):
+            raise LLMProtocolError(f"{self.base_url}{path}: the first choice has no text: {_preview(data)}")
+        # servers that ignore `stop` (or ignore part of it) are cut here too
+        text, stopped = cut_at_stop(text, stop)
+        usage = data.get("usage") or {}
+        finish = "length" if choice.get("finish_reason") == "length" and stopped is None else "stop"
+        return Completion(
+            text,
+            finish,
+            stopped or _stop_reason(choice, stop),
+            usage.get("prompt_tokens"),
+            usage.get("completion_tokens"),
+            seconds=time.perf_counter() - started,
+        )
+
+    def stream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Iterator[str | Completion]:
+        started = time.perf_counter()
+        path, body = self._body(prompt, stop, sampling, stream=True)
+        response = self._request("POST", path, body, stream=True)
+        scanner = StopScanner(stop)
+        pieces: list[str] = []
+        finish, usage, last_choice = "stop", {}, {}
+        try:
+            for event in self._events(response, path):
+                usage = event.get("usage") or usage
+                choices = event.get("choices") or []
+                if not choices:
+                    continue
+                last_choice = choices[0] if isinstance(choices[0], dict) else {}
+                if last_choice.get("finish_reason") == "length":
+                    finish = "length"
+                delta = self._delta_text(last_choice)
+                emitted = scanner.feed(delta)
+                if emitted:
+                    pieces.append(emitted)
+                    yield emitted
+                if scanner.stopped is not None:
+                    break
+        finally:
+            response.close()
+        tail = scanner.finish()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        stopped = scanner.stopped or _stop_reason(last_choice, stop)
+        yield Completion(
+            "".join(pieces),
+            "stop" if scanner.stopped else finish,
+            stopped,
+            usage.get("prompt_tokens"),
+            usage.get("completion_tokens"),
+            seconds=time.perf_counter() - started,
+        )
+
+    # -- request building ------------------------------------------------------------------------------------
+
+    def _body(
+        self, prompt: ChatPrompt, stop: Sequence[str], sampling: Sampling | None, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
+        sampling = sampling or Sampling()
+        body: dict[str, Any] = {"model": self.model, "max_tokens": sampling.max_tokens, "stream": stream}
+        if stop:
+            body["stop"] = list(stop)
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            value = getattr(sampling, key)
+            if value is not None:
+                body[key] = value
+        body.update(self.extra_body)
+        if self.mode == "chat":
+            body["messages"] = prompt.to_messages()
+            if prompt.assistant_prefix:
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            return "/chat/completions", body
+        body["prompt"] = self._prompt_ids(prompt) if self.tokenizer is not None else prompt.to_chatml()
+        return "/completions", body
+
+    def _prompt_ids(self, prompt: ChatPrompt) -> list[int]:
+        from .chat_format import make_context
+
+        _, ids = make_context(
+            self.tokenizer, prompt.query, list(prompt.history), prompt.system, max_window_size=1 << 30
+        )
+        return ids + self.tokenizer.encode(prompt.assistant_prefix)
+
+    def _delta_text(self, choice: dict[str, Any]) -> str:
+        text = (
+            choice.get("text") if self.mode == "completions" else (choice.get("delta") or {}).get("content")
+        )
+        return text if isinstance(text, str) else ""
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None, *, stream: bool
+    ) -> requests.Response:
+        url = self.base_url + path
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = self._session.request(
+                    method, url, json=body, headers=self._headers, timeout=self.timeout, stream=stream
+                )
+            except requests.Timeout as exc:
+                raise LLMTimeoutError(f"{url}: no answer within {self.timeout[1]:g} s ({exc})") from None
+            except requests.ConnectionError as exc:
+                if last:
+                    raise LLMConnectionError(f"{url}: cannot connect ({_reason(exc)})") from None
+                self._sleep(attempt, None)
+                continue
+            if response.status_code in _RETRY_STATUS and not last:
+                retry_after = response.headers.get("Retry-After")
+                response.close()
+                self._sleep(attempt, retry_after)
+                continue
+            if response.status_code >= 400:
+                message = _error_message(response)
+                response.close()
+                if response.status_code in (401, 403):
+                    raise LLMAuthError(f"{url}: HTTP {response.status_code}, credentials refused: {message}")
+                raise LLMError(f"{url}: HTTP {response.status_code}: {message}")
+            return response
+        raise AssertionError("unreachable")  # the last attempt always returns or raises
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff * (2**attempt)
+        if retry_after:
+            try:
+                delay = float(retry_after)
+            except ValueError:
+                pass
+        time.sleep(min(max(delay, 0.0), self.max_backoff))
+
+    def _json(self, response: requests.Response, path: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise LLMProtocolError(
+                f"{self.base_url}{path}: the answer is not JSON: {response.text[:200]!r}"
+            ) from None
+        except requests.RequestException as exc:
+            raise _stream_error(self.base_url + path, exc, self.timeout[1]) from None
+
+    def _events(self, response: requests.Response, path: str) -> Iterator[dict[str, Any]]:
+        """The JSON payloads of a server-sent-event stream, up to ``data: [DONE]``."""
+        url = self.base_url + path
+        data_lines: list[str] = []
+        try:
+            for raw in _lines(response):
+                line = raw.decode("utf-8", errors="replace")
+                if line.startswith("data:"):
+                    data_lines.append(line[5:].lstrip(" "))
+                    continue
+                if line or not data_lines:
+                    continue  # comments, other fields, keep-alives
+                payload, data_lines = "\n".join(data_lines), []
+                if payload.strip() == "[DONE]":
+                    return
+                yield _decode_event(payload, url)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise _stream_error(url, exc, self.timeout[1]) from None
+        if data_lines and "\n".join(data_lines).strip() != "[DONE]":
+            yield _decode_event("\n".join(data_lines), url)
+
+
+def _lines(response: requests.Response) -> Iterator[bytes]:
+    """Lines of a streamed body as soon as each arrives (``iter_lines`` waits to fill whole chunks)."""
+    pending = b""
+    while True:
+        chunk = response.raw.read1(8192, decode_content=True)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending.rstrip(b"\r")
+
+
+def _decode_event(payload: str, url: str) -> dict[str, Any]:
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise LLMProtocolError(f"{url}: a stream event is not JSON: {payload[:200]!r}") from None
+    if not isinstance(event, dict):
+        raise LLMProtocolError(f"{url}: a stream event is not a JSON object: {payload[:200]!r}")
+    if "error" in event:
+        raise LLMError(f"{url}: the server reported an error mid-stream: {_preview(event['error'])}")
+    return event
+
+
+def _first_choice(data: Any, path: str) -> dict[str, Any]:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise LLMProtocolError(f"{path}: the answer has no choices: {_preview(data)}")
+    return choices[0]
+
+
+def _stop_reason(choice: dict[str, Any], stop: Sequence[str]) -> str | None:
+    # vLLM reports the matched stop string in `stop_reason`
+    reason = choice.get("stop_reason")
+    return reason if isinstance(reason, str) and reason in stop else None
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason or ""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return _preview(error)
+
+
+def _stream_error(url: str, exc: Exception, timeout: float) -> LLMError:
+    if "timed out" in str(exc).lower():
+        return LLMTimeoutError(f"{url}: the stream stalled for more than {timeout:g} s")
+    return LLMConnectionError(f"{url}: the connection broke while reading the answer ({_reason(exc)})")
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def _preview(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 200 else text[:200] + "..."

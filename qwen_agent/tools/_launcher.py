@@ -1,0 +1,102 @@
+"""Start a sandboxed kernel: run as ``python -I -S _launcher.py '<json config>'``. Standard library only.
+
+Outer stage (child of the host): ask for SIGKILL when the host dies, join the pids cgroup, apply the resource
+limits, then exec ``unshare`` (new pid/net/mount namespaces) running the inner stage, or run the inner stage
+directly when no namespaces are used.
+
+Inner stage: ask for SIGKILL when the parent dies, drop to the sandbox uid if one is set, and exec the kernel.
+As pid 1 of a new pid namespace it instead forks the kernel and stays as a minimal init that reaps orphans and
+exits with the kernel's status; when it dies the kernel of the namespace kills every process left in it.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+LIMITS = {
+    "as": resource.RLIMIT_AS,
+    "cpu": resource.RLIMIT_CPU,
+    "nproc": resource.RLIMIT_NPROC,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "core": resource.RLIMIT_CORE,
+}
+
+
+def die_with_parent(expected_parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        sys.exit("launcher: prctl(PR_SET_PDEATHSIG) failed")
+    # 0: the parent is outside our new pid namespace (unshare --kill-child covers that case)
+    if os.getppid() not in (expected_parent, 0):  # the parent died before prctl took effect
+        sys.exit(1)
+
+
+def apply_limits(limits: dict) -> None:
+    for name, value in limits.items():
+        soft, hard = (value, value) if not isinstance(value, list) else value
+        _, current_hard = resource.getrlimit(LIMITS[name])
+        if current_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        resource.setrlimit(LIMITS[name], (soft, hard))
+
+
+def run_as_init(argv: list) -> None:
+    """pid 1 of the namespace: start the kernel, reap everything, exit with the kernel's status."""
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # an interrupt is meant for the kernel, which shares our group
+    kernel = os.fork()
+    if kernel == 0:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execv(argv[0], argv)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(kernel, signal.SIGTERM))
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(1)
+        except InterruptedError:
+            continue
+        if pid == kernel:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    die_with_parent(config["parent"])
+    if config["stage"] == "outer":
+        if config.get("cgroup_procs"):
+            with open(config["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
+        apply_limits({k: v for k, v in config["limits"].items() if k != "nproc"})
+        if config.get("unshare"):
+            inner = dict(config, stage="inner", parent=os.getpid())
+            argv = [
+                *config["unshare"],
+                sys.executable,
+                "-I",
+                "-S",
+                os.path.abspath(__file__),
+                json.dumps(inner),
+            ]
+            os.execv(argv[0], argv)
+    if config.get("uid") is not None:
+        os.setgroups([])
+        os.setgid(config["gid"])
+        os.setuid(config["uid"])
+        die_with_parent(os.getppid())  # changing credentials clears the parent-death signal
+    if "nproc" in config["limits"]:
+        apply_limits({"nproc": config["limits"]["nproc"]})
+    if os.getpid() == 1:
+        run_as_init(config["argv"])
+    os.execv(config["argv"][0], config["argv"])
+
+
+if __name__ == "__main__":
+    main()

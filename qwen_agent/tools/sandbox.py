@@ -1,0 +1,309 @@
+"""The sandbox layers around a kernel process: what this platform allows, and how to launch inside them.
+
+Layers, each reported by :meth:`SandboxPlan.info`:
+
+- own session/process group, killed as a whole; parent-death signal so the kernel dies with the host;
+- pid + mount namespace (``unshare --pid --fork --kill-child --mount-proc``): the kernel sees only its own
+  processes, daemons it starts die with it, and the host's ``/proc/<pid>/environ`` is out of sight;
+- network namespace (``unshare --net``): only a down loopback, so no egress at all (ZMQ uses Unix sockets);
+- a pids cgroup capping the number of processes (a fork bomb stops there), or RLIMIT_NPROC where it counts;
+- resource limits: address space, CPU seconds, file size, open files, no core dumps;
+- a separate unprivileged uid when the host runs as root and the Python installation is readable by it;
+- a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SandboxLimits",
+    "SandboxPlan",
+    "plan_sandbox",
+    "kernel_env",
+    "private_temp_dir",
+    "remove_stale_temp_dirs",
+]
+
+NOBODY_UID = 65534
+_PIDS_V1 = Path("/sys/fs/cgroup/pids")
+_CGROUP_PREFIX = "qwen-agent-"  # + host pid + random suffix
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits for one kernel; ``None`` leaves a limit as inherited."""
+
+    memory_bytes: int | None = 4 << 30  # RLIMIT_AS: address space, not resident memory
+    cpu_seconds: int | None = 600  # RLIMIT_CPU over the kernel's lifetime (a restart resets it)
+    max_processes: int | None = 64  # pids cgroup or RLIMIT_NPROC
+    max_file_bytes: int | None = 256 << 20  # RLIMIT_FSIZE: writing past it fails with EFBIG
+    max_open_files: int | None = 1024  # RLIMIT_NOFILE
+
+    def rlimits(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"core": 0}
+        for key, value in (
+            ("as", self.memory_bytes),
+            ("fsize", self.max_file_bytes),
+            ("nofile", self.max_open_files),
+        ):
+            if value is not None:
+                out[key] = value
+        if self.cpu_seconds is not None:
+            out["cpu"] = [self.cpu_seconds, self.cpu_seconds + 5]  # SIGXCPU first, SIGKILL 5 s later
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
+    """The unshare command prefix that works here, or ``()`` and the reason none does."""
+    exe = shutil.which("unshare")
+    if exe is None:
+        return (), "unshare(1) is not installed"
+    flags = [exe]
+    if os.geteuid() != 0:
+        flags += ["--user", "--map-root-user"]
+    flags += ["--pid", "--fork", "--kill-child", "--mount-proc"]
+    if isolate_network:
+        flags.append("--net")
+    try:
+        probe = subprocess.run([*flags, "true"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return (), f"unshare failed: {exc}"
+    if probe.returncode != 0:
+        return (), f"namespaces not permitted here: {probe.stderr.strip()[:200]}"
+    return tuple(flags), ""
+
+
+def _readable_by_others(path: str) -> bool:
+    """Whether a process of another uid can reach ``path`` (every parent directory searchable by others)."""
+    p = Path(path).resolve()
+    for part in [p, *p.parents]:
+        try:
+            mode = part.stat().st_mode
+        except OSError:
+            return False
+        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
+            return False
+    return bool(p.stat().st_mode & stat.S_IROTH)
+
+
+def _uid_process_count(uid: int) -> int:
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.stat(entry.path).st_uid == uid:
+                    count += 1
+            except OSError:
+                pass
+    return count
+
+
+def _create_pids_cgroup(limit: int) -> tuple[Path | None, str]:
+    """A fresh pids cgroup (v1 hierarchy, or v2 under our own cgroup) with ``pids.max = limit``."""
+    candidates = [_PIDS_V1]
+    try:
+        v2 = [
+            ln[3:].strip()
+            for ln in Path("/proc/self/cgroup").read_text().splitlines()
+            if ln.startswith("0::")
+        ]
+        if v2 and "pids" in Path("/sys/fs/cgroup/cgroup.controllers").read_text():
+            candidates.append(Path("/sys/fs/cgroup") / v2[0].lstrip("/"))
+    except OSError:
+        pass
+    reason = "no writable pids cgroup hierarchy"
+    for base in candidates:
+        if not (base / "cgroup.procs").exists():
+            continue
+        _remove_stale_cgroups(base)
+        path = base / f"{_CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+            (path / "pids.max").write_text(str(limit))
+            return path, ""
+        except OSError as exc:
+            reason = f"cannot create a pids cgroup under {base}: {exc.strerror}"
+            if path.exists():
+                path.rmdir()
+    return None, reason
+
+
+def _remove_stale_cgroups(base: Path) -> None:
+    """Remove the empty cgroups of hosts that died without cleaning up (SIGKILL); rmdir fails on busy ones."""
+    for path in base.glob(f"{_CGROUP_PREFIX}*-*"):
+        owner = path.name[len(_CGROUP_PREFIX) :].split("-")[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        except PermissionError:
+            pass
+
+
+def kill_cgroup(path: Path) -> None:
+    """SIGKILL every process in the cgroup (escaped daemons included) and remove it."""
+    for _ in range(50):
+        try:
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+@dataclass
+class SandboxPlan:
+    """How one kernel is launched: the wrapper command, uid, cgroup and limits, and what is (not) active."""
+
+    unshare: tuple[str, ...]
+    isolate_network: bool
+    uid: int | None
+    cgroup: Path | None
+    limits: SandboxLimits
+    rlimits: dict[str, Any]
+    nproc_effective: bool
+    notes: list[str] = field(default_factory=list)
+
+    def launcher_config(self, argv: list[str]) -> dict[str, Any]:
+        return {
+            "stage": "outer",
+            "parent": os.getpid(),
+            "unshare": list(self.unshare),
+            "cgroup_procs": str(self.cgroup / "cgroup.procs") if self.cgroup else None,
+            "uid": self.uid,
+            "gid": self.uid,
+            "limits": self.rlimits,
+            "argv": argv,
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "process_group": True,
+            "parent_death_signal": True,
+            "pid_namespace": bool(self.unshare),
+            "network_isolated": bool(self.unshare) and self.isolate_network,
+            "separate_uid": self.uid,
+            "pids_cgroup": str(self.cgroup) if self.cgroup else None,
+            "process_limit": self.limits.max_processes if (self.cgroup or self.nproc_effective) else None,
+            "rlimits": {k: v for k, v in self.rlimits.items() if k != "nproc"},
+            "scrubbed_env": True,
+            "transport": "ipc",
+            "notes": list(self.notes),
+        }
+
+    def release(self) -> None:
+        if self.cgroup is not None:
+            kill_cgroup(self.cgroup)
+
+
+def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str | None) -> SandboxPlan:
+    """Work out which layers this platform allows for one kernel and say why the others are off."""
+    notes: list[str] = []
+    unshare, reason = _probe_unshare(not network)
+    if not unshare:
+        notes.append(f"no pid/network namespace: {reason}")
+    if network:
+        notes.append("network allowed by configuration (network=True)")
+
+    uid: int | None = None
+    if sandbox_uid == "auto":
+        if os.geteuid() == 0:
+            if all(_readable_by_others(p) for p in (sys.executable, sys.base_prefix, sys.prefix)):
+                uid = NOBODY_UID
+            else:
+                notes.append(
+                    f"kernel runs as root: the Python installation ({sys.base_prefix}) is not readable "
+                    "by an unprivileged uid"
+                )
+    elif sandbox_uid is not None:
+        uid = int(sandbox_uid)
+
+    cgroup = None
+    if limits.max_processes is not None:
+        cgroup, reason = _create_pids_cgroup(limits.max_processes + 2)  # + init and kernel
+        if cgroup is None:
+            notes.append(f"no pids cgroup: {reason}")
+
+    rlimits = limits.rlimits()
+    effective_uid = uid if uid is not None else os.geteuid()
+    nproc_effective = False
+    if limits.max_processes is not None and effective_uid != 0:
+        # RLIMIT_NPROC counts every process of the uid, so allow for those already running
+        rlimits["nproc"] = _uid_process_count(effective_uid) + limits.max_processes + 2
+        nproc_effective = True
+    elif limits.max_processes is not None and cgroup is None:
+        notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
+    return SandboxPlan(unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, notes)
+
+
+def private_temp_dir(kind: str) -> Path:
+    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir; the pid lets a later host clean up."""
+    return Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
+
+
+@functools.lru_cache(maxsize=1)
+def remove_stale_temp_dirs() -> None:
+    """Delete the workspaces and kernel runtime dirs of hosts that died without cleaning up (SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob("qa-*-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 4 or parts[1] not in ("work", "kernel") or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def kernel_env(workdir: Path, runtime: Path, extra: dict[str, str] | None) -> dict[str, str]:
+    """A minimal explicit environment: nothing of the host's (API keys live there) unless passed in ``extra``."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {
+        "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "TMPDIR": str(runtime / "tmp"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "MPLCONFIGDIR": str(runtime / "mpl"),
+        "IPYTHONDIR": str(runtime / "ipython"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "JUPYTER_RUNTIME_DIR": str(runtime / "jupyter"),
+        "JUPYTER_DATA_DIR": str(runtime / "jupyter"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        "OPENBLAS_NUM_THREADS": "1",  # thread pools reserve address space against RLIMIT_AS
+        "OMP_NUM_THREADS": "1",
+    }
+    env.update(extra or {})
+    return env

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real Qwen vocabulary (from dashscope) and tiny checkpoints written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwen_agent.tiny import write_tiny_checkpoint
+from qwen_agent.tokenizer import QwenTokenizer, dashscope_vocab_path
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is available")
+    for item in items:
+        if "requires_gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vocab_file() -> Path:
+    path = dashscope_vocab_path()
+    assert path is not None, "the test set-up installs dashscope, which ships qwen.tiktoken"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_file: Path) -> QwenTokenizer:
+    return QwenTokenizer.from_pretrained(vocab_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen-7B-Chat-layout checkpoint (QWenLMHeadModel), fp32, seq_length 256. Treat as read-only."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen"), "qwen", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen2ForCausalLM-layout checkpoint with grouped KV heads, fp32. Treat as read-only."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=0)

@@ -1,0 +1,189 @@
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen_agent import cli
+from qwen_agent import tokenizer as tokenizer_module
+from qwen_agent.errors import TokenizerError, VocabError
+from qwen_agent.tokenizer import QwenTokenizer
+
+# reference section 2.3, verified against the real vocabulary
+REFERENCE_IDS = {
+    "\n": [198],
+    "system": [8948],
+    "user": [872],
+    "assistant": [77091],
+    "You are a helpful assistant.": [2610, 525, 264, 10950, 17847, 13],
+    "Observation": [37763, 367],
+    "Observation:": [37763, 367, 25],
+    "Observation:\n": [37763, 367, 510],
+    "\nObservation:": [198, 37763, 367, 25],
+    " Observation:": [86429, 25],
+    "Action:": [2512, 25],
+    "Action Input:": [2512, 5571, 25],
+    "Thought:": [84169, 25],
+    "Final Answer:": [19357, 21806, 25],
+    "Human:": [33975, 25],
+    "Assistant:": [71703, 25],
+    " ": [220],
+    "\n\n": [271],
+    ":\n": [510],
+}
+
+
+@pytest.mark.parametrize("text,ids", REFERENCE_IDS.items())
+def test_reference_ids(tokenizer, text, ids):
+    assert tokenizer.encode(text) == ids
+
+
+def test_special_tokens_and_size(tokenizer):
+    assert len(tokenizer) == 151851
+    assert (tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id) == (151643, 151644, 151645)
+    assert tokenizer.special_tokens["<|extra_0|>"] == 151646
+    assert tokenizer.special_tokens["<|extra_204|>"] == 151850
+    assert tokenizer.decode([151644, 151645, 151643]) == "<|im_start|><|im_end|><|endoftext|>"
+
+
+def test_encode_is_injection_safe_by_default(tokenizer):
+    text = 'print("<|endoftext|>")'
+    assert tokenizer.encode(text) == [1350, 9639, 91, 8691, 723, 427, 91, 82598]
+    assert tokenizer.encode(text, allowed_special="all") == [1350, 445, 151643, 899]
+    assert tokenizer.encode(text, allowed_special={"<|endoftext|>"}) == [1350, 445, 151643, 899]
+    # allowing a different token leaves this one as text
+    assert 151643 not in tokenizer.encode(text, allowed_special={"<|im_start|>"})
+
+
+def test_unknown_special_token_is_a_clear_error(tokenizer):
+    with pytest.raises(TokenizerError, match=r"unknown special token '<\|foo\|>'.*<\|im_start\|>"):
+        tokenizer.encode("x", allowed_special={"<|foo|>"})
+
+
+@pytest.mark.parametrize("bad", [None, 42, b"bytes", ["a"]])
+def test_non_string_text_is_a_clear_error(tokenizer, bad):
+    with pytest.raises(TokenizerError, match="encode\\(\\) expects str, got"):
+        tokenizer.encode(bad)
+
+
+def test_bad_ids_are_a_clear_error(tokenizer):
+    with pytest.raises(TokenizerError, match="non-negative integers, got -1"):
+        tokenizer.decode([1, -1])
+    with pytest.raises(TokenizerError, match="got '7'"):
+        tokenizer.decode(["7"])
+
+
+def test_nfc_normalisation(tokenizer):
+    decomposed = "cafe\u0301"  # e + combining acute
+    assert tokenizer.encode(decomposed) == tokenizer.encode("café")
+    assert tokenizer.decode(tokenizer.encode(decomposed)) == "café"
+
+
+def test_skip_special_tokens_and_padding_rows(tokenizer):
+    ids = [151644, *tokenizer.encode("hi"), 151645, 151900]
+    assert tokenizer.decode(ids) == "<|im_start|>hi<|im_end|>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hi"
+
+
+def test_id_to_piece(tokenizer):
+    assert tokenizer.id_to_piece(198) == b"\n"
+    assert tokenizer.id_to_piece(151645) == "<|im_end|>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_roundtrip_is_nfc(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=80))
+def test_incremental_decoder_every_split_point(tokenizer, text):
+    ids = tokenizer.encode(text)
+    full = tokenizer.decode(ids)
+    for split in range(len(ids) + 1):
+        decoder = tokenizer.incremental_decoder()
+        deltas = [decoder.add(ids[:split]), decoder.add(ids[split:]), decoder.flush()]
+        assert "".join(deltas) == full
+    decoder = tokenizer.incremental_decoder()
+    one_by_one = [decoder.add([i]) for i in ids]
+    assert "".join(one_by_one) + decoder.flush() == full
+    assert all("\ufffd" not in d for d in one_by_one) or "\ufffd" in full
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=151850), max_size=40))
+def test_incremental_decoder_on_arbitrary_ids_never_drops_bytes(tokenizer, ids):
+    decoder = tokenizer.incremental_decoder()
+    streamed = "".join(decoder.add([i]) for i in ids) + decoder.flush()
+    assert streamed == tokenizer.decode(ids)
+
+
+def test_incremental_decoder_holds_back_half_a_character(tokenizer):
+    # "你" is three UTF-8 bytes; feed them as single-byte tokens
+    byte_ids = [tokenizer.encode(chr(b))[0] if b < 128 else None for b in "你".encode()]
+    assert byte_ids == [None, None, None]  # non-ASCII bytes: look their single-byte tokens up instead
+    ranks = {tokenizer.id_to_piece(i): i for i in range(256)}
+    byte_tokens = [ranks[bytes([b])] for b in "你".encode()]
+    decoder = tokenizer.incremental_decoder()
+    assert decoder.add(byte_tokens[:1]) == ""
+    assert decoder.add(byte_tokens[1:2]) == ""
+    assert decoder.add(byte_tokens[2:]) == "你"
+    unfinished = tokenizer.incremental_decoder()
+    assert unfinished.add(byte_tokens[:2]) == ""
+    assert unfinished.flush() == "\ufffd"
+
+
+def test_from_pretrained_directory_forms(tiny_qwen_dir, tiny_qwen2_dir, tokenizer):
+    text = "Hello wörld! 你好，世界 12345\n\tdef f(x):\n    return x**2  \n\nObservation:\n"
+    v1 = QwenTokenizer.from_pretrained(tiny_qwen_dir)
+    v2 = QwenTokenizer.from_pretrained(tiny_qwen2_dir)
+    assert v1.encode(text) == v2.encode(text) == tokenizer.encode(text)
+    assert len(v2) == 151646  # Qwen2 checkpoints declare only endoftext, im_start, im_end
+    assert v2.im_end_id == 151645
+
+
+def test_vocab_json_matches_transformers_qwen2_tokenizer(tiny_qwen2_dir, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+    for text in ["Hello world", "你好，世界", "x = [1, 22, 333]\n\n", "wörld  \t\n", "a <|im_start|> b"]:
+        assert hf(text)["input_ids"] == tokenizer.encode(text, allowed_special="all")
+
+
+def test_missing_vocab_names_the_path(tmp_path):
+    with pytest.raises(VocabError, match=r"nope\.tiktoken: no such file"):
+        QwenTokenizer.from_pretrained(tmp_path / "nope.tiktoken")
+    with pytest.raises(VocabError, match="neither qwen.tiktoken nor vocab.json"):
+        QwenTokenizer.from_pretrained(tmp_path)
+
+
+def test_corrupt_vocab_names_line_and_format(tmp_path):
+    bad = tmp_path / "qwen.tiktoken"
+    bad.write_bytes(b"IQ== 0\nIg== 1\nnot-base64!! 2\n")
+    with pytest.raises(VocabError, match=r"qwen\.tiktoken, line 3: expected '<base64 token bytes> <rank>'"):
+        QwenTokenizer.from_pretrained(bad)
+    bad.write_bytes(b"IQ== 0\nIg==\n")
+    with pytest.raises(VocabError, match="line 2"):
+        QwenTokenizer.from_pretrained(bad)
+    bad.write_bytes(b"IQ== 0\nIg== 5\n")
+    with pytest.raises(VocabError, match="ranks must be the ids 0..1"):
+        QwenTokenizer.from_pretrained(bad)
+    bad.write_bytes(b"")
+    with pytest.raises(VocabError, match="empty"):
+        QwenTokenizer.from_pretrained(bad)
+
+
+def test_no_vocab_anywhere_names_both_options(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "dashscope_vocab_path", lambda: None)
+    with pytest.raises(VocabError, match="model directory.*install the 'dashscope' package"):
+        QwenTokenizer.from_pretrained()
+
+
+def test_cli_tokenize_and_decode(capsys, vocab_file: Path):
+    assert cli.main(["tokenize", "Observation:\n", "--vocab", str(vocab_file)]) == 0
+    assert capsys.readouterr().out.strip() == "37763 367 510"
+    assert cli.main(["tokenize", "--decode", "37763, 367, 25"]) == 0
+    assert capsys.readouterr().out == "Observation:\n"
+    assert cli.main(["tokenize", "--decode", "37763 x"]) == 2
+    assert "--decode expects integer ids" in capsys.readouterr().err
