@@ -96,28 +96,40 @@ def to_transformers(model: Transformer):
 
     c = model.config
     hf_config = Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_context, tie_word_embeddings=c.tie_word_embeddings,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_context,
+        tie_word_embeddings=c.tie_word_embeddings,
     )
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(hf_config)
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.output.weight}
+    state = {
+        "model.embed_tokens.weight": model.tok_embeddings.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.output.weight,
+    }
     for i, block in enumerate(model.layers):
         p = f"model.layers.{i}."
         for kind in ("weight", "bias"):
             fused = getattr(block.attention.wqkv, kind)
-            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv)), strict=True):
                 state[p + f"self_attn.{name}_proj.{kind}"] = fused[a:b]
-        state |= {p + "self_attn.o_proj.weight": block.attention.wo.weight,
-                  p + "input_layernorm.weight": block.attention_norm.weight,
-                  p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-                  p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
-                  p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
-                  p + "mlp.down_proj.weight": block.feed_forward.w_down.weight}
+        state |= {
+            p + "self_attn.o_proj.weight": block.attention.wo.weight,
+            p + "input_layernorm.weight": block.attention_norm.weight,
+            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+            p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
+            p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
+            p + "mlp.down_proj.weight": block.feed_forward.w_down.weight,
+        }
     hf.load_state_dict(state, assign=True, strict=False)
     hf.tie_weights()
     # non-persistent rotary buffers were created on the meta device: build them for real
@@ -128,9 +140,13 @@ def to_transformers(model: Transformer):
 # -- measurements ----------------------------------------------------------------------------------------------
 
 
-def ours_generate(model: Transformer, tokenizer: QwenTokenizer, n: int, device: torch.device) -> tuple[float, list[int]]:
+def ours_generate(
+    model: Transformer, tokenizer: QwenTokenizer, n: int, device: torch.device
+) -> tuple[float, list[int]]:
     cache = KVCache(model.config, 1, n + 1, dtype=model.tok_embeddings.weight.dtype, device=device)
-    run = Generation(model, tokenizer, [[tokenizer.eod_id]], cache, max_new_tokens=[n], params=SamplingParams())
+    run = Generation(
+        model, tokenizer, [[tokenizer.eod_id]], cache, max_new_tokens=[n], params=SamplingParams()
+    )
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -145,8 +161,15 @@ def hf_generate(hf, tokenizer: QwenTokenizer, n: int, device: torch.device) -> t
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                          eos_token_id=None, attention_mask=torch.ones_like(ids))
+        out = hf.generate(
+            ids,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            attention_mask=torch.ones_like(ids),
+        )
     _sync(device)
     return time.perf_counter() - start, out[0, 1:].tolist()
 
@@ -165,14 +188,22 @@ def hf_encode(hf, ids: torch.Tensor) -> None:
 def measure(name: str, generate, encode, n: int, context: int, device: torch.device, vocab: int) -> dict:
     """One round: generate ``n`` tokens from one, then encode ``context`` tokens under a memory probe."""
     seconds, tokens = generate(n)
-    ids = torch.randint(0, min(vocab, 150000), (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, min(vocab, 150000), (1, context), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         encode(ids)
         _sync(device)
         encode_seconds = time.perf_counter() - start
-    return {"impl": name, "tokens_per_s": n / seconds, "generate_s": seconds, "encode_peak_gib": mem.peak / GIB,
-            "encode_s": encode_seconds, "tokens": tokens}
+    return {
+        "impl": name,
+        "tokens_per_s": n / seconds,
+        "generate_s": seconds,
+        "encode_peak_gib": mem.peak / GIB,
+        "encode_s": encode_seconds,
+        "tokens": tokens,
+    }
 
 
 def best_of(rounds: list[dict]) -> dict:
@@ -192,10 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random checkpoint on CPU, 16 tokens (CI)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 2048; 256 on CPU)")
-    parser.add_argument("--context", type=int, default=None, help="tokens to encode (default 2048; 512 on CPU)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="tokens to generate (default 2048; 256 on CPU)"
+    )
+    parser.add_argument(
+        "--context", type=int, default=None, help="tokens to encode (default 2048; 512 on CPU)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is reported")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -208,11 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     n = args.new_tokens or (2048 if device.type == "cuda" else 256)
     context = args.context or (2048 if device.type == "cuda" else 512)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                    or platform.machine(), "cpu_threads": torch.get_num_threads(), "dtype": str(dtype),
-                    "new_tokens": n, "context": context, "torch": torch.__version__}
+    report: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "dtype": str(dtype),
+        "new_tokens": n,
+        "context": context,
+        "torch": torch.__version__,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if args.smoke:
@@ -220,27 +268,44 @@ def main(argv: list[str] | None = None) -> int:
 
             model_dir = write_tiny_checkpoint(tmp, "qwen", seq_length=64)
         if model_dir:
-            checkpoint_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*") if f.suffix in
-                                   (".safetensors", ".bin"))
-            with torch.device("meta"):  # one-time torch imports (~70 MB) that do not scale with the checkpoint
+            checkpoint_bytes = sum(
+                f.stat().st_size for f in Path(model_dir).glob("*") if f.suffix in (".safetensors", ".bin")
+            )
+            with torch.device(
+                "meta"
+            ):  # one-time torch imports (~70 MB) that do not scale with the checkpoint
                 Transformer(CONFIGS["tiny"])
             with PeakMemory(torch.device("cpu")) as mem:
                 start = time.perf_counter()
                 model = load_checkpoint(model_dir, device=device, dtype=dtype)
                 report["load_s"] = time.perf_counter() - start
-            report |= {"model": str(args.model or "tiny (smoke)"), "checkpoint_gib": checkpoint_bytes / GIB,
-                       "load_host_peak_gib": mem.peak / GIB, "load_peak_over_checkpoint": mem.peak / checkpoint_bytes}
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            report |= {
+                "model": str(args.model or "tiny (smoke)"),
+                "checkpoint_gib": checkpoint_bytes / GIB,
+                "loaded_model_gib": model_bytes / GIB,
+                "load_host_peak_gib": mem.peak / GIB,
+                "load_peak_over_checkpoint": mem.peak / checkpoint_bytes,
+                "load_peak_over_model": mem.peak / model_bytes,
+            }
             tokenizer = QwenTokenizer.from_pretrained(model_dir)
         else:
             model = random_model(CONFIGS[args.random], device, dtype)
             report["model"] = f"random {args.random}"
             tokenizer = QwenTokenizer.from_pretrained()
         vocab = model.config.vocab_size
-        impls = {"qwen_agent": (lambda k: ours_generate(model, tokenizer, k, device),
-                                lambda ids: ours_encode(model, ids))}
+        impls = {
+            "qwen_agent": (
+                lambda k: ours_generate(model, tokenizer, k, device),
+                lambda ids: ours_encode(model, ids),
+            )
+        }
         if not args.no_baseline:
             hf = to_transformers(model)
-            impls["transformers"] = (lambda k: hf_generate(hf, tokenizer, k, device), lambda ids: hf_encode(hf, ids))
+            impls["transformers"] = (
+                lambda k: hf_generate(hf, tokenizer, k, device),
+                lambda ids: hf_encode(hf, ids),
+            )
         for generate, encode in impls.values():  # warm-up: first-call allocations and kernel selection
             generate(min(4, n))
             encode(torch.zeros(1, 8, dtype=torch.long, device=device))
@@ -250,11 +315,16 @@ def main(argv: list[str] | None = None) -> int:
                 rounds[name].append(measure(name, generate, encode, n, context, device, vocab))
     runs = [best_of(r) for r in rounds.values()]
     report["runs"] = runs
-    print(f"{report['model']} on {report['device_name']} ({device}, {dtype}, {report['cpu_threads']} threads); "
-          f"generate {n} tokens from 1, encode {context}")
+    print(
+        f"{report['model']} on {report['device_name']} ({device}, {dtype}, {report['cpu_threads']} threads); "
+        f"generate {n} tokens from 1, encode {context}"
+    )
     if "load_s" in report:
-        print(f"load: {report['load_s']:.2f} s, host peak {report['load_host_peak_gib']:.3f} GiB = "
-              f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB")
+        print(
+            f"load: {report['load_s']:.2f} s, host peak {report['load_host_peak_gib']:.3f} GiB = "
+            f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB, "
+            f"{report['load_peak_over_model']:.2f}x the loaded model's {report['loaded_model_gib']:.3f} GiB"
+        )
     print(f"{'impl':<14}{'tokens/s':>10}{'encode s':>10}{'encode peak GiB':>17}")
     for r in runs:
         print(f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}")
@@ -262,9 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         ours, base = runs
         report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]
         report["same_greedy_tokens"] = ours["tokens"] == base["tokens"]
-        ratio = ours["encode_peak_gib"] / base["encode_peak_gib"] if base["encode_peak_gib"] > 0 else float("nan")
-        print(f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio:.2f}; "
-              f"same greedy tokens: {report['same_greedy_tokens']}")
+        ratio = (
+            ours["encode_peak_gib"] / base["encode_peak_gib"] if base["encode_peak_gib"] > 0 else float("nan")
+        )
+        print(
+            f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio:.2f}; "
+            f"same greedy tokens: {report['same_greedy_tokens']}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"speed-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

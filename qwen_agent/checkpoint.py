@@ -29,8 +29,15 @@ from .model import Transformer
 __all__ = ["load_checkpoint", "resolve_model_dir", "weight_name_map", "resolve_dtype", "resolve_device"]
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
@@ -56,7 +63,9 @@ def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
             names[ours + "feed_forward.w_up.weight"] = [hf + "mlp.w1.weight"]
             names[ours + "feed_forward.w_down.weight"] = [hf + "mlp.c_proj.weight"]
         names["norm.weight"] = ["transformer.ln_f.weight"]
-        names["output.weight"] = ["transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        names["output.weight"] = [
+            "transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"
+        ]
         return names
     names["tok_embeddings.weight"] = ["model.embed_tokens.weight"]
     for i in range(config.num_layers):
@@ -79,8 +88,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """``auto`` (or None): bf16 on a GPU that supports it, else fp16 on compute capability >= 7, else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    named = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if dtype in named:
         return named[dtype]
     if dtype not in (None, "auto"):
@@ -117,9 +132,13 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     text = str(path)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not local.exists()
     if not looks_like_hub_id:
-        raise CheckpointError(f"{text}: not a model directory (expected a folder holding config.json and weights)")
-    how = (f"download https://huggingface.co/{text} (config.json, generation_config.json, the *.safetensors "
-           f"shards and index, tokenizer files) into a folder and pass that folder's path")
+        raise CheckpointError(
+            f"{text}: not a model directory (expected a folder holding config.json and weights)"
+        )
+    how = (
+        f"download https://huggingface.co/{text} (config.json, generation_config.json, the *.safetensors "
+        f"shards and index, tokenizer files) into a folder and pass that folder's path"
+    )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -130,8 +149,10 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
-        raise CheckpointError(f"{text}: could not download from the Hugging Face Hub ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); {how}") from None
+        raise CheckpointError(
+            f"{text}: could not download from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); {how}"
+        ) from None
 
 
 def load_checkpoint(
@@ -183,15 +204,19 @@ def _expected_source_shapes(
         if len(sources) == 1:
             wanted[sources[0]] = shape
         else:  # q, k, v parts of a fused projection
-            for source, rows in zip(sources, (q_rows, kv_rows, kv_rows)):
+            for source, rows in zip(sources, (q_rows, kv_rows, kv_rows), strict=True):
                 wanted[source] = (rows, *shape[1:])
     return wanted
 
 
-def _read_weights(model_dir: Path, wanted: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, str, torch.Tensor]]:
+def _read_weights(
+    model_dir: Path, wanted: dict[str, tuple[int, ...]]
+) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield ``(file name, tensor name, tensor)`` for every wanted tensor, after checking they all exist."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index_path = model_dir / index_name
         if index_path.exists():
             by_file = _files_from_index(index_path, wanted)
@@ -216,7 +241,9 @@ def _files_from_index(index_path: Path, wanted: dict[str, tuple[int, ...]]) -> d
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid index file (needs a 'weight_map' object): {exc}") from None
+        raise CheckpointError(
+            f"{index_path}: not a valid index file (needs a 'weight_map' object): {exc}"
+        ) from None
     by_file: dict[str, list[str]] = {}
     for name in sorted(wanted):
         if name not in weight_map:
@@ -240,7 +267,9 @@ def _read_safetensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8 or header_len > 100_000_000:
-            raise CheckpointError(f"{path}: corrupt safetensors header (says {header_len} bytes; file has {size})")
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (says {header_len} bytes; file has {size})"
+            )
         try:
             header: dict[str, Any] = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -253,7 +282,9 @@ def _read_safetensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch
             yield name, _read_one(f, path, name, info, data_start, size)
 
 
-def _read_one(f: Any, path: Path, name: str, info: dict[str, Any], data_start: int, size: int) -> torch.Tensor:
+def _read_one(
+    f: Any, path: Path, name: str, info: dict[str, Any], data_start: int, size: int
+) -> torch.Tensor:
     try:
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
         shape = [int(n) for n in info["shape"]]
@@ -263,11 +294,13 @@ def _read_one(f: Any, path: Path, name: str, info: dict[str, Any], data_start: i
     tensor = torch.empty(shape, dtype=dtype)
     nbytes = tensor.numel() * tensor.element_size()
     if end - begin != nbytes:
-        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, but {info['dtype']}{shape} "
-                              f"needs {nbytes}")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {end - begin} bytes, but {info['dtype']}{shape} needs {nbytes}"
+        )
     if data_start + end > size:
-        raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
-                              f"the file has {size}")
+        raise CheckpointError(
+            f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, the file has {size}"
+        )
     f.seek(data_start + begin)
     if nbytes and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
         raise CheckpointError(f"{path}: short read of tensor {name!r}")
@@ -284,8 +317,10 @@ def _read_torch_bin(path: Path, names: list[str]) -> Iterator[tuple[str, torch.T
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # a truncated zip, a pickle with code in it, garbage: all are unreadable files
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch weights file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     for name in names:

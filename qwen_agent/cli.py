@@ -35,8 +35,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from .engine import load_model
 
     engine = load_model(args.model, device=args.device, dtype=args.dtype)
-    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                  "seed": args.seed, "do_sample": False if args.greedy else None}
+    generation = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "do_sample": False if args.greedy else None,
+    }
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.model}. Empty line or :clear resets the history; Ctrl-D quits.")
@@ -286,16 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="also print each token's bytes")
     p.set_defaults(func=_cmd_tokenize)
 
-    p = sub.add_parser("chat", help="chat with a local model in the terminal (reads lines until EOF when piped)")
-    p.add_argument("--model", required=True, help="model directory (Qwen-7B-Chat or a Qwen2-family chat model) or Hub id")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: a GPU when there is one)")
-    p.add_argument("--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p = sub.add_parser(
+        "chat", help="chat with a local model in the terminal (reads lines until EOF when piped)"
+    )
+    p.add_argument(
+        "--model", required=True, help="model directory (Qwen-7B-Chat or a Qwen2-family chat model) or Hub id"
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or auto (default: a GPU when there is one)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
+    )
     p.add_argument("--system", default=None, help="system prompt (default: the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default: generation_config)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="reply length limit (default: generation_config)"
+    )
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
+    p.add_argument(
+        "--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling"
+    )
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser(

@@ -58,7 +58,9 @@ class QwenConfig:
         if self.family not in ("qwen", "qwen2"):
             raise ConfigError(f"family must be 'qwen' or 'qwen2', got {self.family!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
@@ -108,7 +110,9 @@ class QwenConfig:
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported (only plain RoPE)")
+            raise CheckpointError(
+                f"{source}: rope_scaling type {rope_type!r} is not supported (only plain RoPE)"
+            )
         theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         max_pos = int(get("max_position_embeddings"))
         return cls(
@@ -212,23 +216,59 @@ def _read_json(path: Path) -> dict[str, Any]:
 CONFIGS: dict[str, QwenConfig] = {
     # Qwen-7B-Chat, the September-2023 release (seq_length 8192)
     "7b": QwenConfig(
-        family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32,
-        num_heads=32, num_kv_heads=32, head_dim=128, seq_length=8192, use_dynamic_ntk=True, use_logn_attn=True,
+        family="qwen",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        seq_length=8192,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
     ),
     # Qwen-1.8B-Chat (v1 layout)
     "1.8b": QwenConfig(
-        family="qwen", vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_layers=24,
-        num_heads=16, num_kv_heads=16, head_dim=128, seq_length=8192, use_dynamic_ntk=True, use_logn_attn=True,
+        family="qwen",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        seq_length=8192,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
     ),
     # Qwen2.5-0.5B-Instruct (Qwen2 layout: grouped KV heads, tied embeddings)
     "0.5b": QwenConfig(
-        family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-        num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, seq_length=32768, max_context=32768,
+        family="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rope_theta=1_000_000.0,
+        seq_length=32768,
+        max_context=32768,
         tie_word_embeddings=True,
     ),
     # the real vocabulary size with a toy body (about 20 MB of fp32 weights): cache, parity and loader tests
     "tiny": QwenConfig(
-        family="qwen", vocab_size=151936, hidden_size=64, intermediate_size=96, num_layers=2,
-        num_heads=4, num_kv_heads=4, head_dim=16, seq_length=32, use_dynamic_ntk=True, use_logn_attn=True,
+        family="qwen",
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        seq_length=32,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
     ),
 }

@@ -11,7 +11,9 @@ which re-sends prompt + previous output + Observation, prefills only the new tok
 how many ran). Reuse happens only when it gives the same result as prefilling the whole prompt afresh: with
 Qwen v1's dynamic NTK the cached keys were rotated with the alpha frozen at their prefill, so the cache is
 reused only if the new prompt's own alpha (:func:`qwen_agent.config.ntk_alpha` of its length) is the same;
-below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh.
+below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh. (The
+maths is the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any
+change of batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.)
 Batched calls use a cache of their own and leave the kept one alone.
 """
 
@@ -41,7 +43,9 @@ _CACHE_STEP = 256  # cache capacity grows in steps of this many slots
 
 
 def load_model(
-    path: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> QwenEngine:
     """Load a Qwen-7B-Chat (v1) or Qwen2-family model directory, or a Hub id, without running its code.
 
@@ -53,8 +57,10 @@ def load_model(
     model = load_checkpoint(model_dir, device=device, dtype=dtype)
     tokenizer = QwenTokenizer.from_pretrained(model_dir)
     if len(tokenizer) > model.config.vocab_size:
-        raise CheckpointError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary "
-                              f"has {model.config.vocab_size} rows")
+        raise CheckpointError(
+            f"{model_dir}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary "
+            f"has {model.config.vocab_size} rows"
+        )
     return QwenEngine(model, tokenizer, GenerationConfig.from_dir(model_dir), default_system(model_dir))
 
 
@@ -62,7 +68,9 @@ def default_system(model_dir: Path) -> str:
     """The system prompt a Qwen2-family chat template inserts when none is given; Qwen's default otherwise."""
     path = model_dir / "tokenizer_config.json"
     try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.exists() else None
+        template = (
+            json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.exists() else None
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
     if isinstance(template, str):
@@ -104,7 +112,11 @@ class QwenEngine:
     # -- raw prompts -------------------------------------------------------------------------------------------
 
     def generate(
-        self, prompt: Sequence[int] | Sequence[Sequence[int]], *, stop: Sequence[StopSpec] = (), **generation: Any
+        self,
+        prompt: Sequence[int] | Sequence[Sequence[int]],
+        *,
+        stop: Sequence[StopSpec] = (),
+        **generation: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt of token ids, or a list of prompts (one batched pass; greedy results identical to
         generating each alone). Returns a :class:`~qwen_agent.generate.GenerationResult` or a list of them."""
@@ -116,7 +128,9 @@ class QwenEngine:
         self.last_result = run.results[-1]
         return run.results if batched else run.results[0]
 
-    def stream(self, prompt: Sequence[int], *, stop: Sequence[StopSpec] = (), **generation: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: Sequence[int], *, stop: Sequence[StopSpec] = (), **generation: Any
+    ) -> Iterator[str]:
         """Yield text deltas of one completion; they join to ``generate(...).text``. When the stream is
         exhausted, ``last_result`` holds the full result."""
         run = self._start([prompt], stop, generation)
@@ -141,7 +155,10 @@ class QwenEngine:
         """Yield the reply of :meth:`chat` as text deltas (leading and trailing whitespace left out)."""
         chat_format = self.generation_config.chat_format
         _, ids = make_context(
-            self.tokenizer, query, history, self.default_system if system is None else system,
+            self.tokenizer,
+            query,
+            history,
+            self.default_system if system is None else system,
             max_window_size=generation.pop("max_window_size", self.generation_config.max_window_size),
             chat_format=chat_format,
         )
@@ -159,9 +176,18 @@ class QwenEngine:
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _start(self, prompts: list[Sequence[int]], stop: Sequence[StopSpec], generation: dict[str, Any]) -> Generation:
-        unknown = set(generation) - {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                                     "repetition_penalty", "seed"}
+    def _start(
+        self, prompts: list[Sequence[int]], stop: Sequence[StopSpec], generation: dict[str, Any]
+    ) -> Generation:
+        unknown = set(generation) - {
+            "max_new_tokens",
+            "do_sample",
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "seed",
+        }
         if unknown:
             raise ConfigError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
         if not prompts:
@@ -195,18 +221,30 @@ class QwenEngine:
             pad = torch.tensor([longest - len(p) for p in prompts])
             cache, reused = self._new_cache(len(prompts), needed, pad), 0
         return Generation(
-            self.model, self.tokenizer, prompts, cache, max_new_tokens=budgets, params=params,
-            stop_strings=stop_strings, stop_ids=ids, generator=generator, reused=reused,
+            self.model,
+            self.tokenizer,
+            prompts,
+            cache,
+            max_new_tokens=budgets,
+            params=params,
+            stop_strings=stop_strings,
+            stop_ids=ids,
+            generator=generator,
+            reused=reused,
             pad_id=self.tokenizer.eod_id,
         )
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:
         if not prompt or not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
-            raise ConfigError(f"prompt {index}: expected a non-empty list of token ids in "
-                              f"[0, {self.config.vocab_size}); encode text with engine.tokenizer.encode")
+            raise ConfigError(
+                f"prompt {index}: expected a non-empty list of token ids in "
+                f"[0, {self.config.vocab_size}); encode text with engine.tokenizer.encode"
+            )
         if len(prompt) >= self.config.max_context:
-            raise GenerationError(f"prompt {index} has {len(prompt)} tokens; the model's context holds "
-                                  f"{self.config.max_context}, leaving no room to generate")
+            raise GenerationError(
+                f"prompt {index} has {len(prompt)} tokens; the model's context holds "
+                f"{self.config.max_context}, leaving no room to generate"
+            )
 
     def _stops(self, stop: Sequence[StopSpec]) -> tuple[tuple[str, ...], frozenset[int]]:
         if isinstance(stop, (str, int)):
@@ -240,7 +278,10 @@ class QwenEngine:
             limit = min(len(self._cached_ids), len(prompt) - 1)  # the last prompt token must run for logits
             while reused < limit and self._cached_ids[reused] == prompt[reused]:
                 reused += 1
-            if self.config.use_dynamic_ntk and ntk_alpha(len(prompt), self.config.seq_length) != old.ntk_alpha.item():
+            if (
+                self.config.use_dynamic_ntk
+                and ntk_alpha(len(prompt), self.config.seq_length) != old.ntk_alpha.item()
+            ):
                 reused = 0  # the cached keys were rotated with another alpha
         self._cache = None  # released before a new one is allocated
         if reused and old.capacity >= needed:

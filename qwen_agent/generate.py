@@ -32,7 +32,15 @@ from .errors import ConfigError
 from .model import KVCache, Transformer
 from .tokenizer import QwenTokenizer
 
-__all__ = ["GenerationResult", "SamplingParams", "Generation", "prefill", "decode_one_token", "next_token", "process_logits"]
+__all__ = [
+    "GenerationResult",
+    "SamplingParams",
+    "Generation",
+    "prefill",
+    "decode_one_token",
+    "next_token",
+    "process_logits",
+]
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,9 @@ class GenerationResult:
     stop: str | int | None  # the stop string or stop id that ended it
     prompt_tokens: int
     completion_tokens: int
-    prefill_tokens: int  # prompt tokens run through the model (fewer than prompt_tokens when a prefix was reused)
+    prefill_tokens: (
+        int  # prompt tokens run through the model (fewer than prompt_tokens when a prefix was reused)
+    )
     prefill_seconds: float
     decode_seconds: float
 
@@ -87,7 +97,9 @@ def decode_one_token(model: Transformer, tokens: Tensor, cache: KVCache) -> Tens
     return model(tokens[:, None], cache)[:, -1].float()
 
 
-def next_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+def next_token(
+    logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> Tensor:
     """Pick the next id per row [B] from ``logits`` [B, V]; ``seen`` [B, V] marks ids for the repetition penalty."""
     logits = process_logits(logits, seen, params)
     if not params.do_sample:
@@ -98,7 +110,9 @@ def next_token(logits: Tensor, seen: Tensor, params: SamplingParams, generator: 
 def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
     """Repetition penalty, then (when sampling) temperature, top-k and top-p; removed ids get -inf."""
     if params.repetition_penalty != 1.0:
-        penalised = torch.where(logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty)
+        penalised = torch.where(
+            logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty
+        )
         logits = torch.where(seen, penalised, logits)
     if not params.do_sample:
         return logits
@@ -121,7 +135,9 @@ def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tens
 class _RowText:
     """Text of one row as tokens arrive: stop-string search, hold-back for streaming, the final cut."""
 
-    def __init__(self, tokenizer: QwenTokenizer, stop_strings: tuple[str, ...], stop_ids: frozenset[int]) -> None:
+    def __init__(
+        self, tokenizer: QwenTokenizer, stop_strings: tuple[str, ...], stop_ids: frozenset[int]
+    ) -> None:
         self.decoder = tokenizer.incremental_decoder()
         self.stop_strings, self.stop_ids = stop_strings, stop_ids
         self.longest_stop = max((len(s) for s in stop_strings), default=0)
@@ -231,10 +247,15 @@ class Generation:
         decode_seconds = time.perf_counter() - decode_started
         self.results = [
             GenerationResult(
-                text=row.text, token_ids=row.token_ids, finish_reason=row.finish_reason or "length", stop=row.stop,
-                prompt_tokens=len(prompt), completion_tokens=len(row.token_ids),
-                prefill_tokens=len(prompt) - self.reused, prefill_seconds=prefill_seconds,
+                text=row.text,
+                token_ids=row.token_ids,
+                finish_reason=row.finish_reason or "length",
+                stop=row.stop,
+                prompt_tokens=len(prompt),
+                completion_tokens=len(row.token_ids),
+                prefill_tokens=len(prompt) - self.reused,
+                prefill_seconds=prefill_seconds,
                 decode_seconds=decode_seconds,
             )
-            for row, prompt in zip(self.rows, self.prompts)
+            for row, prompt in zip(self.rows, self.prompts, strict=True)
         ]

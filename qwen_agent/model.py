@@ -209,7 +209,9 @@ class Transformer(nn.Module):
     def _logn_scale(self, positions: Tensor) -> Tensor:
         """Query scale [B, 1, S, 1]: log(p+1)/log(seq_length) past seq_length, else 1."""
         n = (positions + 1).double()
-        scale = torch.where(n > self.config.seq_length, n.clamp(min=1).log() / math.log(self.config.seq_length), 1.0)
+        scale = torch.where(
+            n > self.config.seq_length, n.clamp(min=1).log() / math.log(self.config.seq_length), 1.0
+        )
         return scale.float()[:, None, :, None]
 
     @staticmethod

@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_model import TOL, hf_model  # a sibling test module: the same HF reference builder
 from transformers import Qwen2ForCausalLM
 
 from qwen_agent.checkpoint import load_checkpoint
 from qwen_agent.config import QwenConfig
 from qwen_agent.errors import CheckpointError
 from qwen_agent.tiny import write_tiny_checkpoint
-
-from test_model import TOL, hf_model  # noqa: I001 - sibling test module
 
 IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 77091]])
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +66,9 @@ def test_sharded_qwen_v1_matches_transformers_on_the_same_files(qwen_dir):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_qwen2_family_matches_transformers_from_pretrained(tmp_path, tied):
-    path = write_tiny_checkpoint(tmp_path, "qwen2", seed=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=tied)
+    path = write_tiny_checkpoint(
+        tmp_path, "qwen2", seed=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=tied
+    )
     ours = load_checkpoint(path, device="cpu", dtype="fp32")
     theirs = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert ours.config.num_kv_heads == 2 and ours.config.tie_word_embeddings is tied
@@ -94,7 +95,10 @@ def test_pytorch_bin_files(broken, qwen_dir, sharded):
     (broken / "model.safetensors.index.json").unlink()
     if sharded:
         names = sorted(tensors)
-        halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        halves = {
+            "pytorch_model-00001-of-00002.bin": names[::2],
+            "pytorch_model-00002-of-00002.bin": names[1::2],
+        }
         for file, part in halves.items():
             torch.save({n: tensors[n] for n in part}, broken / file)
         weight_map = {n: f for f, part in halves.items() for n in part}
@@ -121,8 +125,10 @@ def test_pytorch_bin_with_pickled_code_is_refused_without_running_it(broken, tmp
     assert not _RunsCode.marker.exists()
 
 
-@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16),
-                                              ("auto", torch.float32), (None, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [("bf16", torch.bfloat16), ("fp16", torch.float16), ("auto", torch.float32), (None, torch.float32)],
+)
 def test_dtype_choice(qwen_dir, dtype, expected):
     model = load_checkpoint(qwen_dir, device="cpu", dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {expected}
@@ -143,7 +149,9 @@ def test_tensor_listed_but_absent(broken):
     tensors = load_file(shard)
     del tensors["lm_head.weight"]
     save_file(tensors, str(shard))
-    with pytest.raises(CheckpointError, match=r"model-00003-of-00003\.safetensors: tensor 'lm_head\.weight' is listed"):
+    with pytest.raises(
+        CheckpointError, match=r"model-00003-of-00003\.safetensors: tensor 'lm_head\.weight' is listed"
+    ):
         load_checkpoint(broken, device="cpu")
 
 
@@ -152,7 +160,9 @@ def test_tensor_missing_from_index(broken):
     index = json.loads(index_path.read_text())
     del index["weight_map"]["transformer.h.1.mlp.w2.weight"]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=r"index\.json: tensor 'transformer\.h\.1\.mlp\.w2\.weight' is not listed"):
+    with pytest.raises(
+        CheckpointError, match=r"index\.json: tensor 'transformer\.h\.1\.mlp\.w2\.weight' is not listed"
+    ):
         load_checkpoint(broken, device="cpu")
 
 
@@ -162,7 +172,9 @@ def test_shape_mismatch_against_config(broken):
     name = "transformer.h.0.attn.c_attn.weight"
     tensors[name] = tensors[name][:-3].contiguous()
     save_file(tensors, str(shard))
-    with pytest.raises(CheckpointError, match=rf"model-00001-of-00003\.safetensors: tensor '{name}' has shape \[189, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=rf"model-00001-of-00003\.safetensors: tensor '{name}' has shape \[189, 64\]"
+    ):
         load_checkpoint(broken, device="cpu")
 
 
@@ -204,8 +216,10 @@ def test_truncated_shard(broken):
 @pytest.mark.parametrize("garbage", [b"\xff" * 8, b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json!}"])
 def test_corrupt_shard_header(broken, garbage):
     shard = shards(broken)[0]
-    shard.write_bytes(garbage + shard.read_bytes()[len(garbage):])
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00003\.safetensors: corrupt safetensors header"):
+    shard.write_bytes(garbage + shard.read_bytes()[len(garbage) :])
+    with pytest.raises(
+        CheckpointError, match=r"model-00001-of-00003\.safetensors: corrupt safetensors header"
+    ):
         load_checkpoint(broken, device="cpu")
 
 
@@ -236,7 +250,9 @@ def test_not_a_directory(tmp_path):
 
 def test_hub_id_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
-    with pytest.raises(CheckpointError, match=r"Qwen/Qwen-7B-Chat.*huggingface_hub is not installed.*download"):
+    with pytest.raises(
+        CheckpointError, match=r"Qwen/Qwen-7B-Chat.*huggingface_hub is not installed.*download"
+    ):
         load_checkpoint("Qwen/Qwen-7B-Chat", device="cpu")
 
 
@@ -263,8 +279,9 @@ def test_peak_host_memory_of_a_load(tmp_path, dtype):
     The baseline is taken after building a model on the meta device once, which imports about 70 MB of torch
     modules whatever the checkpoint's size; benchmarks/speed.py reports the load peak including it.
     """
-    path = write_tiny_checkpoint(tmp_path, "qwen", hidden_size=256, num_layers=4, num_heads=4, dtype=dtype,
-                                 num_shards=2)
+    path = write_tiny_checkpoint(
+        tmp_path, "qwen", hidden_size=256, num_layers=4, num_heads=4, dtype=dtype, num_shards=2
+    )
     checkpoint_bytes = sum(f.stat().st_size for f in shards(path))
     code = textwrap.dedent(f"""
         import torch, qwen_agent.checkpoint as ck

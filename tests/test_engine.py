@@ -44,14 +44,22 @@ def test_load_model_public_api(engine):
     with torch.no_grad():
         assert engine.model(ids).shape == (1, 5, engine.config.vocab_size)
     gen = engine.generation_config  # from the checkpoint's generation_config.json
-    assert (gen.do_sample, gen.top_p, gen.top_k, gen.repetition_penalty, gen.max_window_size) == (True, 0.8, 0, 1.1, 24000)
+    assert (gen.do_sample, gen.top_p, gen.top_k, gen.repetition_penalty, gen.max_window_size) == (
+        True,
+        0.8,
+        0,
+        1.1,
+        24000,
+    )
     assert engine.default_system == DEFAULT_SYSTEM
     assert len(engine.tokenizer) == 151851
 
 
 def test_chat_matches_generate_on_the_chatml_context(engine):
     response, history = engine.chat("Hello, who are you?", **GREEDY)
-    _, ids = make_context(engine.tokenizer, "Hello, who are you?", system=DEFAULT_SYSTEM, max_window_size=24000)
+    _, ids = make_context(
+        engine.tokenizer, "Hello, who are you?", system=DEFAULT_SYSTEM, max_window_size=24000
+    )
     result = fresh(engine).generate(ids, **GREEDY)
     assert response == result.text.strip()
     assert history == [("Hello, who are you?", response)]
@@ -80,7 +88,9 @@ def test_react_continuation_prefills_only_the_new_tokens(engine):
     # a batched call in between leaves the kept cache alone
     engine.generate([prompt, prompt[:3]], **GREEDY)
     again = follow + second.token_ids[:-1] + tok.encode(" ok")
-    assert engine.generate(again, **GREEDY).prefill_tokens == len(again) - (len(follow) + len(second.token_ids) - 1)
+    assert engine.generate(again, **GREEDY).prefill_tokens == len(again) - (
+        len(follow) + len(second.token_ids) - 1
+    )
 
 
 def test_prefix_is_not_reused_when_the_ntk_alpha_would_differ(engine):
@@ -105,7 +115,9 @@ def test_qwen2_family_directory_and_its_default_system(tmp_path):
     engine = load_model(path, device="cpu", dtype="fp32")
     assert engine.config.family == "qwen2" and engine.default_system == system
     engine.chat("hi", **GREEDY)
-    _, ids = make_context(engine.tokenizer, "hi", system=system, max_window_size=engine.generation_config.max_window_size)
+    _, ids = make_context(
+        engine.tokenizer, "hi", system=system, max_window_size=engine.generation_config.max_window_size
+    )
     assert engine.generate(ids, **GREEDY).prefill_tokens == 1  # the chat ran exactly this prompt
 
 
@@ -118,9 +130,24 @@ def test_load_model_bad_directory_is_a_checkpoint_error(tmp_path):
 def test_chat_cli_reads_lines_until_eof_when_stdin_is_not_a_tty(qwen_dir, engine):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "qwen_agent.cli", "chat", "--model", str(qwen_dir), "--greedy", "--max-new-tokens", "8",
-         "--device", "cpu"],
-        input="Hello there\nWhat next?\n", env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "qwen_agent.cli",
+            "chat",
+            "--model",
+            str(qwen_dir),
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        input="Hello there\nWhat next?\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr
     first, history = fresh(engine).chat("Hello there", max_new_tokens=8, do_sample=False)
@@ -130,18 +157,47 @@ def test_chat_cli_reads_lines_until_eof_when_stdin_is_not_a_tty(qwen_dir, engine
 
 def test_chat_cli_reports_a_bad_model_directory(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "qwen_agent.cli", "chat", "--model", str(tmp_path)],
-                         input="", env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_agent.cli", "chat", "--model", str(tmp_path)],
+        input="",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_speed_benchmark_smoke_runs_on_cpu(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr
     (report_file,) = tmp_path.glob("speed-*.json")
     report = json.loads(report_file.read_text())
     assert [r["impl"] for r in report["runs"]] == ["qwen_agent", "transformers"]
     assert report["same_greedy_tokens"] is True and report["speedup"] > 0
     assert 0 < report["load_peak_over_checkpoint"] < 1.3
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_dtype_generation(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, "qwen", seed=6, seq_length=64)
+    gpu, cpu = load_model(path, device="cuda"), load_model(path, device="cpu")
+    assert gpu.model.tok_embeddings.weight.dtype in (torch.bfloat16, torch.float16)
+    ids = torch.tensor([list(range(100, 140))])
+    with torch.no_grad():
+        expected = cpu.model(ids)
+        got = gpu.model(ids.cuda()).float().cpu()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    prompt = list(range(200, 220))
+    result = gpu.generate(prompt, do_sample=False, max_new_tokens=16)
+    # a fresh engine: with the kept cache the prompt would run in another shape, rounding differently in bf16
+    assert "".join(fresh(gpu).stream(prompt, do_sample=False, max_new_tokens=16)) == result.text
+    assert result.completion_tokens == 16 or result.finish_reason == "stop"

@@ -79,7 +79,9 @@ def scripted(tokenizer, text_before: str, tail: list[int]) -> QwenEngine:
 REACT = 'Thought: look it up\nAction: search\nAction Input: {"q": "x"}\n'
 
 
-@pytest.mark.parametrize("tail", [OBSERVATION_COLON, OBSERVATION_COLON_NEWLINE], ids=["colon", "merged-colon-nl"])
+@pytest.mark.parametrize(
+    "tail", [OBSERVATION_COLON, OBSERVATION_COLON_NEWLINE], ids=["colon", "merged-colon-nl"]
+)
 @pytest.mark.parametrize("stop", [["Observation:"], STOPS], ids=["one-stop", "both-stops"])
 def test_stop_string_matched_for_both_tokenizations(tokenizer, tail, stop):
     engine = scripted(tokenizer, REACT, tail)
@@ -153,26 +155,43 @@ def test_seed_makes_sampling_reproducible(engine):
 
 
 def test_batch_equals_each_prompt_alone(engine, tokenizer):
-    prompts = [tokenizer.encode(t) for t in ("Hi", "A much longer prompt with many more tokens in it", "Mid size q")]
+    prompts = [
+        tokenizer.encode(t) for t in ("Hi", "A much longer prompt with many more tokens in it", "Mid size q")
+    ]
     batched = engine.generate(prompts, max_new_tokens=15, stop=["e"], do_sample=False)
     assert isinstance(batched, list) and len(batched) == 3
-    for prompt, got in zip(prompts, batched):
+    for prompt, got in zip(prompts, batched, strict=True):
         alone = engine.generate(prompt, max_new_tokens=15, stop=["e"], do_sample=False)
-        assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            alone.token_ids,
+            alone.text,
+            alone.finish_reason,
+        )
         assert got.prompt_tokens == len(prompt)
 
 
 def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model, tokenizer):
     """End to end: our greedy decode == Qwen2ForCausalLM.generate on the same weights (reference greedy + 1.1)."""
     cfg = tiny_model.config
-    hf = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.seq_length,
-        tie_word_embeddings=False,
-    )).eval()
-    state = {"model.embed_tokens.weight": tiny_model.tok_embeddings.weight, "model.norm.weight": tiny_model.norm.weight,
-             "lm_head.weight": tiny_model.output.weight}
+    hf = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta,
+            max_position_embeddings=cfg.seq_length,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    state = {
+        "model.embed_tokens.weight": tiny_model.tok_embeddings.weight,
+        "model.norm.weight": tiny_model.norm.weight,
+        "lm_head.weight": tiny_model.output.weight,
+    }
     q = cfg.num_heads * cfg.head_dim
     for i, block in enumerate(tiny_model.layers):
         p = f"model.layers.{i}."
@@ -180,20 +199,29 @@ def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model,
             fused = getattr(block.attention.wqkv, kind)
             for j, name in enumerate("qkv"):
                 state[p + f"self_attn.{name}_proj.{kind}"] = fused[j * q : (j + 1) * q]
-        state |= {p + "self_attn.o_proj.weight": block.attention.wo.weight,
-                  p + "input_layernorm.weight": block.attention_norm.weight,
-                  p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-                  p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
-                  p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
-                  p + "mlp.down_proj.weight": block.feed_forward.w_down.weight}
+        state |= {
+            p + "self_attn.o_proj.weight": block.attention.wo.weight,
+            p + "input_layernorm.weight": block.attention_norm.weight,
+            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+            p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
+            p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
+            p + "mlp.down_proj.weight": block.feed_forward.w_down.weight,
+        }
     hf.load_state_dict(state)
     engine = QwenEngine(tiny_model, tokenizer, GenerationConfig(eos_token_ids=(), chat_format="raw"))
     prompt = tokenizer.encode("The quick brown fox")
     ours = engine.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1.1)
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                             repetition_penalty=1.1, pad_token_id=0, eos_token_id=None)
-    assert ours.token_ids == theirs[0, len(prompt):].tolist()
+        theirs = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            repetition_penalty=1.1,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    assert ours.token_ids == theirs[0, len(prompt) :].tolist()
 
 
 def test_sampling_filters_equal_transformers_processors():
@@ -203,7 +231,9 @@ def test_sampling_filters_equal_transformers_processors():
     input_ids = torch.randint(0, 500, (3, 40))
     seen[torch.arange(3)[:, None], input_ids] = True
     for top_k, top_p in [(0, 0.8), (20, 1.0), (20, 0.5), (0, 1.0)]:
-        params = SamplingParams(do_sample=True, temperature=0.7, top_p=top_p, top_k=top_k, repetition_penalty=1.1)
+        params = SamplingParams(
+            do_sample=True, temperature=0.7, top_p=top_p, top_k=top_k, repetition_penalty=1.1
+        )
         expected = RepetitionPenaltyLogitsProcessor(1.1)(input_ids, logits.clone())
         expected = TemperatureLogitsWarper(0.7)(input_ids, expected)
         if top_k:

@@ -23,8 +23,17 @@ from qwen_agent.model import KVCache, Transformer
 TOL = 1e-4
 V1 = replace(CONFIGS["tiny"], vocab_size=512)  # seq_length 32, NTK and logN on
 QWEN2 = QwenConfig(
-    family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=16, rope_theta=1_000_000.0, seq_length=64, max_context=64,
+    family="qwen2",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=1_000_000.0,
+    seq_length=64,
+    max_context=64,
 )
 
 
@@ -58,14 +67,17 @@ def ours_from_hf(config: QwenConfig, weights: dict[str, torch.Tensor]) -> Transf
 def v1_to_qwen2_names(weights: dict[str, torch.Tensor], config: QwenConfig) -> dict[str, torch.Tensor]:
     """Reference section 1.6, written out."""
     d = config.num_heads * config.head_dim
-    out = {"model.embed_tokens.weight": weights["transformer.wte.weight"],
-           "model.norm.weight": weights["transformer.ln_f.weight"], "lm_head.weight": weights["lm_head.weight"]}
+    out = {
+        "model.embed_tokens.weight": weights["transformer.wte.weight"],
+        "model.norm.weight": weights["transformer.ln_f.weight"],
+        "lm_head.weight": weights["lm_head.weight"],
+    }
     for i in range(config.num_layers):
         h, m = f"transformer.h.{i}.", f"model.layers.{i}."
         for kind in ("weight", "bias"):
             fused = weights[h + f"attn.c_attn.{kind}"]
             for j, p in enumerate("qkv"):
-                out[m + f"self_attn.{p}_proj.{kind}"] = fused[j * d:(j + 1) * d]
+                out[m + f"self_attn.{p}_proj.{kind}"] = fused[j * d : (j + 1) * d]
         out[m + "self_attn.o_proj.weight"] = weights[h + "attn.c_proj.weight"]
         out[m + "input_layernorm.weight"] = weights[h + "ln_1.weight"]
         out[m + "post_attention_layernorm.weight"] = weights[h + "ln_2.weight"]
@@ -77,11 +89,17 @@ def v1_to_qwen2_names(weights: dict[str, torch.Tensor], config: QwenConfig) -> d
 
 def hf_model(config: QwenConfig, weights: dict[str, torch.Tensor], rope_theta: float | None = None):
     hf_config = Qwen2Config(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, rms_norm_eps=config.rms_norm_eps,
-        rope_theta=rope_theta or config.rope_theta, max_position_embeddings=4096,
-        tie_word_embeddings=config.tie_word_embeddings, attn_implementation="eager",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=rope_theta or config.rope_theta,
+        max_position_embeddings=4096,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attn_implementation="eager",
     )
     model = Qwen2ForCausalLM(hf_config)
     if config.family == "qwen":
@@ -155,8 +173,19 @@ def test_swapping_gate_and_up_is_detected():
 
 @pytest.mark.parametrize(
     "length, seq_length, alpha",
-    [(1, 8192, 1), (8192, 8192, 1), (8193, 8192, 3), (16384, 8192, 3), (16385, 8192, 7), (32767, 8192, 7),
-     (2048, 2048, 1), (2049, 2048, 3), (4097, 2048, 7), (8193, 2048, 15), (16384, 2048, 15)],
+    [
+        (1, 8192, 1),
+        (8192, 8192, 1),
+        (8193, 8192, 3),
+        (16384, 8192, 3),
+        (16385, 8192, 7),
+        (32767, 8192, 7),
+        (2048, 2048, 1),
+        (2049, 2048, 3),
+        (4097, 2048, 7),
+        (8193, 2048, 15),
+        (16384, 2048, 15),
+    ],
 )
 def test_ntk_alpha_matches_reference_table(length, seq_length, alpha):
     assert ntk_alpha(length, seq_length) == alpha
@@ -189,7 +218,9 @@ def test_logn_and_ntk_past_seq_length_follow_the_reference_formulas(logn_in_tran
     expected = hf_logits(hf_model(V1, weights, rope_theta=theta), ids)
     assert (ours - expected).abs().max().item() <= TOL
     assert (ours - without_logn).abs().max().item() > 100 * TOL  # logN is really applied past seq_length
-    assert (ours[:, : V1.seq_length] - without_logn[:, : V1.seq_length]).abs().max().item() <= TOL  # ...only there
+    assert (
+        ours[:, : V1.seq_length] - without_logn[:, : V1.seq_length]
+    ).abs().max().item() <= TOL  # ...only there
 
 
 def test_alpha_is_frozen_at_prefill_for_cached_decoding(logn_in_transformers):
@@ -217,7 +248,10 @@ def test_kv_cached_decoding_equals_full_forward(config):
     cache = KVCache(config, 1, 40, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         full = model(ids)
-        pieces = [model(ids[:, :10], cache), model(ids[:, 10:17], cache)]  # prefill, then a chunk after a prefix
+        pieces = [
+            model(ids[:, :10], cache),
+            model(ids[:, 10:17], cache),
+        ]  # prefill, then a chunk after a prefix
         pieces += [model(ids[:, t : t + 1], cache) for t in range(17, 30)]
     assert cache.length == 30
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
@@ -249,7 +283,9 @@ def test_left_padded_batch_equals_each_row_alone(config):
     cache = KVCache(config, len(rows), longest + 4, dtype=torch.float32, device="cpu", pad=pad)
     extra = random_ids(3, config.vocab_size, seed=30, batch=len(rows))
     with torch.no_grad():
-        batched = [model(batch, cache, last_only=True)] + [model(extra[:, t : t + 1], cache) for t in range(3)]
+        batched = [model(batch, cache, last_only=True)] + [
+            model(extra[:, t : t + 1], cache) for t in range(3)
+        ]
         for i, row in enumerate(rows):
             alone = model(torch.cat([row, extra[i]])[None])
             got = torch.cat([step[i : i + 1] for step in batched], dim=1)
