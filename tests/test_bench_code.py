@@ -93,7 +93,10 @@ def test_scripted_run_through_the_real_interpreter(tmp_path):
     first_prompt = llm.calls[2][0].query
     assert "[Upload file sales.csv]" in first_prompt and "triple backticks" in first_prompt
     # a rerun of the same directory finds every task recorded and asks the model nothing
-    assert run_code_benchmark(llm=ScriptedLLM([]), tasks=tasks, out_dir=tmp_path / "out", progress=False) == report
+    assert (
+        run_code_benchmark(llm=ScriptedLLM([]), tasks=tasks, out_dir=tmp_path / "out", progress=False)
+        == report
+    )
 
 
 def test_cli_without_a_reachable_model_fails_cleanly(tmp_path):
