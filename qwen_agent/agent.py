@@ -390,8 +390,7 @@ class _Run:
         try:
             result = tool.invoke(step.raw_arguments)
             observation, error = str(result.observation), getattr(result, "error", None)
-            # a structured result may report a failure the tool call itself survived (code that raised)
-            ok = bool(result.ok) and getattr(getattr(result, "data", None), "ok", True) is not False
+            ok = bool(result.ok)
         except Exception as exc:  # tools should not raise, but a user's tool might: the model hears about it
             tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
             observation, ok, error = f"Error: the tool {step.action} failed: {tb}", False, tb

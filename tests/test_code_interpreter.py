@@ -351,6 +351,13 @@ def test_code_interpreter_tool_runs_fenced_code(ci):
     assert res.data.stdout == "json form\n"
 
 
+def test_code_that_raises_is_a_failed_tool_call(ci):
+    res = CodeInterpreterTool(interpreter=ci).invoke("```py\n1 / 0\n```")
+    assert not res.ok and res.error_kind == "tool_error"
+    assert "ZeroDivisionError" in res.observation and res.error == res.observation
+    assert res.data.error.name == "ZeroDivisionError"
+
+
 def test_sandbox_info_reports_layers_and_reasons(ci):
     info = ci.sandbox_info()
     assert info["process_group"] and info["parent_death_signal"] and info["scrubbed_env"]

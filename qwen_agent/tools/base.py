@@ -35,7 +35,8 @@ class ToolResult:
     """The outcome of one tool call, as the agent sees it.
 
     ``ok`` is False when the arguments were invalid (``error_kind="invalid_arguments"``) or the tool itself
-    failed (``error_kind="tool_error"``); ``observation`` always holds the text to show the model. ``data`` carries
+    failed or reports a failure, such as code that raised in the interpreter (``error_kind="tool_error"``);
+    ``observation`` always holds the text to show the model. ``data`` carries
     the tool's structured result where it has one (the code interpreter's ExecutionResult).
     """
 
@@ -213,6 +214,15 @@ class BaseTool:
                 ok=False,
                 error=short,
                 error_kind="tool_error",
+                duration=time.perf_counter() - start,
+            )
+        if getattr(data, "ok", True) is False:  # the tool ran, but reports a failure (code that raised, a timeout)
+            return ToolResult(
+                observation,
+                ok=False,
+                error=observation,
+                error_kind="tool_error",
+                data=data,
                 duration=time.perf_counter() - start,
             )
         return ToolResult(observation, data=data, duration=time.perf_counter() - start)
