@@ -20,6 +20,11 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
             raise QwenAgentError(
                 f"--decode expects integer ids separated by spaces or commas, got {args.text!r}"
             ) from None
+        unknown = [i for i in ids if not 0 <= i < len(tokenizer)]
+        if unknown:
+            raise QwenAgentError(
+                f"--decode: {unknown[0]} is not a token id of this vocabulary (0..{len(tokenizer) - 1})"
+            )
         print(tokenizer.decode(ids))
         return 0
     allowed = "all" if args.allow_special else ()

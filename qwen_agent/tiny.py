@@ -141,7 +141,7 @@ QWEN2_CHAT_TEMPLATE = (
 )
 
 
-def _qwen_tensors(hidden: int, layers: int, heads: int, inter: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+def _qwen_tensors(hidden: int, layers: int, inter: int) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a Qwen v1 checkpoint, in the module order the real shards follow."""
     yield "transformer.wte.weight", (PADDED_VOCAB_SIZE, hidden)
     width = inter // 2  # Qwen's intermediate_size counts both MLP branches
@@ -284,7 +284,7 @@ def write_tiny_checkpoint(
             "num_hidden_layers": num_layers,
             "seq_length": seq_length,
         }
-        shapes = list(_qwen_tensors(hidden_size, num_layers, num_heads, inter))
+        shapes = list(_qwen_tensors(hidden_size, num_layers, inter))
         generation_config = qwen_7b_chat_generation_config()
         shutil.copyfile(vocab_path, out / "qwen.tiktoken")
         tokenizer_config = {

@@ -187,3 +187,5 @@ def test_cli_tokenize_and_decode(capsys, vocab_file: Path):
     assert capsys.readouterr().out == "Observation:\n"
     assert cli.main(["tokenize", "--decode", "37763 x"]) == 2
     assert "--decode expects integer ids" in capsys.readouterr().err
+    assert cli.main(["tokenize", "--decode", "198 99999999"]) == 2
+    assert "99999999 is not a token id of this vocabulary (0..151850)" in capsys.readouterr().err

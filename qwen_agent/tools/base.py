@@ -216,7 +216,9 @@ class BaseTool:
                 error_kind="tool_error",
                 duration=time.perf_counter() - start,
             )
-        if getattr(data, "ok", True) is False:  # the tool ran, but reports a failure (code that raised, a timeout)
+        if (
+            getattr(data, "ok", True) is False
+        ):  # the tool ran, but reports a failure (code that raised, a timeout)
             return ToolResult(
                 observation,
                 ok=False,
