@@ -383,6 +383,14 @@ def score_files(
         if not Path(path).is_file():
             raise ConfigError(f"--{split}: no such file: {path}")
         jobs[split] = load_jobs(path, require_gen=True)
+        if not jobs[split]:
+            raise BenchmarkError(f"--{split} {path}: the file holds no jobs")
+    for number, job in enumerate(jobs["positive"], 1):
+        if "\nAction:" not in "\n" + job["response"]:
+            raise BenchmarkError(
+                f"--positive {positive}: job {number} has no 'Action:' in its golden response "
+                "(is this the negative set?)"
+            )
     return scorecard(
         jobs["positive"],
         jobs["negative"],

@@ -228,7 +228,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, help="model directory, or the URL of an OpenAI-compatible server"
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N jobs of each set")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N jobs of each set")
     p.add_argument(
         "--batch-size", type=int, default=8, help="prompts per batch (requests in flight for a URL)"
     )
@@ -271,11 +271,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="bench-results/code-interpreter", help="directory for results and figures"
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N tasks")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print the report on one line")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench_code_interpreter)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -255,6 +255,28 @@ def test_bench_score_reports_a_missing_file_clearly(tmp_path):
     assert "--positive: no such file" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bench_score_refuses_empty_or_swapped_sets(tmp_path):
+    from qwen_agent.bench import score_files
+    from qwen_agent.errors import BenchmarkError
+
+    empty, negative = tmp_path / "empty.jsonl", tmp_path / "negative.jsonl"
+    empty.write_text("")
+    negative.write_text("".join(json.dumps({**job, "gen": job["response"]}) + "\n" for job in NEGATIVE[:3]))
+    with pytest.raises(BenchmarkError, match="empty.jsonl: the file holds no jobs"):
+        score_files(empty, negative)
+    with pytest.raises(BenchmarkError, match="job 1 has no 'Action:' in its golden response"):
+        score_files(negative, negative)
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x"])
+def test_limit_must_be_a_positive_number(limit, capsys):
+    from qwen_agent import cli as cli_module
+
+    with pytest.raises(SystemExit) as exc:
+        cli_module.main(["bench", "tool-use", "--model", "m", "--limit", limit])
+    assert exc.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The local engine on a tiny random-weight checkpoint
 
