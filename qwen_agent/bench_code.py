@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BenchmarkError, ConfigError
+from .evaluation import read_jsonl
 
 __all__ = [
     "CodeTask",
@@ -59,17 +60,9 @@ class CodeTask:
 def load_tasks(path: str | Path) -> list[CodeTask]:
     """Tasks from a jsonl file; files are looked up next to it. Errors name the file, line and field."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise BenchmarkError(f"{path}: cannot read the task file ({exc.strerror or exc})") from None
     tasks = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
+    for where, raw in read_jsonl(path, "task"):
         try:
-            raw = json.loads(line)
             task = CodeTask(
                 raw["id"],
                 raw["kind"],
@@ -79,10 +72,10 @@ def load_tasks(path: str | Path) -> list[CodeTask]:
                 raw.get("answer"),
                 float(raw.get("tolerance", 1e-6)),
             )
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{where}: not valid JSON ({exc.msg})") from None
         except KeyError as exc:
             raise BenchmarkError(f"{where}: the task has no {exc.args[0]!r} field") from None
+        except (TypeError, ValueError):
+            raise BenchmarkError(f"{where}: 'files' must be a list and 'tolerance' a number") from None
         if task.kind not in KINDS:
             raise BenchmarkError(f"{where}: kind must be one of {', '.join(KINDS)}, got {task.kind!r}")
         if task.kind != "plot" and not isinstance(task.answer, (int, float)):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,35 +78,45 @@ _TOOL_NAMES_RE = re.compile(r"should be one of \[([^\]\n]*)\]")
 # Loading
 
 
-def load_jobs(path: str | Path, *, require_gen: bool = False) -> list[dict[str, Any]]:
-    """Read a jsonl file of jobs; a malformed line raises BenchmarkError naming the file, line and field."""
+def read_jsonl(path: str | Path, what: str = "job") -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for each non-blank line of a jsonl file, ``where`` being ``"FILE:LINE"``.
+
+    An unreadable file, a line that is not JSON, or one that is not an object raises BenchmarkError naming it.
+    """
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise BenchmarkError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    jobs = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            job = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(job, dict):
-            raise BenchmarkError(f"{path}:{number}: a job must be a JSON object")
+            raise BenchmarkError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise BenchmarkError(f"{where}: a {what} must be a JSON object")
+        yield where, value
+
+
+def load_jobs(path: str | Path, *, require_gen: bool = False) -> list[dict[str, Any]]:
+    """Read a jsonl file of jobs; a malformed line raises BenchmarkError naming the file, line and field."""
+    jobs = []
+    for where, job in read_jsonl(path):
         needed = ("prompt", "response", "gen") if require_gen else ("prompt", "response")
         for key in needed:
             if key not in job:
-                raise BenchmarkError(f"{path}:{number}: the job has no {key!r} field")
+                raise BenchmarkError(f"{where}: the job has no {key!r} field")
         for key in ("prompt", "response"):
             if not isinstance(job[key], str):
-                raise BenchmarkError(f"{path}:{number}: field {key!r} must be a string")
+                raise BenchmarkError(f"{where}: field {key!r} must be a string")
         if "gen" in job:
             try:
                 _gen(job)
             except BenchmarkError as exc:
-                raise BenchmarkError(f"{path}:{number}: {exc}") from None
+                raise BenchmarkError(f"{where}: {exc}") from None
         jobs.append(job)
     return jobs
 

@@ -43,6 +43,12 @@ def test_bad_task_file_errors_name_the_line(tmp_path):
     path.write_text('{"id": "a", "kind": "data", "query": "q", "answer": 1, "files": ["x.csv"]}\n')
     with pytest.raises(BenchmarkError, match=r"tasks.jsonl:1: file 'x.csv' is not in"):
         load_tasks(path)
+    path.write_text('{"id": "a", "kind": "math", "query": "q", "answer": 1}\n["not", "an", "object"]\n')
+    with pytest.raises(BenchmarkError, match=r"tasks.jsonl:2: a task must be a JSON object"):
+        load_tasks(path)
+    path.write_text('{"id": "a", "kind": "math", "query": "q", "answer": 1, "tolerance": "tiny"}\n')
+    with pytest.raises(BenchmarkError, match=r"tasks.jsonl:1: 'files' must be a list and 'tolerance' a number"):
+        load_tasks(path)
 
 
 def test_scripted_run_through_the_real_interpreter(tmp_path):
