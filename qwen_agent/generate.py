@@ -98,22 +98,25 @@ def decode_one_token(model: Transformer, tokens: Tensor, cache: KVCache) -> Tens
 
 
 def next_token(
-    logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: Tensor, seen_ids: Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> Tensor:
-    """Pick the next id per row [B] from ``logits`` [B, V]; ``seen`` [B, V] marks ids for the repetition penalty."""
-    logits = process_logits(logits, seen, params)
+    """Pick the next id per row [B] from ``logits`` [B, V]; ``seen_ids`` [B, L] are the ids the repetition
+    penalty applies to (prompt and generated; repeats allowed)."""
+    logits = process_logits(logits, seen_ids, params)
     if not params.do_sample:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
-    """Repetition penalty, then (when sampling) temperature, top-k and top-p; removed ids get -inf."""
+def process_logits(logits: Tensor, seen_ids: Tensor, params: SamplingParams) -> Tensor:
+    """Repetition penalty on ``seen_ids`` [B, L], then (when sampling) temperature, top-k and top-p; removed ids
+    get -inf."""
     if params.repetition_penalty != 1.0:
-        penalised = torch.where(
-            logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty
-        )
-        logits = torch.where(seen, penalised, logits)
+        # only the seen ids are touched: a pass over the whole vocabulary per row would cost more than a decode
+        # step of a small model once rows are batched
+        seen = logits.gather(1, seen_ids)
+        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+        logits = logits.scatter(1, seen_ids, seen)
     if not params.do_sample:
         return logits
     logits = logits / params.temperature
@@ -215,12 +218,15 @@ class Generation:
         device = self.cache.k.device
         batch, longest = len(self.prompts), max(len(p) for p in self.prompts)
         ids = torch.full((batch, longest - self.reused), self.pad_id, dtype=torch.long)
-        seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool)
+        # every id each row has seen, left-padded with a repeat of the row's own first id (a repeat changes
+        # nothing); the generated ids fill the columns after ``longest``
+        seen_ids = torch.empty(batch, longest + max(self.max_new_tokens), dtype=torch.long)
         for b, prompt in enumerate(self.prompts):
             new = prompt[self.reused :]
             ids[b, ids.shape[1] - len(new) :] = torch.tensor(new)
-            seen[b, prompt] = True
-        ids, seen = ids.to(device), seen.to(device)
+            seen_ids[b, : longest - len(prompt)] = prompt[0]
+            seen_ids[b, longest - len(prompt) : longest] = torch.tensor(prompt)
+        ids, seen_ids = ids.to(device), seen_ids.to(device)
 
         started = time.perf_counter()
         logits = prefill(self.model, ids, self.cache)
@@ -228,8 +234,8 @@ class Generation:
         self.fed = [list(p) for p in self.prompts]
         live = list(range(batch))
         for step in range(max(self.max_new_tokens)):
-            tokens = next_token(logits, seen, self.params, self.generator)
-            seen[torch.arange(batch, device=device), tokens] = True
+            tokens = next_token(logits, seen_ids[:, : longest + step], self.params, self.generator)
+            seen_ids[:, longest + step] = tokens
             host_tokens = tokens.tolist()
             if step == 0:
                 decode_started = time.perf_counter()
