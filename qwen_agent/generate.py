@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import KVCache, Transformer
+from .stops import StopScanner
 from .tokenizer import QwenTokenizer
 
 __all__ = [
@@ -136,15 +137,15 @@ def process_logits(logits: Tensor, seen_ids: Tensor, params: SamplingParams) -> 
 
 
 class _RowText:
-    """Text of one row as tokens arrive: stop-string search, hold-back for streaming, the final cut."""
+    """Text of one row as tokens arrive: stop ids, stop strings and the text safe to show."""
 
     def __init__(
         self, tokenizer: QwenTokenizer, stop_strings: tuple[str, ...], stop_ids: frozenset[int]
     ) -> None:
         self.decoder = tokenizer.incremental_decoder()
-        self.stop_strings, self.stop_ids = stop_strings, stop_ids
-        self.longest_stop = max((len(s) for s in stop_strings), default=0)
-        self.text, self.emitted = "", 0
+        self.scanner = StopScanner(stop_strings)
+        self.stop_ids = stop_ids
+        self.text = ""
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.stop: str | int | None = None
@@ -153,36 +154,26 @@ class _RowText:
         """Take one generated id (``last``: the length limit is reached); return the text now safe to show."""
         self.token_ids.append(token)
         if token in self.stop_ids:
-            self.text += self.decoder.flush()
-            self._finish("stop", token)
+            delta = self._release(self.decoder.flush())
+            if self.finish_reason is None:
+                self.finish_reason, self.stop = "stop", token
         else:
-            searched = max(0, len(self.text) - self.longest_stop + 1)
-            self.text += self.decoder.add([token])
-            self._cut_at_stop_string(searched)
-            if last and self.finish_reason is None:
-                self.text += self.decoder.flush()
-                self._finish("length", None)
-        safe = len(self.text) if self.finish_reason else len(self.text) - self._holdback()
-        delta, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+            delta = self.scanner.feed(self.decoder.add([token]))
+            if self.scanner.stopped is not None:
+                self.finish_reason, self.stop = "stop", self.scanner.stopped
+            elif last:
+                delta += self._release(self.decoder.flush())
+                if self.finish_reason is None:
+                    self.finish_reason = "length"
+        self.text += delta
         return delta
 
-    def _finish(self, reason: str, stop: str | int | None) -> None:
-        self.finish_reason, self.stop = reason, stop
-
-    def _cut_at_stop_string(self, searched: int) -> None:
-        found = [(at, len(s), s) for s in self.stop_strings if (at := self.text.find(s, searched)) >= 0]
-        if found:
-            at, _, stop = min(found)
-            self.text = self.text[:at]
-            self._finish("stop", stop)
-
-    def _holdback(self) -> int:
-        """Length of the longest tail of the text that is the start of some stop string."""
-        for k in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop_strings):
-                return k
-        return 0
+    def _release(self, tail: str) -> str:
+        """The final characters through the scanner, then what it held back (nothing after a stop string)."""
+        delta = self.scanner.feed(tail) + self.scanner.finish()
+        if self.scanner.stopped is not None:
+            self.finish_reason, self.stop = "stop", self.scanner.stopped
+        return delta
 
 
 class Generation:
