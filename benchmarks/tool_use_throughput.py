@@ -1,11 +1,12 @@
 """Tool-use benchmark generation throughput against batch size, through the runner's local-engine path.
 
     PYTHONPATH=. python benchmarks/tool_use_throughput.py [--model DIR] [--jobs 16] [--new-tokens 32]
-        [--batch-sizes 1,2,4,8,16] [--device cpu] [--repeats 2]
+        [--batch-sizes 1,2,4,8,16] [--device cpu] [--repeats 2] [--seq-length 8192] [--threads N]
 
 Without --model a tiny random-weight checkpoint (hidden 64, 2 layers, the real 151,936-row vocabulary) is
-written to a temporary directory. Each batch size generates the same jobs (the first --jobs of the shipped
-positive set, greedy, the checkpoint's repetition penalty, stop words on) with a fixed number of new tokens
+written to a temporary directory, with ``seq_length`` 8192 as Qwen-7B-Chat (``--seq-length 256`` puts every
+prompt past it, so dynamic NTK and logN attention apply). Each batch size generates the same jobs (the first
+--jobs of the shipped positive set, greedy, the checkpoint's repetition penalty, stop words on) with a fixed number of new tokens
 (stop strings still end a row early when the model writes one). Prints jobs/s and generated tokens/s per batch
 size with the speed-up over batch size 1, and writes benchmarks/results/tool_use_throughput.json.
 """
@@ -40,11 +41,15 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=8192, help="of the tiny checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # fewer threads than busy cores avoids oversubscription noise
 
     with tempfile.TemporaryDirectory() as tmp:
-        # seq_length as Qwen-7B-Chat: prompts stay below it, so no NTK or logN rescaling, as with the real model
-        model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=8192)
+        # by default seq_length as Qwen-7B-Chat: prompts stay below it, so no NTK or logN rescaling
+        model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=args.seq_length)
         engine = load_model(model, device=args.device)
         prompts = [job["prompt"] for job in load_jobs(DATA_DIR / "tool_use_positive.jsonl")[: args.jobs]]
         list(EngineGenerator(engine, batch_size=2, max_new_tokens=4).generate(prompts[:2]))  # warm-up
@@ -74,7 +79,7 @@ def main() -> None:
 
     prompt_tokens = [len(engine.tokenizer.encode(p)) for p in prompts]
     result = {
-        "model": str(args.model or "tiny random checkpoint (hidden 64, 2 layers)"),
+        "model": args.model or f"tiny random checkpoint (hidden 64, 2 layers, seq_length {args.seq_length})",
         "device": args.device,
         "jobs": len(prompts),
         "new_tokens": args.new_tokens,

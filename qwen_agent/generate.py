@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import KVCache, Transformer
+from .stops import StopScanner
 from .tokenizer import QwenTokenizer
 
 __all__ = [
@@ -98,22 +99,25 @@ def decode_one_token(model: Transformer, tokens: Tensor, cache: KVCache) -> Tens
 
 
 def next_token(
-    logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: Tensor, seen_ids: Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> Tensor:
-    """Pick the next id per row [B] from ``logits`` [B, V]; ``seen`` [B, V] marks ids for the repetition penalty."""
-    logits = process_logits(logits, seen, params)
+    """Pick the next id per row [B] from ``logits`` [B, V]; ``seen_ids`` [B, L] are the ids the repetition
+    penalty applies to (prompt and generated; repeats allowed)."""
+    logits = process_logits(logits, seen_ids, params)
     if not params.do_sample:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
-    """Repetition penalty, then (when sampling) temperature, top-k and top-p; removed ids get -inf."""
+def process_logits(logits: Tensor, seen_ids: Tensor, params: SamplingParams) -> Tensor:
+    """Repetition penalty on ``seen_ids`` [B, L], then (when sampling) temperature, top-k and top-p; removed ids
+    get -inf."""
     if params.repetition_penalty != 1.0:
-        penalised = torch.where(
-            logits < 0, logits * params.repetition_penalty, logits / params.repetition_penalty
-        )
-        logits = torch.where(seen, penalised, logits)
+        # only the seen ids are touched: a pass over the whole vocabulary per row would cost more than a decode
+        # step of a small model once rows are batched
+        seen = logits.gather(1, seen_ids)
+        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+        logits = logits.scatter(1, seen_ids, seen)
     if not params.do_sample:
         return logits
     logits = logits / params.temperature
@@ -133,15 +137,15 @@ def process_logits(logits: Tensor, seen: Tensor, params: SamplingParams) -> Tens
 
 
 class _RowText:
-    """Text of one row as tokens arrive: stop-string search, hold-back for streaming, the final cut."""
+    """Text of one row as tokens arrive: stop ids, stop strings and the text safe to show."""
 
     def __init__(
         self, tokenizer: QwenTokenizer, stop_strings: tuple[str, ...], stop_ids: frozenset[int]
     ) -> None:
         self.decoder = tokenizer.incremental_decoder()
-        self.stop_strings, self.stop_ids = stop_strings, stop_ids
-        self.longest_stop = max((len(s) for s in stop_strings), default=0)
-        self.text, self.emitted = "", 0
+        self.scanner = StopScanner(stop_strings)
+        self.stop_ids = stop_ids
+        self.text = ""
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.stop: str | int | None = None
@@ -150,36 +154,26 @@ class _RowText:
         """Take one generated id (``last``: the length limit is reached); return the text now safe to show."""
         self.token_ids.append(token)
         if token in self.stop_ids:
-            self.text += self.decoder.flush()
-            self._finish("stop", token)
+            delta = self._release(self.decoder.flush())
+            if self.finish_reason is None:
+                self.finish_reason, self.stop = "stop", token
         else:
-            searched = max(0, len(self.text) - self.longest_stop + 1)
-            self.text += self.decoder.add([token])
-            self._cut_at_stop_string(searched)
-            if last and self.finish_reason is None:
-                self.text += self.decoder.flush()
-                self._finish("length", None)
-        safe = len(self.text) if self.finish_reason else len(self.text) - self._holdback()
-        delta, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+            delta = self.scanner.feed(self.decoder.add([token]))
+            if self.scanner.stopped is not None:
+                self.finish_reason, self.stop = "stop", self.scanner.stopped
+            elif last:
+                delta += self._release(self.decoder.flush())
+                if self.finish_reason is None:
+                    self.finish_reason = "length"
+        self.text += delta
         return delta
 
-    def _finish(self, reason: str, stop: str | int | None) -> None:
-        self.finish_reason, self.stop = reason, stop
-
-    def _cut_at_stop_string(self, searched: int) -> None:
-        found = [(at, len(s), s) for s in self.stop_strings if (at := self.text.find(s, searched)) >= 0]
-        if found:
-            at, _, stop = min(found)
-            self.text = self.text[:at]
-            self._finish("stop", stop)
-
-    def _holdback(self) -> int:
-        """Length of the longest tail of the text that is the start of some stop string."""
-        for k in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop_strings):
-                return k
-        return 0
+    def _release(self, tail: str) -> str:
+        """The final characters through the scanner, then what it held back (nothing after a stop string)."""
+        delta = self.scanner.feed(tail) + self.scanner.finish()
+        if self.scanner.stopped is not None:
+            self.finish_reason, self.stop = "stop", self.scanner.stopped
+        return delta
 
 
 class Generation:
@@ -215,12 +209,15 @@ class Generation:
         device = self.cache.k.device
         batch, longest = len(self.prompts), max(len(p) for p in self.prompts)
         ids = torch.full((batch, longest - self.reused), self.pad_id, dtype=torch.long)
-        seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool)
+        # every id each row has seen, left-padded with a repeat of the row's own first id (a repeat changes
+        # nothing); the generated ids fill the columns after ``longest``
+        seen_ids = torch.empty(batch, longest + max(self.max_new_tokens), dtype=torch.long)
         for b, prompt in enumerate(self.prompts):
             new = prompt[self.reused :]
             ids[b, ids.shape[1] - len(new) :] = torch.tensor(new)
-            seen[b, prompt] = True
-        ids, seen = ids.to(device), seen.to(device)
+            seen_ids[b, : longest - len(prompt)] = prompt[0]
+            seen_ids[b, longest - len(prompt) : longest] = torch.tensor(prompt)
+        ids, seen_ids = ids.to(device), seen_ids.to(device)
 
         started = time.perf_counter()
         logits = prefill(self.model, ids, self.cache)
@@ -228,8 +225,8 @@ class Generation:
         self.fed = [list(p) for p in self.prompts]
         live = list(range(batch))
         for step in range(max(self.max_new_tokens)):
-            tokens = next_token(logits, seen, self.params, self.generator)
-            seen[torch.arange(batch, device=device), tokens] = True
+            tokens = next_token(logits, seen_ids[:, : longest + step], self.params, self.generator)
+            seen_ids[:, longest + step] = tokens
             host_tokens = tokens.tolist()
             if step == 0:
                 decode_started = time.perf_counter()

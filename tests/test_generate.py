@@ -170,6 +170,43 @@ def test_batch_equals_each_prompt_alone(engine, tokenizer):
         assert got.prompt_tokens == len(prompt)
 
 
+def test_batch_with_repetition_penalty_equals_each_prompt_alone(engine, tokenizer):
+    """Rows of different lengths, some past the tiny seq_length of 32 (NTK and logN active): the penalty of a
+    left-padded row touches its own ids only, never the padding."""
+    prompts = [
+        tokenizer.encode("no " * 40),
+        tokenizer.encode("Hi"),
+        tokenizer.encode("A longer prompt, with many more tokens in it, said twice. " * 3),
+    ]
+    assert max(map(len, prompts)) > engine.config.seq_length > min(map(len, prompts))
+    batched = engine.generate(prompts, max_new_tokens=15, do_sample=False, repetition_penalty=1.3)
+    plain = engine.generate(prompts, max_new_tokens=15, do_sample=False, repetition_penalty=1.0)
+    assert [r.token_ids for r in batched] != [r.token_ids for r in plain]  # the penalty changes the output
+    for prompt, got in zip(prompts, batched, strict=True):
+        alone = engine.generate(prompt, max_new_tokens=15, do_sample=False, repetition_penalty=1.3)
+        assert got.token_ids == alone.token_ids
+
+
+class FixedLogits(ScriptedLogits):
+    """The same logits at every position: end-of-text just ahead of the id 42."""
+
+    def forward(self, ids, cache, last_only=False):
+        cache.length += ids.shape[1]
+        logits = torch.zeros(ids.shape[0], 1, self.config.vocab_size)
+        logits[:, :, self.script] = torch.tensor([1.0, 0.95])
+        return logits
+
+
+def test_repetition_penalty_never_applies_to_padding(tokenizer):
+    # the batch is left-padded with end-of-text: penalised as if seen, it would lose to 42 in the short row
+    engine = QwenEngine(FixedLogits([tokenizer.eod_id, 42]), tokenizer, GenerationConfig(max_new_tokens=3))
+    results = engine.generate([[100], [100, 200, 300]], do_sample=False, repetition_penalty=1.3)
+    assert [r.token_ids for r in results] == [[tokenizer.eod_id], [tokenizer.eod_id]]
+    # and a seen end-of-text is penalised
+    seen_eod = engine.generate([tokenizer.eod_id, 100], do_sample=False, repetition_penalty=1.3)
+    assert seen_eod.token_ids[0] == 42
+
+
 def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model, tokenizer):
     """End to end: our greedy decode == Qwen2ForCausalLM.generate on the same weights (reference greedy + 1.1)."""
     cfg = tiny_model.config
@@ -227,9 +264,7 @@ def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model,
 def test_sampling_filters_equal_transformers_processors():
     torch.manual_seed(1)
     logits = torch.randn(3, 500) * 3
-    seen = torch.zeros(3, 500, dtype=torch.bool)
     input_ids = torch.randint(0, 500, (3, 40))
-    seen[torch.arange(3)[:, None], input_ids] = True
     for top_k, top_p in [(0, 0.8), (20, 1.0), (20, 0.5), (0, 1.0)]:
         params = SamplingParams(
             do_sample=True, temperature=0.7, top_p=top_p, top_k=top_k, repetition_penalty=1.1
@@ -240,7 +275,7 @@ def test_sampling_filters_equal_transformers_processors():
             expected = TopKLogitsWarper(top_k)(input_ids, expected)
         if top_p < 1:
             expected = TopPLogitsWarper(top_p)(input_ids, expected)
-        got = process_logits(logits, seen, params)
+        got = process_logits(logits, input_ids, params)
         assert torch.equal(torch.isinf(got), torch.isinf(expected))
         finite = ~torch.isinf(got)
         assert torch.allclose(got[finite], expected[finite], atol=1e-6)
