@@ -120,7 +120,7 @@ class QwenEngine:
     ) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt of token ids, or a list of prompts (one batched pass; greedy results identical to
         generating each alone). Returns a :class:`~qwen_agent.generate.GenerationResult` or a list of them."""
-        batched = bool(prompt) and not isinstance(prompt[0], int)
+        batched = bool(prompt) and isinstance(prompt[0], Sequence) and not isinstance(prompt[0], str)
         run = self._start(list(prompt) if batched else [prompt], stop, generation)
         for _ in run:
             pass

@@ -79,11 +79,6 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
 
-    @property
-    def decode_tokens_per_second(self) -> float:
-        steps = self.completion_tokens - 1  # the first token comes from the prefill
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
-
 
 # -- hot path ------------------------------------------------------------------------------------------------
 

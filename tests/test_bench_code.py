@@ -47,7 +47,9 @@ def test_bad_task_file_errors_name_the_line(tmp_path):
     with pytest.raises(BenchmarkError, match=r"tasks.jsonl:2: a task must be a JSON object"):
         load_tasks(path)
     path.write_text('{"id": "a", "kind": "math", "query": "q", "answer": 1, "tolerance": "tiny"}\n')
-    with pytest.raises(BenchmarkError, match=r"tasks.jsonl:1: 'files' must be a list and 'tolerance' a number"):
+    with pytest.raises(
+        BenchmarkError, match=r"tasks.jsonl:1: 'files' must be a list and 'tolerance' a number"
+    ):
         load_tasks(path)
 
 

@@ -14,7 +14,7 @@ import torch
 import qwen_agent
 from qwen_agent.chat_format import DEFAULT_SYSTEM, make_context
 from qwen_agent.engine import QwenEngine, load_model
-from qwen_agent.errors import CheckpointError
+from qwen_agent.errors import CheckpointError, ConfigError
 from qwen_agent.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,12 @@ def test_prefix_is_not_reused_when_the_ntk_alpha_would_differ(engine):
     shorter = base + [7, 8]  # back under seq_length: the alpha-3 cache is not reusable either
     assert engine.generate(shorter, **GREEDY).prefill_tokens == len(shorter)
     assert engine.generate(shorter + [9], **GREEDY).prefill_tokens == 1
+
+
+@pytest.mark.parametrize("prompt", [[], [1.5], "Hello", [[1, 2], []], [[1, "x"]], [-1], [10**9]], ids=repr)
+def test_bad_prompts_are_config_errors(engine, prompt):
+    with pytest.raises(ConfigError, match=r"prompt \d: expected a non-empty list of token ids"):
+        engine.generate(prompt, max_new_tokens=1)
 
 
 def test_qwen2_family_directory_and_its_default_system(tmp_path):
