@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_agent.checkpoint import load_checkpoint, resolve_device, resolve_dtype  # noqa: E402
+from qwen_agent.checkpoint import load_checkpoint, resolve_device, resolve_dtype, to_transformers  # noqa: E402
 from qwen_agent.config import CONFIGS, QwenConfig  # noqa: E402
 from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
 from qwen_agent.model import KVCache, Transformer  # noqa: E402
@@ -88,53 +88,6 @@ def random_model(config: QwenConfig, device: torch.device, dtype: torch.dtype, s
     for name, p in model.named_parameters():
         p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0, 0.02)
     return model.eval().requires_grad_(False)
-
-
-def to_transformers(model: Transformer):
-    """transformers' Qwen2ForCausalLM sharing our tensors (q/k/v are row views of the fused projection)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    c = model.config
-    hf_config = Qwen2Config(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_context,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )
-    with torch.device("meta"):
-        hf = Qwen2ForCausalLM(hf_config)
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    state = {
-        "model.embed_tokens.weight": model.tok_embeddings.weight,
-        "model.norm.weight": model.norm.weight,
-        "lm_head.weight": model.output.weight,
-    }
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            fused = getattr(block.attention.wqkv, kind)
-            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv)), strict=True):
-                state[p + f"self_attn.{name}_proj.{kind}"] = fused[a:b]
-        state |= {
-            p + "self_attn.o_proj.weight": block.attention.wo.weight,
-            p + "input_layernorm.weight": block.attention_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
-            p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
-            p + "mlp.down_proj.weight": block.feed_forward.w_down.weight,
-        }
-    hf.load_state_dict(state, assign=True, strict=False)
-    hf.tie_weights()
-    # non-persistent rotary buffers were created on the meta device: build them for real
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config).to(model.tok_embeddings.weight.device)
-    return hf.eval().requires_grad_(False)
 
 
 # -- measurements ----------------------------------------------------------------------------------------------

@@ -26,7 +26,14 @@ from .config import QwenConfig
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
 
-__all__ = ["load_checkpoint", "resolve_model_dir", "weight_name_map", "resolve_dtype", "resolve_device"]
+__all__ = [
+    "load_checkpoint",
+    "resolve_model_dir",
+    "weight_name_map",
+    "resolve_dtype",
+    "resolve_device",
+    "to_transformers",
+]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -328,3 +335,54 @@ def _read_torch_bin(path: Path, names: list[str]) -> Iterator[tuple[str, torch.T
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: tensor {name!r} is listed for this file but absent from it")
         yield name, tensor
+
+
+def to_transformers(model: Transformer) -> Any:
+    """transformers' ``Qwen2ForCausalLM`` sharing this model's tensors (q/k/v are row views of the fused projection).
+
+    For comparisons against transformers (parity tests, the speed baseline); needs transformers installed.
+    Up to ``seq_length`` a Qwen v1 model and its Qwen2 twin compute the same logits.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    hf_config = Qwen2Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_context,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(hf_config)
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    state = {
+        "model.embed_tokens.weight": model.tok_embeddings.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.output.weight,
+    }
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = getattr(block.attention.wqkv, kind)
+            for name, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv)), strict=True):
+                state[p + f"self_attn.{name}_proj.{kind}"] = fused[a:b]
+        state |= {
+            p + "self_attn.o_proj.weight": block.attention.wo.weight,
+            p + "input_layernorm.weight": block.attention_norm.weight,
+            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+            p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
+            p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
+            p + "mlp.down_proj.weight": block.feed_forward.w_down.weight,
+        }
+    hf.load_state_dict(state, assign=True, strict=False)
+    hf.tie_weights()
+    # non-persistent rotary buffers were created on the meta device: build them for real
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config).to(model.tok_embeddings.weight.device)
+    return hf.eval().requires_grad_(False)

@@ -12,14 +12,13 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
-    Qwen2Config,
-    Qwen2ForCausalLM,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
+from qwen_agent.checkpoint import to_transformers
 from qwen_agent.config import CONFIGS, GenerationConfig
 from qwen_agent.engine import QwenEngine
 from qwen_agent.errors import ConfigError
@@ -209,42 +208,7 @@ def test_repetition_penalty_never_applies_to_padding(tokenizer):
 
 def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model, tokenizer):
     """End to end: our greedy decode == Qwen2ForCausalLM.generate on the same weights (reference greedy + 1.1)."""
-    cfg = tiny_model.config
-    hf = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            rms_norm_eps=cfg.rms_norm_eps,
-            rope_theta=cfg.rope_theta,
-            max_position_embeddings=cfg.seq_length,
-            tie_word_embeddings=False,
-        )
-    ).eval()
-    state = {
-        "model.embed_tokens.weight": tiny_model.tok_embeddings.weight,
-        "model.norm.weight": tiny_model.norm.weight,
-        "lm_head.weight": tiny_model.output.weight,
-    }
-    q = cfg.num_heads * cfg.head_dim
-    for i, block in enumerate(tiny_model.layers):
-        p = f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            fused = getattr(block.attention.wqkv, kind)
-            for j, name in enumerate("qkv"):
-                state[p + f"self_attn.{name}_proj.{kind}"] = fused[j * q : (j + 1) * q]
-        state |= {
-            p + "self_attn.o_proj.weight": block.attention.wo.weight,
-            p + "input_layernorm.weight": block.attention_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
-            p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
-            p + "mlp.down_proj.weight": block.feed_forward.w_down.weight,
-        }
-    hf.load_state_dict(state)
+    hf = to_transformers(tiny_model)
     engine = QwenEngine(tiny_model, tokenizer, GenerationConfig(eos_token_ids=(), chat_format="raw"))
     prompt = tokenizer.encode("The quick brown fox")
     ours = engine.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1.1)
