@@ -459,6 +459,27 @@ def test_run_command_prints_steps_as_they_happen(capsys):
     assert second_prompt.endswith("Observation: stdout:\n\n```\n42\n```\nThought:")
 
 
+def test_run_command_prints_a_plain_reply_once(capsys):
+    from fake_openai_server import FakeServer, json_reply, sse_reply
+
+    from qwen_agent.cli import main
+
+    server = FakeServer()
+    server.replies += [
+        json_reply(200, {"data": [{"id": "Qwen-7B-Chat"}]}),
+        sse_reply(_sse_text("Hello! ", "How can I help?")),
+    ]
+    try:
+        code = main(["run", "--model", server.url, "--tools", "current_time", "hi"])
+    finally:
+        server.close()
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert out == (
+        "\n--- step 1\nThought: Hello! How can I help?\n(no ReAct format: the reply above is the final answer)\n"
+    )
+
+
 def test_run_command_reports_an_unreachable_server(capsys):
     import socket
 
