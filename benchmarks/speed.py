@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwen_agent.checkpoint import load_checkpoint, resolve_device, resolve_dtype, to_transformers  # noqa: E402
 from qwen_agent.config import CONFIGS, QwenConfig  # noqa: E402
+from qwen_agent.errors import QwenAgentError  # noqa: E402
 from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
 from qwen_agent.model import KVCache, Transformer  # noqa: E402
 from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
@@ -194,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
     if bool(args.model) + bool(args.random) + bool(args.smoke) != 1:
         parser.error("give exactly one of MODEL, --random NAME, --smoke")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except QwenAgentError as exc:
+        parser.error(str(exc))
     n = args.new_tokens or (2048 if device.type == "cuda" else 256)
     context = args.context or (2048 if device.type == "cuda" else 512)
     torch.set_grad_enabled(False)
@@ -286,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]
         report["same_greedy_tokens"] = ours["tokens"] == base["tokens"]
         ratio = (
-            ours["encode_peak_gib"] / base["encode_peak_gib"] if base["encode_peak_gib"] > 0 else float("nan")
+            f"{ours['encode_peak_gib'] / base['encode_peak_gib']:.2f}" if base["encode_peak_gib"] > 0 else "n/a"
         )
         print(
-            f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio:.2f}; "
+            f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio}; "
             f"same greedy tokens: {report['same_greedy_tokens']}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
