@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]
         report["same_greedy_tokens"] = ours["tokens"] == base["tokens"]
         ratio = (
-            f"{ours['encode_peak_gib'] / base['encode_peak_gib']:.2f}" if base["encode_peak_gib"] > 0 else "n/a"
+            f"{ours['encode_peak_gib'] / base['encode_peak_gib']:.2f}"
+            if base["encode_peak_gib"] > 0
+            else "n/a"
         )
         print(
             f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio}; "
