@@ -443,5 +443,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("| Problems | " + ", ".join(f"{k}: {v}" for k, v in report["problems"].items()) + " |")
     lines += ["", "| Tool | Support | Precision | Recall |", "|---|---|---|---|"]
     for tool, row in report["per_tool"].items():
-        lines.append(f"| {tool} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} |")
+        cell = " ".join(str(tool).split()).replace("|", "\\|")  # names come from model output: keep one row
+        lines.append(f"| {cell} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} |")
     return "\n".join(lines) + "\n"

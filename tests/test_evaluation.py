@@ -234,3 +234,11 @@ def test_any_output_scores_within_bounds(gen):
         "thought_last",
         "final_answer",
     }
+
+
+def test_markdown_keeps_a_model_written_tool_name_in_one_row():
+    job = {"prompt": "Question: hi", "response": "Thought: t\nAction: weather\nAction Input: {}"}
+    wild = {**job, "gen": ["Thought: t\nAction: a | b\nAction Input: {}"]}
+    report = scorecard([wild], [], QwenTokenizer.from_pretrained(), bootstrap=10)
+    rows = [line for line in render_markdown(report).splitlines() if line.startswith("| a")]
+    assert len(rows) == 1 and rows[0].startswith("| a \\| b | 0 | ")  # the called name, escaped, no support
