@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_agent.bench import DATA_DIR, catalog_schemas, load_catalog  # noqa: E402
+from qwen_agent.bench import catalog_schemas, load_catalog, shipped_path  # noqa: E402
 from qwen_agent.evaluation import load_jobs, scorecard  # noqa: E402
 from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
 
@@ -59,8 +59,8 @@ def negative_output(job: dict, variant: int) -> str:
 
 
 def recorded_jobs(total: int) -> tuple[list[dict], list[dict]]:
-    positive = load_jobs(DATA_DIR / "tool_use_positive.jsonl")
-    negative = load_jobs(DATA_DIR / "tool_use_negative.jsonl")
+    positive = load_jobs(shipped_path("tool_use_positive.jsonl"))
+    negative = load_jobs(shipped_path("tool_use_negative.jsonl"))
     n_pos = round(total * len(positive) / (len(positive) + len(negative)))
     pos = [
         {**positive[i % len(positive)], "gen": [positive_output(positive[i % len(positive)], i % 6)]}
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pos, neg = recorded_jobs(args.jobs)
-    catalog = catalog_schemas(load_catalog(DATA_DIR / "tool_use_plugins.json"))
+    catalog = catalog_schemas(load_catalog(shipped_path("tool_use_plugins.json")))
     start = time.perf_counter()
     tokenizer = QwenTokenizer.from_pretrained()
     load_s = time.perf_counter() - start

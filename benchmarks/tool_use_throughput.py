@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from qwen_agent.bench import DATA_DIR, EngineGenerator  # noqa: E402
+from qwen_agent.bench import EngineGenerator, shipped_path  # noqa: E402
 from qwen_agent.engine import load_model  # noqa: E402
 from qwen_agent.evaluation import load_jobs  # noqa: E402
 from qwen_agent.tiny import write_tiny_checkpoint  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
         # by default seq_length as Qwen-7B-Chat: prompts stay below it, so no NTK or logN rescaling
         model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=args.seq_length)
         engine = load_model(model, device=args.device)
-        prompts = [job["prompt"] for job in load_jobs(DATA_DIR / "tool_use_positive.jsonl")[: args.jobs]]
+        prompts = [job["prompt"] for job in load_jobs(shipped_path("tool_use_positive.jsonl"))[: args.jobs]]
         list(EngineGenerator(engine, batch_size=2, max_new_tokens=4).generate(prompts[:2]))  # warm-up
         rows = []
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):

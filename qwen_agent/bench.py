@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -29,6 +31,7 @@ from .tools.base import BaseTool
 
 __all__ = [
     "DATA_DIR",
+    "shipped_path",
     "PluginTool",
     "load_catalog",
     "plugin_tools",
@@ -46,8 +49,32 @@ __all__ = [
     "write_report",
 ]
 
-# the datasets shipped in the source tree
+# the datasets shipped in the source tree: written there from benchmarks/data/source/ on first use
 DATA_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+BUILD_SCRIPT = DATA_DIR.parent.parent / "tools" / "build_tool_use_dataset.py"
+SHIPPED_FILES = ("tool_use_plugins.json", "tool_use_positive.jsonl", "tool_use_negative.jsonl")
+
+
+def shipped_path(name: str) -> Path:
+    """Path of a shipped tool-use file, built from its source (in well under a second) when missing or stale.
+
+    The built files are generated data and are not tracked; the hand-written source is.
+    """
+    if name not in SHIPPED_FILES:
+        raise ConfigError(f"unknown shipped file {name!r}; expected one of {', '.join(SHIPPED_FILES)}")
+    source = sorted((DATA_DIR / "source").glob("*.py"))
+    if not source or not BUILD_SCRIPT.is_file():
+        raise BenchmarkError(
+            f"the shipped tool-use sets are built from {DATA_DIR / 'source'}, which only a source checkout has; "
+            "pass --positive/--negative (and --plugins) files instead"
+        )
+    built = [DATA_DIR / n for n in SHIPPED_FILES]
+    newest_source = max(p.stat().st_mtime for p in [*source, BUILD_SCRIPT])
+    if not all(p.is_file() and p.stat().st_mtime >= newest_source for p in built):
+        done = subprocess.run([sys.executable, str(BUILD_SCRIPT)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchmarkError(f"building the shipped tool-use sets failed: {done.stderr.strip()[-500:]}")
+    return DATA_DIR / name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,10 +392,12 @@ def _plot_per_tool(report: Mapping[str, Any], path: Path) -> None:
 
 def _schemas_for(plugins: str | Path | None) -> dict[str, dict[str, Any]]:
     """Schemas of the catalog given, or of the shipped one when it exists; {} when there is none."""
-    path = Path(plugins) if plugins else DATA_DIR / "tool_use_plugins.json"
-    if plugins is None and not path.exists():
+    if plugins is not None:
+        return catalog_schemas(load_catalog(plugins))
+    try:
+        return catalog_schemas(load_catalog(shipped_path("tool_use_plugins.json")))
+    except BenchmarkError:  # not a source checkout: schema checks are skipped
         return {}
-    return catalog_schemas(load_catalog(path))
 
 
 def score_files(
@@ -407,8 +436,8 @@ def load_datasets(
     from .evaluation import load_jobs
 
     paths = {
-        "positive": positive or DATA_DIR / "tool_use_positive.jsonl",
-        "negative": negative or DATA_DIR / "tool_use_negative.jsonl",
+        "positive": positive or shipped_path("tool_use_positive.jsonl"),
+        "negative": negative or shipped_path("tool_use_negative.jsonl"),
     }
     datasets = {}
     for split, path in paths.items():

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from qwen_agent.bench import DATA_DIR, LLMGenerator, RunFile, run_benchmark, run_tool_use
+from qwen_agent.bench import LLMGenerator, RunFile, run_benchmark, run_tool_use, shipped_path
 from qwen_agent.errors import BenchmarkError
 from qwen_agent.evaluation import load_jobs
 from qwen_agent.llm import Completion, cut_at_stop
 from qwen_agent.tokenizer import QwenTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-POSITIVE = load_jobs(DATA_DIR / "tool_use_positive.jsonl")
-NEGATIVE = load_jobs(DATA_DIR / "tool_use_negative.jsonl")
+POSITIVE = load_jobs(shipped_path("tool_use_positive.jsonl"))
+NEGATIVE = load_jobs(shipped_path("tool_use_negative.jsonl"))
 GOLDEN = {job["prompt"].rsplit("\nQuestion: ", 1)[1]: job["response"] for job in POSITIVE + NEGATIVE}
 
 

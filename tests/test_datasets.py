@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from qwen_agent.bench import DATA_DIR, load_catalog, plugin_tools
+from qwen_agent.bench import DATA_DIR, load_catalog, plugin_tools, shipped_path
 from qwen_agent.errors import ToolArgumentError
 from qwen_agent.evaluation import load_jobs, offered_tools, process_res
 from qwen_agent.react import Action, FinalAnswer, parse_output
@@ -20,29 +21,46 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def catalog():
-    return load_catalog(DATA_DIR / "tool_use_plugins.json")
+    return load_catalog(shipped_path("tool_use_plugins.json"))
 
 
 @pytest.fixture(scope="module")
 def positive():
-    return load_jobs(DATA_DIR / "tool_use_positive.jsonl")
+    return load_jobs(shipped_path("tool_use_positive.jsonl"))
 
 
 @pytest.fixture(scope="module")
 def negative():
-    return load_jobs(DATA_DIR / "tool_use_negative.jsonl")
+    return load_jobs(shipped_path("tool_use_negative.jsonl"))
 
 
-def test_committed_files_equal_a_fresh_build():
+def _build_module():
     spec = importlib.util.spec_from_file_location(
         "build_tool_use_dataset", ROOT / "tools" / "build_tool_use_dataset.py"
     )
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    for name, text in build.build().items():
-        assert (DATA_DIR / name).read_text(encoding="utf-8") == text, (
-            f"{name} is stale: rerun the build script"
-        )
+    return build
+
+
+def test_build_is_deterministic_and_the_files_on_disk_are_current():
+    build = _build_module()
+    first, second = build.build(), build.build()
+    assert first == second
+    for name, text in first.items():
+        assert shipped_path(name).read_text(encoding="utf-8") == text, f"{name} is stale"
+
+
+def test_missing_or_stale_files_are_rebuilt_on_use():
+    path = shipped_path("tool_use_negative.jsonl")
+    expected = path.read_bytes()
+    path.unlink()
+    assert shipped_path("tool_use_negative.jsonl").read_bytes() == expected
+    source = DATA_DIR / "source" / "negative.py"
+    os.utime(source)  # the source is now newer than what was built from it
+    path.write_text("stale\n", encoding="utf-8")
+    os.utime(path, (source.stat().st_mtime - 10,) * 2)
+    assert shipped_path("tool_use_negative.jsonl").read_bytes() == expected
 
 
 def test_sizes_languages_and_plugin_coverage(catalog, positive, negative):
@@ -106,3 +124,13 @@ def test_every_negative_golden_is_a_final_answer(negative):
         parsed = parse_output(job["response"], job["tools"])
         assert isinstance(parsed, FinalAnswer) and not parsed.problems, job["id"]
         assert "\nAction: " not in job["response"]
+
+
+def test_outside_a_source_checkout_the_error_says_what_to_pass(monkeypatch, tmp_path):
+    from qwen_agent import bench
+    from qwen_agent.errors import BenchmarkError
+
+    monkeypatch.setattr(bench, "DATA_DIR", tmp_path)
+    with pytest.raises(BenchmarkError, match="only a source checkout has; pass --positive/--negative"):
+        bench.shipped_path("tool_use_positive.jsonl")
+    assert bench._schemas_for(None) == {}  # scoring recorded files still works, without schema checks

@@ -1,7 +1,10 @@
 """Build the tool-use benchmark files in benchmarks/data/ from the hand-written source in benchmarks/data/source/.
 
+The built files are generated (and git-ignored); ``qwen_agent.bench.shipped_path`` runs this script when they are
+missing or older than their source.
+
     python tools/build_tool_use_dataset.py            # write the files
-    python tools/build_tool_use_dataset.py --check    # exit 1 if the committed files differ from a fresh build
+    python tools/build_tool_use_dataset.py --check    # exit 1 if the files on disk differ from a fresh build
 
 Output, in the official job format plus metadata (``id``, ``tools`` offered, ``expected_tool``, ``category``,
 ``lang``): ``tool_use_positive.jsonl``, ``tool_use_negative.jsonl``, and ``tool_use_plugins.json`` (the catalog).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -138,7 +142,9 @@ def main() -> int:
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 stale.append(name)
         else:
-            path.write_text(text, encoding="utf-8")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # readers never see half a file
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
             print(f"wrote {path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
     if stale:
         print("out of date: " + ", ".join(stale) + " (run tools/build_tool_use_dataset.py)")
