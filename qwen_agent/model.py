@@ -32,11 +32,13 @@ from .config import QwenConfig
 __all__ = ["KVCache", "Transformer"]
 
 
-class KVCache(nn.Module):
-    """Pre-allocated keys and values of every layer for one batch, and what the rotary rules freeze at prefill.
+class KVCache:
+    """Pre-allocated keys and values of every layer for a batch of rows, and what the rotary rules freeze at prefill.
 
     ``pad[b]`` is the number of left-padding slots of row ``b``; ``length`` is how many slots are filled (the
-    same for every row). Setting ``length`` lower forgets the tail, which is how a cached prefix is reused.
+    same for every row) for calls through :meth:`Transformer.forward`. Setting ``length`` lower forgets the tail,
+    which is how a cached prefix is reused. :meth:`Transformer.decode_step` instead takes each row's slot as a
+    tensor, so rows of one cache can hold sequences of different lengths.
     """
 
     def __init__(
@@ -49,14 +51,13 @@ class KVCache(nn.Module):
         device: torch.device | str,
         pad: Tensor | None = None,
     ) -> None:
-        super().__init__()
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         if pad is None:
             pad = torch.zeros(batch_size, dtype=torch.long)
-        self.register_buffer("pad", pad.to(device=device, dtype=torch.long), persistent=False)
-        self.register_buffer("ntk_alpha", torch.ones(batch_size, device=device), persistent=False)
+        self.pad = pad.to(device=device, dtype=torch.long)
+        self.ntk_alpha = torch.ones(batch_size, device=device)
         self.padded = bool(pad.any())  # kept on the host: decides the attention-mask shortcut without a sync
         self.length = 0
 
@@ -64,12 +65,37 @@ class KVCache(nn.Module):
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def row(self, index: int) -> KVCache:
+        """Row ``index`` of an unpadded cache as a one-row cache sharing its storage (with its own ``length``)."""
+        if self.padded:
+            raise ValueError("row() needs an unpadded cache")
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
+        view.pad, view.ntk_alpha = self.pad[index : index + 1], self.ntk_alpha[index : index + 1]
+        view.padded, view.length = False, 0
+        return view
+
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` ([B, Hkv, S, D]) at slots ``start..start+S`` of ``layer``; return all slots so far."""
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write_at(
+        self, layer: int, slots: Tensor, k: Tensor, v: Tensor, kv_len: int
+    ) -> tuple[Tensor, Tensor]:
+        """Store one position per row, ``k, v`` [B, Hkv, 1, D], at slot ``slots[b]`` of row ``b`` (rows 0..B-1);
+        return those rows' first ``kv_len`` slots."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=slots.device)
+        self.k[layer, rows, :, slots] = k[:, :, 0]
+        self.v[layer, rows, :, slots] = v[:, :, 0]
+        return self.k[layer, :B, :, :kv_len], self.v[layer, :B, :, :kv_len]
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +129,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.q_scale is not None:
             q = q * ctx.q_scale.to(q.dtype)
-        if ctx.cache is not None:
+        if ctx.slots is not None:
+            k, v = ctx.cache.write_at(layer, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
+        elif ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.start, k, v)  # [B, Hkv, T, D]
         if cfg.num_kv_heads != cfg.num_heads:
             groups = cfg.num_heads // cfg.num_kv_heads
@@ -139,11 +167,12 @@ class Block(nn.Module):
 class _StepContext:
     """What every layer of one forward call shares: rotary tables, logN scale, mask, cache slot."""
 
-    __slots__ = ("cos", "sin", "q_scale", "mask", "is_causal", "cache", "start")
+    __slots__ = ("cos", "sin", "q_scale", "mask", "is_causal", "cache", "start", "slots", "kv_len")
 
-    def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start):  # noqa: ANN001 - private plumbing
+    def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start, slots=None, kv_len=0):  # noqa: ANN001
         self.cos, self.sin, self.q_scale = cos, sin, q_scale
         self.mask, self.is_causal, self.cache, self.start = mask, is_causal, cache, start
+        self.slots, self.kv_len = slots, kv_len  # decode_step: per-row slots, slots attended
 
 
 class Transformer(nn.Module):
@@ -180,14 +209,36 @@ class Transformer(nn.Module):
         mask, is_causal = self._mask(start, S, pad, padded=cache is not None and cache.padded)
         ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start)
 
-        x = self.tok_embeddings(ids)  # [B, S, E]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, i, ctx)
+        x = self._layers(ids, ctx)
         if cache is not None:
             cache.length = start + S
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # [B, S, V]
+
+    def decode_step(self, tokens: Tensor, slots: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        """One new token per row at fixed shapes; logits [B, V] in fp32.
+
+        ``tokens[b]`` goes to slot ``slots[b]`` of cache row ``b`` (rows 0..B-1, each with its own length) and
+        attends to that row's slots ``pad[b]..slots[b]``; only the first ``kv_len`` slots are read. Nothing here
+        reads a tensor's value on the host or makes a shape from one, so the step can be captured as a CUDA
+        graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each row's frozen one.
+        """
+        B = tokens.shape[0]
+        pad = cache.pad[:B]
+        positions = (slots - pad)[:, None]  # [B, 1]
+        cos, sin = self._rotary(positions, cache.ntk_alpha[:B])
+        q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
+        k_slot = torch.arange(kv_len, device=tokens.device)[None, :]
+        allowed = (k_slot <= slots[:, None]) & (k_slot >= pad[:, None])  # [B, kv_len]
+        ctx = _StepContext(cos, sin, q_scale, allowed[:, None, None], False, cache, 0, slots, kv_len)
+        return self.output(self.norm(self._layers(tokens[:, None], ctx)))[:, -1].float()
+
+    def _layers(self, ids: Tensor, ctx: _StepContext) -> Tensor:
+        x = self.tok_embeddings(ids)  # [B, S, E]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, ctx)
+        return x
 
     def _ntk_alpha(self, lengths: Tensor) -> Tensor:
         """Per-row dynamic-NTK alpha (see :func:`qwen_agent.config.ntk_alpha`); 1 when the rule is off."""

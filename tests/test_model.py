@@ -290,3 +290,41 @@ def test_left_padded_batch_equals_each_row_alone(config):
             alone = model(torch.cat([row, extra[i]])[None])
             got = torch.cat([step[i : i + 1] for step in batched], dim=1)
             assert (got - alone[:, len(row) - 1 :]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
+def test_decode_step_with_rows_of_different_lengths_equals_each_row_alone(config):
+    """decode_step: each cache row at its own slot, attention over a fixed number of slots (a bucket)."""
+    model = ours_from_hf(config, random_hf_weights(config, seed=11))
+    lengths = [7, 3, 12]
+    rows = [random_ids(n, config.vocab_size, seed=40 + n)[0] for n in lengths]
+    extra = random_ids(4, config.vocab_size, seed=50, batch=len(rows))
+    cache = KVCache(config, len(rows), 32, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        for i, row in enumerate(rows):  # rows join one at a time, each prefilled alone into its own row
+            model(row[None], cache.row(i), last_only=True)
+        slots = torch.tensor(lengths)
+        steps = []
+        for t in range(extra.shape[1]):
+            steps.append(model.decode_step(extra[:, t], slots, cache, kv_len=16 if t < 2 else 32))
+            slots = slots + 1
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, extra[i]])[None])[0, len(row) :]
+            got = torch.stack([step[i] for step in steps])
+            assert (got - alone).abs().max().item() <= TOL
+
+
+def test_decode_step_past_seq_length_keeps_the_prefill_alpha_and_logn(logn_in_transformers):
+    """Past seq_length, decode_step decodes as cached forward() steps do: alpha frozen at prefill, logN scaled."""
+    model = ours_from_hf(V1, random_hf_weights(V1, seed=12))
+    prompt = random_ids(V1.seq_length + 5, V1.vocab_size, seed=13)
+    extra = random_ids(3, V1.vocab_size, seed=14)
+    eager = KVCache(V1, 1, 64, dtype=torch.float32, device="cpu")
+    static = KVCache(V1, 1, 64, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        model(prompt, eager, last_only=True)
+        model(prompt, static, last_only=True)
+        for t in range(3):
+            want = model(extra[:, t : t + 1], eager)[:, -1]
+            got = model.decode_step(extra[:, t], torch.tensor([prompt.shape[1] + t]), static, kv_len=64)
+            assert (got - want).abs().max().item() <= TOL
