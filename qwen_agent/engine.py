@@ -31,6 +31,7 @@ import torch
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import GenerationConfig, QwenConfig, ntk_alpha
+from .decode_runner import DecodeRunner
 from .errors import CheckpointError, ConfigError, GenerationError
 from .generate import Generation, GenerationResult, SamplingParams
 from .model import KVCache, Transformer
@@ -96,12 +97,18 @@ class QwenEngine:
         tokenizer: QwenTokenizer,
         generation_config: GenerationConfig | None = None,
         system: str = DEFAULT_SYSTEM,
+        *,
+        max_batch: int = 32,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch  # prompts decoded at once by a batched generate()
         self.config: QwenConfig = model.config
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system
         self._cache: KVCache | None = None
+        self._runner: DecodeRunner | None = (
+            None  # the kept cache's decode step (its CUDA graphs stay captured)
+        )
         self._cached_ids: list[int] = []  # the ids whose keys and values fill the kept cache's slots
         self.last_result: GenerationResult | None = None
 
@@ -116,17 +123,35 @@ class QwenEngine:
         prompt: Sequence[int] | Sequence[Sequence[int]],
         *,
         stop: Sequence[StopSpec] = (),
+        max_batch: int | None = None,
         **generation: Any,
     ) -> GenerationResult | list[GenerationResult]:
-        """Complete a prompt of token ids, or a list of prompts (one batched pass; greedy results identical to
-        generating each alone). Returns a :class:`~qwen_agent.generate.GenerationResult` or a list of them."""
+        """Complete a prompt of token ids, or a list of prompts (decoded together, at most ``max_batch`` at a
+        time; greedy results identical to generating each alone). Returns a
+        :class:`~qwen_agent.generate.GenerationResult` or a list of them in prompt order."""
         batched = bool(prompt) and isinstance(prompt[0], Sequence) and not isinstance(prompt[0], str)
-        run = self._start(list(prompt) if batched else [prompt], stop, generation)
+        run = self._start(list(prompt) if batched else [prompt], stop, generation, max_batch)
         for _ in run:
             pass
         self._keep_cache(run)
         self.last_result = run.results[-1]
         return run.results if batched else run.results[0]
+
+    def generate_as_completed(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        stop: Sequence[StopSpec] = (),
+        max_batch: int | None = None,
+        **generation: Any,
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        """Like ``generate(prompts)``, but yield ``(index, result)`` as each prompt finishes: with more prompts
+        than ``max_batch``, a finished prompt's place goes to the next waiting one at once."""
+        run = self._start(list(prompts), stop, generation, max_batch)
+        for index, event in run:
+            if isinstance(event, GenerationResult):
+                self.last_result = event
+                yield index, event
 
     def stream(
         self, prompt: Sequence[int], *, stop: Sequence[StopSpec] = (), **generation: Any
@@ -134,8 +159,9 @@ class QwenEngine:
         """Yield text deltas of one completion; they join to ``generate(...).text``. When the stream is
         exhausted, ``last_result`` holds the full result."""
         run = self._start([prompt], stop, generation)
-        for _, delta in run:
-            yield delta
+        for _, event in run:
+            if isinstance(event, str):
+                yield event
         self._keep_cache(run)
         self.last_result = run.results[0]
 
@@ -177,7 +203,11 @@ class QwenEngine:
     # -- internals ---------------------------------------------------------------------------------------------
 
     def _start(
-        self, prompts: list[Sequence[int]], stop: Sequence[StopSpec], generation: dict[str, Any]
+        self,
+        prompts: list[Sequence[int]],
+        stop: Sequence[StopSpec],
+        generation: dict[str, Any],
+        max_batch: int | None = None,
     ) -> Generation:
         unknown = set(generation) - {
             "max_new_tokens",
@@ -213,13 +243,14 @@ class QwenEngine:
         if "seed" in chosen:
             generator = torch.Generator(self.device).manual_seed(int(chosen["seed"]))
 
-        longest = max(len(p) for p in prompts)
-        needed = longest + max(budgets)
+        max_batch = self.max_batch if max_batch is None else max_batch
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        needed = max(len(p) + budget for p, budget in zip(prompts, budgets, strict=True))
         if len(prompts) == 1:
-            cache, reused = self._cache_for(list(prompts[0]), needed)
+            cache, reused, runner = self._cache_for(list(prompts[0]), needed)
         else:
-            pad = torch.tensor([longest - len(p) for p in prompts])
-            cache, reused = self._new_cache(len(prompts), needed, pad), 0
+            cache, reused, runner = self._new_cache(min(len(prompts), max_batch), needed), 0, None
         return Generation(
             self.model,
             self.tokenizer,
@@ -231,7 +262,7 @@ class QwenEngine:
             stop_ids=ids,
             generator=generator,
             reused=reused,
-            pad_id=self.tokenizer.eod_id,
+            runner=runner,
         )
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:
@@ -266,14 +297,15 @@ class QwenEngine:
                 strings.append(self.tokenizer.decode(list(item)))
         return tuple(dict.fromkeys(strings)), frozenset(ids)
 
-    def _new_cache(self, batch: int, needed: int, pad: torch.Tensor | None = None) -> KVCache:
+    def _new_cache(self, batch: int, needed: int) -> KVCache:
         capacity = min(-(-needed // _CACHE_STEP) * _CACHE_STEP, self.config.max_context)
         dtype = self.model.tok_embeddings.weight.dtype
-        return KVCache(self.config, batch, capacity, dtype=dtype, device=self.device, pad=pad)
+        return KVCache(self.config, batch, capacity, dtype=dtype, device=self.device)
 
-    def _cache_for(self, prompt: list[int], needed: int) -> tuple[KVCache, int]:
-        """The kept cache with its reusable prefix, or a fresh one; returns ``(cache, reused slots)``."""
-        old, reused = self._cache, 0
+    def _cache_for(self, prompt: list[int], needed: int) -> tuple[KVCache, int, DecodeRunner | None]:
+        """The kept cache (with its decode runner) and its reusable prefix, or a fresh cache; returns
+        ``(cache, reused slots, runner or None)``."""
+        old, runner, reused = self._cache, self._runner, 0
         if old is not None:
             limit = min(len(self._cached_ids), len(prompt) - 1)  # the last prompt token must run for logits
             while reused < limit and self._cached_ids[reused] == prompt[reused]:
@@ -283,18 +315,16 @@ class QwenEngine:
                 and ntk_alpha(len(prompt), self.config.seq_length) != old.ntk_alpha.item()
             ):
                 reused = 0  # the cached keys were rotated with another alpha
-        self._cache = None  # released before a new one is allocated
-        if reused and old.capacity >= needed:
-            cache = old
-        else:
-            cache = self._new_cache(1, needed)
-            if reused:
-                cache.k[..., :reused, :] = old.k[..., :reused, :]
-                cache.v[..., :reused, :] = old.v[..., :reused, :]
-                cache.ntk_alpha.copy_(old.ntk_alpha)
-        cache.length = reused
-        return cache, reused
+        self._cache = self._runner = None  # released before a new one is allocated
+        if old is not None and old.capacity >= needed:
+            return old, reused, runner  # big enough: its captured decode graphs stay valid too
+        cache = self._new_cache(1, needed)
+        if reused:
+            cache.k[..., :reused, :] = old.k[..., :reused, :]
+            cache.v[..., :reused, :] = old.v[..., :reused, :]
+            cache.ntk_alpha.copy_(old.ntk_alpha)
+        return cache, reused, None
 
     def _keep_cache(self, run: Generation) -> None:
         if len(run.prompts) == 1:
-            self._cache, self._cached_ids = run.cache, run.fed[0]
+            self._cache, self._runner, self._cached_ids = run.cache, run.runner, run.fed[0]

@@ -1,7 +1,7 @@
 """Token generation: prefill, decode, sampling, stop handling and streaming text for one or many prompts.
 
-Hot code is free functions (:func:`prefill`, :func:`decode_one_token`, :func:`next_token`); :class:`Generation`
-drives them for a left-padded batch and turns tokens into text.
+Hot code is free functions (:func:`prefill`, :func:`next_token`) and the fixed-shape decode step of
+:mod:`qwen_agent.decode_runner`; :class:`Generation` drives them for many prompts at once and turns tokens into text.
 
 Stop rules, the same in every path (single, batched, streamed):
 
@@ -21,13 +21,16 @@ positive logits, multiply negative ones), then greedy argmax, or temperature, to
 
 from __future__ import annotations
 
+import heapq
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .decode_runner import DecodeRunner
 from .errors import ConfigError
 from .model import KVCache, Transformer
 from .stops import StopScanner
@@ -38,7 +41,6 @@ __all__ = [
     "SamplingParams",
     "Generation",
     "prefill",
-    "decode_one_token",
     "next_token",
     "process_logits",
 ]
@@ -86,11 +88,6 @@ class GenerationResult:
 def prefill(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
     """Run ``ids`` [B, S] after the cache's filled slots; logits of the last position [B, V] in fp32."""
     return model(ids, cache, last_only=True)[:, -1].float()
-
-
-def decode_one_token(model: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
-    """One step for ``tokens`` [B]; logits [B, V] in fp32."""
-    return model(tokens[:, None], cache)[:, -1].float()
 
 
 def next_token(
@@ -171,11 +168,32 @@ class _RowText:
         return delta
 
 
-class Generation:
-    """Generate for a batch of prompts in one left-padded pass; iterate for ``(row, text delta)`` events.
+@dataclass
+class _Row:
+    """A prompt being generated in a cache row."""
 
-    After iteration ends, ``results`` holds one :class:`GenerationResult` per prompt. Breaking out early
-    leaves ``results`` empty. ``cache`` must be empty or hold ``reused`` slots of a single prompt's prefix.
+    index: int  # of the prompt
+    text: _RowText
+    budget: int  # max new tokens
+    started: float  # when its prefill began
+    first_token_at: float = 0.0
+    received: int = 0  # generated tokens read on the host
+    fed: int = 0  # generated tokens whose keys and values are in the cache
+
+
+class Generation:
+    """Generate for many prompts, at most ``cache.batch_size`` at a time; iterate for events.
+
+    Each prompt is prefilled alone into a free cache row, then the rows decode together, one token per row per
+    step (:class:`~qwen_agent.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that
+    finishes frees its cache row for the next waiting prompt, so sequences join and leave the batch as they go;
+    each prompt gets what it would get alone. The host reads a step's tokens while the device already runs the
+    next step, so the device never waits for Python; a finished row costs that one extra step.
+
+    Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
+    ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
+    prompt order (breaking out early leaves it empty). With a single prompt, cache row 0 may already hold
+    ``reused`` slots of the prompt's prefix.
     """
 
     def __init__(
@@ -191,63 +209,109 @@ class Generation:
         stop_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
         reused: int = 0,
-        pad_id: int = 0,
+        runner: DecodeRunner | None = None,
     ) -> None:
-        self.model, self.prompts, self.cache = model, [list(p) for p in prompts], cache
+        if reused and len(prompts) != 1:
+            raise ValueError("a reused prefix needs a single prompt")
+        self.model, self.tokenizer, self.prompts = model, tokenizer, [list(p) for p in prompts]
+        self.cache, self.runner = cache, runner or DecodeRunner(model, cache)
         self.max_new_tokens, self.params, self.generator = list(max_new_tokens), params, generator
-        self.reused, self.pad_id = reused, pad_id
-        self.rows = [_RowText(tokenizer, stop_strings, stop_ids) for _ in self.prompts]
-        self.fed: list[list[int]] = []  # per row: the ids whose keys and values are now in the cache
+        self.stop_strings, self.stop_ids, self.reused = stop_strings, stop_ids, reused
+        # per prompt, when done: the ids whose keys and values are in its cache row
+        self.fed: list[list[int]] = [[] for _ in self.prompts]
         self.results: list[GenerationResult] = []
 
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        device = self.cache.k.device
-        batch, longest = len(self.prompts), max(len(p) for p in self.prompts)
-        ids = torch.full((batch, longest - self.reused), self.pad_id, dtype=torch.long)
-        # every id each row has seen, left-padded with a repeat of the row's own first id (a repeat changes
-        # nothing); the generated ids fill the columns after ``longest``
-        seen_ids = torch.empty(batch, longest + max(self.max_new_tokens), dtype=torch.long)
-        for b, prompt in enumerate(self.prompts):
-            new = prompt[self.reused :]
-            ids[b, ids.shape[1] - len(new) :] = torch.tensor(new)
-            seen_ids[b, : longest - len(prompt)] = prompt[0]
-            seen_ids[b, longest - len(prompt) : longest] = torch.tensor(prompt)
-        ids, seen_ids = ids.to(device), seen_ids.to(device)
+    def __iter__(self) -> Iterator[tuple[int, str | GenerationResult]]:
+        cache, runner = self.cache, self.runner
+        device = cache.k.device
+        # per cache row, the ids the repetition penalty sees: the prompt, the generated ids at their slots, and
+        # the prompt's first id in every other column (a repeat changes nothing)
+        self._seen = torch.zeros(cache.batch_size, cache.capacity, dtype=torch.long, device=device)
+        self._waiting = deque(range(len(self.prompts)))
+        self._free = list(range(cache.batch_size))  # a heap: the lowest free row first keeps rows packed
+        self._active: dict[int, _Row] = {}  # cache row -> its prompt
+        self._slot = [0] * cache.batch_size  # host copy of runner.slots
+        done: dict[int, GenerationResult] = {}
+        on_host = torch.empty(cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
+        copied = torch.cuda.Event() if device.type == "cuda" else None
 
-        started = time.perf_counter()
-        logits = prefill(self.model, ids, self.cache)
-        prefill_seconds = decode_started = 0.0
-        self.fed = [list(p) for p in self.prompts]
-        live = list(range(batch))
-        for step in range(max(self.max_new_tokens)):
-            tokens = next_token(logits, seen_ids[:, : longest + step], self.params, self.generator)
-            seen_ids[:, longest + step] = tokens
-            host_tokens = tokens.tolist()
-            if step == 0:
-                decode_started = time.perf_counter()
-                prefill_seconds = decode_started - started
-            for b in live:
-                delta = self.rows[b].add(host_tokens[b], last=step + 1 >= self.max_new_tokens[b])
+        self._admit()
+        self._copy_tokens(on_host, copied)
+        while self._active:
+            # launch the next step before reading the tokens it consumes; the copy was queued ahead of it
+            feeding = [r for r, row in self._active.items() if row.received + 1 < row.budget]
+            logits = None
+            if feeding:
+                logits = runner(max(self._active) + 1, max(self._slot[r] for r in self._active) + 1)
+                runner.slots.add_(1).clamp_(max=cache.capacity - 1)
+                for r, row in self._active.items():
+                    row.fed += 1
+                    self._slot[r] = min(self._slot[r] + 1, cache.capacity - 1)
+            if copied is not None:
+                copied.synchronize()
+            tokens = on_host.tolist()
+            for r, row in list(self._active.items()):
+                delta = self._receive(row, tokens[r])
                 if delta:
-                    yield b, delta
-            live = [b for b in live if self.rows[b].finish_reason is None]
-            if not live:
-                break
-            logits = decode_one_token(self.model, tokens, self.cache)
-            for b in range(batch):
-                self.fed[b].append(host_tokens[b])
-        decode_seconds = time.perf_counter() - decode_started
-        self.results = [
-            GenerationResult(
-                text=row.text,
-                token_ids=row.token_ids,
-                finish_reason=row.finish_reason or "length",
-                stop=row.stop,
-                prompt_tokens=len(prompt),
-                completion_tokens=len(row.token_ids),
-                prefill_tokens=len(prompt) - self.reused,
-                prefill_seconds=prefill_seconds,
-                decode_seconds=decode_seconds,
-            )
-            for row, prompt in zip(self.rows, self.prompts, strict=True)
-        ]
+                    yield row.index, delta
+                if row.text.finish_reason is not None:
+                    done[row.index] = self._finish(r, row)
+                    yield row.index, done[row.index]
+            if logits is not None and self._active:
+                batch = logits.shape[0]
+                picked = next_token(logits, self._seen[:batch], self.params, self.generator)
+                runner.tokens[:batch] = picked
+                self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
+            self._admit()
+            if self._active:
+                self._copy_tokens(on_host, copied)
+        self.results = [done[i] for i in range(len(self.prompts))]
+
+    def _admit(self) -> None:
+        """Prefill waiting prompts into free rows; each row's first token goes to ``runner.tokens``."""
+        while self._free and self._waiting:
+            r, index = heapq.heappop(self._free), self._waiting.popleft()
+            prompt, started = self.prompts[index], time.perf_counter()
+            view = self.cache.row(r)
+            view.length = self.reused
+            new = torch.tensor([prompt[self.reused :]], device=self.cache.k.device)
+            with torch.no_grad():
+                logits = prefill(self.model, new, view)
+            seen = self._seen[r]
+            seen.fill_(prompt[0])
+            seen[: len(prompt)] = torch.tensor(prompt)
+            first = next_token(logits, seen[None], self.params, self.generator)
+            self.runner.tokens[r] = first[0]
+            seen[len(prompt)] = first[0]
+            self.runner.slots[r] = self._slot[r] = len(prompt)
+            text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
+            self._active[r] = _Row(index, text, self.max_new_tokens[index], started)
+
+    def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
+        on_host.copy_(self.runner.tokens, non_blocking=copied is not None)
+        if copied is not None:
+            copied.record()
+
+    @staticmethod
+    def _receive(row: _Row, token: int) -> str:
+        if row.received == 0:
+            row.first_token_at = time.perf_counter()
+        row.received += 1
+        return row.text.add(token, last=row.received >= row.budget)
+
+    def _finish(self, r: int, row: _Row) -> GenerationResult:
+        del self._active[r]
+        heapq.heappush(self._free, r)
+        prompt = self.prompts[row.index]
+        self.fed[row.index] = prompt + row.text.token_ids[: row.fed]
+        return GenerationResult(
+            text=row.text.text,
+            token_ids=row.text.token_ids,
+            finish_reason=row.text.finish_reason or "length",
+            stop=row.text.stop,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(row.text.token_ids),
+            prefill_tokens=len(prompt) - self.reused,
+            prefill_seconds=row.first_token_at - row.started,
+            decode_seconds=time.perf_counter() - row.first_token_at,
+        )

@@ -86,9 +86,7 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def write_at(
-        self, layer: int, slots: Tensor, k: Tensor, v: Tensor, kv_len: int
-    ) -> tuple[Tensor, Tensor]:
+    def write_at(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Store one position per row, ``k, v`` [B, Hkv, 1, D], at slot ``slots[b]`` of row ``b`` (rows 0..B-1);
         return those rows' first ``kv_len`` slots."""
         B = k.shape[0]

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch import nn
+from scripted_model import ScriptedModel
 from transformers import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -51,28 +51,9 @@ def engine(tiny_model, tokenizer) -> QwenEngine:
     return QwenEngine(tiny_model, tokenizer, GenerationConfig(max_new_tokens=12))
 
 
-class ScriptedLogits(nn.Module):
-    """Emits ``script[k]`` as the argmax at the k-th generated position, whatever the input."""
-
-    def __init__(self, script: list[int]) -> None:
-        super().__init__()
-        self.config = CONFIGS["tiny"]
-        self.tok_embeddings = nn.Embedding(1, 1)  # the engine reads device and dtype from here
-        self.script, self.prompt_len = script, 0
-
-    def forward(self, ids, cache, last_only=False):
-        if cache.length == 0:
-            self.prompt_len = ids.shape[1]
-        cache.length += ids.shape[1]
-        step = cache.length - self.prompt_len
-        logits = torch.zeros(ids.shape[0], 1, self.config.vocab_size)
-        logits[:, :, self.script[min(step, len(self.script) - 1)]] = 10.0
-        return logits
-
-
 def scripted(tokenizer, text_before: str, tail: list[int]) -> QwenEngine:
     script = tokenizer.encode(text_before) + tail + tokenizer.encode(" trailing text")
-    return QwenEngine(ScriptedLogits(script), tokenizer, GenerationConfig(max_new_tokens=100))
+    return QwenEngine(ScriptedModel([script]), tokenizer, GenerationConfig(max_new_tokens=100))
 
 
 REACT = 'Thought: look it up\nAction: search\nAction Input: {"q": "x"}\n'
@@ -169,6 +150,35 @@ def test_batch_equals_each_prompt_alone(engine, tokenizer):
         assert got.prompt_tokens == len(prompt)
 
 
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_prompts_join_freed_rows_and_each_gets_what_it_gets_alone(engine, tokenizer, max_batch):
+    """More prompts than rows: rows finish at different steps (a stop string, the budget) and take the next one."""
+    texts = ["Hi", "A much longer prompt with many more tokens in it", "Mid size q", "x " * 30, "Last one"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    alone = [engine.generate(p, max_new_tokens=15, stop=["e"], do_sample=False) for p in prompts]
+    assert len({len(r.token_ids) for r in alone}) > 2  # rows really leave at different steps
+    together = engine.generate(prompts, max_new_tokens=15, stop=["e"], do_sample=False, max_batch=max_batch)
+    completed = dict(
+        engine.generate_as_completed(
+            prompts, max_new_tokens=15, stop=["e"], do_sample=False, max_batch=max_batch
+        )
+    )
+    assert sorted(completed) == list(range(len(prompts)))
+    for i, want in enumerate(alone):
+        for got in (together[i], completed[i]):
+            assert (got.token_ids, got.text, got.stop) == (want.token_ids, want.text, want.stop)
+
+
+def test_as_completed_yields_short_completions_first(tokenizer):
+    scripts = [[5] * 20 + [IM_END], [6, 7, IM_END], [8] * 9 + [IM_END]]
+    engine = QwenEngine(ScriptedModel(scripts), tokenizer, GenerationConfig(max_new_tokens=100))
+    order = list(engine.generate_as_completed([[1], [2], [3]], max_batch=3))
+    assert [i for i, _ in order] == [1, 2, 0]
+    assert [len(r.token_ids) for _, r in order] == [3, 10, 21]
+    with pytest.raises(ConfigError, match="max_batch"):
+        engine.generate([[1], [2]], max_batch=0)
+
+
 def test_batch_with_repetition_penalty_equals_each_prompt_alone(engine, tokenizer):
     """Rows of different lengths, some past the tiny seq_length of 32 (NTK and logN active): the penalty of a
     left-padded row touches its own ids only, never the padding."""
@@ -186,24 +196,22 @@ def test_batch_with_repetition_penalty_equals_each_prompt_alone(engine, tokenize
         assert got.token_ids == alone.token_ids
 
 
-class FixedLogits(ScriptedLogits):
+class FixedLogits(ScriptedModel):
     """The same logits at every position: end-of-text just ahead of the id 42."""
 
-    def forward(self, ids, cache, last_only=False):
-        cache.length += ids.shape[1]
-        logits = torch.zeros(ids.shape[0], 1, self.config.vocab_size)
-        logits[:, :, self.script] = torch.tensor([1.0, 0.95])
+    def logits(self, rows):
+        logits = torch.zeros(len(rows), self.config.vocab_size)
+        logits[:, self.scripts[0]] = torch.tensor([1.0, 0.95])
         return logits
 
 
-def test_repetition_penalty_never_applies_to_padding(tokenizer):
-    # the batch is left-padded with end-of-text: penalised as if seen, it would lose to 42 in the short row
-    engine = QwenEngine(FixedLogits([tokenizer.eod_id, 42]), tokenizer, GenerationConfig(max_new_tokens=3))
-    results = engine.generate([[100], [100, 200, 300]], do_sample=False, repetition_penalty=1.3)
-    assert [r.token_ids for r in results] == [[tokenizer.eod_id], [tokenizer.eod_id]]
-    # and a seen end-of-text is penalised
-    seen_eod = engine.generate([tokenizer.eod_id, 100], do_sample=False, repetition_penalty=1.3)
-    assert seen_eod.token_ids[0] == 42
+def test_repetition_penalty_sees_only_the_rows_own_ids(tokenizer):
+    # end-of-text penalised as seen loses to 42: only in the row whose prompt holds it, and in no row that
+    # later takes over its cache row
+    engine = QwenEngine(FixedLogits([[tokenizer.eod_id, 42]]), tokenizer, GenerationConfig(max_new_tokens=3))
+    prompts = [[100], [tokenizer.eod_id, 100], [100, 200, 300], [7]]
+    results = engine.generate(prompts, do_sample=False, repetition_penalty=1.3, max_batch=2)
+    assert [r.token_ids[0] for r in results] == [tokenizer.eod_id, 42, tokenizer.eod_id, tokenizer.eod_id]
 
 
 def test_greedy_with_repetition_penalty_equals_transformers_generate(tiny_model, tokenizer):

@@ -16,16 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from fake_openai_server import FakeServer, sse_reply
 from langchain.agents import create_agent
 from langchain_classic.agents import AgentExecutor, create_react_agent
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool as lc_tool
-from torch import nn
+from scripted_model import ScriptedModel
 
-from qwen_agent.config import CONFIGS, GenerationConfig
+from qwen_agent.config import GenerationConfig
 from qwen_agent.engine import QwenEngine, load_model
 from qwen_agent.errors import ConfigError
 from qwen_agent.langchain import (
@@ -74,27 +73,6 @@ def get_weather(city: str) -> str:
     return f"Sunny, 25 C in {city}"
 
 
-class ScriptedLogits(nn.Module):
-    """A logits source for the real engine: call k (each prefill starts one) emits ``scripts[k]`` token by token."""
-
-    def __init__(self, scripts: list[list[int]]) -> None:
-        super().__init__()
-        self.config = CONFIGS["tiny"]
-        self.tok_embeddings = nn.Embedding(1, 1)  # the engine reads device and dtype from here
-        self.scripts, self.call, self.step = scripts, -1, 0
-
-    def forward(self, ids, cache, last_only=False):
-        if last_only:  # a prefill: a new generation call begins
-            self.call, self.step = self.call + 1, 0
-        else:
-            self.step += 1
-        cache.length += ids.shape[1]
-        script = self.scripts[min(self.call, len(self.scripts) - 1)]
-        logits = torch.zeros(ids.shape[0], 1, self.config.vocab_size)
-        logits[:, :, script[min(self.step, len(script) - 1)]] = 10.0
-        return logits
-
-
 def scripted_engine(tokenizer, *pieces: list[str | list[int]]) -> QwenEngine:
     """An engine whose k-th call writes ``pieces[k]`` (text is encoded, lists are token ids), then <|im_end|>."""
     scripts = []
@@ -103,7 +81,7 @@ def scripted_engine(tokenizer, *pieces: list[str | list[int]]) -> QwenEngine:
         for part in parts:
             ids += tokenizer.encode(part) if isinstance(part, str) else part
         scripts.append(ids + [IM_END])
-    return QwenEngine(ScriptedLogits(scripts), tokenizer, GenerationConfig(max_new_tokens=200))
+    return QwenEngine(ScriptedModel(scripts), tokenizer, GenerationConfig(max_new_tokens=200))
 
 
 class CountingEngine:

@@ -1,0 +1,81 @@
+"""The decode step at a few fixed shapes, replayed as CUDA graphs on a GPU.
+
+A decode step of a 7B model at batch 1 is several hundred small kernels; launched one at a time from Python
+they take longer than the GPU needs to read the weights. :class:`DecodeRunner` runs
+:meth:`~qwen_agent.model.Transformer.decode_step` for the first rows of a cache at *bucketed* shapes (rows
+1, 2, 4, 8, ...; slots read 256, 512, 1024, ... up to the cache's capacity), so a handful of shapes serve a whole
+generation. On CUDA each shape is captured as a graph the first time it is needed and replayed after that;
+elsewhere the step runs eagerly at the same shapes.
+
+Capturing a shape runs the step once eagerly first (lazy set-up such as cuBLAS workspaces must not happen
+during capture). That run writes exactly the keys and values the replay that follows writes again, so it is
+harmless. Captured graphs hold the addresses of the cache and of the input buffers, so a runner belongs to
+one cache.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from .model import KVCache, Transformer
+
+__all__ = ["DecodeRunner", "MIN_SLOT_BUCKET"]
+
+MIN_SLOT_BUCKET = 256  # the smallest number of cache slots a step reads
+
+
+class DecodeRunner:
+    """One decode step for the first rows of ``cache``: write ``tokens[b]`` and ``slots[b]`` (the runner's
+    buffers, one entry per cache row), then call. ``graphs`` defaults to True on CUDA."""
+
+    def __init__(self, model: Transformer, cache: KVCache, *, graphs: bool | None = None) -> None:
+        self.model, self.cache = model, cache
+        device = cache.k.device
+        self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
+        self.slots = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = None
+        self.capture_seconds = 0.0  # spent capturing graphs so far (the rest of a first call is the step)
+
+    def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
+        """The shape that serves the first ``rows`` rows reading ``kv_len`` slots: (rows, slots) rounded up."""
+        batch = min(1 << (rows - 1).bit_length(), self.cache.batch_size)
+        slots = min(max(MIN_SLOT_BUCKET, 1 << (kv_len - 1).bit_length()), self.cache.capacity)
+        return batch, slots
+
+    def __call__(self, rows: int, kv_len: int) -> Tensor:
+        """Logits [B, V] (fp32) of one step of rows ``0..B-1``, B = ``rows`` rounded up to its bucket; each row
+        reads at least its first ``kv_len`` slots. The tensor is overwritten by the next call of the same shape."""
+        if not 0 < kv_len <= self.cache.capacity:
+            raise ValueError(f"kv_len {kv_len} is outside the cache's 1..{self.cache.capacity} slots")
+        shape = self.buckets(rows, kv_len)
+        if not self.graphs:
+            return self._step(*shape)
+        if shape not in self._captured:
+            self._captured[shape] = self._capture(*shape)
+        graph, logits = self._captured[shape]
+        graph.replay()
+        return logits
+
+    def _step(self, batch: int, slots: int) -> Tensor:
+        with torch.no_grad():
+            return self.model.decode_step(self.tokens[:batch], self.slots[:batch], self.cache, slots)
+
+    def _capture(self, batch: int, slots: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        started = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(batch, slots)  # the eager run that sets up what capture cannot
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool: the shapes never run at once
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step(batch, slots)
+        self.capture_seconds += time.perf_counter() - started
+        return graph, logits

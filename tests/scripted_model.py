@@ -1,0 +1,43 @@
+"""A logits source that stands in for the network inside the real engine, to drive exact token sequences.
+
+Each prefill (a prompt joining a cache row) takes the next script, the last one repeating; the k-th token a row
+generates is ``script[k]`` (its last id repeating), whatever the input. The row remembers its script and prompt
+length in its own cache slots, so rows of one batch follow their scripts independently, as the real model does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen_agent.config import CONFIGS
+
+
+class ScriptedModel(nn.Module):
+    def __init__(self, scripts: list[list[int]]) -> None:
+        super().__init__()
+        self.config = CONFIGS["tiny"]
+        self.tok_embeddings = nn.Embedding(1, 1)  # the engine reads device and dtype from here
+        self.scripts, self.prefills = scripts, 0
+
+    def forward(self, ids, cache, last_only=False):  # a prefill of one row
+        cache.length += ids.shape[1]
+        number = min(self.prefills, len(self.scripts) - 1)
+        self.prefills += 1
+        cache.k[0, 0, 0, 0, :2] = torch.tensor([number, cache.length])  # where its generated tokens begin
+        return self.logits([(number, 0)])[:, None]
+
+    def decode_step(self, tokens, slots, cache, kv_len):
+        rows = []
+        for b, slot in enumerate(slots.tolist()):
+            script, prompt_len = cache.k[0, b, 0, 0, :2].tolist()
+            rows.append((int(script), slot - int(prompt_len) + 1))
+        return self.logits(rows)
+
+    def logits(self, rows: list[tuple[int, int]]) -> torch.Tensor:
+        """Logits [B, V] for rows at (script number, generated position)."""
+        logits = torch.zeros(len(rows), self.config.vocab_size)
+        for b, (number, step) in enumerate(rows):
+            script = self.scripts[number]
+            logits[b, script[min(max(step, 0), len(script) - 1)]] = 10.0
+        return logits

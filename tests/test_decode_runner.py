@@ -1,0 +1,107 @@
+"""decode_runner.py: bucketed shapes, the eager path on CPU, and (on a CUDA GPU) graph replay against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_agent.config import CONFIGS, GenerationConfig
+from qwen_agent.decode_runner import MIN_SLOT_BUCKET, DecodeRunner
+from qwen_agent.engine import QwenEngine
+from qwen_agent.generate import Generation, SamplingParams
+from qwen_agent.model import KVCache, Transformer
+from qwen_agent.tokenizer import QwenTokenizer
+
+CONFIG = CONFIGS["tiny"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval().requires_grad_(False)
+    for p in model.parameters():  # large weights: peaked, input-dependent next-token choices
+        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
+    return model.to(device=device, dtype=dtype)
+
+
+def test_shapes_round_up_to_buckets():
+    cache = KVCache(CONFIG, 6, 1280, dtype=torch.float32, device="cpu")
+    runner = DecodeRunner(tiny_model(), cache)
+    assert runner.graphs is False  # CPU: eager at the same shapes
+    assert runner.buckets(1, 1) == (1, MIN_SLOT_BUCKET)
+    assert runner.buckets(3, 257) == (4, 512)
+    assert runner.buckets(5, 1000) == (6, 1024)  # never more rows than the cache has
+    assert runner.buckets(6, 1100) == (6, 1280)  # nor more slots
+    with pytest.raises(ValueError, match="kv_len 1281"):
+        runner(1, 1281)
+
+
+def test_runner_steps_equal_decode_step_at_the_exact_shape():
+    model = tiny_model()
+    lengths = [5, 9, 2]
+    big = KVCache(CONFIG, 4, 300, dtype=torch.float32, device="cpu")
+    exact = KVCache(CONFIG, 3, 300, dtype=torch.float32, device="cpu")
+    runner = DecodeRunner(model, big)
+    with torch.no_grad():
+        for row, n in enumerate(lengths):
+            prompt = torch.arange(100 + row, 100 + row + n)[None]
+            model(prompt, big.row(row), last_only=True)
+            model(prompt, exact.row(row), last_only=True)
+        slots = torch.tensor(lengths)
+        for step in range(3):
+            tokens = torch.tensor([7 + step, 8, 9])
+            runner.tokens[:3], runner.slots[:3] = tokens, slots
+            got = runner(rows=3, kv_len=int(slots.max()) + 1)  # runs 4 rows over 256 slots
+            want = model.decode_step(tokens, slots, exact, kv_len=int(slots.max()) + 1)
+            assert got.shape == (4, CONFIG.vocab_size)
+            assert (got[:3] - want).abs().max().item() <= 1e-4
+            slots = slots + 1
+
+
+@pytest.mark.requires_gpu
+@needs_cuda
+def test_cuda_graph_replay_equals_eager_steps():
+    model = tiny_model("cuda", torch.bfloat16)
+    logits = {}
+    for graphs in (True, False):
+        cache = KVCache(CONFIG, 4, 600, dtype=torch.bfloat16, device="cuda")
+        runner = DecodeRunner(model, cache, graphs=graphs)
+        with torch.no_grad():
+            for row in range(3):
+                model(torch.arange(100, 110 + 90 * row, device="cuda")[None], cache.row(row), last_only=True)
+        runner.slots[:3] = torch.tensor([10, 100, 190])
+        steps = []
+        for step in range(80):  # crosses the 256-slot bucket: two captured shapes, many replays
+            runner.tokens[:3] = torch.tensor([step, 2 * step, 3 * step])
+            steps.append(runner(3, int(runner.slots[:3].max()) + 1)[:3].clone())
+            runner.slots.add_(1)
+        logits[graphs] = torch.stack(steps)
+        assert (runner.capture_seconds > 0) is graphs
+    assert (logits[True] - logits[False]).abs().max().item() <= 1e-2 * logits[False].abs().max().item()
+
+
+@pytest.mark.requires_gpu
+@needs_cuda
+def test_greedy_generation_on_cuda_graphs_equals_eager():
+    model, tokenizer = tiny_model("cuda", torch.bfloat16), QwenTokenizer.from_pretrained()
+    prompts = [tokenizer.encode(t) for t in ("Hi", "A longer prompt with more tokens", "x " * 40)]
+    results = {}
+    for graphs in (True, False):
+        cache = KVCache(CONFIG, 2, 512, dtype=torch.bfloat16, device="cuda")
+        run = Generation(
+            model,
+            tokenizer,
+            prompts,
+            cache,
+            max_new_tokens=[40] * 3,
+            params=SamplingParams(),
+            runner=DecodeRunner(model, cache, graphs=graphs),
+        )
+        for _ in run:
+            pass
+        results[graphs] = [r.token_ids for r in run.results]
+    assert results[True] == results[False]
+    # the engine's path (its own cache, end-of-text as a stop id) agrees up to where it stops
+    engine = QwenEngine(model, tokenizer, GenerationConfig(max_new_tokens=40, chat_format="raw"))
+    for got, want in zip(engine.generate(prompts, max_batch=2), results[True], strict=True):
+        assert got.token_ids == want[: len(got.token_ids)]
