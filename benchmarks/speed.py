@@ -9,6 +9,10 @@ For a model directory the load is measured too: seconds and peak host-memory gro
     python benchmarks/speed.py --random 7b --device cuda --dtype bf16
     python benchmarks/speed.py --smoke            # tiny random checkpoint on CPU, a few seconds (used in CI)
 
+It also measures what an agent and the benchmark runner see (``--no-serving`` skips it): seconds from a fresh
+decode runner to the first decoded token (CUDA-graph capture included), time to first token after a 1,000-token
+prompt, and aggregate tokens/s of 32 sequences decoded together (prefills included).
+
 Prints a table and writes JSON to ``benchmarks/results/``. On CPU, host memory is read from /proc (VmHWM, reset
 through /proc/self/clear_refs); on CUDA, from the allocator's peak counter.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwen_agent.checkpoint import load_checkpoint, resolve_device, resolve_dtype, to_transformers  # noqa: E402
 from qwen_agent.config import CONFIGS, QwenConfig  # noqa: E402
+from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
 from qwen_agent.errors import QwenAgentError  # noqa: E402
 from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
 from qwen_agent.model import KVCache, Transformer  # noqa: E402
@@ -51,7 +57,7 @@ class PeakMemory:
     """Peak growth of host RSS (CPU) or of allocated GPU memory (CUDA) inside a ``with`` block."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
+        self.device, self.peak, self.total = device, 0, 0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -66,9 +72,11 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.before
+            self.total = torch.cuda.max_memory_allocated()
+            self.peak = self.total - self.before
         else:
-            self.peak = _proc_status("VmHWM") - self.before
+            self.total = _proc_status("VmHWM")
+            self.peak = self.total - self.before
 
 
 def _sync(device: torch.device) -> None:
@@ -94,20 +102,72 @@ def random_model(config: QwenConfig, device: torch.device, dtype: torch.dtype, s
 # -- measurements ----------------------------------------------------------------------------------------------
 
 
-def ours_generate(
-    model: Transformer, tokenizer: QwenTokenizer, n: int, device: torch.device
-) -> tuple[float, list[int]]:
-    cache = KVCache(model.config, 1, n + 1, dtype=model.tok_embeddings.weight.dtype, device=device)
+def ours_run(
+    model: Transformer,
+    tokenizer: QwenTokenizer,
+    prompts: list[list[int]],
+    new_tokens: int,
+    runner: DecodeRunner | None = None,
+) -> tuple[float, Generation]:
+    """Greedy generation of exactly ``new_tokens`` per prompt (no stop ids); returns (seconds, the run).
+    A ``runner`` brings its cache (and on a GPU its captured graphs), as the engine keeps them between calls."""
+    if runner is None:
+        dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
+        needed = max(map(len, prompts)) + new_tokens
+        runner = DecodeRunner(model, KVCache(model.config, len(prompts), needed, dtype=dtype, device=device))
     run = Generation(
-        model, tokenizer, [[tokenizer.eod_id]], cache, max_new_tokens=[n], params=SamplingParams()
+        model,
+        tokenizer,
+        prompts,
+        runner.cache,
+        max_new_tokens=[new_tokens] * len(prompts),
+        params=SamplingParams(),
+        runner=runner,
     )
-    _sync(device)
+    _sync(runner.cache.k.device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for _ in run:
-            pass
-    _sync(device)
-    return time.perf_counter() - start, run.results[0].token_ids
+    for _ in run:
+        pass
+    _sync(runner.cache.k.device)
+    return time.perf_counter() - start, run
+
+
+def serving(model: Transformer, tokenizer: QwenTokenizer, args: argparse.Namespace, vocab: int) -> dict:
+    """What an agent and the benchmark runner see: time to be ready, time to first token, batched throughput."""
+    device = model.tok_embeddings.weight.device
+
+    def random_prompts(count: int, length: int, seed: int) -> list[list[int]]:
+        ids = torch.randint(
+            0, min(vocab, 150000), (count, length), generator=torch.Generator().manual_seed(seed)
+        )
+        return ids.tolist()
+
+    # ready: a fresh cache and runner (no graph captured yet) to the first decoded token
+    ready_s, first = ours_run(model, tokenizer, random_prompts(1, 16, 1), 2)
+    ttft = [
+        ours_run(model, tokenizer, random_prompts(1, args.ttft_prompt, 2 + k), 1)[1]
+        .results[0]
+        .prefill_seconds
+        for k in range(args.rounds + 1)
+    ][1:]  # the first call sets up the prefill kernels for this length
+    prompts = random_prompts(args.batch, args.batch_prompt, 9)
+    dtype = model.tok_embeddings.weight.dtype
+    cache = KVCache(model.config, args.batch, args.batch_prompt + args.batch_new, dtype=dtype, device=device)
+    runner = DecodeRunner(model, cache)
+    ours_run(model, tokenizer, prompts, args.batch_new, runner)  # captures every shape this run needs
+    batch_s = min(ours_run(model, tokenizer, prompts, args.batch_new, runner)[0] for _ in range(args.rounds))
+    return {
+        "ready_s": ready_s,
+        "ready_capture_s": first.runner.capture_seconds,
+        "graphs": first.runner.graphs,
+        "ttft_prompt": args.ttft_prompt,
+        "ttft_ms": 1000 * statistics.median(ttft),
+        "batch": args.batch,
+        "batch_prompt": args.batch_prompt,
+        "batch_new": args.batch_new,
+        "batch_s": batch_s,
+        "batch_tokens_per_s": args.batch * args.batch_new / batch_s,
+    }
 
 
 def hf_generate(hf, tokenizer: QwenTokenizer, n: int, device: torch.device) -> tuple[float, list[int]]:
@@ -155,6 +215,7 @@ def measure(name: str, generate, encode, n: int, context: int, device: torch.dev
         "tokens_per_s": n / seconds,
         "generate_s": seconds,
         "encode_peak_gib": mem.peak / GIB,
+        "encode_peak_total_gib": mem.total / GIB,  # everything allocated at the peak, weights included
         "encode_s": encode_seconds,
         "tokens": tokens,
     }
@@ -184,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         "--context", type=int, default=None, help="tokens to encode (default 2048; 512 on CPU)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument("--no-serving", action="store_true", help="skip ready / first-token / batch figures")
+    parser.add_argument("--ttft-prompt", type=int, default=None, help="prompt tokens for time to first token")
+    parser.add_argument("--batch", type=int, default=None, help="concurrent sequences (default 32; 4 on CPU)")
+    parser.add_argument("--batch-prompt", type=int, default=128, help="prompt tokens per batched sequence")
+    parser.add_argument(
+        "--batch-new", type=int, default=None, help="tokens per batched sequence (default 256; 32 on CPU)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is reported")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
@@ -192,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.new_tokens, args.context = "cpu", args.new_tokens or 16, args.context or 24
-        args.rounds = 1
+        args.rounds, args.ttft_prompt, args.batch, args.batch_prompt, args.batch_new = 1, 20, 3, 8, 8
     if bool(args.model) + bool(args.random) + bool(args.smoke) != 1:
         parser.error("give exactly one of MODEL, --random NAME, --smoke")
     try:
@@ -202,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     n = args.new_tokens or (2048 if device.type == "cuda" else 256)
     context = args.context or (2048 if device.type == "cuda" else 512)
+    args.ttft_prompt = args.ttft_prompt or 1000
+    args.batch = args.batch or (32 if device.type == "cuda" else 4)
+    args.batch_new = args.batch_new or (256 if device.type == "cuda" else 32)
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
             report["model"] = f"random {args.random}"
             tokenizer = QwenTokenizer.from_pretrained()
         vocab = model.config.vocab_size
+        dtype_of = model.tok_embeddings.weight.dtype
+        kept = DecodeRunner(model, KVCache(model.config, 1, n + 1, dtype=dtype_of, device=device))
         impls = {
             "qwen_agent": (
-                lambda k: ours_generate(model, tokenizer, k, device),
+                lambda k: (lambda seconds, run: (seconds, run.results[0].token_ids))(
+                    *ours_run(model, tokenizer, [[tokenizer.eod_id]], k, kept)
+                ),
                 lambda ids: ours_encode(model, ids),
             )
         }
@@ -270,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):  # interleaved, so that load from other processes hits both alike
             for name, (generate, encode) in impls.items():
                 rounds[name].append(measure(name, generate, encode, n, context, device, vocab))
+        if not args.no_serving:
+            report["serving"] = serving(model, tokenizer, args, vocab)
     runs = [best_of(r) for r in rounds.values()]
     report["runs"] = runs
     print(
@@ -282,9 +359,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB, "
             f"{report['load_peak_over_model']:.2f}x the loaded model's {report['loaded_model_gib']:.3f} GiB"
         )
-    print(f"{'impl':<14}{'tokens/s':>10}{'encode s':>10}{'encode peak GiB':>17}")
+    print(f"{'impl':<14}{'tokens/s':>10}{'encode s':>10}{'encode peak GiB':>17}{'(total GiB / GB)':>20}")
     for r in runs:
-        print(f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}")
+        total = f"{r['encode_peak_total_gib']:.2f} / {r['encode_peak_total_gib'] * GIB / 1e9:.2f}"
+        print(
+            f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}"
+            f"{total:>20}"
+        )
+    if "serving" in report:
+        sv = report["serving"]
+        print(
+            f"qwen_agent serving (CUDA graphs: {sv['graphs']}): ready to decode in {sv['ready_s']:.2f} s "
+            f"(capture {sv['ready_capture_s']:.2f} s); first token after a {sv['ttft_prompt']}-token prompt "
+            f"{sv['ttft_ms']:.1f} ms; {sv['batch']} sequences x {sv['batch_new']} tokens "
+            f"({sv['batch_prompt']}-token prompts): {sv['batch_tokens_per_s']:.1f} tokens/s in all"
+        )
     if len(runs) == 2:
         ours, base = runs
         report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]

@@ -170,7 +170,7 @@ class LLMGenerator:
 
 class EngineGenerator:
     """A local :class:`~qwen_agent.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
-    default), generated ``batch_size`` at a time in one batched pass."""
+    default), decoded ``batch_size`` at a time; a finished prompt's place goes to the next at once."""
 
     def __init__(
         self,
@@ -203,18 +203,17 @@ class EngineGenerator:
         return ids
 
     def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]:
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = [self._ids(p) for p in prompts[start : start + self.batch_size]]
-            results = self.engine.generate(
-                chunk,
-                stop=list(STOP_WORDS),
-                do_sample=False,
-                max_new_tokens=self.max_new_tokens,
-                repetition_penalty=self.repetition_penalty,
-            )
-            self.generated_tokens += sum(result.completion_tokens for result in results)
-            for offset, result in enumerate(results):
-                yield start + offset, _with_stop_word(result.text, result.stop)
+        completed = self.engine.generate_as_completed(
+            [self._ids(p) for p in prompts],
+            max_batch=self.batch_size,
+            stop=list(STOP_WORDS),
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            repetition_penalty=self.repetition_penalty,
+        )
+        for index, result in completed:
+            self.generated_tokens += result.completion_tokens
+            yield index, _with_stop_word(result.text, result.stop)
 
 
 def open_llm(model: str, *, device: str | None = None) -> Any:

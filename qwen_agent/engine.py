@@ -14,7 +14,9 @@ reused only if the new prompt's own alpha (:func:`qwen_agent.config.ntk_alpha` o
 below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh. (The
 maths is the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any
 change of batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.)
-Batched calls use a cache of their own and leave the kept one alone.
+Batched calls use a cache of their own (``max_batch`` rows; prompts take turns in them) and leave the kept
+one alone. The kept cache also keeps its :class:`~qwen_agent.decode_runner.DecodeRunner`, so on a GPU the decode
+graphs captured for one ReAct step are replayed by the next.
 """
 
 from __future__ import annotations

@@ -535,8 +535,13 @@ class _Steered:
         self.position = 0
 
     def __call__(self, ids, cache, last_only=False):
-        logits = self.model(ids, cache, last_only=last_only)
-        logits[:, -1, self.plan[min(self.position, len(self.plan) - 1)]] += 1e4
+        return self._steer(self.model(ids, cache, last_only=last_only)[:, -1])[:, None]
+
+    def decode_step(self, tokens, slots, cache, kv_len):
+        return self._steer(self.model.decode_step(tokens, slots, cache, kv_len))
+
+    def _steer(self, logits):
+        logits[:, self.plan[min(self.position, len(self.plan) - 1)]] += 1e4
         self.position += 1
         return logits
 
@@ -580,7 +585,9 @@ def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
     assert prefills[0] == prompts[0]  # nothing cached before the first call
     for k in (1, 2):
         (old_prompt, old_generated), (new_prompt, _) = seen[k - 1], seen[k]
-        cached = old_prompt + old_generated[:-1]  # the last generated token never ran through the network
+        cached = (
+            old_prompt + old_generated
+        )  # the step run while the host reads a token feeds even the last one
         common = next(
             (i for i, (a, b) in enumerate(zip(cached, new_prompt, strict=False)) if a != b),
             min(len(cached), len(new_prompt)),
