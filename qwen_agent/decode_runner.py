@@ -3,7 +3,8 @@
 A decode step of a 7B model at batch 1 is several hundred small kernels; launched one at a time from Python
 they take longer than the GPU needs to read the weights. :class:`DecodeRunner` runs
 :meth:`~qwen_agent.model.Transformer.decode_step` for the first rows of a cache at *bucketed* shapes (rows
-1, 2, 4, 8, ...; slots read 256, 512, 1024, ... up to the cache's capacity), so a handful of shapes serve a whole
+1, 2, 4, 8, ...; slots read in steps of 256 up to 2,048, then four sizes per doubling, up to the cache's
+capacity), so a handful of shapes serve a whole
 generation. On CUDA each shape is captured as a graph the first time it is needed and replayed after that;
 elsewhere the step runs eagerly at the same shapes.
 
@@ -44,8 +45,10 @@ class DecodeRunner:
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
         """The shape that serves the first ``rows`` rows reading ``kv_len`` slots: (rows, slots) rounded up."""
         batch = min(1 << (rows - 1).bit_length(), self.cache.batch_size)
-        slots = min(max(MIN_SLOT_BUCKET, 1 << (kv_len - 1).bit_length()), self.cache.capacity)
-        return batch, slots
+        # four slot buckets per doubling: a step reads at most 25% more cache than it needs (at 32 rows the
+        # cache read outweighs the weights), and a few dozen shapes cover the whole context
+        step = max(MIN_SLOT_BUCKET, 1 << max(kv_len.bit_length() - 3, 0))
+        return batch, min(-(-kv_len // step) * step, self.cache.capacity)
 
     def __call__(self, rows: int, kv_len: int) -> Tensor:
         """Logits [B, V] (fp32) of one step of rows ``0..B-1``, B = ``rows`` rounded up to its bucket; each row

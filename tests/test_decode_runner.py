@@ -32,6 +32,8 @@ def test_shapes_round_up_to_buckets():
     assert runner.buckets(3, 257) == (4, 512)
     assert runner.buckets(5, 1000) == (6, 1024)  # never more rows than the cache has
     assert runner.buckets(6, 1100) == (6, 1280)  # nor more slots
+    big = DecodeRunner(tiny_model(), KVCache(CONFIG, 1, 8192, dtype=torch.float32, device="meta"))
+    assert [big.buckets(1, n)[1] for n in (2048, 2049, 3000, 4097, 8000)] == [2048, 2560, 3072, 5120, 8192]
     with pytest.raises(ValueError, match="kv_len 1281"):
         runner(1, 1281)
 
