@@ -239,9 +239,8 @@ class Generation:
         self._copy_tokens(on_host, copied)
         while self._active:
             # launch the next step before reading the tokens it consumes; the copy was queued ahead of it
-            feeding = [r for r, row in self._active.items() if row.received + 1 < row.budget]
             logits = None
-            if feeding:
+            if any(row.received + 1 < row.budget for row in self._active.values()):  # a token to feed
                 logits = runner(max(self._active) + 1, max(self._slot[r] for r in self._active) + 1)
                 runner.slots.add_(1).clamp_(max=cache.capacity - 1)
                 for r, row in self._active.items():
