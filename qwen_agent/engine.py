@@ -246,8 +246,8 @@ class QwenEngine:
             generator = torch.Generator(self.device).manual_seed(int(chosen["seed"]))
 
         max_batch = self.max_batch if max_batch is None else max_batch
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         needed = max(len(p) + budget for p, budget in zip(prompts, budgets, strict=True))
         if len(prompts) == 1:
             cache, reused, runner = self._cache_for(list(prompts[0]), needed)

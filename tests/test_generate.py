@@ -175,8 +175,9 @@ def test_as_completed_yields_short_completions_first(tokenizer):
     order = list(engine.generate_as_completed([[1], [2], [3]], max_batch=3))
     assert [i for i, _ in order] == [1, 2, 0]
     assert [len(r.token_ids) for _, r in order] == [3, 10, 21]
-    with pytest.raises(ConfigError, match="max_batch"):
-        engine.generate([[1], [2]], max_batch=0)
+    for bad in (0, "4"):
+        with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
+            engine.generate([[1], [2]], max_batch=bad)
 
 
 def test_batch_with_repetition_penalty_equals_each_prompt_alone(engine, tokenizer):
