@@ -101,9 +101,11 @@ class QwenEngine:
         system: str = DEFAULT_SYSTEM,
         *,
         max_batch: int = 32,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch  # prompts decoded at once by a batched generate()
+        self.cuda_graphs = cuda_graphs  # None: replay the decode step as CUDA graphs on a GPU; False: never
         self.config: QwenConfig = model.config
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system
@@ -264,7 +266,7 @@ class QwenEngine:
             stop_ids=ids,
             generator=generator,
             reused=reused,
-            runner=runner,
+            runner=runner or self._new_runner(cache),
         )
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:
@@ -303,6 +305,11 @@ class QwenEngine:
         capacity = min(-(-needed // _CACHE_STEP) * _CACHE_STEP, self.config.max_context)
         dtype = self.model.tok_embeddings.weight.dtype
         return KVCache(self.config, batch, capacity, dtype=dtype, device=self.device)
+
+    def _new_runner(self, cache: KVCache) -> DecodeRunner:
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model is on {self.device}")
+        return DecodeRunner(self.model, cache, graphs=self.cuda_graphs)
 
     def _cache_for(self, prompt: list[int], needed: int) -> tuple[KVCache, int, DecodeRunner | None]:
         """The kept cache (with its decode runner) and its reusable prefix, or a fresh cache; returns

@@ -175,6 +175,10 @@ def test_as_completed_yields_short_completions_first(tokenizer):
     order = list(engine.generate_as_completed([[1], [2], [3]], max_batch=3))
     assert [i for i, _ in order] == [1, 2, 0]
     assert [len(r.token_ids) for _, r in order] == [3, 10, 21]
+    engine.cuda_graphs = True
+    with pytest.raises(ConfigError, match="cuda_graphs=True needs a CUDA device; the model is on cpu"):
+        engine.generate([1])
+    engine.cuda_graphs = None
     for bad in (0, "4"):
         with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
             engine.generate([[1], [2]], max_batch=bad)
