@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,6 +15,9 @@ from qwen_agent.model import KVCache, Transformer
 from qwen_agent.tokenizer import QwenTokenizer
 
 CONFIG = CONFIGS["tiny"]
+QWEN2 = replace(  # grouped KV heads, no NTK or logN
+    CONFIG, family="qwen2", num_kv_heads=2, use_dynamic_ntk=False, use_logn_attn=False, max_context=512
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -58,6 +63,21 @@ def test_runner_steps_equal_decode_step_at_the_exact_shape():
             assert got.shape == (4, CONFIG.vocab_size)
             assert (got[:3] - want).abs().max().item() <= 1e-4
             slots = slots + 1
+
+
+@pytest.mark.parametrize("config", [CONFIG, QWEN2], ids=["qwen", "qwen2"])
+def test_decode_step_traces_as_one_graph_without_host_reads(config):
+    """What CUDA-graph capture needs, checked on CPU: torch.compile(fullgraph=True) fails on any read of a tensor's
+    value on the host (.item(), .tolist(), a branch on a tensor) or a shape made from one."""
+    model = Transformer(config).eval().requires_grad_(False)
+    cache = KVCache(config, 2, 300, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache.row(0), last_only=True)
+        tokens, slots = torch.tensor([7, 8]), torch.tensor([3, 0])
+        want = model.decode_step(tokens, slots, cache, 256)
+        torch._dynamo.reset()
+        traced = torch.compile(model.decode_step, fullgraph=True, backend="eager", dynamic=False)
+        assert torch.equal(traced(tokens, slots, cache, 256), want)
 
 
 @pytest.mark.requires_gpu
