@@ -102,27 +102,23 @@ def random_model(config: QwenConfig, device: torch.device, dtype: torch.dtype, s
 # -- measurements ----------------------------------------------------------------------------------------------
 
 
+def new_runner(model: Transformer, rows: int, slots: int) -> DecodeRunner:
+    """A decode runner over a fresh ``rows`` x ``slots`` cache in the model's dtype, on its device."""
+    weight = model.tok_embeddings.weight
+    return DecodeRunner(model, KVCache(model.config, rows, slots, dtype=weight.dtype, device=weight.device))
+
+
 def ours_run(
-    model: Transformer,
-    tokenizer: QwenTokenizer,
-    prompts: list[list[int]],
-    new_tokens: int,
-    runner: DecodeRunner | None = None,
+    runner: DecodeRunner, tokenizer: QwenTokenizer, prompts: list[list[int]], new_tokens: int
 ) -> tuple[float, Generation]:
-    """Greedy generation of exactly ``new_tokens`` per prompt (no stop ids); returns (seconds, the run).
-    A ``runner`` brings its cache (and on a GPU its captured graphs), as the engine keeps them between calls."""
-    if runner is None:
-        dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
-        needed = max(map(len, prompts)) + new_tokens
-        runner = DecodeRunner(model, KVCache(model.config, len(prompts), needed, dtype=dtype, device=device))
+    """Greedy generation of exactly ``new_tokens`` per prompt (no stop ids); returns (seconds, the run). A runner
+    used before keeps its cache (and on a GPU its captured graphs), as the engine keeps them between calls."""
     run = Generation(
-        model,
+        runner,
         tokenizer,
         prompts,
-        runner.cache,
         max_new_tokens=[new_tokens] * len(prompts),
         params=SamplingParams(),
-        runner=runner,
     )
     _sync(runner.cache.k.device)
     start = time.perf_counter()
@@ -132,9 +128,13 @@ def ours_run(
     return time.perf_counter() - start, run
 
 
+def ours_generate(runner: DecodeRunner, tokenizer: QwenTokenizer, n: int) -> tuple[float, list[int]]:
+    seconds, run = ours_run(runner, tokenizer, [[tokenizer.eod_id]], n)
+    return seconds, run.results[0].token_ids
+
+
 def serving(model: Transformer, tokenizer: QwenTokenizer, args: argparse.Namespace, vocab: int) -> dict:
     """What an agent and the benchmark runner see: time to be ready, time to first token, batched throughput."""
-    device = model.tok_embeddings.weight.device
 
     def random_prompts(count: int, length: int, seed: int) -> list[list[int]]:
         ids = torch.randint(
@@ -143,19 +143,22 @@ def serving(model: Transformer, tokenizer: QwenTokenizer, args: argparse.Namespa
         return ids.tolist()
 
     # ready: a fresh cache and runner (no graph captured yet) to the first decoded token
-    ready_s, first = ours_run(model, tokenizer, random_prompts(1, 16, 1), 2)
+    ready_s, first = ours_run(new_runner(model, 1, 18), tokenizer, random_prompts(1, 16, 1), 2)
     ttft = [
-        ours_run(model, tokenizer, random_prompts(1, args.ttft_prompt, 2 + k), 1)[1]
+        ours_run(
+            new_runner(model, 1, args.ttft_prompt + 1),
+            tokenizer,
+            random_prompts(1, args.ttft_prompt, 2 + k),
+            1,
+        )[1]
         .results[0]
         .prefill_seconds
         for k in range(args.rounds + 1)
     ][1:]  # the first call sets up the prefill kernels for this length
     prompts = random_prompts(args.batch, args.batch_prompt, 9)
-    dtype = model.tok_embeddings.weight.dtype
-    cache = KVCache(model.config, args.batch, args.batch_prompt + args.batch_new, dtype=dtype, device=device)
-    runner = DecodeRunner(model, cache)
-    ours_run(model, tokenizer, prompts, args.batch_new, runner)  # captures every shape this run needs
-    batch_s = min(ours_run(model, tokenizer, prompts, args.batch_new, runner)[0] for _ in range(args.rounds))
+    runner = new_runner(model, args.batch, args.batch_prompt + args.batch_new)
+    ours_run(runner, tokenizer, prompts, args.batch_new)  # captures every shape this run needs
+    batch_s = min(ours_run(runner, tokenizer, prompts, args.batch_new)[0] for _ in range(args.rounds))
     return {
         "ready_s": ready_s,
         "ready_capture_s": first.runner.capture_seconds,
@@ -322,13 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             report["model"] = f"random {args.random}"
             tokenizer = QwenTokenizer.from_pretrained()
         vocab = model.config.vocab_size
-        dtype_of = model.tok_embeddings.weight.dtype
-        kept = DecodeRunner(model, KVCache(model.config, 1, n + 1, dtype=dtype_of, device=device))
+        kept = new_runner(model, 1, n + 1)  # one cache for every round, as the engine keeps its own
         impls = {
             "qwen_agent": (
-                lambda k: (lambda seconds, run: (seconds, run.results[0].token_ids))(
-                    *ours_run(model, tokenizer, [[tokenizer.eod_id]], k, kept)
-                ),
+                lambda k: ours_generate(kept, tokenizer, k),
                 lambda ids: ours_encode(model, ids),
             )
         }

@@ -256,17 +256,15 @@ class QwenEngine:
         else:
             cache, reused, runner = self._new_cache(min(len(prompts), max_batch), needed), 0, None
         return Generation(
-            self.model,
+            runner or self._new_runner(cache),
             self.tokenizer,
             prompts,
-            cache,
             max_new_tokens=budgets,
             params=params,
             stop_strings=stop_strings,
             stop_ids=ids,
             generator=generator,
             reused=reused,
-            runner=runner or self._new_runner(cache),
         )
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:

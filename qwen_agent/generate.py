@@ -173,12 +173,18 @@ class _Row:
     """A prompt being generated in a cache row."""
 
     index: int  # of the prompt
+    prompt_len: int
     text: _RowText
     budget: int  # max new tokens
     started: float  # when its prefill began
     first_token_at: float = 0.0
     received: int = 0  # generated tokens read on the host
     fed: int = 0  # generated tokens whose keys and values are in the cache
+
+    @property
+    def slot(self) -> int:
+        """The cache slot the row's newest token goes to (on the device: ``runner.slots``)."""
+        return self.prompt_len + self.fed
 
 
 class Generation:
@@ -192,16 +198,15 @@ class Generation:
 
     Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
     ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
-    prompt order (breaking out early leaves it empty). With a single prompt, cache row 0 may already hold
-    ``reused`` slots of the prompt's prefix.
+    prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
+    prompt, cache row 0 may already hold ``reused`` slots of the prompt's prefix.
     """
 
     def __init__(
         self,
-        model: Transformer,
+        runner: DecodeRunner,
         tokenizer: QwenTokenizer,
         prompts: Sequence[Sequence[int]],
-        cache: KVCache,
         *,
         max_new_tokens: Sequence[int],
         params: SamplingParams,
@@ -209,12 +214,11 @@ class Generation:
         stop_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
         reused: int = 0,
-        runner: DecodeRunner | None = None,
     ) -> None:
         if reused and len(prompts) != 1:
             raise ValueError("a reused prefix needs a single prompt")
-        self.model, self.tokenizer, self.prompts = model, tokenizer, [list(p) for p in prompts]
-        self.cache, self.runner = cache, runner or DecodeRunner(model, cache)
+        self.runner, self.model, self.cache = runner, runner.model, runner.cache
+        self.tokenizer, self.prompts = tokenizer, [list(p) for p in prompts]
         self.max_new_tokens, self.params, self.generator = list(max_new_tokens), params, generator
         self.stop_strings, self.stop_ids, self.reused = stop_strings, stop_ids, reused
         # per prompt, when done: the ids whose keys and values are in its cache row
@@ -230,7 +234,6 @@ class Generation:
         self._waiting = deque(range(len(self.prompts)))
         self._free = list(range(cache.batch_size))  # a heap: the lowest free row first keeps rows packed
         self._active: dict[int, _Row] = {}  # cache row -> its prompt
-        self._slot = [0] * cache.batch_size  # host copy of runner.slots
         done: dict[int, GenerationResult] = {}
         on_host = torch.empty(cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
         copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -241,11 +244,10 @@ class Generation:
             # launch the next step before reading the tokens it consumes; the copy was queued ahead of it
             logits = None
             if any(row.received + 1 < row.budget for row in self._active.values()):  # a token to feed
-                logits = runner(max(self._active) + 1, max(self._slot[r] for r in self._active) + 1)
-                runner.slots.add_(1).clamp_(max=cache.capacity - 1)
-                for r, row in self._active.items():
+                logits = runner(max(self._active) + 1, max(row.slot for row in self._active.values()) + 1)
+                runner.slots.add_(1).clamp_(max=cache.capacity - 1)  # the clamp keeps free rows in the cache
+                for row in self._active.values():
                     row.fed += 1
-                    self._slot[r] = min(self._slot[r] + 1, cache.capacity - 1)
             if copied is not None:
                 copied.synchronize()
             tokens = on_host.tolist()
@@ -282,9 +284,9 @@ class Generation:
             first = next_token(logits, seen[None], self.params, self.generator)
             self.runner.tokens[r] = first[0]
             seen[len(prompt)] = first[0]
-            self.runner.slots[r] = self._slot[r] = len(prompt)
+            self.runner.slots[r] = len(prompt)
             text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
-            self._active[r] = _Row(index, text, self.max_new_tokens[index], started)
+            self._active[r] = _Row(index, len(prompt), text, self.max_new_tokens[index], started)
 
     def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
         on_host.copy_(self.runner.tokens, non_blocking=copied is not None)

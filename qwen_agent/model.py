@@ -86,11 +86,12 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def write_at(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Store one position per row, ``k, v`` [B, Hkv, 1, D], at slot ``slots[b]`` of row ``b`` (rows 0..B-1);
-        return those rows' first ``kv_len`` slots."""
+    def write_at(
+        self, layer: int, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor, kv_len: int
+    ) -> tuple[Tensor, Tensor]:
+        """Store one position per row, ``k, v`` [B, Hkv, 1, D], at slot ``slots[b]`` of row ``rows[b]`` (the rows
+        ``0..B-1`` as a tensor); return those rows' first ``kv_len`` slots."""
         B = k.shape[0]
-        rows = torch.arange(B, device=slots.device)
         self.k[layer, rows, :, slots] = k[:, :, 0]
         self.v[layer, rows, :, slots] = v[:, :, 0]
         return self.k[layer, :B, :, :kv_len], self.v[layer, :B, :, :kv_len]
@@ -128,7 +129,7 @@ class Attention(nn.Module):
         if ctx.q_scale is not None:
             q = q * ctx.q_scale.to(q.dtype)
         if ctx.slots is not None:
-            k, v = ctx.cache.write_at(layer, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
+            k, v = ctx.cache.write_at(layer, ctx.rows, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
         elif ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.start, k, v)  # [B, Hkv, T, D]
         if cfg.num_kv_heads != cfg.num_heads:
@@ -165,12 +166,12 @@ class Block(nn.Module):
 class _StepContext:
     """What every layer of one forward call shares: rotary tables, logN scale, mask, cache slot."""
 
-    __slots__ = ("cos", "sin", "q_scale", "mask", "is_causal", "cache", "start", "slots", "kv_len")
+    __slots__ = ("cos", "sin", "q_scale", "mask", "is_causal", "cache", "start", "rows", "slots", "kv_len")
 
-    def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start, slots=None, kv_len=0):  # noqa: ANN001
+    def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start, rows=None, slots=None, kv_len=0):  # noqa: ANN001
         self.cos, self.sin, self.q_scale = cos, sin, q_scale
         self.mask, self.is_causal, self.cache, self.start = mask, is_causal, cache, start
-        self.slots, self.kv_len = slots, kv_len  # decode_step: per-row slots, slots attended
+        self.rows, self.slots, self.kv_len = rows, slots, kv_len  # decode_step: rows, their slots, slots read
 
 
 class Transformer(nn.Module):
@@ -229,7 +230,8 @@ class Transformer(nn.Module):
         q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
         k_slot = torch.arange(kv_len, device=tokens.device)[None, :]
         allowed = (k_slot <= slots[:, None]) & (k_slot >= pad[:, None])  # [B, kv_len]
-        ctx = _StepContext(cos, sin, q_scale, allowed[:, None, None], False, cache, 0, slots, kv_len)
+        rows = torch.arange(B, device=tokens.device)  # once per step, not once per layer
+        ctx = _StepContext(cos, sin, q_scale, allowed[:, None, None], False, cache, 0, rows, slots, kv_len)
         return self.output(self.norm(self._layers(tokens[:, None], ctx)))[:, -1].float()
 
     def _layers(self, ids: Tensor, ctx: _StepContext) -> Tensor:

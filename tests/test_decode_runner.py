@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_models import peaked_tiny_model
 
 from qwen_agent.config import CONFIGS, GenerationConfig
 from qwen_agent.decode_runner import MIN_SLOT_BUCKET, DecodeRunner
@@ -18,33 +19,24 @@ CONFIG = CONFIGS["tiny"]
 QWEN2 = replace(  # grouped KV heads, no NTK or logN
     CONFIG, family="qwen2", num_kv_heads=2, use_dynamic_ntk=False, use_logn_attn=False, max_context=512
 )
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(CONFIG).eval().requires_grad_(False)
-    for p in model.parameters():  # large weights: peaked, input-dependent next-token choices
-        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
-    return model.to(device=device, dtype=dtype)
 
 
 def test_shapes_round_up_to_buckets():
     cache = KVCache(CONFIG, 6, 1280, dtype=torch.float32, device="cpu")
-    runner = DecodeRunner(tiny_model(), cache)
+    runner = DecodeRunner(peaked_tiny_model(), cache)
     assert runner.graphs is False  # CPU: eager at the same shapes
     assert runner.buckets(1, 1) == (1, MIN_SLOT_BUCKET)
     assert runner.buckets(3, 257) == (4, 512)
     assert runner.buckets(5, 1000) == (6, 1024)  # never more rows than the cache has
     assert runner.buckets(6, 1100) == (6, 1280)  # nor more slots
-    big = DecodeRunner(tiny_model(), KVCache(CONFIG, 1, 8192, dtype=torch.float32, device="meta"))
+    big = DecodeRunner(peaked_tiny_model(), KVCache(CONFIG, 1, 8192, dtype=torch.float32, device="meta"))
     assert [big.buckets(1, n)[1] for n in (2048, 2049, 3000, 4097, 8000)] == [2048, 2560, 3072, 5120, 8192]
     with pytest.raises(ValueError, match="kv_len 1281"):
         runner(1, 1281)
 
 
 def test_runner_steps_equal_decode_step_at_the_exact_shape():
-    model = tiny_model()
+    model = peaked_tiny_model()
     lengths = [5, 9, 2]
     big = KVCache(CONFIG, 4, 300, dtype=torch.float32, device="cpu")
     exact = KVCache(CONFIG, 3, 300, dtype=torch.float32, device="cpu")
@@ -80,10 +72,9 @@ def test_decode_step_traces_as_one_graph_without_host_reads(config):
         assert torch.equal(traced(tokens, slots, cache, 256), want)
 
 
-@pytest.mark.requires_gpu
-@needs_cuda
+@pytest.mark.requires_gpu  # skipped without CUDA (conftest)
 def test_cuda_graph_replay_equals_eager_steps():
-    model = tiny_model("cuda", torch.bfloat16)
+    model = peaked_tiny_model("cuda", torch.bfloat16)
     logits = {}
     for graphs in (True, False):
         cache = KVCache(CONFIG, 4, 600, dtype=torch.bfloat16, device="cuda")
@@ -102,22 +93,19 @@ def test_cuda_graph_replay_equals_eager_steps():
     assert (logits[True] - logits[False]).abs().max().item() <= 1e-2 * logits[False].abs().max().item()
 
 
-@pytest.mark.requires_gpu
-@needs_cuda
+@pytest.mark.requires_gpu  # skipped without CUDA (conftest)
 def test_greedy_generation_on_cuda_graphs_equals_eager():
-    model, tokenizer = tiny_model("cuda", torch.bfloat16), QwenTokenizer.from_pretrained()
+    model, tokenizer = peaked_tiny_model("cuda", torch.bfloat16), QwenTokenizer.from_pretrained()
     prompts = [tokenizer.encode(t) for t in ("Hi", "A longer prompt with more tokens", "x " * 40)]
     results = {}
     for graphs in (True, False):
         cache = KVCache(CONFIG, 2, 512, dtype=torch.bfloat16, device="cuda")
         run = Generation(
-            model,
+            DecodeRunner(model, cache, graphs=graphs),
             tokenizer,
             prompts,
-            cache,
             max_new_tokens=[40] * 3,
             params=SamplingParams(),
-            runner=DecodeRunner(model, cache, graphs=graphs),
         )
         for _ in run:
             pass

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from scripted_model import ScriptedModel
+from tiny_models import ScriptedModel, peaked_tiny_model
 from transformers import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from qwen_agent.checkpoint import to_transformers
-from qwen_agent.config import CONFIGS, GenerationConfig
+from qwen_agent.config import GenerationConfig
 from qwen_agent.engine import QwenEngine
 from qwen_agent.errors import ConfigError
 from qwen_agent.generate import SamplingParams, process_logits
@@ -39,11 +39,7 @@ def tokenizer() -> QwenTokenizer:
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(CONFIGS["tiny"]).eval().requires_grad_(False)
-    for p in model.parameters():  # large weights: peaked, input-dependent next-token choices
-        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
-    return model
+    return peaked_tiny_model()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from langchain_classic.agents import AgentExecutor, create_react_agent
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool as lc_tool
-from scripted_model import ScriptedModel
+from tiny_models import ScriptedModel
 
 from qwen_agent.config import GenerationConfig
 from qwen_agent.engine import QwenEngine, load_model

@@ -1,6 +1,8 @@
-"""A logits source that stands in for the network inside the real engine, to drive exact token sequences.
+"""Models for generation tests: the real tiny network with peaked weights, and a scripted logits source.
 
-Each prefill (a prompt joining a cache row) takes the next script, the last one repeating; the k-th token a row
+:func:`peaked_tiny_model` has large random weights, so its next-token choices are sharp and depend on the input.
+
+:class:`ScriptedModel` stands in for the network inside the real engine, to drive exact token sequences. Each prefill (a prompt joining a cache row) takes the next script, the last one repeating; the k-th token a row
 generates is ``script[k]`` (its last id repeating), whatever the input. The row remembers its script and prompt
 length in its own cache slots, so rows of one batch follow their scripts independently, as the real model does.
 """
@@ -11,6 +13,15 @@ import torch
 from torch import nn
 
 from qwen_agent.config import CONFIGS
+from qwen_agent.model import Transformer
+
+
+def peaked_tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(CONFIGS["tiny"]).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
+    return model.to(device=device, dtype=dtype)
 
 
 class ScriptedModel(nn.Module):
