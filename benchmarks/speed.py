@@ -9,9 +9,13 @@ For a model directory the load is measured too: seconds and peak host-memory gro
     python benchmarks/speed.py --random 7b --device cuda --dtype bf16
     python benchmarks/speed.py --smoke            # tiny random checkpoint on CPU, a few seconds (used in CI)
 
+Generation speed is also given as achieved memory bandwidth: the bytes a step cannot avoid reading (every weight
+but the embedding table, and the keys and values of the positions so far) times steps per second, and its share of
+the device's copy bandwidth measured in the same run. A batch-1 decode step is bound by that bandwidth.
+
 It also measures what an agent and the benchmark runner see (``--no-serving`` skips it): seconds from a fresh
 decode runner to the first decoded token (CUDA-graph capture included), time to first token after a 1,000-token
-prompt, and aggregate tokens/s of 32 sequences decoded together (prefills included).
+prompt, and aggregate tokens/s of 8 and of 32 sequences decoded together (prefills included).
 
 Prints a table and writes JSON to ``benchmarks/results/``. On CPU, host memory is read from /proc (VmHWM, reset
 through /proc/self/clear_refs); on CUDA, from the allocator's peak counter.
@@ -82,6 +86,35 @@ class PeakMemory:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second one device-to-device copy of ``nbytes`` moves, read and write counted (fastest of
+    ``repeats``): the ceiling for a step that streams its weights once."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = []
+    for _ in range(repeats + 1):  # the first copy pays for page faults and lazy set-up
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return 2 * src.nbytes / min(seconds[1:])
+
+
+def generation_bytes(model: Transformer, n: int) -> int:
+    """Bytes that generating ``n`` tokens from a 1-token prompt must read: ``n`` forward passes, each reading
+    every weight but the embedding table (of which it needs one row) and the keys and values of the positions so
+    far (1, 2, ..., n)."""
+    config, weight = model.config, model.tok_embeddings.weight
+    weights = (
+        sum(p.numel() * p.element_size() for p in model.parameters()) - weight.numel() * weight.element_size()
+    )
+    if config.tie_word_embeddings:  # the output projection is the embedding table, read whole every step
+        weights += weight.numel() * weight.element_size()
+    per_position = config.num_layers * 2 * config.num_kv_heads * config.head_dim * weight.element_size()
+    return n * weights + per_position * n * (n + 1) // 2
 
 
 # -- models ----------------------------------------------------------------------------------------------------
@@ -155,21 +188,23 @@ def serving(model: Transformer, tokenizer: QwenTokenizer, args: argparse.Namespa
         .prefill_seconds
         for k in range(args.rounds + 1)
     ][1:]  # the first call sets up the prefill kernels for this length
-    prompts = random_prompts(args.batch, args.batch_prompt, 9)
-    runner = new_runner(model, args.batch, args.batch_prompt + args.batch_new)
-    ours_run(runner, tokenizer, prompts, args.batch_new)  # captures every shape this run needs
-    batch_s = min(ours_run(runner, tokenizer, prompts, args.batch_new)[0] for _ in range(args.rounds))
+    batches = []
+    for batch in args.batch:
+        prompts = random_prompts(batch, args.batch_prompt, 9)
+        runner = new_runner(model, batch, args.batch_prompt + args.batch_new)
+        ours_run(runner, tokenizer, prompts, args.batch_new)  # captures every shape this run needs
+        seconds = min(ours_run(runner, tokenizer, prompts, args.batch_new)[0] for _ in range(args.rounds))
+        batches.append({"batch": batch, "seconds": seconds, "tokens_per_s": batch * args.batch_new / seconds})
+        del runner  # its cache: the next batch size allocates its own
     return {
         "ready_s": ready_s,
         "ready_capture_s": first.runner.capture_seconds,
         "graphs": first.runner.graphs,
         "ttft_prompt": args.ttft_prompt,
         "ttft_ms": 1000 * statistics.median(ttft),
-        "batch": args.batch,
         "batch_prompt": args.batch_prompt,
         "batch_new": args.batch_new,
-        "batch_s": batch_s,
-        "batch_tokens_per_s": args.batch * args.batch_new / batch_s,
+        "batches": batches,
     }
 
 
@@ -202,8 +237,11 @@ def hf_encode(hf, ids: torch.Tensor) -> None:
         hf(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
-def measure(name: str, generate, encode, n: int, context: int, device: torch.device, vocab: int) -> dict:
-    """One round: generate ``n`` tokens from one, then encode ``context`` tokens under a memory probe."""
+def measure(
+    name: str, generate, encode, n: int, context: int, device: torch.device, vocab: int, nbytes: int
+) -> dict:
+    """One round: generate ``n`` tokens from one (``nbytes`` to read), then encode ``context`` tokens under a
+    memory probe."""
     seconds, tokens = generate(n)
     ids = torch.randint(0, min(vocab, 150000), (1, context), generator=torch.Generator().manual_seed(0)).to(
         device
@@ -217,6 +255,7 @@ def measure(name: str, generate, encode, n: int, context: int, device: torch.dev
         "impl": name,
         "tokens_per_s": n / seconds,
         "generate_s": seconds,
+        "achieved_gb_per_s": nbytes / seconds / 1e9,
         "encode_peak_gib": mem.peak / GIB,
         "encode_peak_total_gib": mem.total / GIB,  # everything allocated at the peak, weights included
         "encode_s": encode_seconds,
@@ -230,6 +269,7 @@ def best_of(rounds: list[dict]) -> dict:
     best["generate_s"] = min(r["generate_s"] for r in rounds)
     best["encode_s"] = min(r["encode_s"] for r in rounds)
     best["tokens_per_s"] = max(r["tokens_per_s"] for r in rounds)
+    best["achieved_gb_per_s"] = max(r["achieved_gb_per_s"] for r in rounds)
     best["rounds"] = len(rounds)
     return best
 
@@ -250,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--no-serving", action="store_true", help="skip ready / first-token / batch figures")
     parser.add_argument("--ttft-prompt", type=int, default=None, help="prompt tokens for time to first token")
-    parser.add_argument("--batch", type=int, default=None, help="concurrent sequences (default 32; 4 on CPU)")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="concurrent sequences (default 8 32; 4 on CPU)"
+    )
     parser.add_argument("--batch-prompt", type=int, default=128, help="prompt tokens per batched sequence")
     parser.add_argument(
         "--batch-new", type=int, default=None, help="tokens per batched sequence (default 256; 32 on CPU)"
@@ -263,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.new_tokens, args.context = "cpu", args.new_tokens or 16, args.context or 24
-        args.rounds, args.ttft_prompt, args.batch, args.batch_prompt, args.batch_new = 1, 20, 3, 8, 8
+        args.rounds, args.ttft_prompt, args.batch, args.batch_prompt, args.batch_new = 1, 20, [3], 8, 8
     if bool(args.model) + bool(args.random) + bool(args.smoke) != 1:
         parser.error("give exactly one of MODEL, --random NAME, --smoke")
     try:
@@ -274,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.new_tokens or (2048 if device.type == "cuda" else 256)
     context = args.context or (2048 if device.type == "cuda" else 512)
     args.ttft_prompt = args.ttft_prompt or 1000
-    args.batch = args.batch or (32 if device.type == "cuda" else 4)
+    args.batch = args.batch or ([8, 32] if device.type == "cuda" else [4])
     args.batch_new = args.batch_new or (256 if device.type == "cuda" else 32)
     torch.set_grad_enabled(False)
     if args.threads:
@@ -325,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             report["model"] = f"random {args.random}"
             tokenizer = QwenTokenizer.from_pretrained()
         vocab = model.config.vocab_size
+        nbytes = generation_bytes(model, n)
+        # 1 GiB on a GPU, far past its caches; 256 MiB on a CPU, past its last-level cache
+        report["copy_gb_per_s"] = copy_bandwidth(device, GIB if device.type == "cuda" else GIB // 4) / 1e9
         kept = new_runner(model, 1, n + 1)  # one cache for every round, as the engine keeps its own
         impls = {
             "qwen_agent": (
@@ -344,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds: dict[str, list[dict]] = {name: [] for name in impls}
         for _ in range(args.rounds):  # interleaved, so that load from other processes hits both alike
             for name, (generate, encode) in impls.items():
-                rounds[name].append(measure(name, generate, encode, n, context, device, vocab))
+                rounds[name].append(measure(name, generate, encode, n, context, device, vocab, nbytes))
         if not args.no_serving:
             report["serving"] = serving(model, tokenizer, args, vocab)
     runs = [best_of(r) for r in rounds.values()]
@@ -359,21 +404,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{report['load_peak_over_checkpoint']:.2f}x the checkpoint's {report['checkpoint_gib']:.3f} GiB, "
             f"{report['load_peak_over_model']:.2f}x the loaded model's {report['loaded_model_gib']:.3f} GiB"
         )
-    print(f"{'impl':<14}{'tokens/s':>10}{'encode s':>10}{'encode peak GiB':>17}{'(total GiB / GB)':>20}")
+    print(
+        f"{'impl':<14}{'tokens/s':>10}{'GB/s':>9}{'of copy':>9}{'encode s':>10}{'encode peak GiB':>17}"
+        f"{'(total GiB / GB)':>20}"
+    )
     for r in runs:
+        r["bandwidth_share"] = r["achieved_gb_per_s"] / report["copy_gb_per_s"]
         total = f"{r['encode_peak_total_gib']:.2f} / {r['encode_peak_total_gib'] * GIB / 1e9:.2f}"
         print(
-            f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}"
-            f"{total:>20}"
+            f"{r['impl']:<14}{r['tokens_per_s']:>10.2f}{r['achieved_gb_per_s']:>9.1f}{r['bandwidth_share']:>9.0%}"
+            f"{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}{total:>20}"
         )
+    print(
+        f"GB/s: bytes a step must read ({nbytes / n / 1e9:.3f} GB per token on average) x steps/s; "
+        f"copy bandwidth measured now: {report['copy_gb_per_s']:.1f} GB/s"
+    )
     if "serving" in report:
         sv = report["serving"]
         print(
             f"qwen_agent serving (CUDA graphs: {sv['graphs']}): ready to decode in {sv['ready_s']:.2f} s "
             f"(capture {sv['ready_capture_s']:.2f} s); first token after a {sv['ttft_prompt']}-token prompt "
-            f"{sv['ttft_ms']:.1f} ms; {sv['batch']} sequences x {sv['batch_new']} tokens "
-            f"({sv['batch_prompt']}-token prompts): {sv['batch_tokens_per_s']:.1f} tokens/s in all"
+            f"{sv['ttft_ms']:.1f} ms"
         )
+        for b in sv["batches"]:
+            print(
+                f"  {b['batch']} sequences x {sv['batch_new']} tokens ({sv['batch_prompt']}-token prompts): "
+                f"{b['tokens_per_s']:.1f} tokens/s in all"
+            )
     if len(runs) == 2:
         ours, base = runs
         report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -189,6 +190,22 @@ def test_speed_benchmark_smoke_runs_on_cpu(tmp_path):
     assert [r["impl"] for r in report["runs"]] == ["qwen_agent", "transformers"]
     assert report["same_greedy_tokens"] is True and report["speedup"] > 0
     assert 0 < report["load_peak_over_checkpoint"] < 1.3
+    assert report["copy_gb_per_s"] > 0
+    for run in report["runs"]:
+        assert run["achieved_gb_per_s"] > 0 and run["bandwidth_share"] > 0
+    assert [b["batch"] for b in report["serving"]["batches"]] == [3]
+
+
+def test_speed_benchmark_counts_the_bytes_of_a_7b_step():
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    with torch.device("meta"):  # the real shape, no memory
+        model = speed.Transformer(qwen_agent.config.CONFIGS["7b"]).to(torch.bfloat16)
+    kv_per_position = 32 * 2 * 4096 * 2  # layers x (k, v) x hidden x bf16 bytes
+    # 7.10B parameters besides the 151,936 x 4,096 embedding table, in bf16
+    assert speed.generation_bytes(model, 1) == 2 * (7_721_324_544 - 151_936 * 4096) + kv_per_position
+    assert speed.generation_bytes(model, 3) == 3 * 2 * (7_721_324_544 - 151_936 * 4096) + 6 * kv_per_position
 
 
 @pytest.mark.requires_gpu
