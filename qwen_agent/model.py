@@ -14,9 +14,6 @@ Qwen v1's long-context rules, both exact no-ops up to ``config.seq_length``:
   full recomputation of the longer sequence; that is the reference behaviour.
 - **LogN attention.** The query at 0-based position ``p`` is multiplied by ``log(p + 1) / log(seq_length)`` when
   ``p + 1 > seq_length`` (after RoPE, queries only).
-
-Positions are counted per row from its first real token, so a left-padded row of a batch computes what it would
-compute alone (the reference gives pads positions too; we do not, so that batch == single).
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ __all__ = ["KVCache", "Transformer"]
 class KVCache:
     """Pre-allocated keys and values of every layer for a batch of rows, and what the rotary rules freeze at prefill.
 
-    ``pad[b]`` is the number of left-padding slots of row ``b``; ``length`` is how many slots are filled (the
-    same for every row) for calls through :meth:`Transformer.forward`. Setting ``length`` lower forgets the tail,
+    ``length`` is how many slots are filled (the same for every row) for calls through
+    :meth:`Transformer.forward`. Setting ``length`` lower forgets the tail,
     which is how a cached prefix is reused. :meth:`Transformer.decode_step` instead takes each row's slot as a
     tensor, so rows of one cache can hold sequences of different lengths.
     """
@@ -49,16 +46,11 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device | str,
-        pad: Tensor | None = None,
     ) -> None:
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        if pad is None:
-            pad = torch.zeros(batch_size, dtype=torch.long)
-        self.pad = pad.to(device=device, dtype=torch.long)
         self.ntk_alpha = torch.ones(batch_size, device=device)
-        self.padded = bool(pad.any())  # kept on the host: decides the attention-mask shortcut without a sync
         self.length = 0
 
     @property
@@ -70,13 +62,10 @@ class KVCache:
         return self.k.shape[1]
 
     def row(self, index: int) -> KVCache:
-        """Row ``index`` of an unpadded cache as a one-row cache sharing its storage (with its own ``length``)."""
-        if self.padded:
-            raise ValueError("row() needs an unpadded cache")
+        """Row ``index`` as a one-row cache sharing its storage (with its own ``length``, 0)."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
-        view.pad, view.ntk_alpha = self.pad[index : index + 1], self.ntk_alpha[index : index + 1]
-        view.padded, view.length = False, 0
+        view.ntk_alpha, view.length = self.ntk_alpha[index : index + 1], 0
         return view
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,17 +184,16 @@ class Transformer(nn.Module):
         B, S = ids.shape
         device = ids.device
         start = cache.length if cache is not None else 0
-        pad = cache.pad if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
         if cache is None or start == 0:
-            alpha = self._ntk_alpha(start + S - pad)  # the prefill fixes alpha ...
+            alpha = self._ntk_alpha(torch.full((B,), S, device=device))  # the prefill fixes alpha ...
             if cache is not None:
                 cache.ntk_alpha.copy_(alpha)
         else:
             alpha = cache.ntk_alpha  # ... and every later step reuses it
-        positions = torch.arange(start, start + S, device=device)[None, :] - pad[:, None]  # [B, S]
+        positions = torch.arange(start, start + S, device=device)[None, :].expand(B, S)
         cos, sin = self._rotary(positions, alpha)
         q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
-        mask, is_causal = self._mask(start, S, pad, padded=cache is not None and cache.padded)
+        mask, is_causal = self._mask(start, S, device)
         ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start)
 
         x = self._layers(ids, ctx)
@@ -219,17 +207,16 @@ class Transformer(nn.Module):
         """One new token per row at fixed shapes; logits [B, V] in fp32.
 
         ``tokens[b]`` goes to slot ``slots[b]`` of cache row ``b`` (rows 0..B-1, each with its own length) and
-        attends to that row's slots ``pad[b]..slots[b]``; only the first ``kv_len`` slots are read. Nothing here
+        attends to that row's slots ``0..slots[b]``; only the first ``kv_len`` slots are read. Nothing here
         reads a tensor's value on the host or makes a shape from one, so the step can be captured as a CUDA
         graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each row's frozen one.
         """
         B = tokens.shape[0]
-        pad = cache.pad[:B]
-        positions = (slots - pad)[:, None]  # [B, 1]
+        positions = slots[:, None]  # [B, 1]
         cos, sin = self._rotary(positions, cache.ntk_alpha[:B])
         q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
-        k_slot = torch.arange(kv_len, device=tokens.device)[None, :]
-        allowed = (k_slot <= slots[:, None]) & (k_slot >= pad[:, None])  # [B, kv_len]
+        # [B, kv_len]: each row's slots so far; later slots may hold a previous sequence's keys
+        allowed = torch.arange(kv_len, device=tokens.device)[None, :] <= slots[:, None]
         rows = torch.arange(B, device=tokens.device)  # once per step, not once per layer
         ctx = _StepContext(cos, sin, q_scale, allowed[:, None, None], False, cache, 0, rows, slots, kv_len)
         return self.output(self.norm(self._layers(tokens[:, None], ctx)))[:, -1].float()
@@ -266,18 +253,14 @@ class Transformer(nn.Module):
         return scale.float()[:, None, :, None]
 
     @staticmethod
-    def _mask(start: int, S: int, pad: Tensor, *, padded: bool) -> tuple[Tensor | None, bool]:
-        """Attention mask [B, 1, S, T] (True = attend), or a shortcut when none is needed."""
-        if not padded and S == 1:
+    def _mask(start: int, S: int, device: torch.device) -> tuple[Tensor | None, bool]:
+        """Attention mask [S, T] (True = attend) for ``S`` tokens after ``start`` cached ones, or a shortcut."""
+        if S == 1:
             return None, False  # one new token sees every slot
-        if not padded and start == 0:
+        if start == 0:
             return None, True  # plain causal prefill
-        q_slot = torch.arange(start, start + S, device=pad.device)[:, None]  # [S, 1]
-        k_slot = torch.arange(start + S, device=pad.device)[None, :]  # [1, T]
-        allowed = (k_slot <= q_slot) & (k_slot >= pad[:, None, None])  # [B, S, T]
-        # a padding query sees only itself: never an empty row (which would make NaN and spread through V)
-        allowed |= k_slot == q_slot
-        return allowed[:, None], False
+        q_slot = torch.arange(start, start + S, device=device)[:, None]
+        return torch.arange(start + S, device=device)[None, :] <= q_slot, False
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -181,8 +181,8 @@ def test_as_completed_yields_short_completions_first(tokenizer):
 
 
 def test_batch_with_repetition_penalty_equals_each_prompt_alone(engine, tokenizer):
-    """Rows of different lengths, some past the tiny seq_length of 32 (NTK and logN active): the penalty of a
-    left-padded row touches its own ids only, never the padding."""
+    """Rows of different lengths, some past the tiny seq_length of 32 (NTK and logN active): each row is
+    penalised for its own ids only."""
     prompts = [
         tokenizer.encode("no " * 40),
         tokenizer.encode("Hi"),

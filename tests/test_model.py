@@ -271,28 +271,6 @@ def test_cache_length_rewind_reuses_a_prefix():
 
 
 @pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
-def test_left_padded_batch_equals_each_row_alone(config):
-    model = ours_from_hf(config, random_hf_weights(config, seed=9))
-    lengths = [5, 12, 9]
-    rows = [random_ids(n, config.vocab_size, seed=20 + n)[0] for n in lengths]
-    longest = max(lengths)
-    batch = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        batch[i, longest - len(row) :] = row
-    pad = torch.tensor([longest - n for n in lengths])
-    cache = KVCache(config, len(rows), longest + 4, dtype=torch.float32, device="cpu", pad=pad)
-    extra = random_ids(3, config.vocab_size, seed=30, batch=len(rows))
-    with torch.no_grad():
-        batched = [model(batch, cache, last_only=True)] + [
-            model(extra[:, t : t + 1], cache) for t in range(3)
-        ]
-        for i, row in enumerate(rows):
-            alone = model(torch.cat([row, extra[i]])[None])
-            got = torch.cat([step[i : i + 1] for step in batched], dim=1)
-            assert (got - alone[:, len(row) - 1 :]).abs().max().item() <= TOL
-
-
-@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
 def test_decode_step_with_rows_of_different_lengths_equals_each_row_alone(config):
     """decode_step: each cache row at its own slot, attention over a fixed number of slots (a bucket)."""
     model = ours_from_hf(config, random_hf_weights(config, seed=11))
