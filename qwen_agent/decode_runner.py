@@ -6,7 +6,8 @@ they take longer than the GPU needs to read the weights. :class:`DecodeRunner` r
 1, 2, 4, 8, ...; slots read in steps of 256 up to 2,048, then four sizes per doubling, up to the cache's
 capacity), so a handful of shapes serve a whole
 generation. On CUDA each shape is captured as a graph the first time it is needed and replayed after that;
-elsewhere the step runs eagerly at the same shapes.
+elsewhere the step runs eagerly at the same shapes. On CUDA with Triton installed, the step also runs its layers
+through the fused kernels of :mod:`qwen_agent.kernels`, a few kernels per layer instead of some forty.
 
 Capturing a shape runs the step once eagerly first (lazy set-up such as cuBLAS workspaces must not happen
 during capture). That run writes exactly the keys and values the replay that follows writes again, so it is
@@ -16,11 +17,14 @@ one cache.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .model import KVCache, Transformer
 
 __all__ = ["DecodeRunner", "MIN_SLOT_BUCKET"]
@@ -30,14 +34,28 @@ MIN_SLOT_BUCKET = 256  # the smallest number of cache slots a step reads
 
 class DecodeRunner:
     """One decode step for the first rows of ``cache``: write ``tokens[b]`` and ``slots[b]`` (the runner's
-    buffers, one entry per cache row), then call. ``graphs`` defaults to True on CUDA."""
+    buffers, one entry per cache row), then call. ``graphs`` defaults to True on CUDA, ``fused`` (the Triton
+    kernels) to True on CUDA when Triton is installed; off CUDA either is a :class:`ConfigError`, except ``fused``
+    under ``TRITON_INTERPRET=1``, Triton's CPU interpreter."""
 
-    def __init__(self, model: Transformer, cache: KVCache, *, graphs: bool | None = None) -> None:
+    def __init__(
+        self, model: Transformer, cache: KVCache, *, graphs: bool | None = None, fused: bool | None = None
+    ) -> None:
         self.model, self.cache = model, cache
         device = cache.k.device
+        on_cuda, has_triton = device.type == "cuda", importlib.util.find_spec("triton") is not None
+        if graphs and not on_cuda:
+            raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model is on {device}")
+        if fused and not has_triton:
+            raise ConfigError("fused_kernels=True needs Triton installed (pip install triton)")
+        if fused and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                f"fused_kernels=True needs a CUDA device (or TRITON_INTERPRET=1); the model is on {device}"
+            )
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.slots = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
-        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.graphs = on_cuda if graphs is None else graphs
+        self.fused = on_cuda and has_triton if fused is None else fused
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self.capture_seconds = 0.0  # spent capturing graphs so far (the rest of a first call is the step)
@@ -66,7 +84,9 @@ class DecodeRunner:
 
     def _step(self, batch: int, slots: int) -> Tensor:
         with torch.no_grad():
-            return self.model.decode_step(self.tokens[:batch], self.slots[:batch], self.cache, slots)
+            return self.model.decode_step(
+                self.tokens[:batch], self.slots[:batch], self.cache, slots, fused=self.fused
+            )
 
     def _capture(self, batch: int, slots: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         started = time.perf_counter()

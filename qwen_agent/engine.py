@@ -102,10 +102,14 @@ class QwenEngine:
         *,
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
+        fused_kernels: bool | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch  # prompts decoded at once by a batched generate()
         self.cuda_graphs = cuda_graphs  # None: replay the decode step as CUDA graphs on a GPU; False: never
+        self.fused_kernels = (
+            fused_kernels  # None: the Triton decode kernels on a GPU when installed; False: never
+        )
         self.config: QwenConfig = model.config
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system
@@ -305,9 +309,7 @@ class QwenEngine:
         return KVCache(self.config, batch, capacity, dtype=dtype, device=self.device)
 
     def _new_runner(self, cache: KVCache) -> DecodeRunner:
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model is on {self.device}")
-        return DecodeRunner(self.model, cache, graphs=self.cuda_graphs)
+        return DecodeRunner(self.model, cache, graphs=self.cuda_graphs, fused=self.fused_kernels)
 
     def _cache_for(self, prompt: list[int], needed: int) -> tuple[KVCache, int, DecodeRunner | None]:
         """The kept cache (with its decode runner) and its reusable prefix, or a fresh cache; returns

@@ -121,11 +121,17 @@ class Attention(nn.Module):
             k, v = ctx.cache.write_at(layer, ctx.rows, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
         elif ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.start, k, v)  # [B, Hkv, T, D]
+        return self.attend(q, k, v, ctx)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: _StepContext) -> Tensor:
+        """Attention of rotated queries [B, H, S, D] over keys and values [B, Hkv, T, D], through ``wo``."""
+        cfg = self.config
         if cfg.num_kv_heads != cfg.num_heads:
             groups = cfg.num_heads // cfg.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
-        return self.wo(out.transpose(1, 2).reshape(B, S, q_size))
+        B, _, S, _ = q.shape
+        return self.wo(out.transpose(1, 2).reshape(B, S, cfg.num_heads * cfg.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -203,13 +209,16 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.output(self.norm(x))  # [B, S, V]
 
-    def decode_step(self, tokens: Tensor, slots: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+    def decode_step(
+        self, tokens: Tensor, slots: Tensor, cache: KVCache, kv_len: int, *, fused: bool = False
+    ) -> Tensor:
         """One new token per row at fixed shapes; logits [B, V] in fp32.
 
         ``tokens[b]`` goes to slot ``slots[b]`` of cache row ``b`` (rows 0..B-1, each with its own length) and
         attends to that row's slots ``0..slots[b]``; only the first ``kv_len`` slots are read. Nothing here
         reads a tensor's value on the host or makes a shape from one, so the step can be captured as a CUDA
         graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each row's frozen one.
+        ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.kernels` (same maths).
         """
         B = tokens.shape[0]
         positions = slots[:, None]  # [B, 1]
@@ -217,9 +226,41 @@ class Transformer(nn.Module):
         q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
         # [B, kv_len]: each row's slots so far; later slots may hold a previous sequence's keys
         allowed = torch.arange(kv_len, device=tokens.device)[None, :] <= slots[:, None]
+        # additive, as attention would turn a boolean mask in every layer; built once per step
+        mask = torch.zeros(allowed.shape, dtype=cache.k.dtype, device=tokens.device)
+        mask = mask.masked_fill(~allowed, float("-inf"))[:, None, None]
         rows = torch.arange(B, device=tokens.device)  # once per step, not once per layer
-        ctx = _StepContext(cos, sin, q_scale, allowed[:, None, None], False, cache, 0, rows, slots, kv_len)
-        return self.output(self.norm(self._layers(tokens[:, None], ctx)))[:, -1].float()
+        ctx = _StepContext(cos, sin, q_scale, mask, False, cache, 0, rows, slots, kv_len)
+        if fused:
+            hidden = self._fused_layers(self.tok_embeddings(tokens[:, None]), ctx)
+        else:
+            hidden = self.norm(self._layers(tokens[:, None], ctx))
+        return self.output(hidden)[:, -1].float()
+
+    def _fused_layers(self, x: Tensor, ctx: _StepContext) -> Tensor:
+        """The decode step's layers and final norm, one position per row, through the fused kernels: per layer
+        two norms (each with the residual add before it), the rotary-and-cache kernel and SiLU-times-up,
+        besides the matrix products and attention."""
+        from . import kernels  # needs Triton, which only this path does
+
+        cfg, cache, B = self.config, ctx.cache, x.shape[0]
+        norms = [norm for layer in self.layers for norm in (layer.attention_norm, layer.ffn_norm)] + [
+            self.norm
+        ]
+        h, x = kernels.add_rms_norm(x, norms[0].weight, cfg.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            attention, ff = layer.attention, layer.feed_forward
+            q = kernels.rotary_to_cache(
+                attention.wqkv(h), ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i], ctx.slots,
+                cfg.num_heads, cfg.num_kv_heads,
+            )  # fmt: skip
+            k, v = cache.k[i, :B, :, : ctx.kv_len], cache.v[i, :B, :, : ctx.kv_len]
+            h, x = kernels.add_rms_norm(
+                x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attention.attend(q, k, v, ctx)
+            )
+            up = kernels.silu_mul(ff.w_gate(h), ff.w_up(h))
+            h, x = kernels.add_rms_norm(x, norms[2 * i + 2].weight, cfg.rms_norm_eps, ff.w_down(up))
+        return h
 
     def _layers(self, ids: Tensor, ctx: _StepContext) -> Tensor:
         x = self.tok_embeddings(ids)  # [B, S, E]

@@ -537,8 +537,8 @@ class _Steered:
     def __call__(self, ids, cache, last_only=False):
         return self._steer(self.model(ids, cache, last_only=last_only)[:, -1])[:, None]
 
-    def decode_step(self, tokens, slots, cache, kv_len):
-        return self._steer(self.model.decode_step(tokens, slots, cache, kv_len))
+    def decode_step(self, tokens, slots, cache, kv_len, fused=False):
+        return self._steer(self.model.decode_step(tokens, slots, cache, kv_len, fused=fused))
 
     def _steer(self, logits):
         logits[:, self.plan[min(self.position, len(self.plan) - 1)]] += 1e4

@@ -74,11 +74,12 @@ def test_decode_step_traces_as_one_graph_without_host_reads(config):
 
 @pytest.mark.requires_gpu  # skipped without CUDA (conftest)
 def test_cuda_graph_replay_equals_eager_steps():
+    """The default GPU path (graphs of the fused Triton step) against plain eager steps."""
     model = peaked_tiny_model("cuda", torch.bfloat16)
     logits = {}
     for graphs in (True, False):
         cache = KVCache(CONFIG, 4, 600, dtype=torch.bfloat16, device="cuda")
-        runner = DecodeRunner(model, cache, graphs=graphs)
+        runner = DecodeRunner(model, cache, graphs=graphs, fused=graphs)
         with torch.no_grad():
             for row in range(3):
                 model(torch.arange(100, 110 + 90 * row, device="cuda")[None], cache.row(row), last_only=True)
@@ -101,7 +102,7 @@ def test_greedy_generation_on_cuda_graphs_equals_eager():
     for graphs in (True, False):
         cache = KVCache(CONFIG, 2, 512, dtype=torch.bfloat16, device="cuda")
         run = Generation(
-            DecodeRunner(model, cache, graphs=graphs),
+            DecodeRunner(model, cache, graphs=graphs, fused=graphs),
             tokenizer,
             prompts,
             max_new_tokens=[40] * 3,
@@ -111,10 +112,15 @@ def test_greedy_generation_on_cuda_graphs_equals_eager():
             pass
         results[graphs] = [r.token_ids for r in run.results]
     assert results[True] == results[False]
-    # the engine's path (its own cache, end-of-text as a stop id) agrees up to where it stops, graphs or not
+    # the engine's path (its own cache, end-of-text as a stop id) agrees up to where it stops, graphs and fused
+    # kernels (its defaults on a GPU) or neither
     for graphs in (None, False):
         engine = QwenEngine(
-            model, tokenizer, GenerationConfig(max_new_tokens=40, chat_format="raw"), cuda_graphs=graphs
+            model,
+            tokenizer,
+            GenerationConfig(max_new_tokens=40, chat_format="raw"),
+            cuda_graphs=graphs,
+            fused_kernels=graphs,
         )
         for got, want in zip(engine.generate(prompts, max_batch=2), results[True], strict=True):
             assert got.token_ids == want[: len(got.token_ids)]

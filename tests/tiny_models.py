@@ -38,7 +38,7 @@ class ScriptedModel(nn.Module):
         cache.k[0, 0, 0, 0, :2] = torch.tensor([number, cache.length])  # where its generated tokens begin
         return self.logits([(number, 0)])[:, None]
 
-    def decode_step(self, tokens, slots, cache, kv_len):
+    def decode_step(self, tokens, slots, cache, kv_len, fused=False):
         rows = []
         for b, slot in enumerate(slots.tolist()):
             script, prompt_len = cache.k[0, b, 0, 0, :2].tolist()

@@ -1,0 +1,154 @@
+"""kernels.py: each fused Triton kernel against the PyTorch code it replaces, then the fused decode step and
+generation against the plain ones. Without a GPU the kernels run on Triton's CPU interpreter (conftest sets
+TRITON_INTERPRET=1), which rounds fp32 to bf16 towards zero where a GPU rounds to nearest, so bf16 results are
+compared within two bf16 steps there and one on a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import peaked_tiny_model
+
+pytest.importorskip("triton")
+
+from qwen_agent import kernels  # noqa: E402
+from qwen_agent.config import CONFIGS  # noqa: E402
+from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
+from qwen_agent.errors import ConfigError  # noqa: E402
+from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
+from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
+from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.requires_gpu)]
+DTYPES = [torch.float32, torch.bfloat16]
+V1 = replace(CONFIGS["tiny"], seq_length=16)  # NTK and logN on, crossed by the test prompts
+QWEN2 = replace(CONFIGS["tiny"], family="qwen2", num_kv_heads=2, use_dynamic_ntk=False, use_logn_attn=False)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 step is 2**-8 to 2**-7 of the value
+        rtol = 2**-7 if got.is_cuda else 2**-6
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-3)
+
+
+def randn(*shape: int, device: str, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_equals_the_residual_add_and_rmsnorm(device, dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6).to(device=device, dtype=dtype)
+    norm.weight.data = randn(96, device=device, dtype=dtype) + 1
+    x, delta = (
+        randn(3, 1, 96, device=device, dtype=dtype, scale=3),
+        randn(3, 1, 96, device=device, dtype=dtype),
+    )
+    out, total = kernels.add_rms_norm(x, norm.weight, norm.eps, delta)
+    assert_close(total, x + delta)
+    assert_close(out, norm(x + delta))
+    alone, same = kernels.add_rms_norm(x, norm.weight, norm.eps)  # the first layer: no residual yet
+    assert same is x
+    assert_close(alone, norm(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_equals_up_times_silu_of_gate(device, dtype):
+    torch.manual_seed(1)
+    gate, up = (
+        randn(5, 1, 300, device=device, dtype=dtype, scale=4),
+        randn(5, 1, 300, device=device, dtype=dtype),
+    )
+    assert_close(kernels.silu_mul(gate, up), up * F.silu(gate))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
+def test_rotary_to_cache_rotates_scales_and_writes_only_the_rows_slots(device, dtype, config):
+    torch.manual_seed(2)
+    model = Transformer(config).to(device)
+    H, Hkv, D = config.num_heads, config.num_kv_heads, config.head_dim
+    slots = torch.tensor([3, 40, 17], device=device)  # row 1 is past seq_length: logN scales its query
+    alpha = torch.tensor([1.0, 3.0, 1.0], device=device)  # and its NTK alpha is not 1
+    cos, sin = model._rotary(slots[:, None], alpha)
+    q_scale = model._logn_scale(slots[:, None]) if config.use_logn_attn else None
+    qkv = randn(3, 1, (H + 2 * Hkv) * D, device=device, dtype=dtype, scale=2)
+    k_cache, v_cache = (
+        randn(4, Hkv, 48, D, device=device, dtype=dtype) for _ in range(2)
+    )  # one layer, 4 rows
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+
+    q = kernels.rotary_to_cache(qkv, cos, sin, q_scale, k_cache, v_cache, slots, H, Hkv)
+
+    q_ref, k_ref, v_ref = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q_ref = apply_rotary(q_ref.view(3, 1, H, D).transpose(1, 2), cos, sin)
+    if q_scale is not None:
+        q_ref = q_ref * q_scale.to(dtype)
+    k_ref = apply_rotary(k_ref.view(3, 1, Hkv, D).transpose(1, 2), cos, sin)
+    rows = torch.arange(3, device=device)
+    k_want[rows, :, slots] = k_ref[:, :, 0]
+    v_want[rows, :, slots] = v_ref.view(3, Hkv, D)
+    assert q.shape == (3, H, 1, D)
+    assert_close(q, q_ref)
+    assert_close(k_cache, k_want)
+    assert torch.equal(v_cache, v_want)  # values are copied: exact, and no other slot or row is touched
+    written = torch.zeros(4, 48, dtype=torch.bool, device=device)
+    written[rows, slots] = True
+    assert torch.equal(k_cache.transpose(1, 2)[~written], k_want.transpose(1, 2)[~written])
+
+
+@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
+def test_fused_decode_step_equals_the_plain_one(config):
+    torch.manual_seed(3)
+    model = Transformer(config).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.3)
+    lengths = [5, 20, 9]  # the 20-token row is past seq_length 16
+    logits = {}
+    for fused in (False, True):
+        cache = KVCache(config, 3, 64, dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            for row, n in enumerate(lengths):
+                model(torch.arange(3, 3 + n)[None], cache.row(row), last_only=True)
+            slots, steps = torch.tensor(lengths), []
+            for t in range(3):
+                steps.append(model.decode_step(torch.tensor([7, 8, 9]) + t, slots, cache, 32, fused=fused))
+                slots = slots + 1
+        logits[fused] = torch.stack(steps)
+    assert_close(logits[True], logits[False])
+
+
+def test_greedy_generation_with_fused_kernels_equals_without():
+    model, tokenizer = peaked_tiny_model(), QwenTokenizer.from_pretrained()
+    prompts = [tokenizer.encode(t) for t in ("Hi", "A longer prompt with more tokens in it", "x " * 20)]
+    results = {}
+    for fused in (False, True):
+        cache = KVCache(model.config, 2, 128, dtype=torch.float32, device="cpu")
+        run = Generation(
+            DecodeRunner(model, cache, fused=fused),
+            tokenizer,
+            prompts,
+            max_new_tokens=[12] * 3,
+            params=SamplingParams(),
+        )
+        for _ in run:
+            pass
+        results[fused] = [r.token_ids for r in run.results]
+    assert results[True] == results[False]
+
+
+def test_fused_kernels_need_triton_on_a_gpu_or_its_interpreter(monkeypatch):
+    cache = KVCache(CONFIGS["tiny"], 1, 8, dtype=torch.float32, device="cpu")
+    model = peaked_tiny_model()
+    assert DecodeRunner(model, cache).fused is False  # off by default on a CPU, even with the interpreter on
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="fused_kernels=True needs a CUDA device .*the model is on cpu"):
+        DecodeRunner(model, cache, fused=True)
