@@ -5,6 +5,7 @@ compared within two bf16 steps there and one on a GPU."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -22,7 +23,16 @@ from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
 from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
 from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.requires_gpu)]
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1",
+            reason="Triton runs CPU tensors only in its interpreter",
+        ),
+    ),
+    pytest.param("cuda", marks=pytest.mark.requires_gpu),
+]
 DTYPES = [torch.float32, torch.bfloat16]
 V1 = replace(CONFIGS["tiny"], seq_length=16)  # NTK and logN on, crossed by the test prompts
 QWEN2 = replace(CONFIGS["tiny"], family="qwen2", num_kv_heads=2, use_dynamic_ntk=False, use_logn_attn=False)
@@ -105,33 +115,37 @@ def test_rotary_to_cache_rotates_scales_and_writes_only_the_rows_slots(device, d
     assert torch.equal(k_cache.transpose(1, 2)[~written], k_want.transpose(1, 2)[~written])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
-def test_fused_decode_step_equals_the_plain_one(config):
+def test_fused_decode_step_equals_the_plain_one(device, config):
     torch.manual_seed(3)
     model = Transformer(config).eval().requires_grad_(False)
     for p in model.parameters():
         p.normal_(0, 0.3)
+    model.to(device)
     lengths = [5, 20, 9]  # the 20-token row is past seq_length 16
     logits = {}
     for fused in (False, True):
-        cache = KVCache(config, 3, 64, dtype=torch.float32, device="cpu")
+        cache = KVCache(config, 3, 64, dtype=torch.float32, device=device)
         with torch.no_grad():
             for row, n in enumerate(lengths):
-                model(torch.arange(3, 3 + n)[None], cache.row(row), last_only=True)
-            slots, steps = torch.tensor(lengths), []
+                model(torch.arange(3, 3 + n, device=device)[None], cache.row(row), last_only=True)
+            slots, steps = torch.tensor(lengths, device=device), []
             for t in range(3):
-                steps.append(model.decode_step(torch.tensor([7, 8, 9]) + t, slots, cache, 32, fused=fused))
+                tokens = torch.tensor([7, 8, 9], device=device) + t
+                steps.append(model.decode_step(tokens, slots, cache, 32, fused=fused))
                 slots = slots + 1
         logits[fused] = torch.stack(steps)
     assert_close(logits[True], logits[False])
 
 
-def test_greedy_generation_with_fused_kernels_equals_without():
-    model, tokenizer = peaked_tiny_model(), QwenTokenizer.from_pretrained()
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_generation_with_fused_kernels_equals_without(device):
+    model, tokenizer = peaked_tiny_model(device), QwenTokenizer.from_pretrained()
     prompts = [tokenizer.encode(t) for t in ("Hi", "A longer prompt with more tokens in it", "x " * 20)]
     results = {}
     for fused in (False, True):
-        cache = KVCache(model.config, 2, 128, dtype=torch.float32, device="cpu")
+        cache = KVCache(model.config, 2, 128, dtype=torch.float32, device=device)
         run = Generation(
             DecodeRunner(model, cache, fused=fused),
             tokenizer,
