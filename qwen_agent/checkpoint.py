@@ -53,8 +53,9 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
 def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
     """Our parameter name -> the checkpoint tensor names it is made of (several are concatenated on dim 0).
 
-    Qwen v1 maps one to one (``mlp.w2`` is the gate, ``mlp.w1`` the up branch). Qwen2's separate q/k/v
-    projections are concatenated into our fused ``wqkv``; a tied ``lm_head`` comes from the embedding.
+    The gate and up projections are concatenated into our ``w_gate_up`` (Qwen v1's ``mlp.w2`` is the gate,
+    ``mlp.w1`` the up branch), Qwen2's separate q/k/v projections into our ``wqkv``; a tied ``lm_head`` comes from
+    the embedding. Everything else maps one to one.
     """
     names: dict[str, list[str]] = {}
     if config.family == "qwen":
@@ -66,8 +67,7 @@ def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
             names[ours + "attention.wqkv.bias"] = [hf + "attn.c_attn.bias"]
             names[ours + "attention.wo.weight"] = [hf + "attn.c_proj.weight"]
             names[ours + "ffn_norm.weight"] = [hf + "ln_2.weight"]
-            names[ours + "feed_forward.w_gate.weight"] = [hf + "mlp.w2.weight"]
-            names[ours + "feed_forward.w_up.weight"] = [hf + "mlp.w1.weight"]
+            names[ours + "feed_forward.w_gate_up.weight"] = [hf + "mlp.w2.weight", hf + "mlp.w1.weight"]
             names[ours + "feed_forward.w_down.weight"] = [hf + "mlp.c_proj.weight"]
         names["norm.weight"] = ["transformer.ln_f.weight"]
         names["output.weight"] = [
@@ -83,8 +83,10 @@ def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
         names[ours + "attention.wqkv.bias"] = [p + ".bias" for p in qkv]
         names[ours + "attention.wo.weight"] = [hf + "self_attn.o_proj.weight"]
         names[ours + "ffn_norm.weight"] = [hf + "post_attention_layernorm.weight"]
-        names[ours + "feed_forward.w_gate.weight"] = [hf + "mlp.gate_proj.weight"]
-        names[ours + "feed_forward.w_up.weight"] = [hf + "mlp.up_proj.weight"]
+        names[ours + "feed_forward.w_gate_up.weight"] = [
+            hf + "mlp.gate_proj.weight",
+            hf + "mlp.up_proj.weight",
+        ]
         names[ours + "feed_forward.w_down.weight"] = [hf + "mlp.down_proj.weight"]
     names["norm.weight"] = ["model.norm.weight"]
     names["output.weight"] = ["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
@@ -210,8 +212,9 @@ def _expected_source_shapes(
         shape = ours[name]
         if len(sources) == 1:
             wanted[sources[0]] = shape
-        else:  # q, k, v parts of a fused projection
-            for source, rows in zip(sources, (q_rows, kv_rows, kv_rows), strict=True):
+        else:  # the parts of a fused projection: q, k, v or gate, up
+            parts = (q_rows, kv_rows, kv_rows) if ".wqkv." in name else (config.intermediate_size,) * 2
+            for source, rows in zip(sources, parts, strict=True):
                 wanted[source] = (rows, *shape[1:])
     return wanted
 
@@ -361,7 +364,7 @@ def to_transformers(model: Transformer) -> Any:
     )
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(hf_config)
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
     state = {
         "model.embed_tokens.weight": model.tok_embeddings.weight,
         "model.norm.weight": model.norm.weight,
@@ -377,8 +380,8 @@ def to_transformers(model: Transformer) -> Any:
             p + "self_attn.o_proj.weight": block.attention.wo.weight,
             p + "input_layernorm.weight": block.attention_norm.weight,
             p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "mlp.gate_proj.weight": block.feed_forward.w_gate.weight,
-            p + "mlp.up_proj.weight": block.feed_forward.w_up.weight,
+            p + "mlp.gate_proj.weight": block.feed_forward.w_gate_up.weight[:inter],
+            p + "mlp.up_proj.weight": block.feed_forward.w_gate_up.weight[inter:],
             p + "mlp.down_proj.weight": block.feed_forward.w_down.weight,
         }
     hf.load_state_dict(state, assign=True, strict=False)

@@ -10,7 +10,7 @@ order of a sum:
   cast, then scale by the weight);
 - :func:`rotary_to_cache`: RoPE of q and k in fp32 (and the logN query scale), k and v written to their cache
   slots, q returned;
-- :func:`silu_mul`: ``up * silu(gate)``.
+- :func:`silu_mul`: ``up * silu(gate)`` from the fused gate-and-up projection.
 
 Triton compiles each kernel once per dtype and block size, in about a second, and keeps the binaries in its
 on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how they are tested
@@ -160,20 +160,24 @@ def rotary_to_cache(
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(gate_up_ptr, out_ptr, n, width, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # into the output, ``width`` per row
     inside = offsets < n
-    gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    gate_at = (
+        offsets + (offsets // width) * width
+    )  # a row of the input is ``width`` gates, then ``width`` ups
+    gate = tl.load(gate_up_ptr + gate_at, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + gate_at + width, mask=inside, other=0.0).to(tl.float32)
     out_type = out_ptr.dtype.element_ty
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_type)  # rounded, as F.silu's output is
     tl.store(out_ptr + offsets, (up * silu.to(tl.float32)).to(out_type), mask=inside)
 
 
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """``up * silu(gate)``, element-wise."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """``up * silu(gate)`` for ``gate_up`` [..., 2 I] holding the gates, then the ups; returns [..., I]."""
+    gate_up = gate_up.contiguous()
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block)
+    _silu_mul_kernel[(triton.cdiv(out.numel(), block),)](gate_up, out, out.numel(), width, BLOCK=block)
     return out

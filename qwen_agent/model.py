@@ -137,12 +137,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.w_up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate and up rows in one matrix: one matrix product (at decode, one pass over the weights) for both
+        self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_down(self.w_up(x) * F.silu(self.w_gate(x)))
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(up * F.silu(gate))
 
 
 class Block(nn.Module):
@@ -258,7 +259,7 @@ class Transformer(nn.Module):
             h, x = kernels.add_rms_norm(
                 x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attention.attend(q, k, v, ctx)
             )
-            up = kernels.silu_mul(ff.w_gate(h), ff.w_up(h))
+            up = kernels.silu_mul(ff.w_gate_up(h))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 2].weight, cfg.rms_norm_eps, ff.w_down(up))
         return h
 

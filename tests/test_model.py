@@ -50,6 +50,8 @@ def random_hf_weights(config: QwenConfig, seed: int = 0) -> dict[str, torch.Tens
             shape = list(shapes[ours])
             if len(sources) == 3:
                 shape[0] = rows[source.split(".")[-2][0]]
+            elif len(sources) == 2:  # gate and up
+                shape[0] = config.intermediate_size
             if source.endswith("norm.weight") or ".ln_" in source:
                 weights[source] = 1 + 0.1 * torch.randn(shape, generator=g)
             else:
