@@ -61,8 +61,11 @@ class DecodeRunner:
         self.capture_seconds = 0.0  # spent capturing graphs so far (the rest of a first call is the step)
 
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
-        """The shape that serves the first ``rows`` rows reading ``kv_len`` slots: (rows, slots) rounded up."""
+        """The shape that serves the first ``rows`` rows reading ``kv_len`` slots: (rows, slots) rounded up. The
+        fused step reads exactly each row's slots, so for it one shape per row count serves every length."""
         batch = min(1 << (rows - 1).bit_length(), self.cache.batch_size)
+        if self.fused:
+            return batch, self.cache.capacity
         # four slot buckets per doubling: a step reads at most 25% more cache than it needs (at 32 rows the
         # cache read outweighs the weights), and a few dozen shapes cover the whole context
         step = max(MIN_SLOT_BUCKET, 1 << max(kv_len.bit_length() - 3, 0))

@@ -234,6 +234,10 @@ class Generation:
         self._waiting = deque(range(len(self.prompts)))
         self._free = list(range(cache.batch_size))  # a heap: the lowest free row first keeps rows packed
         self._active: dict[int, _Row] = {}  # cache row -> its prompt
+        # 1 for a row in use: a step advances only those rows' slots; a free row stays at slot 0, so the fused
+        # attention, which reads each row's slots up to its own, does next to nothing for it
+        self._advancing = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
+        runner.slots.zero_()
         done: dict[int, GenerationResult] = {}
         on_host = torch.empty(cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
         copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -245,7 +249,7 @@ class Generation:
             logits = None
             if any(row.received + 1 < row.budget for row in self._active.values()):  # a token to feed
                 logits = runner(max(self._active) + 1, max(row.slot for row in self._active.values()) + 1)
-                runner.slots.add_(1).clamp_(max=cache.capacity - 1)  # the clamp keeps free rows in the cache
+                runner.slots.add_(self._advancing)
                 for row in self._active.values():
                     row.fed += 1
             if copied is not None:
@@ -285,6 +289,7 @@ class Generation:
             self.runner.tokens[r] = first[0]
             seen[len(prompt)] = first[0]
             self.runner.slots[r] = len(prompt)
+            self._advancing[r] = 1
             text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
             self._active[r] = _Row(index, len(prompt), text, self.max_new_tokens[index], started)
 
@@ -303,6 +308,8 @@ class Generation:
     def _finish(self, r: int, row: _Row) -> GenerationResult:
         del self._active[r]
         heapq.heappush(self._free, r)
+        self._advancing[r] = 0
+        self.runner.slots[r] = 0
         prompt = self.prompts[row.index]
         self.fed[row.index] = prompt + row.text.token_ids[: row.fed]
         return GenerationResult(

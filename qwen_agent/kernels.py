@@ -10,7 +10,9 @@ order of a sum:
   cast, then scale by the weight);
 - :func:`rotary_to_cache`: RoPE of q and k in fp32 (and the logN query scale), k and v written to their cache
   slots, q returned;
-- :func:`silu_mul`: ``up * silu(gate)`` from the fused gate-and-up projection.
+- :func:`silu_mul`: ``up * silu(gate)`` from the fused gate-and-up projection;
+- :func:`decode_attention`: one query per row over exactly that row's cached positions (no mask, no padding
+  slots read), split along the positions so that a single row still spreads over the whole GPU.
 
 Triton compiles each kernel once per dtype and block size, in about a second, and keeps the binaries in its
 on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how they are tested
@@ -19,12 +21,14 @@ without a GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["add_rms_norm", "rotary_to_cache", "silu_mul"]
+__all__ = ["add_rms_norm", "decode_attention", "rotary_to_cache", "silu_mul"]
 
 
 @triton.jit
@@ -68,6 +72,13 @@ def add_rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = N
         num_warps=min(max(block // 512, 1), 16),
     )
     return out, total
+
+
+def _check_cache(k_cache: Tensor, v_cache: Tensor) -> None:
+    """The kernels address a slot as ``row * stride(0) + head * stride(1) + slot * head_dim``."""
+    dim = k_cache.shape[-1]
+    if k_cache.stride(-1) != 1 or k_cache.stride(-2) != dim or k_cache.stride() != v_cache.stride():
+        raise ValueError("the cache's slots must be contiguous rows of head_dim values")
 
 
 @triton.jit
@@ -137,8 +148,7 @@ def rotary_to_cache(
     """
     B = qkv.shape[0]
     dim = k_cache.shape[-1]
-    if k_cache.stride(-1) != 1 or k_cache.stride(-2) != dim or k_cache.stride() != v_cache.stride():
-        raise ValueError("the cache's slots must be contiguous rows of head_dim values")
+    _check_cache(k_cache, v_cache)
     q = torch.empty(B, num_heads, 1, dim, dtype=qkv.dtype, device=qkv.device)
     _rotary_to_cache_kernel[(B, num_heads + 2 * num_kv_heads)](
         qkv.contiguous(),
@@ -180,4 +190,117 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
     block = 1024
     _silu_mul_kernel[(triton.cdiv(out.numel(), block),)](gate_up, out, out.numel(), width, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
+    part_ptr,
+    max_ptr,
+    sum_ptr,
+    out_ptr,
+    n_heads,
+    cache_row_stride,
+    cache_head_stride,
+    scale,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(slots_ptr + row) + 1  # the row's positions 0..slot, the new one included
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    g, d, n = tl.arange(0, GROUP_PAD), tl.arange(0, DIM), tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g  # the query heads that share this key/value head
+    real = g < GROUP
+    q = tl.load(q_ptr + (row * n_heads + heads)[:, None] * DIM + d[None, :], mask=real[:, None], other=0.0)
+    q = q.to(tl.float32) * scale  # scale includes log2(e): the softmax below uses exp2
+    base = row * cache_row_stride + kv_head * cache_head_stride
+    best = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    total = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
+    for at in range(start, end, BLOCK_N):  # online softmax over this split's positions
+        pos = at + n
+        inside = pos < end
+        offsets = base + pos[:, None] * DIM + d[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        rescale = tl.exp2(best - new_best)
+        p = tl.exp2(scores - new_best[:, None])
+        v = tl.load(v_cache_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
+        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        total = total * rescale + tl.sum(p, axis=1)
+        best = new_best
+    if SPLITS == 1:
+        out = acc / total[:, None]
+        dst = out_ptr + (row * n_heads + heads)[:, None] * DIM + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+    else:  # partial results, merged by _merge_splits_kernel (an empty split leaves -inf and 0)
+        at_split = (row * n_heads + heads) * SPLITS + split
+        tl.store(part_ptr + at_split[:, None] * DIM + d[None, :], acc, mask=real[:, None])
+        tl.store(max_ptr + at_split, best, mask=real)
+        tl.store(sum_ptr + at_split, total, mask=real)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr):
+    head = tl.program_id(0)  # row * n_heads + head
+    s, d = tl.arange(0, SPLITS), tl.arange(0, DIM)
+    best = tl.load(max_ptr + head * SPLITS + s)
+    weight = tl.exp2(best - tl.max(best, axis=0))
+    total = tl.sum(tl.load(sum_ptr + head * SPLITS + s) * weight, axis=0)
+    acc = tl.load(part_ptr + (head * SPLITS + s)[:, None] * DIM + d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / total
+    tl.store(out_ptr + head * DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, *, splits: int | None = None
+) -> Tensor:
+    """Softmax attention (scale 1/sqrt(D)) of q [B, H, 1, D] over slots ``0..slots[b]`` of cache row ``b``
+    (``k_cache``, ``v_cache`` [rows, Hkv, slots, D], one layer's); returns [B, 1, H * D]. ``splits`` (a power of
+    two) is how many programs share one row's positions; by default enough for about 256 programs."""
+    B, H, _, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    _check_cache(k_cache, v_cache)
+    group = H // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # enough programs to cover the GPU even for one row: split the positions when rows x heads are few
+    if splits is None:
+        splits = min(16, triton.next_power_of_2(max(1, 256 // (B * kv_heads))))
+    out = q.new_empty(B, 1, H * dim)
+    part = torch.empty(B, H, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out
+    best = torch.empty(B, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
+    total = torch.empty_like(best) if splits > 1 else out
+    _decode_attention_kernel[(B, kv_heads, splits)](
+        q.contiguous(),
+        k_cache,
+        v_cache,
+        slots,
+        part,
+        best,
+        total,
+        out,
+        H,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        math.log2(math.e) / math.sqrt(dim),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        DIM=dim,
+        BLOCK_N=max(16, 64 // group_pad),
+        SPLITS=splits,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(B * H,)](part, best, total, out, DIM=dim, SPLITS=splits)
     return out

@@ -216,35 +216,34 @@ class Transformer(nn.Module):
         """One new token per row at fixed shapes; logits [B, V] in fp32.
 
         ``tokens[b]`` goes to slot ``slots[b]`` of cache row ``b`` (rows 0..B-1, each with its own length) and
-        attends to that row's slots ``0..slots[b]``; only the first ``kv_len`` slots are read. Nothing here
-        reads a tensor's value on the host or makes a shape from one, so the step can be captured as a CUDA
-        graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each row's frozen one.
-        ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.kernels` (same maths).
+        attends to that row's slots ``0..slots[b]``; PyTorch attention reads the first ``kv_len`` slots and masks
+        the rest. Nothing here reads a tensor's value on the host or makes a shape from one, so the step can be
+        captured as a CUDA graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each
+        row's frozen one. ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.kernels`
+        (same maths), whose attention reads exactly each row's slots, whatever ``kv_len``.
         """
         B = tokens.shape[0]
         positions = slots[:, None]  # [B, 1]
         cos, sin = self._rotary(positions, cache.ntk_alpha[:B])
         q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
+        ctx = _StepContext(cos, sin, q_scale, None, False, cache, 0, None, slots, kv_len)
+        if fused:
+            return self.output(self._fused_layers(self.tok_embeddings(tokens[:, None]), ctx))[:, -1].float()
         # [B, kv_len]: each row's slots so far; later slots may hold a previous sequence's keys
         allowed = torch.arange(kv_len, device=tokens.device)[None, :] <= slots[:, None]
         # additive, as attention would turn a boolean mask in every layer; built once per step
         mask = torch.zeros(allowed.shape, dtype=cache.k.dtype, device=tokens.device)
-        mask = mask.masked_fill(~allowed, float("-inf"))[:, None, None]
-        rows = torch.arange(B, device=tokens.device)  # once per step, not once per layer
-        ctx = _StepContext(cos, sin, q_scale, mask, False, cache, 0, rows, slots, kv_len)
-        if fused:
-            hidden = self._fused_layers(self.tok_embeddings(tokens[:, None]), ctx)
-        else:
-            hidden = self.norm(self._layers(tokens[:, None], ctx))
-        return self.output(hidden)[:, -1].float()
+        ctx.mask = mask.masked_fill(~allowed, float("-inf"))[:, None, None]
+        ctx.rows = torch.arange(B, device=tokens.device)  # once per step, not once per layer
+        return self.output(self.norm(self._layers(tokens[:, None], ctx)))[:, -1].float()
 
     def _fused_layers(self, x: Tensor, ctx: _StepContext) -> Tensor:
         """The decode step's layers and final norm, one position per row, through the fused kernels: per layer
-        two norms (each with the residual add before it), the rotary-and-cache kernel and SiLU-times-up,
-        besides the matrix products and attention."""
+        two norms (each with the residual add before it), the rotary-and-cache kernel, attention over each row's
+        slots and SiLU-times-up, besides the four matrix products."""
         from . import kernels  # needs Triton, which only this path does
 
-        cfg, cache, B = self.config, ctx.cache, x.shape[0]
+        cfg, cache = self.config, ctx.cache
         norms = [norm for layer in self.layers for norm in (layer.attention_norm, layer.ffn_norm)] + [
             self.norm
         ]
@@ -255,10 +254,8 @@ class Transformer(nn.Module):
                 attention.wqkv(h), ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i], ctx.slots,
                 cfg.num_heads, cfg.num_kv_heads,
             )  # fmt: skip
-            k, v = cache.k[i, :B, :, : ctx.kv_len], cache.v[i, :B, :, : ctx.kv_len]
-            h, x = kernels.add_rms_norm(
-                x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attention.attend(q, k, v, ctx)
-            )
+            attended = attention.wo(kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots))
+            h, x = kernels.add_rms_norm(x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attended)
             up = kernels.silu_mul(ff.w_gate_up(h))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 2].weight, cfg.rms_norm_eps, ff.w_down(up))
         return h

@@ -272,3 +272,23 @@ def test_generation_stops_at_the_models_context(tiny_model, tokenizer):
     model.load_state_dict(tiny_model.state_dict())
     result = QwenEngine(model, tokenizer).generate(list(range(1, 31)), max_new_tokens=50, do_sample=False)
     assert (result.completion_tokens, result.finish_reason) == (10, "length")
+
+
+def test_a_freed_row_stays_at_slot_zero_while_the_others_decode(tiny_model, tokenizer):
+    """A finished row's slot does not advance with the rest (the fused attention reads a row up to its slot)."""
+    from qwen_agent.decode_runner import DecodeRunner
+    from qwen_agent.generate import Generation
+    from qwen_agent.model import KVCache
+
+    runner = DecodeRunner(tiny_model, KVCache(tiny_model.config, 2, 64, dtype=torch.float32, device="cpu"))
+    runner.slots.fill_(50)  # left over from an earlier generation on the same runner
+    prompts = [tokenizer.encode("Hi"), tokenizer.encode("Hello there")]
+    run = Generation(runner, tokenizer, prompts, max_new_tokens=[2, 12], params=SamplingParams())
+    first_done, slots_after = False, []
+    for index, event in run:
+        if first_done and index == 1 and isinstance(event, str):  # a text delta: prompt 1 still runs
+            slots_after.append(runner.slots.tolist())
+        first_done = first_done or (index == 0 and not isinstance(event, str))
+    assert len(slots_after) >= 3, "prompt 1 should go on decoding after prompt 0 finished"
+    assert all(slots[0] == 0 for slots in slots_after)
+    assert slots_after[-1][1] > slots_after[0][1]

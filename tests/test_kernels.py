@@ -166,3 +166,36 @@ def test_fused_kernels_need_triton_on_a_gpu_or_its_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="fused_kernels=True needs a CUDA device .*the model is on cpu"):
         DecodeRunner(model, cache, fused=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(1, 4, 4), (3, 4, 2), (2, 6, 2)])
+@pytest.mark.parametrize("splits", [None, 1])
+def test_decode_attention_equals_masked_attention_over_each_rows_slots(
+    device, dtype, rows, heads, kv_heads, splits
+):
+    """Rows of different lengths (one slot, a few, past several position blocks); grouped heads, three per key
+    head included; positions split over several programs (by default, with so few rows and heads) or not."""
+    torch.manual_seed(4)
+    D, capacity = 16, 300
+    q = randn(rows, heads, 1, D, device=device, dtype=dtype)
+    k_cache, v_cache = (randn(rows + 1, kv_heads, capacity, D, device=device, dtype=dtype) for _ in range(2))
+    slots = torch.tensor([0, 150, 37][:rows] if rows > 1 else [263], device=device)
+
+    got = kernels.decode_attention(q, k_cache, v_cache, slots, splits=splits)
+
+    allowed = torch.arange(capacity, device=device)[None, :] <= slots[:, None]
+    k = k_cache[:rows].repeat_interleave(heads // kv_heads, dim=1)
+    v = v_cache[:rows].repeat_interleave(heads // kv_heads, dim=1)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed[:, None, None])
+    assert got.shape == (rows, 1, heads * D)
+    assert_close(got, want.to(dtype).reshape(rows, 1, heads * D))
+
+
+def test_a_fused_runner_needs_one_shape_per_row_count():
+    """The fused step reads each row's own slots, so the slots read are never rounded: any length, one shape."""
+    cache = KVCache(CONFIGS["tiny"], 4, 1280, dtype=torch.float32, device="cpu")
+    runner = DecodeRunner(peaked_tiny_model(), cache, fused=True)
+    assert runner.buckets(1, 1) == runner.buckets(1, 1000) == (1, 1280)
+    assert runner.buckets(3, 257) == (4, 1280)
