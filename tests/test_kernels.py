@@ -16,8 +16,9 @@ from tiny_models import peaked_tiny_model
 pytest.importorskip("triton")
 
 from qwen_agent import kernels  # noqa: E402
-from qwen_agent.config import CONFIGS  # noqa: E402
+from qwen_agent.config import CONFIGS, GenerationConfig  # noqa: E402
 from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
+from qwen_agent.engine import QwenEngine  # noqa: E402
 from qwen_agent.errors import ConfigError  # noqa: E402
 from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
 from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
@@ -150,7 +151,7 @@ def test_greedy_generation_with_fused_kernels_equals_without(device):
             DecodeRunner(model, cache, fused=fused),
             tokenizer,
             prompts,
-            max_new_tokens=[12] * 3,
+            max_new_tokens=[6] * 3,
             params=SamplingParams(),
         )
         for _ in run:
@@ -199,3 +200,22 @@ def test_a_fused_runner_needs_one_shape_per_row_count():
     runner = DecodeRunner(peaked_tiny_model(), cache, fused=True)
     assert runner.buckets(1, 1) == runner.buckets(1, 1000) == (1, 1280)
     assert runner.buckets(3, 257) == (4, 1280)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_engine_with_fused_kernels_equals_without(device):
+    """Batched generation, then two single-prompt calls where the second reuses the kept cache's prefix (and its
+    runner): the same tokens with the kernels as without."""
+    model, tokenizer = peaked_tiny_model(device), QwenTokenizer.from_pretrained()
+    prompts = [tokenizer.encode(t) for t in ("Hello", "Some other words, quite a few of them")]
+    outputs = {}
+    for fused in (False, True):
+        engine = QwenEngine(model, tokenizer, GenerationConfig(chat_format="raw"), fused_kernels=fused)
+        batch = engine.generate(prompts, max_new_tokens=4, do_sample=False)
+        first = engine.generate(prompts[1], max_new_tokens=4, do_sample=False)
+        second = engine.generate(prompts[1] + first.token_ids + prompts[0], max_new_tokens=4, do_sample=False)
+        assert (
+            second.prefill_tokens <= len(prompts[0]) + 1
+        )  # the rest (all but the last id) from the kept cache
+        outputs[fused] = [r.token_ids for r in (*batch, first, second)]
+    assert outputs[True] == outputs[False]
