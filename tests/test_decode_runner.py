@@ -6,12 +6,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_models import peaked_tiny_model
+from tiny_models import greedy_token_ids, peaked_tiny_model
 
 from qwen_agent.config import CONFIGS, GenerationConfig
 from qwen_agent.decode_runner import MIN_SLOT_BUCKET, DecodeRunner
 from qwen_agent.engine import QwenEngine
-from qwen_agent.generate import Generation, SamplingParams
 from qwen_agent.model import KVCache, Transformer
 from qwen_agent.tokenizer import QwenTokenizer
 
@@ -101,16 +100,8 @@ def test_greedy_generation_on_cuda_graphs_equals_eager():
     results = {}
     for graphs in (True, False):
         cache = KVCache(CONFIG, 2, 512, dtype=torch.bfloat16, device="cuda")
-        run = Generation(
-            DecodeRunner(model, cache, graphs=graphs, fused=graphs),
-            tokenizer,
-            prompts,
-            max_new_tokens=[40] * 3,
-            params=SamplingParams(),
-        )
-        for _ in run:
-            pass
-        results[graphs] = [r.token_ids for r in run.results]
+        runner = DecodeRunner(model, cache, graphs=graphs, fused=graphs)
+        results[graphs] = greedy_token_ids(runner, tokenizer, prompts, 40)
     assert results[True] == results[False]
     # the engine's path (its own cache, end-of-text as a stop id) agrees up to where it stops, graphs and fused
     # kernels (its defaults on a GPU) or neither

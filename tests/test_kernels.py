@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import peaked_tiny_model
+from tiny_models import greedy_token_ids, peaked_tiny_model
 
 pytest.importorskip("triton")
 
@@ -20,7 +20,6 @@ from qwen_agent.config import CONFIGS, GenerationConfig  # noqa: E402
 from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
 from qwen_agent.engine import QwenEngine  # noqa: E402
 from qwen_agent.errors import ConfigError  # noqa: E402
-from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
 from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
 from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
 
@@ -147,16 +146,7 @@ def test_greedy_generation_with_fused_kernels_equals_without(device):
     results = {}
     for fused in (False, True):
         cache = KVCache(model.config, 2, 128, dtype=torch.float32, device=device)
-        run = Generation(
-            DecodeRunner(model, cache, fused=fused),
-            tokenizer,
-            prompts,
-            max_new_tokens=[6] * 3,
-            params=SamplingParams(),
-        )
-        for _ in run:
-            pass
-        results[fused] = [r.token_ids for r in run.results]
+        results[fused] = greedy_token_ids(DecodeRunner(model, cache, fused=fused), tokenizer, prompts, 6)
     assert results[True] == results[False]
 
 

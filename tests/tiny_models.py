@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from qwen_agent.config import CONFIGS
+from qwen_agent.decode_runner import DecodeRunner
+from qwen_agent.generate import Generation, SamplingParams
 from qwen_agent.model import Transformer
+from qwen_agent.tokenizer import QwenTokenizer
 
 
 def peaked_tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
@@ -22,6 +25,18 @@ def peaked_tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -
     for p in model.parameters():
         p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
     return model.to(device=device, dtype=dtype)
+
+
+def greedy_token_ids(
+    runner: DecodeRunner, tokenizer: QwenTokenizer, prompts: list[list[int]], new_tokens: int
+) -> list[list[int]]:
+    """Each prompt's greedy ids through ``runner``, rows joining and leaving as its cache allows."""
+    run = Generation(
+        runner, tokenizer, prompts, max_new_tokens=[new_tokens] * len(prompts), params=SamplingParams()
+    )
+    for _ in run:
+        pass
+    return [r.token_ids for r in run.results]
 
 
 class ScriptedModel(nn.Module):
