@@ -20,33 +20,41 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+import warnings
 
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, GenerationError
 from .model import KVCache, Transformer
 
-__all__ = ["DecodeRunner", "MIN_SLOT_BUCKET"]
+__all__ = ["DecodeRunner", "MIN_SLOT_BUCKET", "fused_by_default"]
 
 MIN_SLOT_BUCKET = 256  # the smallest number of cache slots a step reads
+
+
+def fused_by_default(device: torch.device) -> bool:
+    """The Triton kernels are used unless told otherwise on a CUDA device with Triton installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 class DecodeRunner:
     """One decode step for the first rows of ``cache``: write ``tokens[b]`` and ``slots[b]`` (the runner's
     buffers, one entry per cache row), then call. ``graphs`` defaults to True on CUDA, ``fused`` (the Triton
     kernels) to True on CUDA when Triton is installed; off CUDA either is a :class:`ConfigError`, except ``fused``
-    under ``TRITON_INTERPRET=1``, Triton's CPU interpreter."""
+    under ``TRITON_INTERPRET=1``, Triton's CPU interpreter. If the kernels fail on their first use (a Triton that
+    cannot compile for this GPU), a default choice falls back to plain PyTorch ops with a warning, while an
+    explicit ``fused=True`` raises :class:`GenerationError`."""
 
     def __init__(
         self, model: Transformer, cache: KVCache, *, graphs: bool | None = None, fused: bool | None = None
     ) -> None:
         self.model, self.cache = model, cache
         device = cache.k.device
-        on_cuda, has_triton = device.type == "cuda", importlib.util.find_spec("triton") is not None
+        on_cuda = device.type == "cuda"
         if graphs and not on_cuda:
             raise ConfigError(f"cuda_graphs=True needs a CUDA device; the model is on {device}")
-        if fused and not has_triton:
+        if fused and importlib.util.find_spec("triton") is None:
             raise ConfigError("fused_kernels=True needs Triton installed (pip install triton)")
         if fused and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(
@@ -55,7 +63,8 @@ class DecodeRunner:
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.slots = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.graphs = on_cuda if graphs is None else graphs
-        self.fused = on_cuda and has_triton if fused is None else fused
+        self.fused = fused_by_default(device) if fused is None else fused
+        self._may_fall_back = fused is None  # until a fused step has run once
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self.capture_seconds = 0.0  # spent capturing graphs so far (the rest of a first call is the step)
@@ -87,9 +96,26 @@ class DecodeRunner:
 
     def _step(self, batch: int, slots: int) -> Tensor:
         with torch.no_grad():
-            return self.model.decode_step(
-                self.tokens[:batch], self.slots[:batch], self.cache, slots, fused=self.fused
-            )
+            if not self.fused:
+                return self.model.decode_step(self.tokens[:batch], self.slots[:batch], self.cache, slots)
+            try:
+                logits = self.model.decode_step(
+                    self.tokens[:batch], self.slots[:batch], self.cache, slots, fused=True
+                )
+            except (
+                Exception
+            ) as exc:  # Triton compiles on first use: any failure there, for this GPU or version
+                if not self._may_fall_back:
+                    raise GenerationError(
+                        f"the fused decode kernels failed: {exc} (fused_kernels=False decodes with plain PyTorch ops)"
+                    ) from exc
+                warnings.warn(
+                    f"the fused decode kernels failed ({exc}); decoding with plain PyTorch ops", stacklevel=3
+                )
+                self.fused = self._may_fall_back = False
+                return self._step(batch, slots)  # rewrites the same cache slots
+            self._may_fall_back = False
+            return logits
 
     def _capture(self, batch: int, slots: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         started = time.perf_counter()

@@ -15,11 +15,11 @@ from tiny_models import greedy_token_ids, peaked_tiny_model
 
 pytest.importorskip("triton")
 
-from qwen_agent import kernels  # noqa: E402
+from qwen_agent import decode_runner, kernels  # noqa: E402
 from qwen_agent.config import CONFIGS, GenerationConfig  # noqa: E402
 from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
 from qwen_agent.engine import QwenEngine  # noqa: E402
-from qwen_agent.errors import ConfigError  # noqa: E402
+from qwen_agent.errors import ConfigError, GenerationError  # noqa: E402
 from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
 from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
 
@@ -209,3 +209,32 @@ def test_the_engine_with_fused_kernels_equals_without(device):
         )  # the rest (all but the last id) from the kept cache
         outputs[fused] = [r.token_ids for r in (*batch, first, second)]
     assert outputs[True] == outputs[False]
+
+
+def test_kernels_that_fail_fall_back_to_plain_ops_only_when_not_asked_for(monkeypatch):
+    """A Triton that cannot compile for the GPU at hand: the default falls back, with a warning, to the plain
+    step (the same logits); an explicit fused=True says what failed and how to turn the kernels off."""
+    model = peaked_tiny_model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_90a")
+
+    monkeypatch.setattr(kernels, "silu_mul", broken)
+    monkeypatch.setattr(decode_runner, "fused_by_default", lambda device: True)
+    logits = {}
+    for fused in (None, False):
+        cache = KVCache(model.config, 1, 32, dtype=torch.float32, device="cpu")
+        runner = DecodeRunner(model, cache, fused=fused)
+        runner.tokens[0], runner.slots[0] = 7, 0
+        if fused is None:
+            with pytest.warns(UserWarning, match="fused decode kernels failed .*sm_90a.*plain PyTorch ops"):
+                logits[fused] = runner(1, 1).clone()
+            assert runner.fused is False
+        else:
+            logits[fused] = runner(1, 1).clone()
+    assert torch.equal(logits[None], logits[False])
+    runner = DecodeRunner(model, KVCache(model.config, 1, 32, dtype=torch.float32, device="cpu"), fused=True)
+    with pytest.raises(
+        GenerationError, match="sm_90a \\(fused_kernels=False decodes with plain PyTorch ops\\)"
+    ):
+        runner(1, 1)
