@@ -2,9 +2,9 @@
 
 A decode step of a 7B model reads 14 GB of weights, about 5 ms on an H100, but in plain PyTorch each of its 32
 layers is also some forty small element-wise kernels (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
-multiply, cast, scale), each a few microseconds even when replayed from a CUDA graph. Three kernels here replace
-most of them, rounding where the reference rounds so that the results match it to the last bit in all but the
-order of a sum:
+multiply, cast, scale), each a few microseconds even when replayed from a CUDA graph. The kernels here replace
+most of them. They round to the activation dtype where the reference does, so results differ from it only
+through the order of sums and, on a GPU, fused multiply-adds and fast ``exp``: rarely more than one bf16 step.
 
 - :func:`add_rms_norm`: the residual add and the next RMSNorm (sum in the activation dtype, normalise in fp32,
   cast, then scale by the weight);
@@ -74,11 +74,14 @@ def add_rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = N
     return out, total
 
 
-def _check_cache(k_cache: Tensor, v_cache: Tensor) -> None:
-    """The kernels address a slot as ``row * stride(0) + head * stride(1) + slot * head_dim``."""
+def _check_cache(k_cache: Tensor, v_cache: Tensor, dtype: torch.dtype) -> None:
+    """The kernels address a slot as ``row * stride(0) + head * stride(1) + slot * head_dim``, and store into
+    the cache what they store into activations (one pointer type in both branches)."""
     dim = k_cache.shape[-1]
     if k_cache.stride(-1) != 1 or k_cache.stride(-2) != dim or k_cache.stride() != v_cache.stride():
         raise ValueError("the cache's slots must be contiguous rows of head_dim values")
+    if not k_cache.dtype == v_cache.dtype == dtype:
+        raise ValueError(f"the cache holds {k_cache.dtype}, the activations are {dtype}: they must match")
 
 
 @triton.jit
@@ -120,7 +123,7 @@ def _rotary_to_cache_kernel(
             y2 = (y2.to(tl.float32) * scale).to(out_type)
         dst = q_ptr + (row * n_heads + head) * dim
     else:
-        at = row * cache_row_stride + tl.load(slots_ptr + row) * dim
+        at = row.to(tl.int64) * cache_row_stride + tl.load(slots_ptr + row) * dim
         if head < n_heads + n_kv_heads:
             dst = k_cache_ptr + at + (head - n_heads) * cache_head_stride
         else:
@@ -148,7 +151,7 @@ def rotary_to_cache(
     """
     B = qkv.shape[0]
     dim = k_cache.shape[-1]
-    _check_cache(k_cache, v_cache)
+    _check_cache(k_cache, v_cache, qkv.dtype)
     q = torch.empty(B, num_heads, 1, dim, dtype=qkv.dtype, device=qkv.device)
     _rotary_to_cache_kernel[(B, num_heads + 2 * num_kv_heads)](
         qkv.contiguous(),
@@ -212,6 +215,7 @@ def _decode_attention_kernel(
     DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(slots_ptr + row) + 1  # the row's positions 0..slot, the new one included
@@ -221,9 +225,10 @@ def _decode_attention_kernel(
     g, d, n = tl.arange(0, GROUP_PAD), tl.arange(0, DIM), tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + g  # the query heads that share this key/value head
     real = g < GROUP
+    # GROUP_PAD >= 16 query rows, so that both products run on the matrix units; extra rows are zeros
     q = tl.load(q_ptr + (row * n_heads + heads)[:, None] * DIM + d[None, :], mask=real[:, None], other=0.0)
-    q = q.to(tl.float32) * scale  # scale includes log2(e): the softmax below uses exp2
-    base = row * cache_row_stride + kv_head * cache_head_stride
+    q = q.to(tl.float32)
+    base = row.to(tl.int64) * cache_row_stride + kv_head * cache_head_stride
     best = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     total = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
@@ -232,13 +237,13 @@ def _decode_attention_kernel(
         inside = pos < end
         offsets = base + pos[:, None] * DIM + d[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
-        scores = tl.where(inside[None, :], scores, float("-inf"))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
+        scores = tl.where(inside[None, :], scores, float("-inf"))  # scale includes log2(e): exp2 below
         new_best = tl.maximum(best, tl.max(scores, axis=1))
         rescale = tl.exp2(best - new_best)
         p = tl.exp2(scores - new_best[:, None])
         v = tl.load(v_cache_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
-        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=PRECISION)
         total = total * rescale + tl.sum(p, axis=1)
         best = new_best
     if SPLITS == 1:
@@ -269,15 +274,17 @@ def decode_attention(
 ) -> Tensor:
     """Softmax attention (scale 1/sqrt(D)) of q [B, H, 1, D] over slots ``0..slots[b]`` of cache row ``b``
     (``k_cache``, ``v_cache`` [rows, Hkv, slots, D], one layer's); returns [B, 1, H * D]. ``splits`` (a power of
-    two) is how many programs share one row's positions; by default enough for about 256 programs."""
+    two) is how many programs share one row's head's positions; by default enough for about 256 programs (an
+    H100 has 132 multiprocessors)."""
     B, H, _, dim = q.shape
     kv_heads = k_cache.shape[1]
-    _check_cache(k_cache, v_cache)
+    _check_cache(k_cache, v_cache, q.dtype)
     group = H // kv_heads
-    group_pad = triton.next_power_of_2(group)
     # enough programs to cover the GPU even for one row: split the positions when rows x heads are few
-    if splits is None:
-        splits = min(16, triton.next_power_of_2(max(1, 256 // (B * kv_heads))))
+    block = 64  # positions per step of a program's loop
+    if splits is None:  # no more splits than blocks of positions the cache can hold
+        wanted = triton.next_power_of_2(max(1, 256 // (B * kv_heads)))
+        splits = min(64, wanted, triton.next_power_of_2(triton.cdiv(k_cache.shape[2], block)))
     out = q.new_empty(B, 1, H * dim)
     part = torch.empty(B, H, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     best = torch.empty(B, H, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
@@ -296,10 +303,13 @@ def decode_attention(
         k_cache.stride(1),
         math.log2(math.e) / math.sqrt(dim),
         GROUP=group,
-        GROUP_PAD=group_pad,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
         DIM=dim,
-        BLOCK_N=max(16, 64 // group_pad),
+        BLOCK_N=block,
         SPLITS=splits,
+        # bf16 and fp16 values are exact in tf32, so the matrix units lose nothing on q and k; fp32 needs ieee
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
     )
     if splits > 1:
         _merge_splits_kernel[(B * H,)](part, best, total, out, DIM=dim, SPLITS=splits)
