@@ -15,8 +15,8 @@ through the order of sums and, on a GPU, fused multiply-adds and fast ``exp``: r
   slots read), split along the positions so that a single row still spreads over the whole GPU.
 
 Triton compiles each kernel once per dtype and block size, in about a second, and keeps the binaries in its
-on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how they are tested
-without a GPU.
+on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how their results are
+tested without a GPU; the tests also compile each one for an H100 with Triton's compiler, which needs no GPU.
 """
 
 from __future__ import annotations

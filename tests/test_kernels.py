@@ -6,7 +6,10 @@ compared within two bf16 steps there and one on a GPU."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +241,14 @@ def test_kernels_that_fail_fall_back_to_plain_ops_only_when_not_asked_for(monkey
         GenerationError, match="sm_90a \\(fused_kernels=False decodes with plain PyTorch ops\\)"
     ):
         runner(1, 1)
+
+
+def test_every_kernel_compiles_for_an_h100_without_one(tmp_path):
+    """Triton's compiler, not its interpreter, on each kernel at the launch configurations used (see
+    tests/sm90_compile.py); a cache directory of its own, so that each kernel really is compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TRITON_CACHE_DIR": str(tmp_path)}
+    script = Path(__file__).with_name("sm90_compile.py")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(": OK") == 20, out.stdout
