@@ -102,9 +102,7 @@ class DecodeRunner:
                 logits = self.model.decode_step(
                     self.tokens[:batch], self.slots[:batch], self.cache, slots, fused=True
                 )
-            except (
-                Exception
-            ) as exc:  # Triton compiles on first use: any failure there, for this GPU or version
+            except Exception as exc:  # Triton compiles on first use, for this GPU with this Triton
                 if not self._may_fall_back:
                     raise GenerationError(
                         f"the fused decode kernels failed: {exc} (fused_kernels=False decodes with plain PyTorch ops)"

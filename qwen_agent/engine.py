@@ -107,9 +107,8 @@ class QwenEngine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch  # prompts decoded at once by a batched generate()
         self.cuda_graphs = cuda_graphs  # None: replay the decode step as CUDA graphs on a GPU; False: never
-        self.fused_kernels = (
-            fused_kernels  # None: the Triton decode kernels on a GPU when installed; False: never
-        )
+        # None: the Triton decode kernels on a GPU when Triton is installed; False: never
+        self.fused_kernels = fused_kernels
         self.config: QwenConfig = model.config
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system

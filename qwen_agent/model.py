@@ -33,8 +33,8 @@ class KVCache:
     """Pre-allocated keys and values of every layer for a batch of rows, and what the rotary rules freeze at prefill.
 
     ``length`` is how many slots are filled (the same for every row) for calls through
-    :meth:`Transformer.forward`. Setting ``length`` lower forgets the tail,
-    which is how a cached prefix is reused. :meth:`Transformer.decode_step` instead takes each row's slot as a
+    :meth:`Transformer.forward`. Setting ``length`` lower forgets the tail, which is how a cached prefix is
+    reused. :meth:`Transformer.decode_step` instead takes each row's slot as a
     tensor, so rows of one cache can hold sequences of different lengths.
     """
 
@@ -121,17 +121,11 @@ class Attention(nn.Module):
             k, v = ctx.cache.write_at(layer, ctx.rows, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
         elif ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.start, k, v)  # [B, Hkv, T, D]
-        return self.attend(q, k, v, ctx)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: _StepContext) -> Tensor:
-        """Attention of rotated queries [B, H, S, D] over keys and values [B, Hkv, T, D], through ``wo``."""
-        cfg = self.config
         if cfg.num_kv_heads != cfg.num_heads:
             groups = cfg.num_heads // cfg.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
-        B, _, S, _ = q.shape
-        return self.wo(out.transpose(1, 2).reshape(B, S, cfg.num_heads * cfg.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, S, q_size))
 
 
 class FeedForward(nn.Module):
@@ -244,9 +238,8 @@ class Transformer(nn.Module):
         from . import kernels  # needs Triton, which only this path does
 
         cfg, cache = self.config, ctx.cache
-        norms = [norm for layer in self.layers for norm in (layer.attention_norm, layer.ffn_norm)] + [
-            self.norm
-        ]
+        norms = [norm for layer in self.layers for norm in (layer.attention_norm, layer.ffn_norm)]
+        norms.append(self.norm)
         h, x = kernels.add_rms_norm(x, norms[0].weight, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
