@@ -280,9 +280,10 @@ def decode_attention(
     kv_heads = k_cache.shape[1]
     _check_cache(k_cache, v_cache, q.dtype)
     group = H // kv_heads
-    # enough programs to cover the GPU even for one row: split the positions when rows x heads are few
     block = 64  # positions per step of a program's loop
-    if splits is None:  # no more splits than blocks of positions the cache can hold
+    if (
+        splits is None
+    ):  # enough programs to cover the GPU even for one row, but no more than the cache's blocks
         wanted = triton.next_power_of_2(max(1, 256 // (B * kv_heads)))
         splits = min(64, wanted, triton.next_power_of_2(triton.cdiv(k_cache.shape[2], block)))
     out = q.new_empty(B, 1, H * dim)
@@ -307,7 +308,8 @@ def decode_attention(
         DIM=dim,
         BLOCK_N=block,
         SPLITS=splits,
-        # bf16 and fp16 values are exact in tf32, so the matrix units lose nothing on q and k; fp32 needs ieee
+        # bf16 and fp16 values are exact in tf32, so the matrix units lose nothing on q, k and v (the softmax
+        # weights are rounded to tf32, finer than the bf16 that flash attention rounds them to); fp32 needs ieee
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
