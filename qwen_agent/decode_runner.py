@@ -33,9 +33,16 @@ __all__ = ["DecodeRunner", "MIN_SLOT_BUCKET", "fused_by_default"]
 MIN_SLOT_BUCKET = 256  # the smallest number of cache slots a step reads
 
 
-def fused_by_default(device: torch.device) -> bool:
-    """The Triton kernels are used unless told otherwise on a CUDA device with Triton installed."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+def fused_by_default(device: torch.device, head_dim: int) -> bool:
+    """The Triton kernels are used unless told otherwise on a CUDA device with Triton installed (and a head size
+    they can take)."""
+    return (
+        device.type == "cuda" and importlib.util.find_spec("triton") is not None and _fits_kernels(head_dim)
+    )
+
+
+def _fits_kernels(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0  # Triton's blocks span a power of two
 
 
 class DecodeRunner:
@@ -60,10 +67,15 @@ class DecodeRunner:
             raise ConfigError(
                 f"fused_kernels=True needs a CUDA device (or TRITON_INTERPRET=1); the model is on {device}"
             )
+        head_dim = model.config.head_dim
+        if fused and not _fits_kernels(head_dim):
+            raise ConfigError(
+                f"fused_kernels=True needs a head size that is a power of two >= 16, not {head_dim}"
+            )
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.slots = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.graphs = on_cuda if graphs is None else graphs
-        self.fused = fused_by_default(device) if fused is None else fused
+        self.fused = fused_by_default(device, head_dim) if fused is None else fused
         self._may_fall_back = fused is None  # until a fused step has run once
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None

@@ -161,6 +161,15 @@ def test_fused_kernels_need_triton_on_a_gpu_or_its_interpreter(monkeypatch):
         DecodeRunner(model, cache, fused=True)
 
 
+def test_fused_kernels_need_a_power_of_two_head_size():
+    config = replace(CONFIGS["tiny"], hidden_size=48, num_heads=4, num_kv_heads=4, head_dim=12)
+    model = Transformer(config)
+    cache = KVCache(config, 1, 8, dtype=torch.float32, device="cpu")
+    assert not decode_runner.fused_by_default(torch.device("cuda"), config.head_dim)
+    with pytest.raises(ConfigError, match="a head size that is a power of two >= 16, not 12"):
+        DecodeRunner(model, cache, fused=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(1, 4, 4), (3, 4, 2), (2, 6, 2)])
@@ -222,7 +231,7 @@ def test_kernels_that_fail_fall_back_to_plain_ops_only_when_not_asked_for(monkey
         raise RuntimeError("PTX .version 9.9 does not support .target sm_90a")
 
     monkeypatch.setattr(kernels, "silu_mul", broken)
-    monkeypatch.setattr(decode_runner, "fused_by_default", lambda device: True)
+    monkeypatch.setattr(decode_runner, "fused_by_default", lambda device, head_dim: True)
     logits = {}
     for fused in (None, False):
         cache = KVCache(model.config, 1, 32, dtype=torch.float32, device="cpu")
