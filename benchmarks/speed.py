@@ -25,6 +25,8 @@ through /proc/self/clear_refs); on CUDA, from the allocator's peak counter.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import platform
 import statistics
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": n,
         "context": context,
         "torch": torch.__version__,
+        "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
