@@ -1,6 +1,6 @@
 """Token generation: prefill, decode, sampling, stop handling and streaming text for one or many prompts.
 
-Hot code is free functions (:func:`prefill`, :func:`next_token`) and the fixed-shape decode step of
+Hot code is :meth:`~qwen_agent.model.Transformer.prefill`, :func:`next_token` and the fixed-shape decode step of
 :mod:`qwen_agent.decode_runner`; :class:`Generation` drives them for many prompts at once and turns tokens into text.
 
 Stop rules, the same in every path (single, batched, streamed):
@@ -32,15 +32,17 @@ from torch import Tensor
 
 from .decode_runner import DecodeRunner
 from .errors import ConfigError
-from .model import KVCache, Transformer
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
+
+# padded prompt tokens one prefill call takes: enough rows of short prompts to keep a GPU's matrix units busy,
+# no more activation memory than one 2,048-token prompt
+PREFILL_TOKENS = 2048
 
 __all__ = [
     "GenerationResult",
     "SamplingParams",
     "Generation",
-    "prefill",
     "next_token",
     "process_logits",
 ]
@@ -83,11 +85,6 @@ class GenerationResult:
 
 
 # -- hot path ------------------------------------------------------------------------------------------------
-
-
-def prefill(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
-    """Run ``ids`` [B, S] after the cache's filled slots; logits of the last position [B, V] in fp32."""
-    return model(ids, cache, last_only=True)[:, -1].float()
 
 
 def next_token(
@@ -190,10 +187,11 @@ class _Row:
 class Generation:
     """Generate for many prompts, at most ``cache.batch_size`` at a time; iterate for events.
 
-    Each prompt is prefilled alone into a free cache row, then the rows decode together, one token per row per
-    step (:class:`~qwen_agent.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that
-    finishes frees its cache row for the next waiting prompt, so sequences join and leave the batch as they go;
-    each prompt gets what it would get alone. The host reads a step's tokens while the device already runs the
+    Prompts that join at once are prefilled together into free cache rows (right-padded, up to
+    ``PREFILL_TOKENS`` padded tokens a call), then the rows decode together, one token per row per step
+    (:class:`~qwen_agent.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that finishes
+    frees its cache row for the next waiting prompt, so sequences join and leave the batch as they go; each
+    prompt gets what it would get alone. The host reads a step's tokens while the device already runs the
     next step, so the device never waits for Python; a finished row costs that one extra step.
 
     Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
@@ -273,25 +271,46 @@ class Generation:
         self.results = [done[i] for i in range(len(self.prompts))]
 
     def _admit(self) -> None:
-        """Prefill waiting prompts into free rows; each row's first token goes to ``runner.tokens``."""
+        """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
+        ``runner.tokens``."""
+        wave = []
         while self._free and self._waiting:
-            r, index = heapq.heappop(self._free), self._waiting.popleft()
-            prompt, started = self.prompts[index], time.perf_counter()
-            view = self.cache.row(r)
-            view.length = self.reused
-            new = torch.tensor([prompt[self.reused :]], device=self.cache.k.device)
-            with torch.no_grad():
-                logits = prefill(self.model, new, view)
+            wave.append((heapq.heappop(self._free), self._waiting.popleft()))
+        # they all join now, so their order does not matter: similar lengths side by side pad the least
+        wave.sort(key=lambda joining: len(self.prompts[joining[1]]))
+        group: list[tuple[int, int]] = []
+        for joining in wave:
+            width = len(self.prompts[joining[1]]) - self.reused  # the longest so far, as the wave is sorted
+            if group and (len(group) + 1) * width > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(joining)
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list[tuple[int, int]]) -> None:
+        """One model call for ``group``'s (cache row, prompt index) pairs, right-padded to the longest."""
+        started, device = time.perf_counter(), self.cache.k.device
+        prompts = [self.prompts[index] for _, index in group]
+        new = [prompt[self.reused :] for prompt in prompts]
+        width = max(map(len, new))
+        ids = torch.tensor([part + [0] * (width - len(part)) for part in new], device=device)
+        rows = torch.tensor([r for r, _ in group], device=device)
+        lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+        with torch.no_grad():
+            logits = self.model.prefill(ids, lengths - self.reused, self.cache, rows, self.reused)
+        for (r, _), prompt in zip(group, prompts, strict=True):
             seen = self._seen[r]
             seen.fill_(prompt[0])
             seen[: len(prompt)] = torch.tensor(prompt)
-            first = next_token(logits, seen[None], self.params, self.generator)
-            self.runner.tokens[r] = first[0]
-            seen[len(prompt)] = first[0]
-            self.runner.slots[r] = len(prompt)
-            self._advancing[r] = 1
+        first = next_token(logits, self._seen[rows], self.params, self.generator)
+        self.runner.tokens[rows] = first
+        self._seen[rows, lengths] = first
+        self.runner.slots[rows] = lengths
+        self._advancing[rows] = 1
+        for r, index in group:
             text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
-            self._active[r] = _Row(index, len(prompt), text, self.max_new_tokens[index], started)
+            self._active[r] = _Row(index, len(self.prompts[index]), text, self.max_new_tokens[index], started)
 
     def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
         on_host.copy_(self.runner.tokens, non_blocking=copied is not None)

@@ -34,8 +34,8 @@ class KVCache:
 
     ``length`` is how many slots are filled (the same for every row) for calls through
     :meth:`Transformer.forward`. Setting ``length`` lower forgets the tail, which is how a cached prefix is
-    reused. :meth:`Transformer.decode_step` instead takes each row's slot as a
-    tensor, so rows of one cache can hold sequences of different lengths.
+    reused. :meth:`Transformer.prefill` (prompts into chosen rows) and :meth:`Transformer.decode_step` (each
+    row's slot as a tensor) leave it alone, so rows of one cache can hold sequences of different lengths.
     """
 
     def __init__(
@@ -61,19 +61,18 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def row(self, index: int) -> KVCache:
-        """Row ``index`` as a one-row cache sharing its storage (with its own ``length``, 0)."""
-        view = object.__new__(KVCache)
-        view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
-        view.ntk_alpha, view.length = self.ntk_alpha[index : index + 1], 0
-        return view
-
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v`` ([B, Hkv, S, D]) at slots ``start..start+S`` of ``layer``; return all slots so far."""
+    def update(
+        self, layer: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` ([B, Hkv, S, D]) at slots ``start..start+S`` of ``layer`` in cache rows ``rows`` (every
+        row when None); return those rows' slots so far."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        index = slice(None) if rows is None else rows
+        self.k[layer, index, :, start:end] = k
+        self.v[layer, index, :, start:end] = v
+        if start == 0:
+            return k, v  # nothing before them: no need to read the rows back
+        return self.k[layer, index, :, :end], self.v[layer, index, :, :end]
 
     def write_at(
         self, layer: int, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor, kv_len: int
@@ -120,7 +119,7 @@ class Attention(nn.Module):
         if ctx.slots is not None:
             k, v = ctx.cache.write_at(layer, ctx.rows, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
         elif ctx.cache is not None:
-            k, v = ctx.cache.update(layer, ctx.start, k, v)  # [B, Hkv, T, D]
+            k, v = ctx.cache.update(layer, ctx.start, k, v, ctx.rows)  # [B, Hkv, T, D]
         if cfg.num_kv_heads != cfg.num_heads:
             groups = cfg.num_heads // cfg.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -161,7 +160,7 @@ class _StepContext:
     def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start, rows=None, slots=None, kv_len=0):  # noqa: ANN001
         self.cos, self.sin, self.q_scale = cos, sin, q_scale
         self.mask, self.is_causal, self.cache, self.start = mask, is_causal, cache, start
-        self.rows, self.slots, self.kv_len = rows, slots, kv_len  # decode_step: rows, their slots, slots read
+        self.rows, self.slots, self.kv_len = rows, slots, kv_len  # cache rows; decode: slots, slots read
 
 
 class Transformer(nn.Module):
@@ -183,26 +182,43 @@ class Transformer(nn.Module):
 
     def forward(self, ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> Tensor:
         B, S = ids.shape
-        device = ids.device
         start = cache.length if cache is not None else 0
-        if cache is None or start == 0:
-            alpha = self._ntk_alpha(torch.full((B,), S, device=device))  # the prefill fixes alpha ...
-            if cache is not None:
-                cache.ntk_alpha.copy_(alpha)
-        else:
-            alpha = cache.ntk_alpha  # ... and every later step reuses it
-        positions = torch.arange(start, start + S, device=device)[None, :].expand(B, S)
-        cos, sin = self._rotary(positions, alpha)
-        q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
-        mask, is_causal = self._mask(start, S, device)
-        ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start)
-
-        x = self._layers(ids, ctx)
+        x = self._encode(ids, torch.full((B,), S, device=ids.device), cache, None, start)
         if cache is not None:
             cache.length = start + S
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # [B, S, V]
+
+    def prefill(self, ids: Tensor, lengths: Tensor, cache: KVCache, rows: Tensor, start: int = 0) -> Tensor:
+        """Several prompts in one call: ``ids`` [B, S] right-padded, prompt ``b`` being its first ``lengths[b]``
+        ids, go to cache row ``rows[b]`` after the ``start`` slots it already holds; logits [B, V] in fp32 of
+        each prompt's last id. Attention is causal, so no prompt sees the padding after it; the padding's keys
+        land in slots past the prompt, which a decode step overwrites before it reads them. Each prompt's NTK
+        alpha is that of its own length. ``cache.length`` is not used or changed."""
+        x = self._encode(ids, start + lengths, cache, rows, start)
+        last = x[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # [B, E]
+        return self.output(self.norm(last)).float()
+
+    def _encode(
+        self, ids: Tensor, lengths: Tensor, cache: KVCache | None, rows: Tensor | None, start: int
+    ) -> Tensor:
+        """The layers over ``ids`` [B, S] at positions ``start..start+S`` of each row, ``lengths`` [B] the rows'
+        full lengths (they fix the NTK alpha at prefill)."""
+        B, S = ids.shape
+        device = ids.device
+        index = slice(None) if rows is None else rows
+        if cache is None or start == 0:
+            alpha = self._ntk_alpha(lengths)  # the prefill fixes alpha ...
+            if cache is not None:
+                cache.ntk_alpha[index] = alpha
+        else:
+            alpha = cache.ntk_alpha[index]  # ... and every later step reuses it
+        positions = torch.arange(start, start + S, device=device)[None, :].expand(B, S)
+        cos, sin = self._rotary(positions, alpha)
+        q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
+        mask, is_causal = self._mask(start, S, device)
+        return self._layers(ids, _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows))
 
     def decode_step(
         self, tokens: Tensor, slots: Tensor, cache: KVCache, kv_len: int, *, fused: bool = False

@@ -534,8 +534,8 @@ class _Steered:
         self.plan: list[int] = []
         self.position = 0
 
-    def __call__(self, ids, cache, last_only=False):
-        return self._steer(self.model(ids, cache, last_only=last_only)[:, -1])[:, None]
+    def prefill(self, ids, lengths, cache, rows, start=0):
+        return self._steer(self.model.prefill(ids, lengths, cache, rows, start))
 
     def decode_step(self, tokens, slots, cache, kv_len, fused=False):
         return self._steer(self.model.decode_step(tokens, slots, cache, kv_len, fused=fused))

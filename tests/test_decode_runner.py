@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_models import greedy_token_ids, peaked_tiny_model
+from tiny_models import greedy_token_ids, peaked_tiny_model, prefill_row
 
 from qwen_agent.config import CONFIGS, GenerationConfig
 from qwen_agent.decode_runner import MIN_SLOT_BUCKET, DecodeRunner
@@ -42,9 +42,9 @@ def test_runner_steps_equal_decode_step_at_the_exact_shape():
     runner = DecodeRunner(model, big)
     with torch.no_grad():
         for row, n in enumerate(lengths):
-            prompt = torch.arange(100 + row, 100 + row + n)[None]
-            model(prompt, big.row(row), last_only=True)
-            model(prompt, exact.row(row), last_only=True)
+            prompt = torch.arange(100 + row, 100 + row + n)
+            prefill_row(model, prompt, big, row)
+            prefill_row(model, prompt, exact, row)
         slots = torch.tensor(lengths)
         for step in range(3):
             tokens = torch.tensor([7 + step, 8, 9])
@@ -63,7 +63,7 @@ def test_decode_step_traces_as_one_graph_without_host_reads(config):
     model = Transformer(config).eval().requires_grad_(False)
     cache = KVCache(config, 2, 300, dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]), cache.row(0), last_only=True)
+        prefill_row(model, torch.tensor([1, 2, 3]), cache, 0)
         tokens, slots = torch.tensor([7, 8]), torch.tensor([3, 0])
         want = model.decode_step(tokens, slots, cache, 256)
         torch._dynamo.reset()
@@ -81,7 +81,7 @@ def test_cuda_graph_replay_equals_eager_steps():
         runner = DecodeRunner(model, cache, graphs=graphs, fused=graphs)
         with torch.no_grad():
             for row in range(3):
-                model(torch.arange(100, 110 + 90 * row, device="cuda")[None], cache.row(row), last_only=True)
+                prefill_row(model, torch.arange(100, 110 + 90 * row, device="cuda"), cache, row)
         runner.slots[:3] = torch.tensor([10, 100, 190])
         steps = []
         for step in range(80):  # the plain step crosses its 256-slot bucket; many replays

@@ -165,6 +165,33 @@ def test_prompts_join_freed_rows_and_each_gets_what_it_gets_alone(engine, tokeni
             assert (got.token_ids, got.text, got.stop) == (want.token_ids, want.text, want.stop)
 
 
+@pytest.mark.parametrize("budget", [2048, 30])
+def test_prompts_joining_together_share_prefill_calls(engine, tokenizer, monkeypatch, budget):
+    """A wave of joining prompts is prefilled in as few calls as the padded-token budget allows (one call when
+    it fits, a prompt longer than the budget alone), and each prompt still gets what it gets alone."""
+    import qwen_agent.generate
+
+    texts = ["Hi", "x " * 30, "A much longer prompt with many more tokens in it", "Mid size q", "Last one"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    alone = [engine.generate(p, max_new_tokens=6, do_sample=False) for p in prompts]
+    calls = []
+    real_prefill = engine.model.prefill
+
+    def recording_prefill(ids, lengths, cache, rows, start=0):
+        calls.append((tuple(ids.shape), sorted(lengths.tolist())))
+        return real_prefill(ids, lengths, cache, rows, start)
+
+    monkeypatch.setattr(engine.model, "prefill", recording_prefill)
+    monkeypatch.setattr(qwen_agent.generate, "PREFILL_TOKENS", budget)
+    together = engine.generate(prompts, max_new_tokens=6, do_sample=False)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert sorted(n for _, lengths in calls for n in lengths) == sorted(map(len, prompts))
+    for (rows, width), lengths in calls:
+        assert width == max(lengths)  # padded to the longest of its own group only
+        assert rows * width <= budget or rows == 1
+    assert len(calls) == (1 if budget == 2048 else 3)
+
+
 def test_as_completed_yields_short_completions_first(tokenizer):
     scripts = [[5] * 20 + [IM_END], [6, 7, IM_END], [8] * 9 + [IM_END]]
     engine = QwenEngine(ScriptedModel(scripts), tokenizer, GenerationConfig(max_new_tokens=100))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import greedy_token_ids, peaked_tiny_model
+from tiny_models import greedy_token_ids, peaked_tiny_model, prefill_row
 
 pytest.importorskip("triton")
 
@@ -131,7 +131,7 @@ def test_fused_decode_step_equals_the_plain_one(device, config):
         cache = KVCache(config, 3, 64, dtype=torch.float32, device=device)
         with torch.no_grad():
             for row, n in enumerate(lengths):
-                model(torch.arange(3, 3 + n, device=device)[None], cache.row(row), last_only=True)
+                prefill_row(model, torch.arange(3, 3 + n, device=device), cache, row)
             slots, steps = torch.tensor(lengths, device=device), []
             for t in range(3):
                 tokens = torch.tensor([7, 8, 9], device=device) + t

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_models import prefill_row
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2 import modeling_qwen2
 
@@ -282,7 +283,7 @@ def test_decode_step_with_rows_of_different_lengths_equals_each_row_alone(config
     cache = KVCache(config, len(rows), 32, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         for i, row in enumerate(rows):  # rows join one at a time, each prefilled alone into its own row
-            model(row[None], cache.row(i), last_only=True)
+            prefill_row(model, row, cache, i)
         slots = torch.tensor(lengths)
         steps = []
         for t in range(extra.shape[1]):
@@ -292,6 +293,37 @@ def test_decode_step_with_rows_of_different_lengths_equals_each_row_alone(config
             alone = model(torch.cat([row, extra[i]])[None])[0, len(row) :]
             got = torch.stack([step[i] for step in steps])
             assert (got - alone).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
+def test_padded_prompts_prefilled_together_equal_each_prompt_alone(config):
+    """prefill: right-padded prompts of different lengths into scattered rows, one of them past seq_length (its
+    own NTK alpha and logN); the logits, the rows' cached keys and the decode step after them are each alone's."""
+    model = ours_from_hf(config, random_hf_weights(config, seed=14))
+    lengths = [5, config.seq_length + 8, 12]
+    rows = [3, 0, 2]
+    prompts = [random_ids(n, config.vocab_size, seed=60 + n)[0] for n in lengths]
+    width = max(lengths)
+    padded = torch.stack([torch.cat([p, torch.full((width - len(p),), 7)]) for p in prompts])
+    cache = KVCache(config, 4, width + 4, dtype=torch.float32, device="cpu")
+    cache.k.fill_(1e4)  # a slot the prefill should have written and did not would show
+    with torch.no_grad():
+        logits = model.prefill(padded, torch.tensor(lengths), cache, torch.tensor(rows))
+        nxt = random_ids(1, config.vocab_size, seed=70, batch=4)[:, 0]
+        slots = torch.zeros(4, dtype=torch.long)
+        slots[rows] = torch.tensor(lengths)
+        stepped = model.decode_step(nxt, slots, cache, kv_len=width + 1)
+        for b, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+            alone_cache = KVCache(config, 1, width + 4, dtype=torch.float32, device="cpu")
+            alone = model(prompt[None], alone_cache, last_only=True)[0, -1]
+            assert (logits[b] - alone).abs().max().item() <= TOL
+            n = len(prompt)
+            assert torch.equal(cache.ntk_alpha[row], alone_cache.ntk_alpha[0])
+            assert (cache.k[:, row, :, :n] - alone_cache.k[:, 0, :, :n]).abs().max().item() <= TOL
+            after = model(torch.cat([prompt, nxt[row : row + 1]])[None])[0, -1]
+            assert (stepped[row] - after).abs().max().item() <= TOL
+    if config.use_dynamic_ntk:
+        assert cache.ntk_alpha[rows].tolist() == [1.0, 3.0, 1.0]
 
 
 def test_decode_step_past_seq_length_keeps_the_prefill_alpha_and_logn(logn_in_transformers):

@@ -15,7 +15,7 @@ from torch import nn
 from qwen_agent.config import CONFIGS
 from qwen_agent.decode_runner import DecodeRunner
 from qwen_agent.generate import Generation, SamplingParams
-from qwen_agent.model import Transformer
+from qwen_agent.model import KVCache, Transformer
 from qwen_agent.tokenizer import QwenTokenizer
 
 
@@ -25,6 +25,12 @@ def peaked_tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -
     for p in model.parameters():
         p.normal_(0, 0.5 if p.dim() > 1 else 0.1)
     return model.to(device=device, dtype=dtype)
+
+
+def prefill_row(model: Transformer, ids: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
+    """Prefill the prompt ``ids`` [S] alone into cache row ``row``; logits [V] of its last id."""
+    lengths, rows = torch.tensor([len(ids)], device=ids.device), torch.tensor([row], device=ids.device)
+    return model.prefill(ids[None], lengths, cache, rows)[0]
 
 
 def greedy_token_ids(
@@ -46,12 +52,16 @@ class ScriptedModel(nn.Module):
         self.tok_embeddings = nn.Embedding(1, 1)  # the engine reads device and dtype from here
         self.scripts, self.prefills = scripts, 0
 
-    def forward(self, ids, cache, last_only=False):  # a prefill of one row
-        cache.length += ids.shape[1]
-        number = min(self.prefills, len(self.scripts) - 1)
-        self.prefills += 1
-        cache.k[0, 0, 0, 0, :2] = torch.tensor([number, cache.length])  # where its generated tokens begin
-        return self.logits([(number, 0)])[:, None]
+    def prefill(self, ids, lengths, cache, rows, start=0):
+        scripted = []
+        for row, length in zip(rows.tolist(), lengths.tolist(), strict=True):
+            number = min(self.prefills, len(self.scripts) - 1)
+            self.prefills += 1
+            cache.k[0, row, 0, 0, :2] = torch.tensor(
+                [number, start + length]
+            )  # where its generated tokens begin
+            scripted.append((number, 0))
+        return self.logits(scripted)
 
     def decode_step(self, tokens, slots, cache, kv_len, fused=False):
         rows = []
