@@ -237,9 +237,14 @@ def hf_generate(hf, tokenizer: QwenTokenizer, n: int, device: torch.device) -> t
 
 
 def ours_encode(model: Transformer, ids: torch.Tensor) -> None:
+    """The prompt through :meth:`Transformer.prefill`, the call generation makes, into a one-row cache."""
     cache = KVCache(model.config, 1, ids.shape[1], dtype=model.tok_embeddings.weight.dtype, device=ids.device)
+    lengths, rows = (
+        torch.tensor([ids.shape[1]], device=ids.device),
+        torch.zeros(1, dtype=torch.long, device=ids.device),
+    )
     with torch.inference_mode():
-        model(ids, cache, last_only=True)
+        model.prefill(ids, lengths, cache, rows)
 
 
 def hf_encode(hf, ids: torch.Tensor) -> None:
