@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_serving:
             report["serving"] = ready | serving(model, tokenizer, args, vocab)
     runs = [best_of(r) for r in rounds.values()]
+    # the model card's figure: a process holding the weights and nothing else (this one also holds the decode
+    # runners' caches, which encode_peak_total_gib counts)
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    for r in runs:
+        r["encode_peak_with_weights_gib"] = weights_gib + r["encode_peak_gib"]
     report["runs"] = runs
     print(
         f"{report['model']} on {report['device_name']} ({device}, {dtype}, {report['cpu_threads']} threads); "
@@ -430,11 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"{'impl':<20}{'tokens/s':>10}{'GB/s':>9}{'of copy':>9}{'encode s':>10}{'encode peak GiB':>17}"
-        f"{'(total GiB / GB)':>20}"
+        f"{'+ weights GiB / GB':>20}"
     )
     for r in runs:
         r["bandwidth_share"] = r["achieved_gb_per_s"] / report["copy_gb_per_s"]
-        total = f"{r['encode_peak_total_gib']:.2f} / {r['encode_peak_total_gib'] * GIB / 1e9:.2f}"
+        total = (
+            f"{r['encode_peak_with_weights_gib']:.2f} / {r['encode_peak_with_weights_gib'] * GIB / 1e9:.2f}"
+        )
         print(
             f"{r['impl']:<20}{r['tokens_per_s']:>10.2f}{r['achieved_gb_per_s']:>9.1f}{r['bandwidth_share']:>9.0%}"
             f"{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}{total:>20}"

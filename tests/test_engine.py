@@ -193,6 +193,8 @@ def test_speed_benchmark_smoke_runs_on_cpu(tmp_path):
     assert report["copy_gb_per_s"] > 0
     for run in report["runs"]:
         assert run["achieved_gb_per_s"] > 0 and run["bandwidth_share"] > 0
+        weights_and_growth = report["loaded_model_gib"] + run["encode_peak_gib"]
+        assert run["encode_peak_with_weights_gib"] == pytest.approx(weights_and_growth)
     assert [b["batch"] for b in report["serving"]["batches"]] == [3]
 
 
