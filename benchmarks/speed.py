@@ -106,18 +106,27 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float
     return 2 * src.nbytes / min(seconds[1:])
 
 
+def kv_bytes_per_position(model: Transformer) -> int:
+    """Bytes of the keys and values of one cached position, all layers."""
+    config, table = model.config, model.tok_embeddings.weight
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * table.element_size()
+
+
+def step_bytes(model: Transformer, positions: int) -> int:
+    """Bytes a decode step must read: every weight but the embedding table (of which it needs one row per token;
+    all of it when it is also the output projection), and the keys and values of ``positions`` cached positions
+    (over all rows)."""
+    table = model.tok_embeddings.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        weights -= table.numel() * table.element_size()
+    return weights + positions * kv_bytes_per_position(model)
+
+
 def generation_bytes(model: Transformer, n: int) -> int:
-    """Bytes that generating ``n`` tokens from a 1-token prompt must read: ``n`` forward passes, each reading
-    every weight but the embedding table (of which it needs one row) and the keys and values of the positions so
-    far (1, 2, ..., n)."""
-    config, weight = model.config, model.tok_embeddings.weight
-    weights = (
-        sum(p.numel() * p.element_size() for p in model.parameters()) - weight.numel() * weight.element_size()
-    )
-    if config.tie_word_embeddings:  # the output projection is the embedding table, read whole every step
-        weights += weight.numel() * weight.element_size()
-    per_position = config.num_layers * 2 * config.num_kv_heads * config.head_dim * weight.element_size()
-    return n * weights + per_position * n * (n + 1) // 2
+    """Bytes that generating ``n`` tokens from a 1-token prompt must read: ``n`` steps, reading 1, 2, ..., n
+    positions."""
+    return n * step_bytes(model, 0) + kv_bytes_per_position(model) * n * (n + 1) // 2
 
 
 # -- models ----------------------------------------------------------------------------------------------------
@@ -138,11 +147,12 @@ def random_model(config: QwenConfig, device: torch.device, dtype: torch.dtype, s
 # -- measurements ----------------------------------------------------------------------------------------------
 
 
-def new_runner(model: Transformer, rows: int, slots: int, fused: bool | None = None) -> DecodeRunner:
-    """A decode runner over a fresh ``rows`` x ``slots`` cache in the model's dtype, on its device."""
+def new_runner(model: Transformer, rows: int, slots: int, **options: bool) -> DecodeRunner:
+    """A decode runner over a fresh ``rows`` x ``slots`` cache in the model's dtype, on its device (``options``:
+    DecodeRunner's ``graphs`` and ``fused``)."""
     weight = model.tok_embeddings.weight
     cache = KVCache(model.config, rows, slots, dtype=weight.dtype, device=weight.device)
-    return DecodeRunner(model, cache, fused=fused)
+    return DecodeRunner(model, cache, **options)
 
 
 def ours_run(

@@ -198,6 +198,21 @@ def test_speed_benchmark_smoke_runs_on_cpu(tmp_path):
     assert [b["batch"] for b in report["serving"]["batches"]] == [3]
 
 
+def test_decode_profile_runs_on_cpu(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "decode_profile.py"), "--random", "tiny"]
+    command += ["--steps", "2", "--batch", "3", "--context", "40", "--out", str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    (report_file,) = tmp_path.glob("decode-profile-*.json")
+    report = json.loads(report_file.read_text())
+    assert report["step_ms"] > 0 and report["tokens_per_s"] == pytest.approx(3000 / report["step_ms"])
+    # tiny: 2 layers, each weight once per layer, the output projection once
+    products = {r["weight"]: r["per_step"] for r in report["matmuls"]}
+    assert products == {"wqkv": 2, "wo": 2, "w_gate_up": 2, "w_down": 2, "output": 1}
+    assert report["matmuls_ms_per_step"] > 0
+    assert any(r["kernel"] == "aten::mm" and r["calls_per_step"] >= 1 for r in report["kernels"])
+
+
 def test_speed_benchmark_counts_the_bytes_of_a_7b_step():
     spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
