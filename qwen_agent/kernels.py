@@ -8,8 +8,9 @@ through the order of sums and, on a GPU, fused multiply-adds and fast ``exp``: r
 
 - :func:`add_rms_norm`: the residual add and the next RMSNorm (sum in the activation dtype, normalise in fp32,
   cast, then scale by the weight);
-- :func:`rotary_to_cache`: RoPE of q and k in fp32 (and the logN query scale), k and v written to their cache
-  slots, q returned;
+- :func:`rotary_to_cache`: the q|k|v projection's bias added, RoPE of q and k in fp32 (and the logN query
+  scale), k and v written to their cache slots, q returned (at one row, a matrix product with a bias is two
+  kernels: the bias copied into the output, then the product added to it);
 - :func:`silu_mul`: ``up * silu(gate)`` from the fused gate-and-up projection;
 - :func:`decode_attention`: one query per row over exactly that row's cached positions (no mask, no padding
   slots read), split along the positions so that a single row still spreads over the whole GPU.
@@ -87,6 +88,7 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor, dtype: torch.dtype) -> None:
 @triton.jit
 def _rotary_to_cache_kernel(
     qkv_ptr,
+    bias_ptr,
     cos_ptr,
     sin_ptr,
     scale_ptr,
@@ -105,8 +107,11 @@ def _rotary_to_cache_kernel(
     dim = 2 * HALF
     i = tl.arange(0, HALF)
     src = qkv_ptr + (row * (n_heads + 2 * n_kv_heads) + head) * dim
-    x1 = tl.load(src + i).to(tl.float32)
-    x2 = tl.load(src + HALF + i).to(tl.float32)
+    out_type = q_ptr.dtype.element_ty
+    bias = bias_ptr + head * dim  # added and rounded to the activation dtype, as a separate add would be
+    x1 = (tl.load(src + i).to(tl.float32) + tl.load(bias + i).to(tl.float32)).to(out_type)
+    x2 = (tl.load(src + HALF + i).to(tl.float32) + tl.load(bias + HALF + i).to(tl.float32)).to(out_type)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     if head >= n_heads + n_kv_heads:  # a value head: stored as it is
         y1, y2 = x1, x2
     else:  # rotate-half RoPE in fp32: [x1, x2] * cos + [-x2, x1] * sin
@@ -114,7 +119,6 @@ def _rotary_to_cache_kernel(
         s1, s2 = tl.load(sin_ptr + row * dim + i), tl.load(sin_ptr + row * dim + HALF + i)
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    out_type = q_ptr.dtype.element_ty
     y1, y2 = y1.to(out_type), y2.to(out_type)
     if head < n_heads:
         if HAS_SCALE:  # logN: the rotated query times the scale, both in the activation dtype
@@ -134,6 +138,7 @@ def _rotary_to_cache_kernel(
 
 def rotary_to_cache(
     qkv: Tensor,
+    bias: Tensor,
     cos: Tensor,
     sin: Tensor,
     q_scale: Tensor | None,
@@ -143,10 +148,10 @@ def rotary_to_cache(
     num_heads: int,
     num_kv_heads: int,
 ) -> Tensor:
-    """One position per row: RoPE on q and k, the logN scale on q, k and v stored at slot ``slots[b]`` of cache row
-    ``b``; returns q [B, H, 1, D].
+    """One position per row: the bias added, RoPE on q and k, the logN scale on q, k and v stored at slot
+    ``slots[b]`` of cache row ``b``; returns q [B, H, 1, D].
 
-    ``qkv`` [B, 1, (H + 2 Hkv) D] is the fused projection's output; ``cos``, ``sin`` [B, 1, 1, D] fp32;
+    ``qkv`` [B, 1, (H + 2 Hkv) D] is the fused projection's output without its bias ``bias`` [(H + 2 Hkv) D]; ``cos``, ``sin`` [B, 1, 1, D] fp32;
     ``q_scale`` [B, 1, 1, 1] fp32 or None; ``k_cache``, ``v_cache`` [rows, Hkv, slots, D], one layer's cache.
     """
     B = qkv.shape[0]
@@ -155,6 +160,7 @@ def rotary_to_cache(
     q = torch.empty(B, num_heads, 1, dim, dtype=qkv.dtype, device=qkv.device)
     _rotary_to_cache_kernel[(B, num_heads + 2 * num_kv_heads)](
         qkv.contiguous(),
+        bias.contiguous(),
         cos.contiguous(),
         sin.contiguous(),
         q_scale.contiguous() if q_scale is not None else cos,

@@ -249,8 +249,8 @@ class Transformer(nn.Module):
 
     def _fused_layers(self, x: Tensor, ctx: _StepContext) -> Tensor:
         """The decode step's layers and final norm, one position per row, through the fused kernels: per layer
-        two norms (each with the residual add before it), the rotary-and-cache kernel, attention over each row's
-        slots and SiLU-times-up, besides the four matrix products."""
+        two norms (each with the residual add before it), the bias-rotary-and-cache kernel, attention over each
+        row's slots and SiLU-times-up, besides the four matrix products."""
         from . import kernels  # needs Triton, which only this path does
 
         cfg, cache = self.config, ctx.cache
@@ -259,9 +259,10 @@ class Transformer(nn.Module):
         h, x = kernels.add_rms_norm(x, norms[0].weight, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
+            qkv = attention.wqkv
             q = kernels.rotary_to_cache(
-                attention.wqkv(h), ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i], ctx.slots,
-                cfg.num_heads, cfg.num_kv_heads,
+                F.linear(h, qkv.weight), qkv.bias, ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i],
+                ctx.slots, cfg.num_heads, cfg.num_kv_heads,
             )  # fmt: skip
             attended = attention.wo(kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attended)

@@ -66,7 +66,7 @@ def main() -> int:
         for scale in (True, False):
             results[f"rotary_to_cache {dt} logN={scale}"] = compile_kernel(
                 kernels._rotary_to_cache_kernel,
-                typed(dt, "qkv_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")
+                typed(dt, "qkv_ptr", "bias_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")
                 | typed("fp32", "cos_ptr", "sin_ptr", "scale_ptr")
                 | {"slots_ptr": "i64"},
                 {"HAS_SCALE": scale, "HALF": 64},

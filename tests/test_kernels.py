@@ -92,15 +92,19 @@ def test_rotary_to_cache_rotates_scales_and_writes_only_the_rows_slots(device, d
     alpha = torch.tensor([1.0, 3.0, 1.0], device=device)  # and its NTK alpha is not 1
     cos, sin = model._rotary(slots[:, None], alpha)
     q_scale = model._logn_scale(slots[:, None]) if config.use_logn_attn else None
-    qkv = randn(3, 1, (H + 2 * Hkv) * D, device=device, dtype=dtype, scale=2)
+    # the projection without its bias, and the bias: on grids of 1/32 and 1/4 below 4, so that their sum is exact
+    # in bf16 whatever the rounding (the interpreter truncates) and the test sees only the kernel's maths
+    qkv = (torch.randn(3, 1, (H + 2 * Hkv) * D) * 2).clamp(-3.9, 3.9).mul(32).round().div(32)
+    bias = torch.randn((H + 2 * Hkv) * D).clamp(-3.7, 3.7).mul(4).round().div(4)
+    qkv, bias = qkv.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype)
     k_cache, v_cache = (
         randn(4, Hkv, 48, D, device=device, dtype=dtype) for _ in range(2)
     )  # one layer, 4 rows
     k_want, v_want = k_cache.clone(), v_cache.clone()
 
-    q = kernels.rotary_to_cache(qkv, cos, sin, q_scale, k_cache, v_cache, slots, H, Hkv)
+    q = kernels.rotary_to_cache(qkv, bias, cos, sin, q_scale, k_cache, v_cache, slots, H, Hkv)
 
-    q_ref, k_ref, v_ref = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q_ref, k_ref, v_ref = (qkv + bias).split([H * D, Hkv * D, Hkv * D], dim=-1)
     q_ref = apply_rotary(q_ref.view(3, 1, H, D).transpose(1, 2), cos, sin)
     if q_scale is not None:
         q_ref = q_ref * q_scale.to(dtype)
