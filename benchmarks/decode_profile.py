@@ -21,7 +21,6 @@ Prints a table and writes JSON to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import ROOT, copy_bandwidth, new_runner, random_model, step_bytes  # noqa: E402
+from speed import ROOT, copy_bandwidth, new_runner, random_model, step_bytes, write_report  # noqa: E402
 
 from qwen_agent.checkpoint import resolve_device, resolve_dtype  # noqa: E402
 from qwen_agent.config import CONFIGS  # noqa: E402
@@ -199,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernels of an eager step ({'device' if device.type == 'cuda' else 'CPU'} time, us per step):")
     for r in by_kernel[: args.top]:
         print(f"{r['us_per_step']:>10.1f}  x{r['calls_per_step']:<6g} {r['kernel'][:100]}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"decode-profile-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, "decode-profile", report)
     return 0
 
 

@@ -129,6 +129,14 @@ def generation_bytes(model: Transformer, n: int) -> int:
     return n * step_bytes(model, 0) + kv_bytes_per_position(model) * n * (n + 1) // 2
 
 
+def write_report(folder: Path, name: str, report: dict) -> None:
+    """``report`` as JSON to ``folder/name-<local time>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
 # -- models ----------------------------------------------------------------------------------------------------
 
 
@@ -485,10 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             f"speed-up {report['speedup']:.2f}x; encode peak memory ours/transformers {ratio}; "
             f"same greedy tokens: {report['same_greedy_tokens']}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"speed-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, "speed", report)
     return 0
 
 
