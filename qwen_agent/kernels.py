@@ -151,8 +151,9 @@ def rotary_to_cache(
     """One position per row: the bias added, RoPE on q and k, the logN scale on q, k and v stored at slot
     ``slots[b]`` of cache row ``b``; returns q [B, H, 1, D].
 
-    ``qkv`` [B, 1, (H + 2 Hkv) D] is the fused projection's output without its bias ``bias`` [(H + 2 Hkv) D]; ``cos``, ``sin`` [B, 1, 1, D] fp32;
-    ``q_scale`` [B, 1, 1, 1] fp32 or None; ``k_cache``, ``v_cache`` [rows, Hkv, slots, D], one layer's cache.
+    ``qkv`` [B, 1, (H + 2 Hkv) D] is the fused projection's output without its bias ``bias`` [(H + 2 Hkv) D];
+    ``cos``, ``sin`` [B, 1, 1, D] fp32; ``q_scale`` [B, 1, 1, 1] fp32 or None; ``k_cache``, ``v_cache``
+    [rows, Hkv, slots, D], one layer's cache.
     """
     B = qkv.shape[0]
     dim = k_cache.shape[-1]
