@@ -84,7 +84,16 @@ def ready_runner(model: Transformer, batch: int, context: int, **options: bool) 
     return runner
 
 
-def matmuls(model: Transformer, batch: int, device: torch.device, repeats: int) -> list[dict]:
+def step_time(
+    model: Transformer, batch: int, context: int, device: torch.device, repeats: int
+) -> tuple[float, bool, bool]:
+    """Seconds per decode step as generation runs it, and whether it ran as graphs and through the fused kernels.
+    The runner and its cache are gone when this returns."""
+    runner = ready_runner(model, batch, context)
+    return timed(device, lambda: runner(batch, context), repeats), runner.graphs, runner.fused
+
+
+def matmul_times(model: Transformer, batch: int, device: torch.device, repeats: int) -> list[dict]:
     """Each kind of weight multiplied alone at ``batch`` rows, every layer's own copy in turn as in a step (one
     weight over and over could be served from the GPU's L2 cache, which a step never does)."""
     layers = model.layers
@@ -110,7 +119,9 @@ def matmuls(model: Transformer, batch: int, device: torch.device, repeats: int) 
     return rows
 
 
-def kernels(runner: DecodeRunner, batch: int, context: int, device: torch.device, steps: int) -> list[dict]:
+def kernel_times(
+    runner: DecodeRunner, batch: int, context: int, device: torch.device, steps: int
+) -> list[dict]:
     """Device time per kernel name per step of ``steps`` eager steps, longest first."""
     on_cuda = device.type == "cuda"
     runner(batch, context)  # compiles and sets up outside the profile
@@ -154,13 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     model = random_model(CONFIGS[args.random], device, dtype)
     copy = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
-    runner = ready_runner(model, args.batch, args.context)
-    step_s = timed(device, lambda: runner(args.batch, args.context), args.steps)
+    step_s, graphs, fused = step_time(model, args.batch, args.context, device, args.steps)
     nbytes = step_bytes(model, args.batch * args.context)
-    products = matmuls(model, args.batch, device, args.steps)
+    products = matmul_times(model, args.batch, device, args.steps)
     floor_s = sum(r["us_per_step"] for r in products) / 1e6
     eager = ready_runner(model, args.batch, args.context, graphs=False)
-    by_kernel = kernels(eager, args.batch, args.context, device, min(args.steps, 10))
+    by_kernel = kernel_times(eager, args.batch, args.context, device, min(args.steps, 10))
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
@@ -169,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype),
         "batch": args.batch,
         "context": args.context,
-        "graphs": runner.graphs,
-        "fused_kernels": runner.fused,
+        "graphs": graphs,
+        "fused_kernels": fused,
         "copy_gb_per_s": copy / 1e9,
         "step_ms": step_s * 1e3,
         "tokens_per_s": args.batch / step_s,
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"random {args.random} on {report['device']} ({dtype}), batch {args.batch}, {args.context} cached "
-        f"positions; graphs {runner.graphs}, fused kernels {runner.fused}; copy {copy / 1e9:.1f} GB/s"
+        f"positions; graphs {graphs}, fused kernels {fused}; copy {copy / 1e9:.1f} GB/s"
     )
     print(
         f"step: {step_s * 1e3:.3f} ms = {args.batch / step_s:.1f} tokens/s, {nbytes / step_s / 1e9:.1f} GB/s "
