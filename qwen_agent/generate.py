@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .decode_runner import DecodeRunner
-from .errors import ConfigError
+from .errors import ConfigError, GenerationError
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
 
@@ -45,6 +45,7 @@ __all__ = [
     "Generation",
     "next_token",
     "process_logits",
+    "sample",
 ]
 
 
@@ -91,11 +92,21 @@ def next_token(
     logits: Tensor, seen_ids: Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> Tensor:
     """Pick the next id per row [B] from ``logits`` [B, V]; ``seen_ids`` [B, L] are the ids the repetition
-    penalty applies to (prompt and generated; repeats allowed)."""
+    penalty applies to (prompt and generated; repeats allowed). Reads nothing back on the host, so on a GPU the
+    host can queue the next step before this one has run."""
     logits = process_logits(logits, seen_ids, params)
     if not params.do_sample:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return sample(logits.softmax(dim=-1), generator)
+
+
+def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One id per row of ``probs`` [B, V]: the argmax of ``probs / q`` with ``q ~ Exp(1)``, which is how
+    ``torch.multinomial`` draws a single sample (the same ids from the same generator state) without its check of
+    the probabilities, which reads values on the host and so waits for the GPU at every step. Generation checks
+    the logits itself, without waiting (see :class:`Generation`)."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def process_logits(logits: Tensor, seen_ids: Tensor, params: SamplingParams) -> Tensor:
@@ -120,6 +131,11 @@ def process_logits(logits: Tensor, seen_ids: Tensor, params: SamplingParams) -> 
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits
+
+
+def _finite_rows(logits: Tensor) -> Tensor:
+    """Per row of ``logits`` [B, V]: no NaN, no +inf, not every id ruled out (-inf alone is a ruled-out id)."""
+    return logits.amax(dim=-1).isfinite()  # max propagates NaN
 
 
 # -- text and stops ------------------------------------------------------------------------------------------
@@ -192,7 +208,9 @@ class Generation:
     (:class:`~qwen_agent.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that finishes
     frees its cache row for the next waiting prompt, so sequences join and leave the batch as they go; each
     prompt gets what it would get alone. The host reads a step's tokens while the device already runs the
-    next step, so the device never waits for Python; a finished row costs that one extra step.
+    next step, so the device never waits for Python; a finished row costs that one extra step. Logits that are
+    not finite (NaN or infinite: broken weights, or a float16 overflow) raise :class:`GenerationError` naming the
+    prompt; the check travels to the host with the tokens, so it does not wait either.
 
     Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
     ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
@@ -236,8 +254,12 @@ class Generation:
         # attention, which reads each row's slots up to its own, does next to nothing for it
         self._advancing = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         runner.slots.zero_()
+        self._finite = torch.ones(
+            cache.batch_size, dtype=torch.long, device=device
+        )  # per row, of its last logits
         done: dict[int, GenerationResult] = {}
-        on_host = torch.empty(cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
+        # each step's tokens and finite flags, copied while the device runs the next step
+        on_host = torch.empty(2, cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
         copied = torch.cuda.Event() if device.type == "cuda" else None
 
         self._admit()
@@ -252,8 +274,14 @@ class Generation:
                     row.fed += 1
             if copied is not None:
                 copied.synchronize()
-            tokens = on_host.tolist()
+            tokens, finite = on_host.tolist()
             for r, row in list(self._active.items()):
+                if not finite[r]:
+                    raise GenerationError(
+                        f"prompt {row.index}: the model's logits for generated token {row.received + 1} are not "
+                        "finite (NaN or infinite): broken weights, or a dtype that overflows (float16 does "
+                        "where bfloat16 does not)"
+                    )
                 delta = self._receive(row, tokens[r])
                 if delta:
                     yield row.index, delta
@@ -264,6 +292,7 @@ class Generation:
                 batch = logits.shape[0]
                 picked = next_token(logits, self._seen[:batch], self.params, self.generator)
                 runner.tokens[:batch] = picked
+                self._finite[:batch] = _finite_rows(logits)
                 self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
             self._admit()
             if self._active:
@@ -305,6 +334,7 @@ class Generation:
             seen[: len(prompt)] = torch.tensor(prompt)
         first = next_token(logits, self._seen[rows], self.params, self.generator)
         self.runner.tokens[rows] = first
+        self._finite[rows] = _finite_rows(logits).long()
         self._seen[rows, lengths] = first
         self.runner.slots[rows] = lengths
         self._advancing[rows] = 1
@@ -313,7 +343,8 @@ class Generation:
             self._active[r] = _Row(index, len(self.prompts[index]), text, self.max_new_tokens[index], started)
 
     def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
-        on_host.copy_(self.runner.tokens, non_blocking=copied is not None)
+        on_host[0].copy_(self.runner.tokens, non_blocking=copied is not None)
+        on_host[1].copy_(self._finite, non_blocking=copied is not None)
         if copied is not None:
             copied.record()
 

@@ -21,8 +21,8 @@ from transformers import (
 from qwen_agent.checkpoint import to_transformers
 from qwen_agent.config import GenerationConfig
 from qwen_agent.engine import QwenEngine
-from qwen_agent.errors import ConfigError
-from qwen_agent.generate import SamplingParams, process_logits
+from qwen_agent.errors import ConfigError, GenerationError
+from qwen_agent.generate import SamplingParams, next_token, process_logits, sample
 from qwen_agent.model import Transformer
 from qwen_agent.tokenizer import QwenTokenizer
 
@@ -279,6 +279,59 @@ def test_sampling_filters_equal_transformers_processors():
         assert torch.equal(torch.isinf(got), torch.isinf(expected))
         finite = ~torch.isinf(got)
         assert torch.allclose(got[finite], expected[finite], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sampling_draws_what_torch_multinomial_draws(seed):
+    """The same ids from the same generator state, which both leave in the same state; ids that top-k or top-p
+    ruled out (probability 0) included."""
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(100 + seed)) * 4
+    logits[:, ::3] = float("-inf")
+    probs = logits.softmax(dim=-1)
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        assert torch.equal(sample(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_on_a_gpu_never_waits_for_it():
+    logits = torch.randn(8, 151936, device="cuda") * 3
+    seen = torch.randint(0, 151936, (8, 300), device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    params = SamplingParams(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        next_token(logits, seen, params, generator)
+        with pytest.raises(RuntimeError, match="synchroniz"):  # what the check is for: multinomial waits
+            torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_logits_that_are_not_finite_stop_generation_naming_the_prompt(tokenizer, do_sample):
+    model = peaked_tiny_model()
+    model.output.weight[7, 0] = float("nan")  # NaN in one logit of every position
+    engine = QwenEngine(model, tokenizer, GenerationConfig(max_new_tokens=6, chat_format="raw"))
+    with pytest.raises(GenerationError, match="prompt 0: .* generated token 1 are not finite"):
+        engine.generate(tokenizer.encode("Hello"), do_sample=do_sample, seed=1)
+
+
+def test_logits_that_turn_not_finite_later_name_the_prompt_and_the_token(tiny_model, tokenizer):
+    prompts = [tokenizer.encode("Hello"), tokenizer.encode("Another prompt")]
+    engine = QwenEngine(tiny_model, tokenizer, GenerationConfig(max_new_tokens=6, chat_format="raw"))
+    clean = engine.generate(prompts, do_sample=False)
+    poisoned = clean[1].token_ids[1]  # fed to the model to compute prompt 1's third token
+    others = set(prompts[0] + prompts[1] + clean[0].token_ids + clean[1].token_ids[:1])
+    assert poisoned not in others, "the test needs a second token that nothing else feeds"
+    model = peaked_tiny_model()
+    model.tok_embeddings.weight[poisoned] = float("nan")
+    engine = QwenEngine(model, tokenizer, GenerationConfig(max_new_tokens=6, chat_format="raw"))
+    with pytest.raises(GenerationError, match="prompt 1: .* generated token 3 are not finite"):
+        engine.generate(prompts, do_sample=False)
 
 
 def test_bad_generation_arguments_are_rejected(engine):
