@@ -254,9 +254,8 @@ class Generation:
         # attention, which reads each row's slots up to its own, does next to nothing for it
         self._advancing = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         runner.slots.zero_()
-        self._finite = torch.ones(
-            cache.batch_size, dtype=torch.long, device=device
-        )  # per row, of its last logits
+        # 1 for a row whose last logits were all finite; read on the host with the tokens
+        self._finite = torch.ones(cache.batch_size, dtype=torch.long, device=device)
         done: dict[int, GenerationResult] = {}
         # each step's tokens and finite flags, copied while the device runs the next step
         on_host = torch.empty(2, cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
