@@ -216,7 +216,9 @@ class Transformer(nn.Module):
             alpha = cache.ntk_alpha[index]  # ... and every later step reuses it
         positions = torch.arange(start, start + S, device=device)[None, :].expand(B, S)
         cos, sin = self._rotary(positions, alpha)
-        q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
+        # logN scales only positions past seq_length; short of it (a chat prompt, as a rule) it multiplies by 1
+        logn = self.config.use_logn_attn and start + S > self.config.seq_length
+        q_scale = self._logn_scale(positions) if logn else None
         mask, is_causal = self._mask(start, S, device)
         return self._layers(ids, _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows))
 
