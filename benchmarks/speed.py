@@ -106,6 +106,11 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float
     return 2 * src.nbytes / min(seconds[1:])
 
 
+def parameter_bytes(model: Transformer) -> int:
+    """Bytes of the model's weights (a tied table once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def kv_bytes_per_position(model: Transformer) -> int:
     """Bytes of the keys and values of one cached position, all layers."""
     config, table = model.config, model.tok_embeddings.weight
@@ -117,7 +122,7 @@ def step_bytes(model: Transformer, positions: int) -> int:
     all of it when it is also the output projection), and the keys and values of ``positions`` cached positions
     (over all rows)."""
     table = model.tok_embeddings.weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = parameter_bytes(model)
     if not model.config.tie_word_embeddings:
         weights -= table.numel() * table.element_size()
     return weights + positions * kv_bytes_per_position(model)
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 model = load_checkpoint(model_dir, device=device, dtype=dtype)
                 report["load_s"] = time.perf_counter() - start
-            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            model_bytes = parameter_bytes(model)
             report |= {
                 "model": str(args.model or "tiny (smoke)"),
                 "checkpoint_gib": checkpoint_bytes / GIB,
@@ -437,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [best_of(r) for r in rounds.values()]
     # the model card's figure: a process holding the weights and nothing else (this one also holds the decode
     # runners' caches, which encode_peak_total_gib counts)
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    weights_gib = parameter_bytes(model) / GIB
     for r in runs:
         r["encode_peak_with_weights_gib"] = weights_gib + r["encode_peak_gib"]
     report["runs"] = runs
