@@ -113,9 +113,8 @@ class QwenEngine:
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system
         self._cache: KVCache | None = None
-        self._runner: DecodeRunner | None = (
-            None  # the kept cache's decode step (its CUDA graphs stay captured)
-        )
+        # the kept cache's decode step (its CUDA graphs stay captured)
+        self._runner: DecodeRunner | None = None
         self._cached_ids: list[int] = []  # the ids whose keys and values fill the kept cache's slots
         self.last_result: GenerationResult | None = None
 
