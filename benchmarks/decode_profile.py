@@ -15,12 +15,19 @@ positions per row), it measures:
 - **kernels**: the step run eagerly under ``torch.profiler``, device time per kernel name per step, longest
   first (eager, because a profiler does not see inside a graph replay on every CUDA version).
 
+Where the fused kernels run (a GPU with Triton, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``, which
+only shows that this script works) and ``--batch`` is 1, it also times the step whose matrix products are
+:func:`qwen_agent.kernels.matvec` (``DecodeRunner(matvec=True)``) and each weight through that kernel, with the
+norm, gate or residual add it takes in the step; ``--sweep`` times each weight at every block configuration of
+``SWEEP`` and prints the fastest, for choosing matvec's defaults.
+
 Prints a table and writes JSON to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,8 +43,13 @@ from speed import ROOT, copy_bandwidth, new_runner, random_model, step_bytes, wr
 
 from qwen_agent.checkpoint import resolve_device, resolve_dtype  # noqa: E402
 from qwen_agent.config import CONFIGS  # noqa: E402
-from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
+from qwen_agent.decode_runner import DecodeRunner, fused_by_default  # noqa: E402
 from qwen_agent.model import Transformer  # noqa: E402
+
+# matvec's (block_n, block_k, num_warps) for --sweep: weight tiles of 2K to 16K elements (more spill registers)
+SWEEP = [
+    (n, k, w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024) for w in (4, 8) if 2048 <= n * k <= 16384
+]
 
 
 def timed(device: torch.device, fn, repeats: int) -> float:
@@ -85,37 +97,68 @@ def ready_runner(model: Transformer, batch: int, context: int, **options: bool) 
 
 
 def step_time(
-    model: Transformer, batch: int, context: int, device: torch.device, repeats: int
+    model: Transformer, batch: int, context: int, device: torch.device, repeats: int, **options: bool
 ) -> tuple[float, bool, bool]:
     """Seconds per decode step as generation runs it, and whether it ran as graphs and through the fused kernels.
     The runner and its cache are gone when this returns."""
-    runner = ready_runner(model, batch, context)
+    runner = ready_runner(model, batch, context, **options)
     return timed(device, lambda: runner(batch, context), repeats), runner.graphs, runner.fused
 
 
-def matmul_times(model: Transformer, batch: int, device: torch.device, repeats: int) -> list[dict]:
-    """Each kind of weight multiplied alone at ``batch`` rows, every layer's own copy in turn as in a step (one
-    weight over and over could be served from the GPU's L2 cache, which a step never does)."""
+def step_weights(model: Transformer) -> dict[str, list[torch.Tensor]]:
+    """Each kind of weight a step multiplies by, every layer's copy."""
     layers = model.layers
-    weights = {
+    return {
         "wqkv": [layer.attention.wqkv.weight for layer in layers],
         "wo": [layer.attention.wo.weight for layer in layers],
         "w_gate_up": [layer.feed_forward.w_gate_up.weight for layer in layers],
         "w_down": [layer.feed_forward.w_down.weight for layer in layers],
         "output": [model.output.weight],
     }
+
+
+def products_of(name: str, group: list[torch.Tensor], batch: int, matvec: dict | None):
+    """A call multiplying ``batch`` rows by every weight of ``group`` in turn (as a step does: one weight over and
+    over could be served from the GPU's L2 cache), through cuBLAS, or with ``matvec`` (its block options) through
+    :func:`kernels.matvec` with what the step fuses into it."""
+    weight = group[0]
+    x = torch.randn(batch, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    if matvec is None:
+        return lambda: [F.linear(x, w) for w in group]
+    from qwen_agent import kernels
+
+    norm = (torch.ones_like(x[0]), 1e-6) if name in ("wqkv", "w_gate_up", "output") else None
+    residual = torch.zeros_like(x[:, : weight.shape[0]]) if name in ("wo", "w_down") else None
+    gated = name == "w_gate_up"
+    return lambda: [kernels.matvec(x, w, norm=norm, gated=gated, residual=residual, **matvec) for w in group]
+
+
+def matmul_times(
+    model: Transformer, batch: int, device: torch.device, repeats: int, matvec: bool
+) -> list[dict]:
+    """Each kind of weight multiplied alone at ``batch`` rows, inside a CUDA graph on a GPU; with ``matvec``, also
+    through the Triton matrix-vector kernel at its default blocks."""
     rows = []
-    for name, group in weights.items():
-        x = torch.randn(batch, group[0].shape[1], dtype=group[0].dtype, device=device)
-
-        def products(x: torch.Tensor = x, group: list[torch.Tensor] = group) -> None:
-            for weight in group:
-                F.linear(x, weight)
-
-        seconds = timed(device, as_graph(device, products), repeats)
+    for name, group in step_weights(model).items():
         nbytes = sum(w.numel() * w.element_size() for w in group)
-        rows.append({"weight": name, "shape": list(group[0].shape), "per_step": len(group),
-                     "us_per_step": seconds * 1e6, "gb_per_s": nbytes / seconds / 1e9})  # fmt: skip
+        seconds = timed(device, as_graph(device, products_of(name, group, batch, None)), repeats)
+        row = {"weight": name, "shape": list(group[0].shape), "per_step": len(group),
+               "us_per_step": seconds * 1e6, "gb_per_s": nbytes / seconds / 1e9}  # fmt: skip
+        if matvec:
+            seconds = timed(device, as_graph(device, products_of(name, group, batch, {})), repeats)
+            row |= {"matvec_us_per_step": seconds * 1e6, "matvec_gb_per_s": nbytes / seconds / 1e9}
+        rows.append(row)
+    return rows
+
+
+def matvec_sweep(model: Transformer, device: torch.device, repeats: int) -> list[dict]:
+    """Every weight through :func:`kernels.matvec` at each (block_n, block_k, num_warps) of ``SWEEP``."""
+    rows = []
+    for name, group in step_weights(model).items():
+        for block_n, block_k, num_warps in SWEEP:
+            options = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps}
+            seconds = timed(device, as_graph(device, products_of(name, group, 1, options)), repeats)
+            rows.append({"weight": name, **options, "us_per_step": seconds * 1e6})
     return rows
 
 
@@ -156,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=1024, help="cached positions each row reads")
     parser.add_argument("--steps", type=int, default=50, help="steps per timing")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
+    parser.add_argument("--sweep", action="store_true", help="time matvec's block configurations (batch 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.context < 1 or args.steps < 1:
@@ -165,11 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     model = random_model(CONFIGS[args.random], device, dtype)
     copy = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
-    step_s, graphs, fused = step_time(model, args.batch, args.context, device, args.steps)
+    # the kernels where generation uses them, and under Triton's CPU interpreter (which tests this script)
+    kernels_on = fused_by_default(device, model.config.head_dim) or os.environ.get("TRITON_INTERPRET") == "1"
+    one_row_matvec = kernels_on and args.batch == 1
+    if args.sweep and not one_row_matvec:
+        parser.error(
+            "--sweep times the one-row kernel: it needs --batch 1 and the fused kernels (a CUDA GPU)"
+        )
+    step_s, graphs, fused = step_time(model, args.batch, args.context, device, args.steps, fused=kernels_on)
     nbytes = step_bytes(model, args.batch * args.context)
-    products = matmul_times(model, args.batch, device, args.steps)
+    products = matmul_times(model, args.batch, device, args.steps, one_row_matvec)
     floor_s = sum(r["us_per_step"] for r in products) / 1e6
-    eager = ready_runner(model, args.batch, args.context, graphs=False)
+    eager = ready_runner(model, args.batch, args.context, graphs=False, fused=kernels_on)
     by_kernel = kernel_times(eager, args.batch, args.context, device, min(args.steps, 10))
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -189,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         "matmuls": products,
         "kernels": by_kernel,
     }
+    if one_row_matvec:
+        matvec_s = step_time(model, 1, args.context, device, args.steps, fused=True, matvec=True)[0]
+        report |= {
+            "step_matvec_ms": matvec_s * 1e3,
+            "matvec_tokens_per_s": 1 / matvec_s,
+            "matvec_matmuls_ms_per_step": sum(r["matvec_us_per_step"] for r in products) / 1e3,
+        }
+    if args.sweep:
+        report["matvec_sweep"] = matvec_sweep(model, device, args.steps)
     print(
         f"random {args.random} on {report['device']} ({dtype}), batch {args.batch}, {args.context} cached "
         f"positions; graphs {graphs}, fused kernels {fused}; copy {copy / 1e9:.1f} GB/s"
@@ -198,12 +258,32 @@ def main(argv: list[str] | None = None) -> int:
         f"({nbytes / step_s / copy:.0%} of copy); the matrix products alone: {floor_s * 1e3:.3f} ms "
         f"({floor_s / step_s:.0%} of the step)"
     )
-    print(f"{'weight':<12}{'shape':>16}{'x/step':>8}{'us/step':>10}{'GB/s':>9}{'of copy':>9}")
+    if one_row_matvec:
+        matvec_s = report["step_matvec_ms"] / 1e3
+        print(
+            f"step with matvec products: {matvec_s * 1e3:.3f} ms = {1 / matvec_s:.1f} tokens/s, "
+            f"{nbytes / matvec_s / 1e9:.1f} GB/s ({nbytes / matvec_s / copy:.0%} of copy); the products alone "
+            f"{report['matvec_matmuls_ms_per_step']:.3f} ms"
+        )
+    matvec_head = f"{'matvec us':>10}{'GB/s':>9}{'of copy':>9}" if one_row_matvec else ""
+    print(f"{'weight':<12}{'shape':>16}{'x/step':>8}{'us/step':>10}{'GB/s':>9}{'of copy':>9}{matvec_head}")
     for r in products:
         shape = "x".join(map(str, r["shape"]))
+        matvec = ""
+        if one_row_matvec:
+            matvec = (
+                f"{r['matvec_us_per_step']:>10.1f}{r['matvec_gb_per_s']:>9.1f}"
+                f"{r['matvec_gb_per_s'] * 1e9 / copy:>9.0%}"
+            )
         print(
             f"{r['weight']:<12}{shape:>16}{r['per_step']:>8}{r['us_per_step']:>10.1f}{r['gb_per_s']:>9.1f}"
-            f"{r['gb_per_s'] * 1e9 / copy:>9.0%}"
+            f"{r['gb_per_s'] * 1e9 / copy:>9.0%}{matvec}"
+        )
+    for name in {r["weight"]: None for r in report.get("matvec_sweep", [])}:
+        best = min((r for r in report["matvec_sweep"] if r["weight"] == name), key=lambda r: r["us_per_step"])
+        print(
+            f"matvec sweep, {name}: fastest block_n {best['block_n']}, block_k {best['block_k']}, num_warps "
+            f"{best['num_warps']}: {best['us_per_step']:.1f} us per step"
         )
     print(f"kernels of an eager step ({'device' if device.type == 'cuda' else 'CPU'} time, us per step):")
     for r in by_kernel[: args.top]:

@@ -418,12 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         }
         report["fused_kernels"] = kept.fused
-        if kept.fused:  # what the fused kernels add: the same decode step in plain PyTorch ops
-            plain = new_runner(model, 1, n + 1, fused=False)
-            impls["qwen_agent unfused"] = (
-                lambda k: ours_generate(plain, tokenizer, k),
-                lambda ids: ours_encode(model, ids),
-            )
+        if kept.fused:  # what the fused kernels add: the same decode step in plain PyTorch ops; and the one-row
+            # step with its products through Triton's matrix-vector kernel instead of cuBLAS
+            variants = {"qwen_agent unfused": {"fused": False}, "qwen_agent matvec": {"matvec": True}}
+            for name, options in variants.items():
+                runner = new_runner(model, 1, n + 1, **options)
+                impls[name] = (
+                    lambda k, runner=runner: ours_generate(runner, tokenizer, k),
+                    lambda ids: ours_encode(model, ids),
+                )
         if not args.no_baseline:
             hf = to_transformers(model)
             impls["transformers"] = (

@@ -51,10 +51,17 @@ class DecodeRunner:
     kernels) to True on CUDA when Triton is installed; off CUDA either is a :class:`ConfigError`, except ``fused``
     under ``TRITON_INTERPRET=1``, Triton's CPU interpreter. If the kernels fail on their first use (a Triton that
     cannot compile for this GPU), a default choice falls back to plain PyTorch ops with a warning, while an
-    explicit ``fused=True`` raises :class:`GenerationError`."""
+    explicit ``fused=True`` raises :class:`GenerationError`. ``matvec`` makes a fused one-row step run its matrix
+    products through Triton's matrix-vector kernel rather than cuBLAS (see ``benchmarks/decode_profile.py``)."""
 
     def __init__(
-        self, model: Transformer, cache: KVCache, *, graphs: bool | None = None, fused: bool | None = None
+        self,
+        model: Transformer,
+        cache: KVCache,
+        *,
+        graphs: bool | None = None,
+        fused: bool | None = None,
+        matvec: bool = False,
     ) -> None:
         self.model, self.cache = model, cache
         device = cache.k.device
@@ -76,6 +83,7 @@ class DecodeRunner:
         self.slots = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.graphs = on_cuda if graphs is None else graphs
         self.fused = fused_by_default(device, head_dim) if fused is None else fused
+        self.matvec = matvec
         self._may_fall_back = fused is None  # until a fused step has run once
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
@@ -112,7 +120,7 @@ class DecodeRunner:
                 return self.model.decode_step(self.tokens[:batch], self.slots[:batch], self.cache, slots)
             try:
                 logits = self.model.decode_step(
-                    self.tokens[:batch], self.slots[:batch], self.cache, slots, fused=True
+                    self.tokens[:batch], self.slots[:batch], self.cache, slots, fused=True, matvec=self.matvec
                 )
             except Exception as exc:  # Triton compiles on first use, for this GPU with this Triton
                 if not self._may_fall_back:

@@ -13,7 +13,10 @@ through the order of sums and, on a GPU, fused multiply-adds and fast ``exp``: r
   kernels: the bias copied into the output, then the product added to it);
 - :func:`silu_mul`: ``up * silu(gate)`` from the fused gate-and-up projection;
 - :func:`decode_attention`: one query per row over exactly that row's cached positions (no mask, no padding
-  slots read), split along the positions so that a single row still spreads over the whole GPU.
+  slots read), split along the positions so that a single row still spreads over the whole GPU;
+- :func:`matvec`: a one-row matrix product (a matrix-vector product: at batch 1 every product of the step is one)
+  that also applies the RMSNorm before it and the residual add or the SiLU gate after it, which removes the norm
+  and SiLU kernels; whether it beats cuBLAS's own on a given GPU is for ``benchmarks/decode_profile.py`` to show.
 
 Triton compiles each kernel once per dtype and block size, in about a second, and keeps the binaries in its
 on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how their results are
@@ -23,13 +26,14 @@ tested without a GPU; the tests also compile each one for an H100 with Triton's 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["add_rms_norm", "decode_attention", "rotary_to_cache", "silu_mul"]
+__all__ = ["add_rms_norm", "decode_attention", "matvec", "rotary_to_cache", "silu_mul"]
 
 
 @triton.jit
@@ -322,4 +326,120 @@ def decode_attention(
     )
     if splits > 1:
         _merge_splits_kernel[(B * H,)](part, best, total, out, DIM=dim, SPLITS=splits)
+    return out
+
+
+@triton.jit
+def _matvec_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    norm_ptr,
+    residual_ptr,
+    n_out,
+    k,
+    eps,
+    NORM: tl.constexpr,
+    GATED: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    real = rows < n_out
+    span = tl.arange(0, BLOCK_K)
+    act = out_ptr.dtype.element_ty
+    # each weight tile is loaded one loop step ahead, so that its read from memory overlaps the step before it
+    # (and the norm's pass over x): the loop is otherwise a load, then a wait for it
+    weights = w_ptr + rows[:, None].to(tl.int64) * k  # [BLOCK_N, 1]: the start of each output's row
+    ups = w_ptr + (rows[:, None] + n_out).to(tl.int64) * k  # GATED: the up row that goes with each gate row
+    tile = real[:, None] & (span < k)[None, :]
+    w = tl.load(weights + span[None, :], mask=tile, other=0.0)
+    if GATED:
+        w_up = tl.load(ups + span[None, :], mask=tile, other=0.0)
+    if NORM:  # the RMSNorm before the product, recomputed by every program from the row (an L2 hit)
+        squares = tl.zeros((BLOCK_K,), tl.float32)
+        for at in range(0, k, BLOCK_K):
+            x = tl.load(x_ptr + at + span, mask=at + span < k, other=0.0).to(tl.float32)
+            squares += x * x
+        inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed across at the end, not every step
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for at in range(0, k, BLOCK_K):
+        cols = at + span
+        ahead = cols + BLOCK_K  # past the end on the last step: fully masked, nothing read
+        tile = real[:, None] & (ahead < k)[None, :]
+        w_next = tl.load(weights + ahead[None, :], mask=tile, other=0.0)
+        if GATED:
+            w_up_next = tl.load(ups + ahead[None, :], mask=tile, other=0.0)
+        inside = cols < k
+        x = tl.load(x_ptr + cols, mask=inside, other=0.0)
+        if NORM:  # normalise in fp32, cast, then scale by the weight and cast: RMSNorm's order
+            x = (x.to(tl.float32) * inv_rms).to(act)
+            x = (x.to(tl.float32) * tl.load(norm_ptr + cols, mask=inside, other=0.0).to(tl.float32)).to(act)
+        x = x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x
+        w = w_next
+        if GATED:
+            acc_up += w_up.to(tl.float32) * x
+            w_up = w_up_next
+    y = tl.sum(acc, axis=1).to(act)  # rounded, as a matrix product's output is
+    if GATED:  # up * silu(gate), each rounded where silu_mul rounds
+        gate = y.to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(act)
+        y = (tl.sum(acc_up, axis=1).to(act).to(tl.float32) * silu.to(tl.float32)).to(act)
+    if RESIDUAL:
+        y = (tl.load(residual_ptr + rows, mask=real, other=0.0).to(tl.float32) + y.to(tl.float32)).to(act)
+    tl.store(out_ptr + rows, y, mask=real)
+
+
+def matvec(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    norm: tuple[Tensor, float] | None = None,
+    gated: bool = False,
+    residual: Tensor | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
+) -> Tensor:
+    """``x @ weight.T`` for one row ``x`` [..., K] (its leading dimensions all 1) and ``weight`` [N, K]; returns
+    [..., N], or [..., N / 2] when ``gated``. With ``norm=(w, eps)`` the row is first RMSNorm'ed with weight ``w``;
+    ``gated`` takes the first N / 2 outputs as gates and the rest as ups and returns ``up * silu(gate)``;
+    ``residual`` [..., N] is added to the result. Each is rounded to the activation dtype where the separate
+    PyTorch op would round. ``block_n`` outputs per program (by default enough programs to cover an H100 several
+    times over) and ``block_k`` weights per row per loop step (by default 512; powers of two) are tuning knobs."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"matvec takes one row; x has shape {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k or x.dtype != weight.dtype or not weight.is_contiguous():
+        raise ValueError(
+            f"x [{x.shape[-1]}] {x.dtype} does not fit a contiguous weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    n_out = n // 2 if gated else n
+    out = x.new_empty(*x.shape[:-1], n_out)
+    if block_n is None and os.environ.get("TRITON_INTERPRET") == "1":
+        block_n = 4096  # the interpreter runs programs one after another: few large ones
+    elif block_n is None:  # ~1,000 programs where the matrix allows (an H100 has 132 SMs), and at most 16
+        # weight rows a program (gate and up rows both count): more, and the two tiles in flight spill registers
+        block_n = min(8 if gated else 16, max(1, triton.next_power_of_2(n_out // 1024)))
+    block_k = block_k or min(512, triton.next_power_of_2(k))
+    x = x.contiguous()
+    _matvec_kernel[(triton.cdiv(n_out, block_n),)](
+        x,
+        weight,
+        out,
+        norm[0] if norm is not None else x,
+        residual.contiguous() if residual is not None else x,
+        n_out,
+        k,
+        norm[1] if norm is not None else 0.0,
+        NORM=norm is not None,
+        GATED=gated,
+        RESIDUAL=residual is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
     return out

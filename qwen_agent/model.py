@@ -223,7 +223,14 @@ class Transformer(nn.Module):
         return self._layers(ids, _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows))
 
     def decode_step(
-        self, tokens: Tensor, slots: Tensor, cache: KVCache, kv_len: int, *, fused: bool = False
+        self,
+        tokens: Tensor,
+        slots: Tensor,
+        cache: KVCache,
+        kv_len: int,
+        *,
+        fused: bool = False,
+        matvec: bool = False,
     ) -> Tensor:
         """One new token per row at fixed shapes; logits [B, V] in fp32.
 
@@ -232,13 +239,17 @@ class Transformer(nn.Module):
         the rest. Nothing here reads a tensor's value on the host or makes a shape from one, so the step can be
         captured as a CUDA graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each
         row's frozen one. ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.kernels`
-        (same maths), whose attention reads exactly each row's slots, whatever ``kv_len``.
+        (same maths), whose attention reads exactly each row's slots, whatever ``kv_len``; with ``matvec`` too, a
+        one-row step also runs its matrix products through :func:`qwen_agent.kernels.matvec` (see
+        :meth:`_matvec_logits`).
         """
         B = tokens.shape[0]
         positions = slots[:, None]  # [B, 1]
         cos, sin = self._rotary(positions, cache.ntk_alpha[:B])
         q_scale = self._logn_scale(positions) if self.config.use_logn_attn else None
         ctx = _StepContext(cos, sin, q_scale, None, False, cache, 0, None, slots, kv_len)
+        if fused and matvec and B == 1:
+            return self._matvec_logits(self.tok_embeddings(tokens[:, None]), ctx)[:, -1].float()
         if fused:
             return self.output(self._fused_layers(self.tok_embeddings(tokens[:, None]), ctx))[:, -1].float()
         # [B, kv_len]: each row's slots so far; later slots may hold a previous sequence's keys
@@ -271,6 +282,27 @@ class Transformer(nn.Module):
             up = kernels.silu_mul(ff.w_gate_up(h))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 2].weight, cfg.rms_norm_eps, ff.w_down(up))
         return h
+
+    def _matvec_logits(self, x: Tensor, ctx: _StepContext) -> Tensor:
+        """The fused step for one row, its logits [1, 1, V]: every matrix product a matrix-vector product in
+        :func:`~qwen_agent.kernels.matvec`, which also applies the RMSNorm before it (``norm``) and the residual
+        add or the SiLU gate after it, so a layer is seven kernels: four products, the bias-rotary-and-cache
+        kernel, attention and its merge."""
+        from . import kernels
+
+        cfg, cache, eps = self.config, ctx.cache, self.config.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            attention, ff = layer.attention, layer.feed_forward
+            qkv = kernels.matvec(x, attention.wqkv.weight, norm=(layer.attention_norm.weight, eps))
+            q = kernels.rotary_to_cache(
+                qkv, attention.wqkv.bias, ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i], ctx.slots,
+                cfg.num_heads, cfg.num_kv_heads,
+            )  # fmt: skip
+            attended = kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots)
+            x = kernels.matvec(attended, attention.wo.weight, residual=x)
+            up = kernels.matvec(x, ff.w_gate_up.weight, norm=(layer.ffn_norm.weight, eps), gated=True)
+            x = kernels.matvec(up, ff.w_down.weight, residual=x)
+        return kernels.matvec(x, self.output.weight, norm=(self.norm.weight, eps))
 
     def _layers(self, ids: Tensor, ctx: _StepContext) -> Tensor:
         x = self.tok_embeddings(ids)  # [B, S, E]

@@ -1,6 +1,6 @@
 """Compile each fused decode kernel for an H100 (sm_90) with Triton's own compiler, down to machine code through
 the ptxas Triton ships, on a machine with no GPU. The launch configurations are those qwen_agent/kernels.py uses
-for Qwen-7B (32 heads of 128, hidden 4,096, MLP 11,008) and for grouped heads (28 over 4), in bf16 and fp32.
+for Qwen-7B (32 heads of 128, hidden 4,096, MLP 11,008; matvec's blocks for its matrices) and for grouped heads (28 over 4), in bf16 and fp32.
 
 Triton's CPU interpreter, which runs the other kernel tests, accepts code the compiler rejects (a pointer of one
 type in one branch and another in the other, for one); this catches that. It runs in its own process, without
@@ -95,6 +95,16 @@ def main() -> int:
             typed("fp32", "part_ptr", "max_ptr", "sum_ptr") | {"out_ptr": dt},
             {"DIM": 128, "SPLITS": 64},
         )
+        for norm, gated, residual, block_n in (
+            (True, False, False, 16),
+            (False, False, True, 4),
+            (True, True, False, 8),
+        ):
+            results[f"matvec {dt} norm={norm} gated={gated} residual={residual}"] = compile_kernel(
+                kernels._matvec_kernel,
+                typed(dt, "x_ptr", "w_ptr", "out_ptr", "norm_ptr", "residual_ptr"),
+                {"NORM": norm, "GATED": gated, "RESIDUAL": residual, "BLOCK_N": block_n, "BLOCK_K": 512},
+            )
     for name, result in results.items():
         print(f"{name}: {result}")
     return 0 if all(r == "OK" for r in results.values()) else 1

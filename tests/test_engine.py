@@ -211,10 +211,39 @@ def test_decode_profile_runs_on_cpu(tmp_path):
     assert any(r["kernel"] == "aten::mm" and r["calls_per_step"] >= 1 for r in report["kernels"])
 
 
+def benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+    reason="runs the kernels on Triton's CPU interpreter",
+)
+def test_decode_profile_times_the_matvec_kernel_and_sweeps_its_blocks(tmp_path, monkeypatch):
+    """One row with the kernels on (here Triton's CPU interpreter): the step through matvec, each weight through it
+    and ``--sweep`` over the configurations of SWEEP are all reported."""
+    profile = benchmark_module("decode_profile")
+    monkeypatch.setattr(
+        profile, "SWEEP", [(4096, 64, 4), (2048, 32, 4)]
+    )  # few programs: the interpreter is slow
+    args = ["--random", "tiny", "--steps", "1", "--batch", "1", "--context", "40", "--sweep"]
+    assert profile.main([*args, "--out", str(tmp_path)]) == 0
+    (report_file,) = tmp_path.glob("decode-profile-*.json")
+    report = json.loads(report_file.read_text())
+    assert report["fused_kernels"] and report["step_matvec_ms"] > 0
+    assert all(r["matvec_us_per_step"] > 0 for r in report["matmuls"])
+    weights = ("wqkv", "wo", "w_gate_up", "w_down", "output")
+    swept = {(r["weight"], r["block_n"], r["block_k"]) for r in report["matvec_sweep"]}
+    assert swept == {(w, n, k) for w in weights for n, k in ((4096, 64), (2048, 32))}
+    with pytest.raises(SystemExit):  # the sweep is of the one-row kernel
+        profile.main(["--random", "tiny", "--batch", "2", "--sweep", "--out", str(tmp_path)])
+
+
 def test_speed_benchmark_counts_the_bytes_of_a_7b_step():
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = benchmark_module("speed")
     with torch.device("meta"):  # the real shape, no memory
         model = speed.Transformer(qwen_agent.config.CONFIGS["7b"]).to(torch.bfloat16)
     kv_per_position = 32 * 2 * 4096 * 2  # layers x (k, v) x hidden x bf16 bytes
