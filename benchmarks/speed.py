@@ -418,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         }
         report["fused_kernels"] = kept.fused
-        if kept.fused:  # what the fused kernels add: the same decode step in plain PyTorch ops; and the one-row
+        if (
+            kept.fused
+        ):  # what the fused kernels add: the same decode step in plain PyTorch ops; and the one-row
             # step with its products through Triton's matrix-vector kernel instead of cuBLAS
             variants = {"qwen_agent unfused": {"fused": False}, "qwen_agent matvec": {"matvec": True}}
             for name, options in variants.items():
