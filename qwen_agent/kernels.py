@@ -418,6 +418,10 @@ def matvec(
             f"x [{x.shape[-1]}] {x.dtype} does not fit a contiguous weight {tuple(weight.shape)} {weight.dtype}"
         )
     n_out = n // 2 if gated else n
+    if norm is not None and norm[0].numel() != k:
+        raise ValueError(f"the norm's weight has {norm[0].numel()} values for rows of {k}")
+    if residual is not None and residual.numel() != n_out:
+        raise ValueError(f"the residual has {residual.numel()} values for {n_out} outputs")
     out = x.new_empty(*x.shape[:-1], n_out)
     if block_n is None and os.environ.get("TRITON_INTERPRET") == "1":
         block_n = 4096  # the interpreter runs programs one after another: few large ones

@@ -111,12 +111,16 @@ def test_matvec_equals_the_ops_it_replaces(device, dtype):
     assert kernels.matvec(x[0, 0], w).shape == (N,)  # any leading dimensions of size 1, default blocks
 
 
-def test_matvec_takes_one_row_of_the_weights_dtype():
+def test_matvec_names_what_does_not_fit():
     w = torch.zeros(8, 4)
     with pytest.raises(ValueError, match="one row; x has shape \\(2, 4\\)"):
         kernels.matvec(torch.zeros(2, 4), w)
     with pytest.raises(ValueError, match="does not fit"):
         kernels.matvec(torch.zeros(1, 4, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="norm's weight has 3 values for rows of 4"):
+        kernels.matvec(torch.zeros(1, 4), w, norm=(torch.ones(3), 1e-6))
+    with pytest.raises(ValueError, match="residual has 8 values for 4 outputs"):
+        kernels.matvec(torch.zeros(1, 4), w, gated=True, residual=torch.zeros(8))
 
 
 @pytest.mark.parametrize("device", DEVICES)
