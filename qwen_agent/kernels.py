@@ -423,12 +423,12 @@ def matvec(
     if residual is not None and residual.numel() != n_out:
         raise ValueError(f"the residual has {residual.numel()} values for {n_out} outputs")
     out = x.new_empty(*x.shape[:-1], n_out)
+    block_k = block_k or min(512, triton.next_power_of_2(k))
     if block_n is None and os.environ.get("TRITON_INTERPRET") == "1":
-        block_n = 4096  # the interpreter runs programs one after another: few large ones
+        block_n = 2**18 // block_k  # the interpreter runs programs one after another: few large ones
     elif block_n is None:  # ~1,000 programs where the matrix allows (an H100 has 132 SMs), and at most 16
         # weight rows a program (gate and up rows both count): more, and the two tiles in flight spill registers
         block_n = min(8 if gated else 16, max(1, triton.next_power_of_2(n_out // 1024)))
-    block_k = block_k or min(512, triton.next_power_of_2(k))
     x = x.contiguous()
     _matvec_kernel[(triton.cdiv(n_out, block_n),)](
         x,

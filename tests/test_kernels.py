@@ -188,9 +188,10 @@ def test_fused_decode_step_equals_the_plain_one(device, config):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
-def test_one_row_step_through_matvec_equals_the_plain_one(device, dtype, config):
+@pytest.mark.parametrize(
+    ("config", "dtype"), [(V1, torch.bfloat16), (QWEN2, torch.float32)], ids=["qwen-bf16", "qwen2-fp32"]
+)
+def test_one_row_step_through_matvec_equals_the_plain_one(device, config, dtype):
     """One row whose steps cross seq_length (NTK and logN); the step ends in matvec's RMSNorm and output product."""
     torch.manual_seed(3)
     model = Transformer(config).eval().requires_grad_(False)
@@ -221,12 +222,15 @@ def test_one_row_step_through_matvec_equals_the_plain_one(device, dtype, config)
 def test_greedy_generation_with_fused_kernels_equals_without(device, matvec):
     model, tokenizer = peaked_tiny_model(device), QwenTokenizer.from_pretrained()
     prompts = [tokenizer.encode(t) for t in ("Hi", "A longer prompt with more tokens in it", "x " * 20)]
-    rows = 1 if matvec else 2  # matvec serves one-row steps
+    if matvec:  # one-row steps, which matvec serves; fewer, as the interpreter takes a second a step
+        rows, prompts, new_tokens = 1, prompts[1:], 4
+    else:
+        rows, new_tokens = 2, 6
     results = {}
     for fused in (False, True):
         cache = KVCache(model.config, rows, 128, dtype=torch.float32, device=device)
         runner = DecodeRunner(model, cache, fused=fused, matvec=matvec)
-        results[fused] = greedy_token_ids(runner, tokenizer, prompts, 6)
+        results[fused] = greedy_token_ids(runner, tokenizer, prompts, new_tokens)
     assert results[True] == results[False]
 
 
