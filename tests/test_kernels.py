@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import greedy_token_ids, peaked_tiny_model, prefill_row
+from tiny_models import greedy_token_ids, interpreter_runs_kernels, peaked_tiny_model, prefill_row
 
 triton = pytest.importorskip("triton")
 
@@ -26,12 +26,8 @@ from qwen_agent.errors import ConfigError, GenerationError  # noqa: E402
 from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
 from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
 
-# Triton's interpreter before 3.7 cannot loop over bounds loaded from memory, as the attention kernel does (on a
-# GPU, compiled, that Triton runs it: PyTorch 2.11's CUDA build pins Triton 3.6)
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-INTERPRETER_RUNS_KERNELS = INTERPRETER and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 7)
 ON_INTERPRETER = pytest.mark.skipif(
-    not INTERPRETER_RUNS_KERNELS,
+    not interpreter_runs_kernels(),
     reason="Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1, Triton >= 3.7)",
 )
 DEVICES = [

@@ -9,6 +9,9 @@ length in its own cache slots, so rows of one batch follow their scripts indepen
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 from torch import nn
 
@@ -17,6 +20,17 @@ from qwen_agent.decode_runner import DecodeRunner
 from qwen_agent.generate import Generation, SamplingParams
 from qwen_agent.model import KVCache, Transformer
 from qwen_agent.tokenizer import QwenTokenizer
+
+
+def interpreter_runs_kernels() -> bool:
+    """Whether Triton's CPU interpreter is on (conftest turns it on without CUDA) and can run qwen_agent's kernels:
+    before Triton 3.7 it cannot loop to a bound that is a kernel argument or loaded from memory, as they do
+    (compiled for a GPU, that Triton runs them; PyTorch 2.11's CUDA build pins Triton 3.6)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    return tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 7)
 
 
 def peaked_tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
