@@ -18,7 +18,7 @@ positions per row), it measures:
 Where the fused kernels run (a GPU with Triton, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``, which
 only shows that this script works) and ``--batch`` is 1, it also times the step whose matrix products are
 :func:`qwen_agent.kernels.matvec` (``DecodeRunner(matvec=True)``) and each weight through that kernel, with the
-norm, gate or residual add it takes in the step; ``--sweep`` times each weight at every block configuration of
+norm, gate or residual add it takes in the step (on a GPU also without programmatic dependent launch); ``--sweep`` times each weight at every block configuration of
 ``SWEEP`` and prints the fastest, for choosing matvec's defaults.
 
 Prints a table and writes JSON to ``benchmarks/results/``.
@@ -137,7 +137,8 @@ def matmul_times(
     model: Transformer, batch: int, device: torch.device, repeats: int, matvec: bool
 ) -> list[dict]:
     """Each kind of weight multiplied alone at ``batch`` rows, inside a CUDA graph on a GPU; with ``matvec``, also
-    through the Triton matrix-vector kernel at its default blocks."""
+    through the Triton matrix-vector kernel at its default blocks, and on a GPU also without programmatic dependent
+    launch."""
     rows = []
     for name, group in step_weights(model).items():
         nbytes = sum(w.numel() * w.element_size() for w in group)
@@ -147,6 +148,11 @@ def matmul_times(
         if matvec:
             seconds = timed(device, as_graph(device, products_of(name, group, batch, {})), repeats)
             row |= {"matvec_us_per_step": seconds * 1e6, "matvec_gb_per_s": nbytes / seconds / 1e9}
+        if matvec and device.type == "cuda":  # what programmatic dependent launch (on from an H100 on) adds
+            seconds = timed(
+                device, as_graph(device, products_of(name, group, batch, {"pdl": False})), repeats
+            )
+            row["matvec_no_pdl_us_per_step"] = seconds * 1e6
         rows.append(row)
     return rows
 
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{report['matvec_matmuls_ms_per_step']:.3f} ms"
         )
     matvec_head = f"{'matvec us':>10}{'GB/s':>9}{'of copy':>9}" if one_row_matvec else ""
+    matvec_head += f"{'no PDL us':>10}" if one_row_matvec and device.type == "cuda" else ""
     print(f"{'weight':<12}{'shape':>16}{'x/step':>8}{'us/step':>10}{'GB/s':>9}{'of copy':>9}{matvec_head}")
     for r in products:
         shape = "x".join(map(str, r["shape"]))
@@ -289,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['matvec_us_per_step']:>10.1f}{r['matvec_gb_per_s']:>9.1f}"
                 f"{r['matvec_gb_per_s'] * 1e9 / copy:>9.0%}"
             )
+        if "matvec_no_pdl_us_per_step" in r:
+            matvec += f"{r['matvec_no_pdl_us_per_step']:>10.1f}"
         print(
             f"{r['weight']:<12}{shape:>16}{r['per_step']:>8}{r['us_per_step']:>10.1f}{r['gb_per_s']:>9.1f}"
             f"{r['gb_per_s'] * 1e9 / copy:>9.0%}{matvec}"

@@ -16,7 +16,8 @@ through the order of sums and, on a GPU, fused multiply-adds and fast ``exp``: r
   slots read), split along the positions so that a single row still spreads over the whole GPU;
 - :func:`matvec`: a one-row matrix product (a matrix-vector product: at batch 1 every product of the step is one)
   that also applies the RMSNorm before it and the residual add or the SiLU gate after it, which removes the norm
-  and SiLU kernels; whether it beats cuBLAS's own on a given GPU is for ``benchmarks/decode_profile.py`` to show.
+  and SiLU kernels, and from an H100 on starts reading its weights before the kernel ahead of it has ended;
+  whether it beats cuBLAS's own on a given GPU is for ``benchmarks/decode_profile.py`` to show.
 
 Triton compiles each kernel once per dtype and block size, in about a second, and keeps the binaries in its
 on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how their results are
@@ -25,6 +26,7 @@ tested without a GPU; the tests also compile each one for an H100 with Triton's 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -32,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = ["add_rms_norm", "decode_attention", "matvec", "rotary_to_cache", "silu_mul"]
 
@@ -344,6 +347,7 @@ def _matvec_kernel(
     RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     real = rows < n_out
@@ -357,6 +361,12 @@ def _matvec_kernel(
     w = tl.load(weights + span[None, :], mask=tile, other=0.0)
     if GATED:
         w_up = tl.load(ups + span[None, :], mask=tile, other=0.0)
+    if (
+        PDL
+    ):  # launched before the kernel ahead of it ends: the weights are constant, but x and the residual are
+        # that kernel's output, so wait for it here; then let the next kernel launch in turn
+        gdc_wait()
+        gdc_launch_dependents()
     if NORM:  # the RMSNorm before the product, recomputed by every program from the row (an L2 hit)
         squares = tl.zeros((BLOCK_K,), tl.float32)
         for at in range(0, k, BLOCK_K):
@@ -403,13 +413,18 @@ def matvec(
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
+    pdl: bool | None = None,
 ) -> Tensor:
     """``x @ weight.T`` for one row ``x`` [..., K] (its leading dimensions all 1) and ``weight`` [N, K]; returns
     [..., N], or [..., N / 2] when ``gated``. With ``norm=(w, eps)`` the row is first RMSNorm'ed with weight ``w``;
     ``gated`` takes the first N / 2 outputs as gates and the rest as ups and returns ``up * silu(gate)``;
     ``residual`` [..., N] is added to the result. Each is rounded to the activation dtype where the separate
     PyTorch op would round. ``block_n`` outputs per program (by default enough programs to cover an H100 several
-    times over) and ``block_k`` weights per row per loop step (by default 512; powers of two) are tuning knobs."""
+    times over) and ``block_k`` weights per row per loop step (by default 512; powers of two) are tuning knobs.
+
+    ``pdl`` (by default on for CUDA GPUs of compute capability 9.0 and later, the first with it) launches the
+    kernel with programmatic dependent launch: its programs may start while the kernel before it finishes and
+    read their first weight tile then, waiting for that kernel only before they read ``x``."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"matvec takes one row; x has shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -424,6 +439,8 @@ def matvec(
         raise ValueError(f"the residual has {residual.numel()} values for {n_out} outputs")
     out = x.new_empty(*x.shape[:-1], n_out)
     block_k = block_k or min(512, triton.next_power_of_2(k))
+    if pdl is None:
+        pdl = x.is_cuda and _capability(x.device) >= (9, 0)
     if block_n is None and os.environ.get("TRITON_INTERPRET") == "1":
         block_n = 2**18 // block_k  # the interpreter runs programs one after another: few large ones
     elif block_n is None:  # ~1,000 programs where the matrix allows (an H100 has 132 SMs), and at most 16
@@ -444,6 +461,13 @@ def matvec(
         RESIDUAL=residual is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return out
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)

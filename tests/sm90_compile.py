@@ -103,7 +103,14 @@ def main() -> int:
             results[f"matvec {dt} norm={norm} gated={gated} residual={residual}"] = compile_kernel(
                 kernels._matvec_kernel,
                 typed(dt, "x_ptr", "w_ptr", "out_ptr", "norm_ptr", "residual_ptr"),
-                {"NORM": norm, "GATED": gated, "RESIDUAL": residual, "BLOCK_N": block_n, "BLOCK_K": 512},
+                {
+                    "NORM": norm,
+                    "GATED": gated,
+                    "RESIDUAL": residual,
+                    "BLOCK_N": block_n,
+                    "BLOCK_K": 512,
+                    "PDL": True,
+                },
             )
     for name, result in results.items():
         print(f"{name}: {result}")
