@@ -18,8 +18,9 @@ positions per row), it measures:
 Where the fused kernels run (a GPU with Triton, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``, which
 only shows that this script works) and ``--batch`` is 1, it also times the step whose matrix products are
 :func:`qwen_agent.kernels.matvec` (``DecodeRunner(matvec=True)``) and each weight through that kernel, with the
-norm, gate or residual add it takes in the step (on a GPU also without programmatic dependent launch); ``--sweep`` times each weight at every block configuration of
-``SWEEP`` and prints the fastest, for choosing matvec's defaults.
+norm, gate or residual add it takes in the step (on a GPU also without programmatic dependent launch);
+``--sweep`` times each weight at every block configuration of ``SWEEP`` and prints the fastest, for choosing
+matvec's defaults.
 
 Prints a table and writes JSON to ``benchmarks/results/``.
 """
