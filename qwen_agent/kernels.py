@@ -356,11 +356,12 @@ def _matvec_kernel(
     # each weight tile is loaded one loop step ahead, so that its read from memory overlaps the step before it
     # (and the norm's pass over x): the loop is otherwise a load, then a wait for it
     weights = w_ptr + rows[:, None].to(tl.int64) * k  # [BLOCK_N, 1]: the start of each output's row
-    ups = w_ptr + (rows[:, None] + n_out).to(tl.int64) * k  # GATED: the up row that goes with each gate row
     tile = real[:, None] & (span < k)[None, :]
     w = tl.load(weights + span[None, :], mask=tile, other=0.0)
     if GATED:
+        ups = w_ptr + (rows[:, None] + n_out).to(tl.int64) * k  # the up row that goes with each gate row
         w_up = tl.load(ups + span[None, :], mask=tile, other=0.0)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if (
         PDL
     ):  # launched before the kernel ahead of it ends: the weights are constant, but x and the residual are
@@ -374,7 +375,6 @@ def _matvec_kernel(
             squares += x * x
         inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed across at the end, not every step
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for at in range(0, k, BLOCK_K):
         cols = at + span
         ahead = cols + BLOCK_K  # past the end on the last step: fully masked, nothing read
