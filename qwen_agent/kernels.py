@@ -17,7 +17,8 @@ through the order of sums and, on a GPU, fused multiply-adds and fast ``exp``: r
 - :func:`matvec`: a one-row matrix product (a matrix-vector product: at batch 1 every product of the step is one)
   that also applies the RMSNorm before it and the residual add or the SiLU gate after it, which removes the norm
   and SiLU kernels, and from an H100 on starts reading its weights before the kernel ahead of it has ended;
-  whether it beats cuBLAS's own on a given GPU is for ``benchmarks/decode_profile.py`` to show.
+  whether it beats cuBLAS's own on a given GPU is for ``benchmarks/decode_profile.py`` to show. In the one-row
+  step built on it, the other kernels also use programmatic dependent launch (:func:`pdl_supported`).
 
 Triton compiles each kernel once per dtype and block size, in about a second, and keeps the binaries in its
 on-disk cache. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (slowly), which is how their results are
@@ -36,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["add_rms_norm", "decode_attention", "matvec", "rotary_to_cache", "silu_mul"]
+__all__ = ["add_rms_norm", "decode_attention", "matvec", "pdl_supported", "rotary_to_cache", "silu_mul"]
 
 
 @triton.jit
@@ -109,7 +110,11 @@ def _rotary_to_cache_kernel(
     cache_head_stride,
     HAS_SCALE: tl.constexpr,
     HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # everything read below may be the output of the kernel ahead (see pdl_supported)
+        gdc_wait()
+        gdc_launch_dependents()
     row, head = tl.program_id(0), tl.program_id(1)  # head over q, k, v heads in the fused projection's order
     dim = 2 * HALF
     i = tl.arange(0, HALF)
@@ -154,9 +159,12 @@ def rotary_to_cache(
     slots: Tensor,
     num_heads: int,
     num_kv_heads: int,
+    *,
+    pdl: bool = False,
 ) -> Tensor:
     """One position per row: the bias added, RoPE on q and k, the logN scale on q, k and v stored at slot
-    ``slots[b]`` of cache row ``b``; returns q [B, H, 1, D].
+    ``slots[b]`` of cache row ``b``; returns q [B, H, 1, D]. ``pdl``: launched with programmatic dependent
+    launch (see :func:`pdl_supported`).
 
     ``qkv`` [B, 1, (H + 2 Hkv) D] is the fused projection's output without its bias ``bias`` [(H + 2 Hkv) D];
     ``cos``, ``sin`` [B, 1, 1, D] fp32; ``q_scale`` [B, 1, 1, 1] fp32 or None; ``k_cache``, ``v_cache``
@@ -182,6 +190,8 @@ def rotary_to_cache(
         k_cache.stride(1),
         HAS_SCALE=q_scale is not None,
         HALF=dim // 2,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return q
 
@@ -230,7 +240,11 @@ def _decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(slots_ptr + row) + 1  # the row's positions 0..slot, the new one included
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
@@ -272,7 +286,12 @@ def _decode_attention_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr):
+def _merge_splits_kernel(
+    part_ptr, max_ptr, sum_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr
+):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     head = tl.program_id(0)  # row * n_heads + head
     s, d = tl.arange(0, SPLITS), tl.arange(0, DIM)
     best = tl.load(max_ptr + head * SPLITS + s)
@@ -284,12 +303,19 @@ def _merge_splits_kernel(part_ptr, max_ptr, sum_ptr, out_ptr, DIM: tl.constexpr,
 
 
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, *, splits: int | None = None
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    *,
+    splits: int | None = None,
+    pdl: bool = False,
 ) -> Tensor:
     """Softmax attention (scale 1/sqrt(D)) of q [B, H, 1, D] over slots ``0..slots[b]`` of cache row ``b``
     (``k_cache``, ``v_cache`` [rows, Hkv, slots, D], one layer's); returns [B, 1, H * D]. ``splits`` (a power of
     two) is how many programs share one row's head's positions; by default enough for about 256 programs (an
-    H100 has 132 multiprocessors)."""
+    H100 has 132 multiprocessors). ``pdl``: both kernels launched with programmatic dependent launch (see
+    :func:`pdl_supported`)."""
     B, H, _, dim = q.shape
     kv_heads = k_cache.shape[1]
     _check_cache(k_cache, v_cache, q.dtype)
@@ -325,10 +351,14 @@ def decode_attention(
         # bf16 and fp16 values are exact in tf32, so the matrix units lose nothing on q, k and v (the softmax
         # weights are rounded to tf32, finer than the bf16 that flash attention rounds them to); fp32 needs ieee
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     if splits > 1:
-        _merge_splits_kernel[(B * H,)](part, best, total, out, DIM=dim, SPLITS=splits)
+        _merge_splits_kernel[(B * H,)](
+            part, best, total, out, DIM=dim, SPLITS=splits, PDL=pdl, launch_pdl=pdl
+        )
     return out
 
 
@@ -422,9 +452,8 @@ def matvec(
     PyTorch op would round. ``block_n`` outputs per program (by default enough programs to cover an H100 several
     times over) and ``block_k`` weights per row per loop step (by default 512; powers of two) are tuning knobs.
 
-    ``pdl`` (by default on for CUDA GPUs of compute capability 9.0 and later, the first with it) launches the
-    kernel with programmatic dependent launch: its programs may start while the kernel before it finishes and
-    read their first weight tile then, waiting for that kernel only before they read ``x``."""
+    ``pdl`` (by default where :func:`pdl_supported`) launches the kernel with programmatic dependent launch; its
+    programs read their first weight tile before they wait for the kernel ahead."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"matvec takes one row; x has shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -440,7 +469,7 @@ def matvec(
     out = x.new_empty(*x.shape[:-1], n_out)
     block_k = block_k or min(512, triton.next_power_of_2(k))
     if pdl is None:
-        pdl = x.is_cuda and _capability(x.device) >= (9, 0)
+        pdl = pdl_supported(x.device)
     if block_n is None and os.environ.get("TRITON_INTERPRET") == "1":
         block_n = 2**18 // block_k  # the interpreter runs programs one after another: few large ones
     elif block_n is None:  # ~1,000 programs where the matrix allows (an H100 has 132 SMs), and at most 16
@@ -469,5 +498,11 @@ def matvec(
 
 
 @functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use programmatic dependent launch: CUDA GPUs of compute capability 9.0
+    (H100) and later. A kernel so launched may start while the kernel ahead of it in the stream is still running;
+    it waits for that kernel to end (``gdc_wait``: its writes are then visible) before it reads anything the
+    kernel may have written and before it writes anything, and then lets the kernel after it launch early in
+    turn (``gdc_launch_dependents``). What this saves is the gap between two kernels: a few microseconds each,
+    several hundred times a step."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)

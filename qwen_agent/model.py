@@ -291,14 +291,15 @@ class Transformer(nn.Module):
         from . import kernels
 
         cfg, cache, eps = self.config, ctx.cache, self.config.rms_norm_eps
+        pdl = kernels.pdl_supported(x.device)  # every kernel of a layer overlaps the end of the one before it
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
             qkv = kernels.matvec(x, attention.wqkv.weight, norm=(layer.attention_norm.weight, eps))
             q = kernels.rotary_to_cache(
                 qkv, attention.wqkv.bias, ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i], ctx.slots,
-                cfg.num_heads, cfg.num_kv_heads,
+                cfg.num_heads, cfg.num_kv_heads, pdl=pdl,
             )  # fmt: skip
-            attended = kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots)
+            attended = kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots, pdl=pdl)
             x = kernels.matvec(attended, attention.wo.weight, residual=x)
             up = kernels.matvec(x, ff.w_gate_up.weight, norm=(layer.ffn_norm.weight, eps), gated=True)
             x = kernels.matvec(up, ff.w_down.weight, residual=x)

@@ -1,6 +1,7 @@
 """Compile each fused decode kernel for an H100 (sm_90) with Triton's own compiler, down to machine code through
 the ptxas Triton ships, on a machine with no GPU. The launch configurations are those qwen_agent/kernels.py uses
-for Qwen-7B (32 heads of 128, hidden 4,096, MLP 11,008; matvec's blocks for its matrices) and for grouped heads (28 over 4), in bf16 and fp32.
+for Qwen-7B (32 heads of 128, hidden 4,096, MLP 11,008; matvec's blocks for its matrices) and for grouped heads
+(28 over 4), in bf16 and fp32, with programmatic dependent launch (pdl) and without.
 
 Triton's CPU interpreter, which runs the other kernel tests, accepts code the compiler rejects (a pointer of one
 type in one branch and another in the other, for one); this catches that. It runs in its own process, without
@@ -64,19 +65,19 @@ def main() -> int:
                 num_warps=8,
             )
         for scale in (True, False):
-            results[f"rotary_to_cache {dt} logN={scale}"] = compile_kernel(
+            results[f"rotary_to_cache {dt} logN={scale} pdl={scale}"] = compile_kernel(
                 kernels._rotary_to_cache_kernel,
                 typed(dt, "qkv_ptr", "bias_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")
                 | typed("fp32", "cos_ptr", "sin_ptr", "scale_ptr")
                 | {"slots_ptr": "i64"},
-                {"HAS_SCALE": scale, "HALF": 64},
+                {"HAS_SCALE": scale, "HALF": 64, "PDL": scale},
             )
         results[f"silu_mul {dt}"] = compile_kernel(
             kernels._silu_mul_kernel, typed(dt, "gate_up_ptr", "out_ptr"), {"BLOCK": 1024}
         )
         for group, splits in ((1, 1), (1, 8), (7, 1), (7, 64)):
             scratch = "fp32" if splits > 1 else dt
-            results[f"decode_attention {dt} group={group} splits={splits}"] = compile_kernel(
+            results[f"decode_attention {dt} group={group} splits={splits} pdl={splits > 1}"] = compile_kernel(
                 kernels._decode_attention_kernel,
                 typed(dt, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")
                 | typed(scratch, "part_ptr", "max_ptr", "sum_ptr")
@@ -88,29 +89,32 @@ def main() -> int:
                     "BLOCK_N": 64,
                     "SPLITS": splits,
                     "PRECISION": "ieee" if dt == "fp32" else "tf32",
+                    "PDL": splits > 1,
                 },
             )
-        results[f"merge_splits {dt}"] = compile_kernel(
+        results[f"merge_splits {dt} pdl={dt == 'bf16'}"] = compile_kernel(
             kernels._merge_splits_kernel,
             typed("fp32", "part_ptr", "max_ptr", "sum_ptr") | {"out_ptr": dt},
-            {"DIM": 128, "SPLITS": 64},
+            {"DIM": 128, "SPLITS": 64, "PDL": dt == "bf16"},
         )
         for norm, gated, residual, block_n in (
             (True, False, False, 16),
             (False, False, True, 4),
             (True, True, False, 8),
         ):
-            results[f"matvec {dt} norm={norm} gated={gated} residual={residual}"] = compile_kernel(
-                kernels._matvec_kernel,
-                typed(dt, "x_ptr", "w_ptr", "out_ptr", "norm_ptr", "residual_ptr"),
-                {
-                    "NORM": norm,
-                    "GATED": gated,
-                    "RESIDUAL": residual,
-                    "BLOCK_N": block_n,
-                    "BLOCK_K": 512,
-                    "PDL": True,
-                },
+            results[f"matvec {dt} norm={norm} gated={gated} residual={residual} pdl={dt == 'bf16'}"] = (
+                compile_kernel(
+                    kernels._matvec_kernel,
+                    typed(dt, "x_ptr", "w_ptr", "out_ptr", "norm_ptr", "residual_ptr"),
+                    {
+                        "NORM": norm,
+                        "GATED": gated,
+                        "RESIDUAL": residual,
+                        "BLOCK_N": block_n,
+                        "BLOCK_K": 512,
+                        "PDL": dt == "bf16",
+                    },
+                )
             )
     for name, result in results.items():
         print(f"{name}: {result}")
