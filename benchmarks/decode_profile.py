@@ -18,7 +18,7 @@ positions per row), it measures:
 Where the fused kernels run (a GPU with Triton, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``, which
 only shows that this script works) and ``--batch`` is 1, it also times the step whose matrix products are
 :func:`qwen_agent.kernels.matvec` (``DecodeRunner(matvec=True)``) and each weight through that kernel, with the
-norm, gate or residual add it takes in the step (on a GPU also without programmatic dependent launch);
+norm, gate or residual add it takes in the step (on a GPU both also without programmatic dependent launch);
 ``--sweep`` times each weight at every block configuration of ``SWEEP`` and prints the fastest, for choosing
 matvec's defaults.
 
@@ -134,6 +134,18 @@ def products_of(name: str, group: list[torch.Tensor], batch: int, matvec: dict |
     return lambda: [kernels.matvec(x, w, norm=norm, gated=gated, residual=residual, **matvec) for w in group]
 
 
+def without_pdl(measure):
+    """``measure()`` with programmatic dependent launch off: the kernels ask ``kernels.pdl_supported``."""
+    from qwen_agent import kernels
+
+    supported = kernels.pdl_supported
+    kernels.pdl_supported = lambda device: False
+    try:
+        return measure()
+    finally:
+        kernels.pdl_supported = supported
+
+
 def matmul_times(
     model: Transformer, batch: int, device: torch.device, repeats: int, matvec: bool
 ) -> list[dict]:
@@ -239,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             matvec_error = str(exc)
             print(f"the step with matvec products failed: {exc}")
     one_row_matvec = matvec_s is not None
+    matvec_no_pdl_s = None
+    if one_row_matvec and device.type == "cuda":
+        matvec_no_pdl_s = without_pdl(
+            lambda: step_time(model, 1, args.context, device, args.steps, fused=True, matvec=True)[0]
+        )
     products = matmul_times(model, args.batch, device, args.steps, one_row_matvec)
     floor_s = sum(r["us_per_step"] for r in products) / 1e6
     eager = ready_runner(model, args.batch, args.context, graphs=False, fused=fused)
@@ -267,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         report |= {
             "step_matvec_ms": matvec_s * 1e3,
             "matvec_tokens_per_s": 1 / matvec_s,
+            "step_matvec_no_pdl_ms": matvec_no_pdl_s * 1e3 if matvec_no_pdl_s else None,
             "matvec_matmuls_ms_per_step": sum(r["matvec_us_per_step"] for r in products) / 1e3,
         }
     if args.sweep and one_row_matvec:
@@ -285,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             f"step with matvec products: {matvec_s * 1e3:.3f} ms = {1 / matvec_s:.1f} tokens/s, "
             f"{nbytes / matvec_s / 1e9:.1f} GB/s ({nbytes / matvec_s / copy:.0%} of copy); the products alone "
             f"{report['matvec_matmuls_ms_per_step']:.3f} ms"
+            + (f"; without PDL {matvec_no_pdl_s * 1e3:.3f} ms" if matvec_no_pdl_s else "")
         )
     matvec_head = f"{'matvec us':>10}{'GB/s':>9}{'of copy':>9}" if one_row_matvec else ""
     matvec_head += f"{'no PDL us':>10}" if one_row_matvec and device.type == "cuda" else ""
