@@ -168,6 +168,31 @@ def test_dead_kernel_is_restarted_and_reported(fresh, code, how):
     assert interp.execute("print('before' in globals())").stdout == "False\n"
 
 
+def _unreaped_child(pid: int) -> bool:
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def test_a_dead_kernels_process_group_is_signalled_only_before_it_is_reaped(fresh, monkeypatch):
+    """Once the kernel's launcher is reaped, its pid (the group's id) may be handed to an unrelated process (pids
+    wrap at pid_max, 32,768 on many machines): restarting after a crash, and closing, signal the group only while
+    the launcher is still an unreaped child, and do signal it (what the dead kernel started must not live on)."""
+    interp = fresh()
+    dead = interp._kernel.proc.pid
+    signalled, killpg = [], os.killpg
+    monkeypatch.setattr(
+        os,
+        "killpg",
+        lambda pgid, sig: (signalled.append((pgid, _unreaped_child(pgid))), killpg(pgid, sig))[1],
+    )
+    assert interp.execute("import os\nos._exit(1)").restarted
+    interp.close()
+    assert (dead, True) in signalled and (dead, False) not in signalled
+
+
 # ---- resource limits ----------------------------------------------------------------------------------------
 
 

@@ -80,10 +80,20 @@ class KernelProcess:
 
     # ---- state ------------------------------------------------------------------------------------------
     def exit_status(self) -> int | None:
-        """None while the kernel runs; otherwise its exit code (128+N when killed by signal N)."""
-        code = self.proc.poll()
-        if code is None:
-            return None
+        """None while the kernel runs; otherwise its exit code (128+N when killed by signal N).
+
+        The launcher is not reaped here (``WNOWAIT``) but in :meth:`kill`, after its process group is signalled:
+        until it is reaped its pid, the group's id, cannot be given to another process."""
+        if self.proc.returncode is not None:
+            code = self.proc.returncode
+        else:
+            try:
+                info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # reaped elsewhere
+                return self.proc.poll()
+            if info is None:
+                return None
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         return 128 - code if code < 0 else code
 
     def log_tail(self, limit: int = 600) -> str:
@@ -142,22 +152,25 @@ class KernelProcess:
     # ---- signals ----------------------------------------------------------------------------------------
     def interrupt(self) -> None:
         """SIGINT to the whole process group; the init and launcher ignore it, the kernel raises KeyboardInterrupt."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
+        self._signal_group(signal.SIGINT)
 
     def kill(self) -> None:
         """Kill the process group (and through the pid namespace / cgroup everything the code started)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._signal_group(signal.SIGKILL)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         self.plan.release()
+
+    def _signal_group(self, signum: int) -> None:
+        # once the launcher is reaped its pid, the group's id, may be another process's: signal only before
+        if self.proc.returncode is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
 
     def close(self) -> None:
         self.kill()
