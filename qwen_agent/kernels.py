@@ -41,6 +41,14 @@ __all__ = ["add_rms_norm", "decode_attention", "matvec", "pdl_supported", "rotar
 
 
 @triton.jit
+def _follow_kernel_ahead():
+    """Under programmatic dependent launch (see :func:`pdl_supported`): wait until the kernel ahead has ended and
+    its writes are visible, then let the kernel after this one launch in turn."""
+    gdc_wait()
+    gdc_launch_dependents()
+
+
+@triton.jit
 def _add_rms_norm_kernel(
     x_ptr, delta_ptr, sum_ptr, out_ptr, weight_ptr, n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -112,9 +120,8 @@ def _rotary_to_cache_kernel(
     HALF: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # everything read below may be the output of the kernel ahead (see pdl_supported)
-        gdc_wait()
-        gdc_launch_dependents()
+    if PDL:  # everything read below may be the output of the kernel ahead
+        _follow_kernel_ahead()
     row, head = tl.program_id(0), tl.program_id(1)  # head over q, k, v heads in the fused projection's order
     dim = 2 * HALF
     i = tl.arange(0, HALF)
@@ -243,8 +250,7 @@ def _decode_attention_kernel(
     PDL: tl.constexpr,
 ):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        _follow_kernel_ahead()
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(slots_ptr + row) + 1  # the row's positions 0..slot, the new one included
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
@@ -290,8 +296,7 @@ def _merge_splits_kernel(
     part_ptr, max_ptr, sum_ptr, out_ptr, DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr
 ):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        _follow_kernel_ahead()
     head = tl.program_id(0)  # row * n_heads + head
     s, d = tl.arange(0, SPLITS), tl.arange(0, DIM)
     best = tl.load(max_ptr + head * SPLITS + s)
@@ -395,9 +400,8 @@ def _matvec_kernel(
     if (
         PDL
     ):  # launched before the kernel ahead of it ends: the weights are constant, but x and the residual are
-        # that kernel's output, so wait for it here; then let the next kernel launch in turn
-        gdc_wait()
-        gdc_launch_dependents()
+        # that kernel's output, so wait for it here
+        _follow_kernel_ahead()
     if NORM:  # the RMSNorm before the product, recomputed by every program from the row (an L2 hit)
         squares = tl.zeros((BLOCK_K,), tl.float32)
         for at in range(0, k, BLOCK_K):

@@ -126,6 +126,19 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
         return self.wo(out.transpose(1, 2).reshape(B, S, q_size))
 
+    def fused_decode(self, qkv: Tensor, layer: int, ctx: _StepContext, *, pdl: bool = False) -> Tensor:
+        """The fused decode step's attention from the q|k|v product ``qkv`` [B, 1, ...] without its bias: bias,
+        RoPE, logN and the cache write in one kernel, then attention over each row's slots; [B, 1, H * D], the
+        input of ``wo``. ``pdl``: the kernels use programmatic dependent launch."""
+        from . import kernels
+
+        cfg, cache = self.config, ctx.cache
+        q = kernels.rotary_to_cache(
+            qkv, self.wqkv.bias, ctx.cos, ctx.sin, ctx.q_scale, cache.k[layer], cache.v[layer], ctx.slots,
+            cfg.num_heads, cfg.num_kv_heads, pdl=pdl,
+        )  # fmt: skip
+        return kernels.decode_attention(q, cache.k[layer], cache.v[layer], ctx.slots, pdl=pdl)
+
 
 class FeedForward(nn.Module):
     def __init__(self, config: QwenConfig) -> None:
@@ -266,18 +279,13 @@ class Transformer(nn.Module):
         row's slots and SiLU-times-up, besides the four matrix products."""
         from . import kernels  # needs Triton, which only this path does
 
-        cfg, cache = self.config, ctx.cache
+        cfg = self.config
         norms = [norm for layer in self.layers for norm in (layer.attention_norm, layer.ffn_norm)]
         norms.append(self.norm)
         h, x = kernels.add_rms_norm(x, norms[0].weight, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
-            qkv = attention.wqkv
-            q = kernels.rotary_to_cache(
-                F.linear(h, qkv.weight), qkv.bias, ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i],
-                ctx.slots, cfg.num_heads, cfg.num_kv_heads,
-            )  # fmt: skip
-            attended = attention.wo(kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots))
+            attended = attention.wo(attention.fused_decode(F.linear(h, attention.wqkv.weight), i, ctx))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attended)
             up = kernels.silu_mul(ff.w_gate_up(h))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 2].weight, cfg.rms_norm_eps, ff.w_down(up))
@@ -290,16 +298,12 @@ class Transformer(nn.Module):
         kernel, attention and its merge."""
         from . import kernels
 
-        cfg, cache, eps = self.config, ctx.cache, self.config.rms_norm_eps
+        eps = self.config.rms_norm_eps
         pdl = kernels.pdl_supported(x.device)  # every kernel of a layer overlaps the end of the one before it
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
             qkv = kernels.matvec(x, attention.wqkv.weight, norm=(layer.attention_norm.weight, eps))
-            q = kernels.rotary_to_cache(
-                qkv, attention.wqkv.bias, ctx.cos, ctx.sin, ctx.q_scale, cache.k[i], cache.v[i], ctx.slots,
-                cfg.num_heads, cfg.num_kv_heads, pdl=pdl,
-            )  # fmt: skip
-            attended = kernels.decode_attention(q, cache.k[i], cache.v[i], ctx.slots, pdl=pdl)
+            attended = attention.fused_decode(qkv, i, ctx, pdl=pdl)
             x = kernels.matvec(attended, attention.wo.weight, residual=x)
             up = kernels.matvec(x, ff.w_gate_up.weight, norm=(layer.ffn_norm.weight, eps), gated=True)
             x = kernels.matvec(up, ff.w_down.weight, residual=x)
