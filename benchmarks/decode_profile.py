@@ -6,7 +6,7 @@
 For ``--batch`` rows whose next token goes to slot ``--context - 1`` (so each step reads ``--context`` cached
 positions per row), it measures:
 
-- **step**: the decode step as generation runs it (:class:`~qwen_agent.decode_runner.DecodeRunner`: replayed
+- **step**: the decode step as generation runs it (:class:`~qwen_agent.runtime.decode_runner.DecodeRunner`: replayed
   CUDA graphs and the fused kernels on a GPU), ms per step and the bandwidth it achieves against a copy measured
   in the same run (bytes: every weight but the embedding table, and the keys and values read);
 - **matmuls**: each distinct weight of a layer, and the output projection, multiplied alone at the step's batch
@@ -17,7 +17,7 @@ positions per row), it measures:
 
 Where the fused kernels run (a GPU with Triton, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``, which
 only shows that this script works) and ``--batch`` is 1, it also times the step whose matrix products are
-:func:`qwen_agent.kernels.matvec` (``DecodeRunner(matvec=True)``) and each weight through that kernel, with the
+:func:`qwen_agent.runtime.kernels.matvec` (``DecodeRunner(matvec=True)``) and each weight through that kernel, with the
 norm, gate or residual add it takes in the step (on a GPU both also without programmatic dependent launch);
 ``--sweep`` times each weight at every block configuration of ``SWEEP`` and prints the fastest, for choosing
 matvec's defaults.
@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import ROOT, copy_bandwidth, new_runner, random_model, step_bytes, write_report  # noqa: E402
 
-from qwen_agent.checkpoint import resolve_device, resolve_dtype  # noqa: E402
-from qwen_agent.config import CONFIGS  # noqa: E402
-from qwen_agent.decode_runner import DecodeRunner, fused_by_default  # noqa: E402
-from qwen_agent.model import Transformer  # noqa: E402
+from qwen_agent.runtime.checkpoint import resolve_device, resolve_dtype  # noqa: E402
+from qwen_agent.runtime.config import CONFIGS  # noqa: E402
+from qwen_agent.runtime.decode_runner import DecodeRunner, fused_by_default  # noqa: E402
+from qwen_agent.runtime.model import Transformer  # noqa: E402
 
 # matvec's (block_n, block_k, num_warps) for --sweep: weight tiles of 2K to 16K elements (more spill registers)
 SWEEP = [
@@ -126,7 +126,7 @@ def products_of(name: str, group: list[torch.Tensor], batch: int, matvec: dict |
     x = torch.randn(batch, weight.shape[1], dtype=weight.dtype, device=weight.device)
     if matvec is None:
         return lambda: [F.linear(x, w) for w in group]
-    from qwen_agent import kernels
+    from qwen_agent.runtime import kernels
 
     norm = (torch.ones_like(x[0]), 1e-6) if name in ("wqkv", "w_gate_up", "output") else None
     residual = torch.zeros_like(x[:, : weight.shape[0]]) if name in ("wo", "w_down") else None
@@ -136,7 +136,7 @@ def products_of(name: str, group: list[torch.Tensor], batch: int, matvec: dict |
 
 def without_pdl(measure):
     """``measure()`` with programmatic dependent launch off: the kernels ask ``kernels.pdl_supported``."""
-    from qwen_agent import kernels
+    from qwen_agent.runtime import kernels
 
     supported = kernels.pdl_supported
     kernels.pdl_supported = lambda device: False

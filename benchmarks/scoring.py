@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_agent.bench import catalog_schemas, load_catalog, shipped_path  # noqa: E402
-from qwen_agent.evaluation import load_jobs, scorecard  # noqa: E402
-from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
+from qwen_agent.bench.metrics import load_jobs, scorecard  # noqa: E402
+from qwen_agent.bench.tool_use import catalog_schemas, load_catalog, shipped_path  # noqa: E402
+from qwen_agent.runtime.tokenizer import QwenTokenizer  # noqa: E402
 
 
 def positive_output(job: dict, variant: int) -> str:

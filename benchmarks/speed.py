@@ -41,13 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_agent.checkpoint import load_checkpoint, resolve_device, resolve_dtype, to_transformers  # noqa: E402
-from qwen_agent.config import CONFIGS, QwenConfig  # noqa: E402
-from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
 from qwen_agent.errors import QwenAgentError  # noqa: E402
-from qwen_agent.generate import Generation, SamplingParams  # noqa: E402
-from qwen_agent.model import KVCache, Transformer  # noqa: E402
-from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
+from qwen_agent.runtime.checkpoint import load_checkpoint, resolve_device, resolve_dtype, to_transformers  # noqa: E402
+from qwen_agent.runtime.config import CONFIGS, QwenConfig  # noqa: E402
+from qwen_agent.runtime.decode_runner import DecodeRunner  # noqa: E402
+from qwen_agent.runtime.generate import Generation, SamplingParams  # noqa: E402
+from qwen_agent.runtime.model import KVCache, Transformer  # noqa: E402
+from qwen_agent.runtime.tokenizer import QwenTokenizer  # noqa: E402
 
 GIB = 1024**3
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if args.smoke:
-            from qwen_agent.tiny import write_tiny_checkpoint
+            from qwen_agent.runtime.tiny import write_tiny_checkpoint
 
             model_dir = write_tiny_checkpoint(tmp, "qwen", seq_length=64)
         if model_dir:

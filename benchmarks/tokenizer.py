@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import tiktoken  # noqa: E402
 
-from qwen_agent.tokenizer import PAT_STR, QwenTokenizer, dashscope_vocab_path, load_tiktoken_ranks  # noqa: E402
+from qwen_agent.runtime.tokenizer import PAT_STR, QwenTokenizer, dashscope_vocab_path, load_tiktoken_ranks  # noqa: E402
 
 ENGLISH = (
     "Answer the following questions as best you can. The weather in Hangzhou tomorrow will be cloudy with a "

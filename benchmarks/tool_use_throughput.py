@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from qwen_agent.bench import EngineGenerator, shipped_path  # noqa: E402
-from qwen_agent.engine import load_model  # noqa: E402
-from qwen_agent.evaluation import load_jobs  # noqa: E402
-from qwen_agent.tiny import write_tiny_checkpoint  # noqa: E402
+from qwen_agent.bench.metrics import load_jobs  # noqa: E402
+from qwen_agent.bench.tool_use import EngineGenerator, shipped_path  # noqa: E402
+from qwen_agent.runtime.engine import load_model  # noqa: E402
+from qwen_agent.runtime.tiny import write_tiny_checkpoint  # noqa: E402
 
 
 def main() -> None:

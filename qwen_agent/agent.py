@@ -22,9 +22,8 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
-from .chat_format import DEFAULT_SYSTEM
 from .errors import ConfigError, LLMError
-from .llm import LLM, ChatPrompt, Completion, Sampling
+from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
     STOP_WORDS,
@@ -39,6 +38,7 @@ from .react import (
     react_question,
     render_observation,
 )
+from .runtime.chat_format import DEFAULT_SYSTEM
 
 __all__ = [
     "Agent",

@@ -10,7 +10,7 @@ from .errors import QwenAgentError
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from .tokenizer import QwenTokenizer
+    from .runtime.tokenizer import QwenTokenizer
 
     tokenizer = QwenTokenizer.from_pretrained(args.vocab)
     if args.decode:
@@ -37,7 +37,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .engine import load_model
+    from .runtime.engine import load_model
 
     engine = load_model(args.model, device=args.device, dtype=args.dtype)
     generation = {
@@ -164,8 +164,8 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import load_datasets, open_generator, run_benchmark
-    from .evaluation import render_markdown
+    from .bench.metrics import render_markdown
+    from .bench.tool_use import load_datasets, open_generator, run_benchmark
 
     if args.batch_size < 1:
         raise QwenAgentError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -204,8 +204,8 @@ def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
 def _cmd_bench_score(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import score_files
-    from .evaluation import render_markdown
+    from .bench.metrics import render_markdown
+    from .bench.tool_use import score_files
 
     report = score_files(args.positive, args.negative, plugins=args.plugins, bootstrap=args.bootstrap)
     print(json.dumps(report, ensure_ascii=False) if args.json else render_markdown(report))
@@ -215,7 +215,7 @@ def _cmd_bench_score(args: argparse.Namespace) -> int:
 def _cmd_bench_code_interpreter(args: argparse.Namespace) -> int:
     import json
 
-    from .bench_code import run_code_benchmark
+    from .bench.code_interpreter import run_code_benchmark
 
     report = run_code_benchmark(
         args.model,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import cli
 from .errors import QwenAgentError
-from .tiny import write_tiny_checkpoint
+from .runtime.tiny import write_tiny_checkpoint
 
 QUESTION = "What is 2**100? Use the code interpreter."
 

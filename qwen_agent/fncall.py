@@ -24,9 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .chat_format import DEFAULT_SYSTEM
 from .errors import ConfigError
-from .llm import LLM, ChatPrompt, Completion, Sampling
+from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     STOP_WORDS,
     FinalAnswer,
@@ -36,6 +35,7 @@ from .react import (
     react_question,
     tool_desc_line,
 )
+from .runtime.chat_format import DEFAULT_SYSTEM
 
 __all__ = ["FunctionPrompt", "build_prompt", "response_message", "chat_completion", "chat_completion_stream"]
 

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
-from .chat_format import DEFAULT_SYSTEM
 from .errors import ConfigError
+from .runtime.chat_format import DEFAULT_SYSTEM
 
 try:
     from langchain_core.callbacks import (
@@ -55,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from None
 
 from .fncall import build_prompt, chat_completion_stream, response_message
-from .llm import LLM, ChatPrompt, Completion, Sampling
+from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import parse_arguments, react_instruction
 from .tools.base import BaseTool
 from .tools.registry import FunctionTool
@@ -102,9 +102,9 @@ class _QwenSettings(BaseModel):
 
     @classmethod
     def from_model(cls, path: str, *, device: str | None = None, dtype: str | None = None, **settings: Any):
-        """An adapter over a local model directory, loaded with :func:`qwen_agent.engine.load_model`."""
-        from .engine import load_model
+        """An adapter over a local model directory, loaded with :func:`qwen_agent.runtime.engine.load_model`."""
         from .llm import LocalLLM
+        from .runtime.engine import load_model
 
         settings.setdefault("model_name", str(path))
         return cls(backend=LocalLLM(load_model(path, device=device, dtype=dtype)), **settings)

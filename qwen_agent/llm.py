@@ -28,12 +28,11 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from .chat_format import DEFAULT_SYSTEM
 from .errors import LLMError
-from .stops import StopScanner, cut_at_stop
-from .tokenizer import IM_END, IM_START
+from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
+from .runtime.stops import StopScanner, cut_at_stop
 
 __all__ = [
     "ChatPrompt",
@@ -45,86 +44,6 @@ __all__ = [
     "LocalLLM",
     "llm_from_spec",
 ]
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A ChatML conversation: ``system``, ``history`` as ``(query, response)`` pairs, the current ``query``,
-    and ``assistant_prefix``, text the assistant has already written in this turn and is to continue."""
-
-    query: str
-    history: tuple[tuple[str, str], ...] = ()
-    system: str = DEFAULT_SYSTEM
-    assistant_prefix: str = ""
-
-    def to_chatml(self) -> str:
-        """The prompt as one ChatML string, exactly as ``make_context`` writes it, plus the prefix."""
-        parts = [f"{IM_START}system\n{self.system}{IM_END}"]
-        for query, response in self.history:
-            parts.append(f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n{response}{IM_END}")
-        parts.append(f"\n{IM_START}user\n{self.query}{IM_END}\n{IM_START}assistant\n{self.assistant_prefix}")
-        return "".join(parts)
-
-    def to_messages(self) -> list[dict[str, str]]:
-        """OpenAI chat messages; a non-empty prefix becomes a final assistant message."""
-        messages = [{"role": "system", "content": self.system}]
-        for query, response in self.history:
-            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
-        messages.append({"role": "user", "content": self.query})
-        if self.assistant_prefix:
-            messages.append({"role": "assistant", "content": self.assistant_prefix})
-        return messages
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; ``None`` leaves a setting to the backend's default. ``temperature=0`` is greedy."""
-
-    max_tokens: int = 512
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated continuation.
-
-    ``finish_reason`` is ``"stop"`` (a stop string or end of turn) or ``"length"``; ``stop`` is the stop string
-    that ended it, if one did. Token counts are ``None`` when the backend does not report them;
-    ``prefill_tokens`` is how many prompt tokens had to be encoded (fewer than ``prompt_tokens`` when a KV cache
-    was reused).
-    """
-
-    text: str
-    finish_reason: str = "stop"
-    stop: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prefill_tokens: int | None = None
-    seconds: float = 0.0
-
-
-@runtime_checkable
-class LLM(Protocol):
-    """What the agent needs from a model. Implement both methods to plug in any backend."""
-
-    def complete(
-        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
-    ) -> Completion:
-        """The continuation of ``prompt``, cut before the first of ``stop``."""
-        ...
-
-    def stream(
-        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
-    ) -> Iterator[str | Completion]:
-        """Text deltas as they are generated, then the :class:`Completion` as the last item."""
-        ...
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -170,16 +89,16 @@ class ScriptedLLM:
 
 
 class LocalLLM:
-    """A model loaded in this process (:func:`qwen_agent.engine.load_model`).
+    """A model loaded in this process (:func:`qwen_agent.runtime.engine.load_model`).
 
-    The prompt ids are built piece-wise with :func:`~qwen_agent.chat_format.make_context` and the assistant
+    The prompt ids are built piece-wise with :func:`~qwen_agent.runtime.chat_format.make_context` and the assistant
     prefix is appended as plain text, so neither user text nor tool output can become a control token. The
     engine keeps the KV cache of its previous call, so when the agent re-sends the same conversation with a
     longer assistant prefix only the new tokens are encoded (``Completion.prefill_tokens``).
     """
 
     def __init__(self, engine: Any, *, max_window_size: int | None = None):
-        from .chat_format import DEFAULT_MAX_WINDOW_SIZE
+        from .runtime.chat_format import DEFAULT_MAX_WINDOW_SIZE
 
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -187,7 +106,7 @@ class LocalLLM:
         self.max_window_size = max_window_size or configured or DEFAULT_MAX_WINDOW_SIZE
 
     def prompt_ids(self, prompt: ChatPrompt) -> list[int]:
-        from .chat_format import make_context
+        from .runtime.chat_format import make_context
 
         _, ids = make_context(
             self.tokenizer,
@@ -261,6 +180,6 @@ def llm_from_spec(
         from .openai_client import OpenAICompatibleLLM
 
         return OpenAICompatibleLLM(model, served_model, api_key=api_key or os.environ.get("OPENAI_API_KEY"))
-    from .engine import load_model
+    from .runtime.engine import load_model
 
     return LocalLLM(load_model(model, device=device))

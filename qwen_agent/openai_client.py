@@ -11,7 +11,8 @@ import requests
 import urllib3
 
 from .errors import ConfigError, LLMAuthError, LLMConnectionError, LLMError, LLMProtocolError, LLMTimeoutError
-from .llm import ChatPrompt, Completion, Sampling, StopScanner, cut_at_stop
+from .llm_protocol import ChatPrompt, Completion, Sampling
+from .runtime.stops import StopScanner, cut_at_stop
 
 __all__ = ["OpenAICompatibleLLM"]
 
@@ -184,7 +185,7 @@ class OpenAICompatibleLLM:
         return "/completions", body
 
     def _prompt_ids(self, prompt: ChatPrompt) -> list[int]:
-        from .chat_format import make_context
+        from .runtime.chat_format import make_context
 
         _, ids = make_context(
             self.tokenizer, prompt.query, list(prompt.history), prompt.system, max_window_size=1 << 30

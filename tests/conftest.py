@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen_agent.tiny import write_tiny_checkpoint
-from qwen_agent.tokenizer import QwenTokenizer, dashscope_vocab_path
+from qwen_agent.runtime.tiny import write_tiny_checkpoint
+from qwen_agent.runtime.tokenizer import QwenTokenizer, dashscope_vocab_path
 
 
 def _has_cuda() -> bool:

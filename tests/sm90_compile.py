@@ -1,5 +1,5 @@
 """Compile each fused decode kernel for an H100 (sm_90) with Triton's own compiler, down to machine code through
-the ptxas Triton ships, on a machine with no GPU. The launch configurations are those qwen_agent/kernels.py uses
+the ptxas Triton ships, on a machine with no GPU. The launch configurations are those qwen_agent/runtime/kernels.py uses
 for Qwen-7B (32 heads of 128, hidden 4,096, MLP 11,008; matvec's blocks for its matrices) and for grouped heads
 (28 over 4), in bf16 and fp32, with programmatic dependent launch (pdl) and without.
 
@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qwen_agent import kernels  # noqa: E402
+from qwen_agent.runtime import kernels  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 FLOATS = ("eps", "scale")

@@ -501,14 +501,14 @@ def test_run_command_reports_an_unreachable_server(capsys):
 def tiny_checkpoint(tmp_path_factory):
     """A random-weight checkpoint in Qwen-7B-Chat's exact layout (seq_length as in the real model, so dynamic NTK
     does not change between steps)."""
-    from qwen_agent.tiny import write_tiny_checkpoint
+    from qwen_agent.runtime.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen", seed=0, seq_length=8192)
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_checkpoint):
-    from qwen_agent.engine import load_model
+    from qwen_agent.runtime.engine import load_model
 
     return load_model(tiny_checkpoint, device="cpu")
 
@@ -547,8 +547,8 @@ class _Steered:
 
 
 def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
-    from qwen_agent.engine import QwenEngine
     from qwen_agent.llm import LocalLLM
+    from qwen_agent.runtime.engine import QwenEngine
 
     tok = tiny_engine.tokenizer
     steered = _Steered(tiny_engine.model)

@@ -1,7 +1,7 @@
 import pytest
 
-from qwen_agent.chat_format import DEFAULT_SYSTEM, make_context, stop_ids
 from qwen_agent.errors import ConfigError
+from qwen_agent.runtime.chat_format import DEFAULT_SYSTEM, make_context, stop_ids
 
 IM_START, IM_END, NL = 151644, 151645, 198
 

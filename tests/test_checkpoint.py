@@ -1,4 +1,4 @@
-"""checkpoint.py on real files in the Hugging Face layout (written by qwen_agent.tiny): every format, every bad case."""
+"""checkpoint.py on real files in the Hugging Face layout (written by qwen_agent.runtime.tiny): every format, every bad case."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from test_model import TOL, hf_model  # a sibling test module: the same HF reference builder
 from transformers import Qwen2ForCausalLM
 
-from qwen_agent.checkpoint import load_checkpoint
-from qwen_agent.config import QwenConfig
 from qwen_agent.errors import CheckpointError
-from qwen_agent.tiny import write_tiny_checkpoint
+from qwen_agent.runtime.checkpoint import load_checkpoint
+from qwen_agent.runtime.config import QwenConfig
+from qwen_agent.runtime.tiny import write_tiny_checkpoint
 
 IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 77091]])
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def test_hub_id_without_huggingface_hub(monkeypatch):
 
 def test_hub_id_offline_gives_a_clear_message(tmp_path):
     code = textwrap.dedent("""
-        from qwen_agent.checkpoint import load_checkpoint
+        from qwen_agent.runtime.checkpoint import load_checkpoint
         from qwen_agent.errors import CheckpointError
         try:
             load_checkpoint("Qwen/Qwen-7B-Chat", device="cpu")
@@ -284,7 +284,7 @@ def test_peak_host_memory_of_a_load(tmp_path, dtype):
     )
     checkpoint_bytes = sum(f.stat().st_size for f in shards(path))
     code = textwrap.dedent(f"""
-        import torch, qwen_agent.checkpoint as ck
+        import torch, qwen_agent.runtime.checkpoint as ck
         def status(key):  # VmHWM is this process's own peak (ru_maxrss would carry the parent's across exec)
             return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
         with torch.device("meta"):  # one-time imports (~70 MB of modules) that do not scale with the weights

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen_agent.bench import DATA_DIR, load_catalog, plugin_tools, shipped_path
+from qwen_agent.bench.metrics import load_jobs, offered_tools, process_res
+from qwen_agent.bench.tool_use import DATA_DIR, load_catalog, plugin_tools, shipped_path
 from qwen_agent.errors import ToolArgumentError
-from qwen_agent.evaluation import load_jobs, offered_tools, process_res
 from qwen_agent.react import Action, FinalAnswer, parse_output
 from qwen_agent.tools.schema import validate_arguments
 
@@ -127,7 +127,7 @@ def test_every_negative_golden_is_a_final_answer(negative):
 
 
 def test_outside_a_source_checkout_the_error_says_what_to_pass(monkeypatch, tmp_path):
-    from qwen_agent import bench
+    from qwen_agent.bench import tool_use as bench
     from qwen_agent.errors import BenchmarkError
 
     monkeypatch.setattr(bench, "DATA_DIR", tmp_path)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tiny_models import greedy_token_ids, peaked_tiny_model, prefill_row
 
-from qwen_agent.config import CONFIGS, GenerationConfig
-from qwen_agent.decode_runner import MIN_SLOT_BUCKET, DecodeRunner
-from qwen_agent.engine import QwenEngine
-from qwen_agent.model import KVCache, Transformer
-from qwen_agent.tokenizer import QwenTokenizer
+from qwen_agent.runtime.config import CONFIGS, GenerationConfig
+from qwen_agent.runtime.decode_runner import MIN_SLOT_BUCKET, DecodeRunner
+from qwen_agent.runtime.engine import QwenEngine
+from qwen_agent.runtime.model import KVCache, Transformer
+from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 CONFIG = CONFIGS["tiny"]
 QWEN2 = replace(  # grouped KV heads, no NTK or logN

@@ -13,11 +13,11 @@ import pytest
 import torch
 from tiny_models import interpreter_runs_kernels
 
-import qwen_agent
-from qwen_agent.chat_format import DEFAULT_SYSTEM, make_context
-from qwen_agent.engine import QwenEngine, load_model
+import qwen_agent.runtime.config
 from qwen_agent.errors import CheckpointError, ConfigError
-from qwen_agent.tiny import write_tiny_checkpoint
+from qwen_agent.runtime.chat_format import DEFAULT_SYSTEM, make_context
+from qwen_agent.runtime.engine import QwenEngine, load_model
+from qwen_agent.runtime.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = {"do_sample": False, "max_new_tokens": 12}
@@ -242,7 +242,7 @@ def test_decode_profile_times_the_matvec_kernel_and_sweeps_its_blocks(tmp_path, 
 def test_speed_benchmark_counts_the_bytes_of_a_7b_step():
     speed = benchmark_module("speed")
     with torch.device("meta"):  # the real shape, no memory
-        model = speed.Transformer(qwen_agent.config.CONFIGS["7b"]).to(torch.bfloat16)
+        model = speed.Transformer(qwen_agent.runtime.config.CONFIGS["7b"]).to(torch.bfloat16)
     kv_per_position = 32 * 2 * 4096 * 2  # layers x (k, v) x hidden x bf16 bytes
     # 7.10B parameters besides the 151,936 x 4,096 embedding table, in bf16
     assert speed.generation_bytes(model, 1) == 2 * (7_721_324_544 - 151_936 * 4096) + kv_per_position

@@ -18,13 +18,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from qwen_agent.checkpoint import to_transformers
-from qwen_agent.config import GenerationConfig
-from qwen_agent.engine import QwenEngine
 from qwen_agent.errors import ConfigError, GenerationError
-from qwen_agent.generate import SamplingParams, next_token, process_logits, sample
-from qwen_agent.model import Transformer
-from qwen_agent.tokenizer import QwenTokenizer
+from qwen_agent.runtime.checkpoint import to_transformers
+from qwen_agent.runtime.config import GenerationConfig
+from qwen_agent.runtime.engine import QwenEngine
+from qwen_agent.runtime.generate import SamplingParams, next_token, process_logits, sample
+from qwen_agent.runtime.model import Transformer
+from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 OBSERVATION_COLON = [37763, 367, 25]  # "Observation:"
 OBSERVATION_COLON_NEWLINE = [37763, 367, 510]  # "Observation:\n" with the merged ":\n"
@@ -169,7 +169,7 @@ def test_prompts_join_freed_rows_and_each_gets_what_it_gets_alone(engine, tokeni
 def test_prompts_joining_together_share_prefill_calls(engine, tokenizer, monkeypatch, budget):
     """A wave of joining prompts is prefilled in as few calls as the padded-token budget allows (one call when
     it fits, a prompt longer than the budget alone), and each prompt still gets what it gets alone."""
-    import qwen_agent.generate
+    import qwen_agent.runtime.generate
 
     texts = ["Hi", "x " * 30, "A much longer prompt with many more tokens in it", "Mid size q", "Last one"]
     prompts = [tokenizer.encode(t) for t in texts]
@@ -182,7 +182,7 @@ def test_prompts_joining_together_share_prefill_calls(engine, tokenizer, monkeyp
         return real_prefill(ids, lengths, cache, rows, start)
 
     monkeypatch.setattr(engine.model, "prefill", recording_prefill)
-    monkeypatch.setattr(qwen_agent.generate, "PREFILL_TOKENS", budget)
+    monkeypatch.setattr(qwen_agent.runtime.generate, "PREFILL_TOKENS", budget)
     together = engine.generate(prompts, max_new_tokens=6, do_sample=False)
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert sorted(n for _, lengths in calls for n in lengths) == sorted(map(len, prompts))
@@ -356,9 +356,9 @@ def test_generation_stops_at_the_models_context(tiny_model, tokenizer):
 
 def test_a_freed_row_stays_at_slot_zero_while_the_others_decode(tiny_model, tokenizer):
     """A finished row's slot does not advance with the rest (the fused attention reads a row up to its slot)."""
-    from qwen_agent.decode_runner import DecodeRunner
-    from qwen_agent.generate import Generation
-    from qwen_agent.model import KVCache
+    from qwen_agent.runtime.decode_runner import DecodeRunner
+    from qwen_agent.runtime.generate import Generation
+    from qwen_agent.runtime.model import KVCache
 
     runner = DecodeRunner(tiny_model, KVCache(tiny_model.config, 2, 64, dtype=torch.float32, device="cpu"))
     runner.slots.fill_(50)  # left over from an earlier generation on the same runner

@@ -18,13 +18,13 @@ from tiny_models import greedy_token_ids, interpreter_runs_kernels, peaked_tiny_
 
 triton = pytest.importorskip("triton")
 
-from qwen_agent import decode_runner, kernels  # noqa: E402
-from qwen_agent.config import CONFIGS, GenerationConfig  # noqa: E402
-from qwen_agent.decode_runner import DecodeRunner  # noqa: E402
-from qwen_agent.engine import QwenEngine  # noqa: E402
 from qwen_agent.errors import ConfigError, GenerationError  # noqa: E402
-from qwen_agent.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
-from qwen_agent.tokenizer import QwenTokenizer  # noqa: E402
+from qwen_agent.runtime import decode_runner, kernels  # noqa: E402
+from qwen_agent.runtime.config import CONFIGS, GenerationConfig  # noqa: E402
+from qwen_agent.runtime.decode_runner import DecodeRunner  # noqa: E402
+from qwen_agent.runtime.engine import QwenEngine  # noqa: E402
+from qwen_agent.runtime.model import KVCache, RMSNorm, Transformer, apply_rotary  # noqa: E402
+from qwen_agent.runtime.tokenizer import QwenTokenizer  # noqa: E402
 
 ON_INTERPRETER = pytest.mark.skipif(
     not interpreter_runs_kernels(),

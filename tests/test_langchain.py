@@ -24,8 +24,6 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool as lc_tool
 from tiny_models import ScriptedModel
 
-from qwen_agent.config import GenerationConfig
-from qwen_agent.engine import QwenEngine, load_model
 from qwen_agent.errors import ConfigError
 from qwen_agent.langchain import (
     ChatQwen,
@@ -36,6 +34,8 @@ from qwen_agent.langchain import (
     to_langchain_tool,
 )
 from qwen_agent.llm import LocalLLM, ScriptedLLM
+from qwen_agent.runtime.config import GenerationConfig
+from qwen_agent.runtime.engine import QwenEngine, load_model
 from qwen_agent.tools import tool
 
 OBSERVATION_COLON = [37763, 367, 25]  # "Observation:"

@@ -58,8 +58,8 @@ def test_chatml_text_matches_make_context_layout():
 
 
 def test_chatml_text_agrees_with_make_context():
-    from qwen_agent.chat_format import make_context
-    from qwen_agent.tokenizer import QwenTokenizer
+    from qwen_agent.runtime.chat_format import make_context
+    from qwen_agent.runtime.tokenizer import QwenTokenizer
 
     tok = QwenTokenizer.from_pretrained()
     text, _ = make_context(tok, PROMPT.query, list(PROMPT.history))
@@ -130,8 +130,8 @@ def test_length_finish_is_reported(server):
 
 
 def test_prompt_sent_as_ids_with_a_tokenizer_cannot_inject_control_tokens(server):
-    from qwen_agent.chat_format import make_context
-    from qwen_agent.tokenizer import QwenTokenizer
+    from qwen_agent.runtime.chat_format import make_context
+    from qwen_agent.runtime.tokenizer import QwenTokenizer
 
     tok = QwenTokenizer.from_pretrained()
     server.replies.append(json_reply(200, completion_body("ok")))

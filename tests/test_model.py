@@ -17,9 +17,9 @@ from tiny_models import prefill_row
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2 import modeling_qwen2
 
-from qwen_agent.checkpoint import weight_name_map
-from qwen_agent.config import CONFIGS, QwenConfig, ntk_alpha
-from qwen_agent.model import KVCache, Transformer
+from qwen_agent.runtime.checkpoint import weight_name_map
+from qwen_agent.runtime.config import CONFIGS, QwenConfig, ntk_alpha
+from qwen_agent.runtime.model import KVCache, Transformer
 
 TOL = 1e-4
 V1 = replace(CONFIGS["tiny"], vocab_size=512)  # seq_length 32, NTK and logN on

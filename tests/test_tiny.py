@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from qwen_agent.errors import ConfigError
-from qwen_agent.tiny import qwen_7b_chat_config, write_tiny_checkpoint
+from qwen_agent.runtime.tiny import qwen_7b_chat_config, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

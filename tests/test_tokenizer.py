@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_agent import cli
-from qwen_agent import tokenizer as tokenizer_module
 from qwen_agent.errors import TokenizerError, VocabError
-from qwen_agent.tokenizer import QwenTokenizer
+from qwen_agent.runtime import tokenizer as tokenizer_module
+from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 # reference section 2.3, verified against the real vocabulary
 REFERENCE_IDS = {

@@ -15,11 +15,11 @@ import os
 import torch
 from torch import nn
 
-from qwen_agent.config import CONFIGS
-from qwen_agent.decode_runner import DecodeRunner
-from qwen_agent.generate import Generation, SamplingParams
-from qwen_agent.model import KVCache, Transformer
-from qwen_agent.tokenizer import QwenTokenizer
+from qwen_agent.runtime.config import CONFIGS
+from qwen_agent.runtime.decode_runner import DecodeRunner
+from qwen_agent.runtime.generate import Generation, SamplingParams
+from qwen_agent.runtime.model import KVCache, Transformer
+from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 
 def interpreter_runs_kernels() -> bool:

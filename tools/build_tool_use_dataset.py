@@ -1,6 +1,6 @@
 """Build the tool-use benchmark files in benchmarks/data/ from the hand-written source in benchmarks/data/source/.
 
-The built files are generated (and git-ignored); ``qwen_agent.bench.shipped_path`` runs this script when they are
+The built files are generated (and git-ignored); ``qwen_agent.bench.tool_use.shipped_path`` runs this script when they are
 missing or older than their source.
 
     python tools/build_tool_use_dataset.py            # write the files
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_agent.bench import plugin_tools  # noqa: E402
+from qwen_agent.bench.tool_use import plugin_tools  # noqa: E402
 from qwen_agent.react import react_instruction, react_question, render_action, render_final_answer  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data"

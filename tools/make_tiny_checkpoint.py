@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_agent.errors import QwenAgentError  # noqa: E402
-from qwen_agent.tiny import write_tiny_checkpoint  # noqa: E402
+from qwen_agent.runtime.tiny import write_tiny_checkpoint  # noqa: E402
 
 
 def main() -> int:

@@ -13,12 +13,10 @@ import requests
 from ..errors import ToolArgumentError
 from .base import BaseTool
 from .interpreter import CodeInterpreter, ExecutionResult, Executor
-from .registry import register_tool
 
-__all__ = ["CodeInterpreterTool", "WebFetchTool", "CurrentTimeTool", "html_to_text"]
+__all__ = ["BUILTIN_TOOLS", "CodeInterpreterTool", "WebFetchTool", "CurrentTimeTool", "html_to_text"]
 
 
-@register_tool
 class CodeInterpreterTool(BaseTool):
     """Runs Python in a sandboxed Jupyter kernel; name and description as in Qwen's code-interpreter benchmark.
 
@@ -111,7 +109,6 @@ def html_to_text(markup: str) -> tuple[str, str]:
     return " ".join(parser.title.split()), "\n".join(ln for ln in lines if ln)
 
 
-@register_tool
 class WebFetchTool(BaseTool):
     """HTTP GET a URL and return its text (HTML reduced to visible text), capped in size and time."""
 
@@ -215,7 +212,6 @@ def _reason(text: str) -> str:
     return match.group(1).strip() if match else text.split(":")[-1].strip()[:100]
 
 
-@register_tool
 class CurrentTimeTool(BaseTool):
     """The current date and time, in UTC or a named IANA time zone."""
 
@@ -256,3 +252,7 @@ class CurrentTimeTool(BaseTool):
             zone = ZoneInfo(zone)
         now = self._clock().astimezone(zone)
         return f"{now:%Y-%m-%d %H:%M:%S} {now.tzname()} ({now:%A}), time zone {zone.key}"
+
+
+# registered in the default registry, in this order, the first time it is used
+BUILTIN_TOOLS: tuple[type[BaseTool], ...] = (CodeInterpreterTool, WebFetchTool, CurrentTimeTool)

@@ -128,7 +128,10 @@ class _DefaultRegistry(ToolRegistry):
     def _load_builtins(self) -> None:
         if not self._loaded:
             self._loaded = True
-            from . import builtin  # noqa: F401  (registers the built-in tools)
+            from .builtin import BUILTIN_TOOLS
+
+            for cls in BUILTIN_TOOLS:
+                self.register(cls)
 
 
 default_registry: ToolRegistry = _DefaultRegistry()

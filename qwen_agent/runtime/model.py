@@ -8,7 +8,7 @@ heads and optionally ties ``lm_head`` to the embedding.
 Qwen v1's long-context rules, both exact no-ops up to ``config.seq_length``:
 
 - **Dynamic NTK.** The rotary base becomes ``theta * alpha ** (d / (d - 2))`` with ``alpha`` from
-  :func:`qwen_agent.config.ntk_alpha` of the prefill length. The alpha is computed when a sequence is prefilled
+  :func:`qwen_agent.runtime.config.ntk_alpha` of the prefill length. The alpha is computed when a sequence is prefilled
   (a call without a cache, or the first call on an empty cache) and *frozen* in the cache for every later step,
   exactly as the reference caches it at prefill. So a cached decode past ``seq_length`` is not the same as a
   full recomputation of the longer sequence; that is the reference behaviour.
@@ -251,9 +251,9 @@ class Transformer(nn.Module):
         attends to that row's slots ``0..slots[b]``; PyTorch attention reads the first ``kv_len`` slots and masks
         the rest. Nothing here reads a tensor's value on the host or makes a shape from one, so the step can be
         captured as a CUDA graph and replayed. ``cache.length`` is not used or changed; the NTK alpha is each
-        row's frozen one. ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.kernels`
+        row's frozen one. ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.runtime.kernels`
         (same maths), whose attention reads exactly each row's slots, whatever ``kv_len``; with ``matvec`` too, a
-        one-row step also runs its matrix products through :func:`qwen_agent.kernels.matvec` (see
+        one-row step also runs its matrix products through :func:`qwen_agent.runtime.kernels.matvec` (see
         :meth:`_matvec_logits`).
         """
         B = tokens.shape[0]
@@ -293,7 +293,7 @@ class Transformer(nn.Module):
 
     def _matvec_logits(self, x: Tensor, ctx: _StepContext) -> Tensor:
         """The fused step for one row, its logits [1, 1, V]: every matrix product a matrix-vector product in
-        :func:`~qwen_agent.kernels.matvec`, which also applies the RMSNorm before it (``norm``) and the residual
+        :func:`~qwen_agent.runtime.kernels.matvec`, which also applies the RMSNorm before it (``norm``) and the residual
         add or the SiLU gate after it, so a layer is seven kernels: four products, the bias-rotary-and-cache
         kernel, attention and its merge."""
         from . import kernels
@@ -316,7 +316,7 @@ class Transformer(nn.Module):
         return x
 
     def _ntk_alpha(self, lengths: Tensor) -> Tensor:
-        """Per-row dynamic-NTK alpha (see :func:`qwen_agent.config.ntk_alpha`); 1 when the rule is off."""
+        """Per-row dynamic-NTK alpha (see :func:`qwen_agent.runtime.config.ntk_alpha`); 1 when the rule is off."""
         if not self.config.use_dynamic_ntk:
             return torch.ones(lengths.shape, device=lengths.device)
         context_value = torch.log2(lengths.double() / self.config.seq_length) + 1

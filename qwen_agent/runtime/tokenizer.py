@@ -26,7 +26,7 @@ from typing import Literal
 
 import tiktoken
 
-from .errors import TokenizerError, VocabError
+from ..errors import TokenizerError, VocabError
 
 __all__ = ["QwenTokenizer", "IncrementalDecoder", "PAT_STR", "ENDOFTEXT", "IM_START", "IM_END"]
 

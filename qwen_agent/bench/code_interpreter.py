@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BenchmarkError, ConfigError
-from .evaluation import read_jsonl
+from ..errors import BenchmarkError, ConfigError
+from .metrics import read_jsonl
 
 __all__ = [
     "CodeTask",
@@ -40,7 +40,7 @@ __all__ = [
     "TASKS_DIR",
 ]
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "code_interpreter"
+TASKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "code_interpreter"
 KINDS = ("math", "data", "plot")
 MAX_RUNS = {"math": 1, "data": 1, "plot": 3}
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -125,9 +125,9 @@ def run_task(
     task: CodeTask, llm: Any, workdir: Path, files_dir: Path, *, max_tokens: int = 512, timeout: float = 30
 ) -> dict[str, Any]:
     """Run one task through the agent in a fresh interpreter rooted at ``workdir``; returns its record."""
-    from .agent import Agent
-    from .llm import Sampling
-    from .tools import CodeInterpreter, CodeInterpreterTool
+    from ..agent import Agent
+    from ..llm_protocol import Sampling
+    from ..tools import CodeInterpreter, CodeInterpreterTool
 
     workdir.mkdir(parents=True, exist_ok=True)
     for name in task.files:
@@ -198,7 +198,7 @@ def run_code_benchmark(
     finishes (a rerun with the same ``out_dir`` skips tasks already recorded), and write ``report.json``."""
     from tqdm import tqdm
 
-    from .bench import RunFile, open_llm
+    from .tool_use import RunFile, open_llm
 
     task_file = Path(tasks) if tasks else TASKS_DIR / "tasks.jsonl"
     selected = load_tasks(task_file)[:limit] if limit else load_tasks(task_file)  # before loading a model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_agent.bench_code import TASKS_DIR, last_number, load_tasks, run_code_benchmark
+from qwen_agent.bench.code_interpreter import TASKS_DIR, last_number, load_tasks, run_code_benchmark
 from qwen_agent.errors import BenchmarkError
 from qwen_agent.llm import ScriptedLLM
 
@@ -132,7 +132,7 @@ def test_cli_without_a_reachable_model_fails_cleanly(tmp_path):
 
 
 def test_cli_runs_a_local_tiny_checkpoint(tmp_path):
-    from qwen_agent.tiny import write_tiny_checkpoint
+    from qwen_agent.runtime.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "ckpt", seq_length=8192)
     done = subprocess.run(

@@ -10,12 +10,12 @@
 which re-sends prompt + previous output + Observation, prefills only the new tokens (``prefill_tokens`` shows
 how many ran). Reuse happens only when it gives the same result as prefilling the whole prompt afresh: with
 Qwen v1's dynamic NTK the cached keys were rotated with the alpha frozen at their prefill, so the cache is
-reused only if the new prompt's own alpha (:func:`qwen_agent.config.ntk_alpha` of its length) is the same;
+reused only if the new prompt's own alpha (:func:`qwen_agent.runtime.config.ntk_alpha` of its length) is the same;
 below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh. (The
 maths is the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any
 change of batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.)
 Batched calls use a cache of their own (``max_batch`` rows; prompts take turns in them) and leave the kept
-one alone. The kept cache also keeps its :class:`~qwen_agent.decode_runner.DecodeRunner`, so on a GPU the decode
+one alone. The kept cache also keeps its :class:`~qwen_agent.runtime.decode_runner.DecodeRunner`, so on a GPU the decode
 graphs captured for one ReAct step are replayed by the next.
 """
 
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError, ConfigError, GenerationError
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import GenerationConfig, QwenConfig, ntk_alpha
 from .decode_runner import DecodeRunner
-from .errors import CheckpointError, ConfigError, GenerationError
 from .generate import Generation, GenerationResult, SamplingParams
 from .model import KVCache, Transformer
 from .tokenizer import QwenTokenizer
@@ -134,7 +134,7 @@ class QwenEngine:
     ) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt of token ids, or a list of prompts (decoded together, at most ``max_batch`` at a
         time; greedy results identical to generating each alone). Returns a
-        :class:`~qwen_agent.generate.GenerationResult` or a list of them in prompt order."""
+        :class:`~qwen_agent.runtime.generate.GenerationResult` or a list of them in prompt order."""
         batched = bool(prompt) and isinstance(prompt[0], Sequence) and not isinstance(prompt[0], str)
         run = self._start(list(prompt) if batched else [prompt], stop, generation, max_batch)
         for _ in run:

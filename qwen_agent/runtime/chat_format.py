@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .tokenizer import IM_END, IM_START, QwenTokenizer
 
 __all__ = ["DEFAULT_SYSTEM", "DEFAULT_MAX_WINDOW_SIZE", "make_context", "stop_ids", "History"]

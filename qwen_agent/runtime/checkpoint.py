@@ -1,4 +1,4 @@
-"""Hugging Face model directories -> a :class:`~qwen_agent.model.Transformer` with its weights, and nothing else.
+"""Hugging Face model directories -> a :class:`~qwen_agent.runtime.model.Transformer` with its weights, and nothing else.
 
 A directory may hold ``model.safetensors.index.json`` plus shards (always read through its ``weight_map``), a
 single ``model.safetensors``, or ``pytorch_model.bin`` / ``pytorch_model.bin.index.json`` (read with
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError, ConfigError
 from .config import QwenConfig
-from .errors import CheckpointError, ConfigError
 from .model import Transformer
 
 __all__ = [

@@ -39,8 +39,8 @@ import json5
 import numpy as np
 from rouge_score import rouge_scorer
 
-from .errors import BenchmarkError, ToolArgumentError
-from .react import Action, FinalAnswer, Malformed, Problem, parse_output
+from ..errors import BenchmarkError, ToolArgumentError
+from ..react import Action, FinalAnswer, Malformed, Problem, parse_output
 
 __all__ = [
     "ACTION_MARKER",
@@ -262,7 +262,7 @@ def _is_format_violation(parsed: Action | FinalAnswer | Malformed) -> bool:
 
 
 def _schema_valid(tool: str, arguments: Any, catalog: Mapping[str, Mapping[str, Any]]) -> bool:
-    from .tools.schema import validate_arguments  # imported here: the tools package pulls in Jupyter
+    from ..tools.schema import validate_arguments  # imported here: the tools package pulls in Jupyter
 
     if not isinstance(arguments, dict):
         return False

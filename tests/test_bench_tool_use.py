@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from qwen_agent.bench import LLMGenerator, RunFile, run_benchmark, run_tool_use, shipped_path
+from qwen_agent.bench.metrics import load_jobs
+from qwen_agent.bench.tool_use import LLMGenerator, RunFile, run_benchmark, run_tool_use, shipped_path
 from qwen_agent.errors import BenchmarkError
-from qwen_agent.evaluation import load_jobs
 from qwen_agent.llm import Completion, cut_at_stop
-from qwen_agent.tokenizer import QwenTokenizer
+from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIVE = load_jobs(shipped_path("tool_use_positive.jsonl"))
@@ -256,7 +256,7 @@ def test_bench_score_reports_a_missing_file_clearly(tmp_path):
 
 
 def test_bench_score_refuses_empty_or_swapped_sets(tmp_path):
-    from qwen_agent.bench import score_files
+    from qwen_agent.bench.tool_use import score_files
     from qwen_agent.errors import BenchmarkError
 
     empty, negative = tmp_path / "empty.jsonl", tmp_path / "negative.jsonl"
@@ -283,20 +283,20 @@ def test_limit_must_be_a_positive_number(limit, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from qwen_agent.tiny import write_tiny_checkpoint
+    from qwen_agent.runtime.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_dir):
-    from qwen_agent.engine import load_model
+    from qwen_agent.runtime.engine import load_model
 
     return load_model(tiny_dir, device="cpu")
 
 
 def test_tiny_checkpoint_end_to_end_batched_equals_one_by_one(tiny_engine, tmp_path):
-    from qwen_agent.bench import EngineGenerator
+    from qwen_agent.bench.tool_use import EngineGenerator
 
     assert EngineGenerator(tiny_engine).repetition_penalty == 1.1  # the checkpoint's, as the official script
     datasets = {"positive": POSITIVE[::80], "negative": NEGATIVE[::60]}  # 5 + 3 jobs of different lengths

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 __all__ = ["QwenConfig", "GenerationConfig", "CONFIGS", "ntk_alpha"]
 

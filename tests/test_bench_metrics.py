@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_agent.errors import BenchmarkError
-from qwen_agent.evaluation import (
+from qwen_agent.bench.metrics import (
     action_input_rouge,
     action_right_rate,
     bad_rate,
@@ -21,7 +20,8 @@ from qwen_agent.evaluation import (
     rouge_l,
     scorecard,
 )
-from qwen_agent.tokenizer import QwenTokenizer
+from qwen_agent.errors import BenchmarkError
+from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 TOOLS = ["weather", "image_gen", "search"]
 GOLD_WEATHER = 'Thought: 查天气\nAction: weather\nAction Input: {"city": "北京"}'

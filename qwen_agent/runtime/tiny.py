@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from .errors import ConfigError, VocabError
+from ..errors import ConfigError, VocabError
 from .tokenizer import ENDOFTEXT, IM_END, IM_START, dashscope_vocab_path, load_tiktoken_ranks, unicode_to_byte
 
 __all__ = ["write_tiny_checkpoint", "qwen_7b_chat_config", "qwen_7b_chat_generation_config"]

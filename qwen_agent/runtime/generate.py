@@ -1,7 +1,7 @@
 """Token generation: prefill, decode, sampling, stop handling and streaming text for one or many prompts.
 
-Hot code is :meth:`~qwen_agent.model.Transformer.prefill`, :func:`next_token` and the fixed-shape decode step of
-:mod:`qwen_agent.decode_runner`; :class:`Generation` drives them for many prompts at once and turns tokens into text.
+Hot code is :meth:`~qwen_agent.runtime.model.Transformer.prefill`, :func:`next_token` and the fixed-shape decode step of
+:mod:`qwen_agent.runtime.decode_runner`; :class:`Generation` drives them for many prompts at once and turns tokens into text.
 
 Stop rules, the same in every path (single, batched, streamed):
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, GenerationError
 from .decode_runner import DecodeRunner
-from .errors import ConfigError, GenerationError
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
 
@@ -205,7 +205,7 @@ class Generation:
 
     Prompts that join at once are prefilled together into free cache rows (right-padded, up to
     ``PREFILL_TOKENS`` padded tokens a call), then the rows decode together, one token per row per step
-    (:class:`~qwen_agent.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that finishes
+    (:class:`~qwen_agent.runtime.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that finishes
     frees its cache row for the next waiting prompt, so sequences join and leave the batch as they go; each
     prompt gets what it would get alone. The host reads a step's tokens while the device already runs the
     next step, so the device never waits for Python; a finished row costs that one extra step. Logits that are

@@ -3,7 +3,7 @@
 A run writes into one directory::
 
     positive.jsonl   negative.jsonl   the jobs with ``gen`` added, appended one line per job as it finishes
-    report.json      report.md        per_tool.png      the scorecard (:func:`qwen_agent.evaluation.scorecard`)
+    report.json      report.md        per_tool.png      the scorecard (:func:`qwen_agent.bench.metrics.scorecard`)
 
 Generation is greedy with the checkpoint's repetition penalty (as the official script runs ``model.chat`` with
 ``do_sample=False``), stops at ``Observation:`` in both tokenizations, and batches jobs of similar prompt length.
@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import BenchmarkError, ConfigError
-from .llm import ChatPrompt, Sampling
-from .react import STOP_WORDS
-from .tools.base import BaseTool
+from ..errors import BenchmarkError, ConfigError
+from ..llm_protocol import ChatPrompt, Sampling
+from ..react import STOP_WORDS
+from ..tools.base import BaseTool
 
 __all__ = [
     "DATA_DIR",
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 # the datasets shipped in the source tree: written there from benchmarks/data/source/ on first use
-DATA_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 BUILD_SCRIPT = DATA_DIR.parent.parent / "tools" / "build_tool_use_dataset.py"
 SHIPPED_FILES = ("tool_use_plugins.json", "tool_use_positive.jsonl", "tool_use_negative.jsonl")
 
@@ -169,7 +169,7 @@ class LLMGenerator:
 
 
 class EngineGenerator:
-    """A local :class:`~qwen_agent.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
+    """A local :class:`~qwen_agent.runtime.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
     default), decoded ``batch_size`` at a time; a finished prompt's place goes to the next at once."""
 
     def __init__(
@@ -190,7 +190,7 @@ class EngineGenerator:
         self.generated_tokens = 0
 
     def _ids(self, prompt: str) -> list[int]:
-        from .chat_format import make_context
+        from ..runtime.chat_format import make_context
 
         config = self.engine.generation_config
         _, ids = make_context(
@@ -220,13 +220,13 @@ def open_llm(model: str, *, device: str | None = None) -> Any:
     """The LLM for a ``--model``: a URL is an OpenAI-compatible server, sent prompts as token ids built as
     ``make_context`` builds them (so prompts are exactly the local ones); anything else a local model directory."""
     if model.startswith(("http://", "https://")):
-        from .openai_client import OpenAICompatibleLLM
-        from .tokenizer import QwenTokenizer
+        from ..openai_client import OpenAICompatibleLLM
+        from ..runtime.tokenizer import QwenTokenizer
 
         return OpenAICompatibleLLM(
             model, tokenizer=QwenTokenizer.from_pretrained(), api_key=os.environ.get("OPENAI_API_KEY")
         )
-    from .llm import llm_from_spec
+    from ..llm import llm_from_spec
 
     return llm_from_spec(model, device=device)
 
@@ -248,7 +248,7 @@ def open_generator(
             max_tokens=max_new_tokens or 512,
             repetition_penalty=repetition_penalty,
         )
-    from .engine import load_model
+    from ..runtime.engine import load_model
 
     engine = load_model(model, device=device, dtype=dtype)
     return EngineGenerator(
@@ -361,7 +361,7 @@ def write_report(
     report: Mapping[str, Any], out_dir: str | Path, *, meta: Mapping[str, Any] | None = None
 ) -> None:
     """report.json, report.md and per_tool.png (recall per expected tool) in ``out_dir``."""
-    from .evaluation import render_markdown
+    from .metrics import render_markdown
 
     out = Path(out_dir)
     full = {**report, "meta": dict(meta or {})}
@@ -403,8 +403,8 @@ def score_files(
     positive: str | Path, negative: str | Path, *, plugins: str | Path | None = None, bootstrap: int = 1000
 ) -> dict[str, Any]:
     """Score recorded generations (for example the official ``.cache`` files) without a model."""
-    from .evaluation import load_jobs, scorecard
-    from .tokenizer import QwenTokenizer
+    from ..runtime.tokenizer import QwenTokenizer
+    from .metrics import load_jobs, scorecard
 
     jobs = {}
     for split, path in (("positive", positive), ("negative", negative)):
@@ -432,7 +432,7 @@ def load_datasets(
     positive: str | Path | None = None, negative: str | Path | None = None
 ) -> dict[str, list[dict[str, Any]]]:
     """The positive and negative jobs (the shipped sets by default); a missing or bad file is a clear error."""
-    from .evaluation import load_jobs
+    from .metrics import load_jobs
 
     paths = {
         "positive": positive or shipped_path("tool_use_positive.jsonl"),
@@ -458,8 +458,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Generate (resuming whatever ``out_dir`` already holds), score, and write the report files.
     ``datasets`` defaults to :func:`load_datasets`'s shipped sets."""
-    from .evaluation import scorecard
-    from .tokenizer import QwenTokenizer
+    from ..runtime.tokenizer import QwenTokenizer
+    from .metrics import scorecard
 
     schemas = _schemas_for(plugins)  # fail on a bad catalog before generating anything
     recorded = run_tool_use(datasets or load_datasets(), generator, out_dir, limit=limit, progress=progress)

@@ -2,12 +2,12 @@
 
 A decode step of a 7B model at batch 1 is several hundred small kernels; launched one at a time from Python
 they take longer than the GPU needs to read the weights. :class:`DecodeRunner` runs
-:meth:`~qwen_agent.model.Transformer.decode_step` for the first rows of a cache at *bucketed* shapes (rows
+:meth:`~qwen_agent.runtime.model.Transformer.decode_step` for the first rows of a cache at *bucketed* shapes (rows
 1, 2, 4, 8, ...; slots read in steps of 256 up to 2,048, then four sizes per doubling, up to the cache's
 capacity), so a handful of shapes serve a whole
 generation. On CUDA each shape is captured as a graph the first time it is needed and replayed after that;
 elsewhere the step runs eagerly at the same shapes. On CUDA with Triton installed, the step also runs its layers
-through the fused kernels of :mod:`qwen_agent.kernels`, a few kernels per layer instead of some forty.
+through the fused kernels of :mod:`qwen_agent.runtime.kernels`, a few kernels per layer instead of some forty.
 
 Capturing a shape runs the step once eagerly first (lazy set-up such as cuBLAS workspaces must not happen
 during capture). That run writes exactly the keys and values the replay that follows writes again, so it is
@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, GenerationError
+from ..errors import ConfigError, GenerationError
 from .model import KVCache, Transformer
 
 __all__ = ["DecodeRunner", "MIN_SLOT_BUCKET", "fused_by_default"]
