@@ -7,7 +7,10 @@ agents never share a tool's state (two code interpreters never share a kernel).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
 from ..errors import ToolError, ToolNotFoundError
@@ -25,6 +28,7 @@ class ToolRegistry:
     def __init__(self, tools: Iterable[type[BaseTool] | BaseTool] = ()) -> None:
         self._entries: dict[str, type[BaseTool] | BaseTool] = {}
         self._instances: dict[str, BaseTool] = {}
+        self._mcp_servers: list[Any] = []  # MCPServerConnection, closed with the registry
         for t in tools:
             self.register(t)
 
@@ -89,12 +93,69 @@ class ToolRegistry:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @classmethod
+    def from_mcp(
+        cls,
+        config: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        image_dir: str | os.PathLike[str] | None = None,
+    ) -> ToolRegistry:
+        """A registry of the tools of the MCP servers in an ``mcpServers`` config (see :meth:`add_mcp`)."""
+        registry = cls()
+        registry.add_mcp(config, image_dir=image_dir)
+        return registry
+
+    def add_mcp(
+        self,
+        config: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        image_dir: str | os.PathLike[str] | None = None,
+    ) -> list[str]:
+        """Start the MCP servers of an ``mcpServers`` config (a JSON file or the parsed object) and register their
+        tools; they stop when the registry is closed. A tool whose name is taken is registered as
+        ``<server>_<tool>``: the returned lines say which were renamed. Images a tool returns are written into
+        ``image_dir`` (a new temporary directory by default). If a server fails to start, the servers started
+        by this call are stopped, their tools removed, and ToolError names the server."""
+        from .mcp import MCPServerConnection, MCPTool, read_mcp_config, tool_name
+
+        servers = read_mcp_config(config)
+        images = (
+            Path(image_dir) if image_dir is not None else Path(tempfile.mkdtemp(prefix="qwen-agent-mcp-"))
+        )
+        started: list[MCPServerConnection] = []
+        added: list[str] = []
+        renamed: list[str] = []
+        try:
+            for server in servers:
+                connection = MCPServerConnection(server)
+                started.append(connection)
+                for spec in connection.start():
+                    name = tool_name(server.name, spec.name, set(self._entries))
+                    if name != spec.name:
+                        renamed.append(
+                            f"MCP server {server.name!r}: tool {spec.name!r} registered as {name!r}"
+                        )
+                    self.register(MCPTool(connection, spec, name=name, image_dir=images))
+                    added.append(name)
+        except BaseException:
+            for name in added:
+                self.unregister(name)
+            for connection in started:
+                connection.close()
+            raise
+        self._mcp_servers += started
+        return renamed
+
     def close(self) -> None:
-        """Close every instantiated tool that holds resources (a code interpreter's kernel)."""
+        """Close every instantiated tool that holds resources (a code interpreter's kernel) and stop the MCP
+        servers this registry started."""
         for inst in self._instances.values():
             close = getattr(inst, "close", None)
             if callable(close):
                 close()
+        servers, self._mcp_servers = self._mcp_servers, []
+        for server in servers:
+            server.close()
 
     def __repr__(self) -> str:
         return f"ToolRegistry({self.names()})"
