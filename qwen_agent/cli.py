@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import QwenAgentError
+
+if TYPE_CHECKING:
+    from .tools.registry import ToolRegistry
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
@@ -85,10 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ThoughtDelta,
     )
     from .llm import Sampling, llm_from_spec
-    from .tools.registry import default_registry
 
-    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else None
-    tools = default_registry.select(names)
+    tools = _tool_registry(args)
     llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     agent = Agent(
@@ -147,6 +149,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
             out.flush()
     finally:
         tools.close()
+    return 0
+
+
+def _tool_registry(args: argparse.Namespace) -> ToolRegistry:
+    """The built-in tools ``--tools`` names (all when it is not given; none for ``--tools ''``), plus the tools
+    of the MCP servers in ``--mcp``."""
+    from .tools.registry import default_registry
+
+    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools is not None else None
+    tools = default_registry.select(names)
+    if args.mcp:
+        try:
+            for line in tools.add_mcp(args.mcp):
+                print(line, file=sys.stderr)
+        except BaseException:
+            tools.close()
+            raise
+    return tools
+
+
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from .serve.mcp_server import serve_http, serve_stdio
+
+    names = [n.strip() for n in args.tools.split(",") if n.strip()]
+    if args.http:
+        serve_http(names, host=args.host, port=args.port)
+    else:
+        serve_stdio(names)
     return 0
 
 
@@ -351,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model", default=None, help="model name on the server (default: the first it lists)"
     )
     p.add_argument("--device", default=None, help="device for a local model (default: cuda if available)")
-    p.add_argument("--tools", default=None, help="comma-separated tool names (default: all built-in tools)")
+    p.add_argument(
+        "--tools", default=None, help="comma-separated built-in tool names (default: all; '' for none)"
+    )
+    p.add_argument("--mcp", default=None, metavar="CONFIG", help="also the tools of an mcpServers JSON file")
     p.add_argument("--max-iterations", type=int, default=8, help="tool steps before a final answer is forced")
     p.add_argument("--variant", default="react_prompt", choices=["react_prompt", "react_demo", "openai_api"])
     p.add_argument("--system", default=None, help="system message (default: You are a helpful assistant.)")
@@ -364,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")
     p.add_argument("--network", action="store_true", help="allow network access (no network namespace)")
     p.set_defaults(func=_cmd_sandbox)
+
+    p = sub.add_parser("mcp", help="serve the sandboxed code interpreter (and other tools) as an MCP server")
+    p.add_argument(
+        "--tools",
+        default="code_interpreter",
+        help="comma-separated tools to offer: code_interpreter, current_time, web_fetch (default: code_interpreter)",
+    )
+    p.add_argument(
+        "--http", action="store_true", help="streamable HTTP at http://HOST:PORT/mcp instead of stdio"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_mcp)
 
     _add_bench(sub)
     return parser
