@@ -90,8 +90,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from .llm import Sampling, llm_from_spec
 
-    tools = _tool_registry(args)
     llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
+    tools = _tool_registry(args)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     agent = Agent(
         llm,

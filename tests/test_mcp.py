@@ -21,6 +21,7 @@ pytest.importorskip("mcp")
 from qwen_agent.agent import Agent  # noqa: E402
 from qwen_agent.errors import ConfigError, ToolError  # noqa: E402
 from qwen_agent.llm import ScriptedLLM  # noqa: E402
+from qwen_agent.runtime.tiny import write_tiny_checkpoint  # noqa: E402
 from qwen_agent.tools import ToolRegistry  # noqa: E402
 from qwen_agent.tools.mcp import read_mcp_config  # noqa: E402
 
@@ -305,3 +306,43 @@ def test_the_published_time_server():
         assert not bad.ok and "Mars/Olympus" in bad.observation
     finally:
         registry.close()
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+def test_run_takes_the_tools_of_an_mcp_config(tmp_path):
+    from qwen_agent.cli import _tool_registry, build_parser
+
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps(stdio_config()))
+    args = build_parser().parse_args(
+        ["run", "q", "--model", "m", "--tools", "current_time", "--mcp", str(path)]
+    )
+    tools = _tool_registry(args)
+    try:
+        assert tools.names()[0] == "current_time" and "add" in tools.names()
+    finally:
+        tools.close()
+    only_mcp = _tool_registry(
+        build_parser().parse_args(["run", "q", "--model", "m", "--tools", "", "--mcp", str(path)])
+    )
+    try:
+        assert "current_time" not in only_mcp.names() and "add" in only_mcp.names()
+    finally:
+        only_mcp.close()
+
+
+def test_a_bad_mcp_config_is_a_one_line_error(tmp_path):
+    path = tmp_path / "mcp.json"
+    path.write_text('{"mcpServers": {"a": {"command": "x", "args": "y"}}}')
+    model = write_tiny_checkpoint(tmp_path / "model", "qwen", seq_length=64)
+    done = subprocess.run(
+        [sys.executable, "-m", "qwen_agent.cli", "run", "q", "--model", str(model), "--mcp", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr
+        == f"qwen-agent run: error: {path}: mcpServers.a.args: expected a list of strings, got 'y'\n"
+    )
