@@ -175,7 +175,9 @@ def test_bootstrap_is_seeded_and_degenerate_sets_have_point_intervals(positive, 
     perfect = [job(GOLD_WEATHER, GOLD_WEATHER)] * 5
     report = scorecard(perfect, [], tokenizer, bootstrap=50)
     assert report["confidence_intervals"]["action_right_rate"] == [1.0, 1.0]
-    assert report["confidence_intervals"]["bad_rate"] is None and report["bad_rate"] == 0.0
+    # no negatives: the rate is undefined, not 0
+    assert report["confidence_intervals"]["bad_rate"] is None and report["bad_rate"] is None
+    assert "| False positive (bad_rate) | n/a | n/a |" in render_markdown(report)
 
 
 def test_offered_tools_fall_back_to_the_prompt():

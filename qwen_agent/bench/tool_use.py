@@ -36,6 +36,7 @@ __all__ = [
     "load_catalog",
     "plugin_tools",
     "catalog_schemas",
+    "plugin_schemas",
     "Generator",
     "LLMGenerator",
     "EngineGenerator",
@@ -376,20 +377,22 @@ def _plot_per_tool(report: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import pct
+
     rows = [(tool, row["recall"]) for tool, row in report["per_tool"].items() if row["support"]]
     rows.sort(key=lambda item: item[1])
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(rows) + 1)))
     ax.barh([tool for tool, _ in rows], [100 * recall for _, recall in rows], color="#4c72b0")
     ax.set_xlim(0, 100)
     ax.set_xlabel("tool chosen correctly (% of that tool's positive jobs)")
-    ax.set_title(f"Tool selection per tool (overall {100 * report['action_right_rate']:.1f}%)")
+    ax.set_title(f"Tool selection per tool (overall {pct(report['action_right_rate'])})")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _schemas_for(plugins: str | Path | None) -> dict[str, dict[str, Any]]:
+def plugin_schemas(plugins: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Schemas of the catalog given, or of the shipped one when it exists; {} when there is none."""
     if plugins is not None:
         return catalog_schemas(load_catalog(plugins))
@@ -423,7 +426,7 @@ def score_files(
         jobs["positive"],
         jobs["negative"],
         QwenTokenizer.from_pretrained(),
-        catalog=_schemas_for(plugins),
+        catalog=plugin_schemas(plugins),
         bootstrap=bootstrap,
     )
 
@@ -461,7 +464,7 @@ def run_benchmark(
     from ..runtime.tokenizer import QwenTokenizer
     from .metrics import scorecard
 
-    schemas = _schemas_for(plugins)  # fail on a bad catalog before generating anything
+    schemas = plugin_schemas(plugins)  # fail on a bad catalog before generating anything
     recorded = run_tool_use(datasets or load_datasets(), generator, out_dir, limit=limit, progress=progress)
     # Rouge-L is always over Qwen-7B-Chat's own tokens, so runs of different models stay comparable
     report = scorecard(
