@@ -208,7 +208,9 @@ def test_report_json_keeps_every_raw_name_and_undefined_ratios_are_none(runs):
 def test_comparison_numbers_and_changed_jobs_are_exact(runs, tokenizer):
     comparison = compare_runs([runs["a"], runs["b"]], tokenizer=tokenizer, bootstrap=300)
     assert comparison["shared"] == {"positive": 40, "negative": 20} and not comparison["intersection"]
-    assert comparison["meta_differences"] == {"dtype": ["bf16", "int4"]}
+    assert comparison["meta_differences"] == {"dtype": ["bf16", "int4"]}  # of everything report.json records:
+    meta = comparison["runs"][0]["meta"]
+    assert meta["backend"] == "QuestionScript" and meta["concurrency"] == 4 and meta["package_version"]
     metrics = comparison["metrics"]
     # A: 37 of 40 positives right (pos-0008, -0009, -0010 not); B: 38 (pos-0001 and -0010 not)
     assert metrics["action_right_rate"]["values"] == [37 / 40, 38 / 40]
@@ -268,7 +270,9 @@ def test_markdown_comparison_is_valid_and_lists_both_outputs(runs, tokenizer):
     assert "| Tool selection (action_right_rate) | 92.5% | [" in markdown
     assert "| Tool selection (action_right_rate) | +2.5 pts | [" in markdown
     assert "### Jobs whose outcome changed: 5 (3 fixed, 2 broken, 0 another tool or no call)" in markdown
-    assert r"| neg-0005 | negative | (none) | no call: (none) | false call: a\|b \`c\` d | broken |" in markdown
+    assert (
+        r"| neg-0005 | negative | (none) | no call: (none) | false call: a\|b \`c\` d | broken |" in markdown
+    )
     # both outputs of a changed job, fenced; a long output is cut in the markdown
     section = markdown.split("#### pos-0008", 1)[1].split("####", 1)[0]
     assert "A:\n\n```text\nThought: I will use a tool.\nAction: web_search | results" in section

@@ -477,7 +477,7 @@ def plot_comparison(comparison: Mapping[str, Any], path: str | Path) -> None:
     left.set_yticklabels([comparison["metrics"][n]["label"] for n in names], fontsize=7)
     left.invert_yaxis()
     left.set_xlim(0, 100)
-    left.set_xlabel("% (Rouge-L F1 x 100), with 95% intervals")
+    left.set_xlabel("% (action_input_rouge: Rouge-L F1 x 100), with 95% intervals")
     left.legend(fontsize=7)
     bars = [
         (f"{_axis_label(tool)} ({d['run']})", 100 * row["recall_difference"])
@@ -487,9 +487,10 @@ def plot_comparison(comparison: Mapping[str, Any], path: str | Path) -> None:
     ]
     if bars:
         bars.sort(key=lambda item: item[1])
-        right.barh([name for name, _ in bars], [value for _, value in bars], color="#4c72b0")
+        right.barh([name for name, _ in bars], [value for _, value in bars], height=0.6, color="#4c72b0")
+        right.set_ylim(-0.5, max(len(bars), 4) - 0.5)  # a few bars stay bars, not blocks
         right.axvline(0, color="black", linewidth=0.8)
-        right.tick_params(axis="y", labelsize=6)
+        right.tick_params(axis="y", labelsize=7)
     else:
         right.text(0.5, 0.5, "no tool's recall changed", ha="center", va="center")
         right.set_yticks([])
