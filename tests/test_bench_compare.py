@@ -256,7 +256,7 @@ def test_comparison_numbers_and_changed_jobs_are_exact(runs, tokenizer):
     assert fixed["precision"] == [1.0, 1.0]
     # a tool only B calls (wrongly): precision 0 in B, undefined in A, so no difference
     only_b = tools[wrong_tool("pos-0001")]
-    assert only_b["support"] == 0 and only_b["predicted"] == [None, 1]
+    assert only_b["support"] == 0 and only_b["predicted"] == [0, 1]
     assert only_b["precision"] == [None, 0.0] and only_b["precision_difference"] is None
     assert diff["not_offered_calls"] == [2, 1]
 
@@ -338,6 +338,13 @@ def test_bad_inputs_are_clear_errors(runs, tokenizer, tmp_path):
         BenchmarkError, match="'pos-0001' has a different prompt .* runs of different datasets"
     ):
         compare_runs([runs["a"], other], tokenizer=tokenizer)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "negative.jsonl").write_bytes((runs["a"] / "negative.jsonl").read_bytes() + b'{"_id": "neg-00')
+    with pytest.raises(
+        BenchmarkError, match="negative.jsonl: the last line is cut off .* same --out to resume"
+    ):
+        compare_runs([runs["a"], torn], tokenizer=tokenizer)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "positive.jsonl").write_text('{"_id": "x", "prompt": "p"}\n')
     with pytest.raises(BenchmarkError, match=r"positive.jsonl:1: the job has no 'response' field"):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BenchmarkError, ConfigError
-from .metrics import bootstrap_ci, job_outcomes, load_jobs, summarize
+from .metrics import bootstrap_ci, generated_text, job_outcomes, load_jobs, summarize
 from .report import EXAMPLE_CHARS, interval, md_cell, number, pct
 
 __all__ = [
@@ -75,6 +75,11 @@ def load_run(path: str | Path) -> RecordedRun:
         raise BenchmarkError(f"{path}: not a tool-use run directory (no positive.jsonl or negative.jsonl)")
     jobs: dict[str, dict[str, dict[str, Any]]] = {}
     for split, file in files.items():
+        if file.is_file() and _torn(file):
+            raise BenchmarkError(
+                f"{file}: the last line is cut off (the run was killed while writing it); rerun bench tool-use "
+                "with the same --out to resume the run, which drops that line"
+            )
         records = load_jobs(file, require_gen=True) if file.is_file() else []
         jobs[split] = {str(r.get("_id", r.get("id", f"{split}-{i}"))): r for i, r in enumerate(records)}
     meta: dict[str, Any] = {}
@@ -85,6 +90,16 @@ def load_run(path: str | Path) -> RecordedRun:
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise BenchmarkError(f"{report}: cannot read the run's meta ({exc})") from None
     return RecordedRun(path, jobs, meta)
+
+
+def _torn(path: Path) -> bool:
+    """Whether the file ends in a partial line (each record is written whole, newline included)."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        if not size:
+            return False
+        handle.seek(size - 1)
+        return handle.read(1) != b"\n"
 
 
 def paired_bootstrap(
@@ -161,33 +176,31 @@ def _changed_jobs(
                     "before": {
                         "verdict": va,
                         "called": oa["called"],
-                        "gen": _gen_text(runs[a], split, job_id),
+                        "gen": generated_text(runs[a].jobs[split][job_id]),
                     },
                     "after": {
                         "verdict": vb,
                         "called": ob["called"],
-                        "gen": _gen_text(runs[b], split, job_id),
+                        "gen": generated_text(runs[b].jobs[split][job_id]),
                     },
                 }
             )
     return changed
 
 
-def _gen_text(run: RecordedRun, split: str, job_id: str) -> str:
-    gen = run.jobs[split][job_id]["gen"]
-    return gen[0] if isinstance(gen, list) else gen
-
-
 def _per_tool_deltas(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     rows = {}
     for tool in sorted(set(before["per_tool"]) | set(after["per_tool"])):
         a, b = before["per_tool"].get(tool, {}), after["per_tool"].get(tool, {})
-        row: dict[str, Any] = {"support": max(a.get("support", 0), b.get("support", 0))}
-        for key in ("predicted", "precision", "recall"):
+        # a tool without a row in a run was neither expected nor called there
+        row: dict[str, Any] = {
+            "support": max(a.get("support", 0), b.get("support", 0)),
+            "predicted": [a.get("predicted", 0), b.get("predicted", 0)],
+        }
+        for key in ("precision", "recall"):
             va, vb = a.get(key), b.get(key)
             row[key] = [va, vb]
-            if key != "predicted":
-                row[f"{key}_difference"] = None if va is None or vb is None else vb - va
+            row[f"{key}_difference"] = None if va is None or vb is None else vb - va
         rows[tool] = row
     return rows
 

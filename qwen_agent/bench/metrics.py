@@ -47,6 +47,7 @@ from .report import render_markdown
 __all__ = [
     "ACTION_MARKER",
     "load_jobs",
+    "generated_text",
     "process_res",
     "normalize_action_input",
     "qwen_token_string",
@@ -121,14 +122,14 @@ def load_jobs(path: str | Path, *, require_gen: bool = False) -> list[dict[str, 
                 raise BenchmarkError(f"{where}: field {key!r} must be a string")
         if "gen" in job:
             try:
-                _gen(job)
+                generated_text(job)
             except BenchmarkError as exc:
                 raise BenchmarkError(f"{where}: {exc}") from None
         jobs.append(job)
     return jobs
 
 
-def _gen(job: Mapping[str, Any]) -> str:
+def generated_text(job: Mapping[str, Any]) -> str:
     """The model output of a job (the official files store it as a one-item list)."""
     gen = job.get("gen")
     if isinstance(gen, list) and gen and isinstance(gen[0], str):
@@ -191,7 +192,7 @@ def rouge_l(reference: str, generated: str, tokenizer: Any) -> float:
 
 
 def _action_right(job: Mapping[str, Any]) -> bool:
-    gen = _gen(job)
+    gen = generated_text(job)
     if ACTION_MARKER not in gen:
         return False
     return (
@@ -201,11 +202,11 @@ def _action_right(job: Mapping[str, Any]) -> bool:
 
 def _action_input_rouge(job: Mapping[str, Any], tokenizer: Any) -> float:
     reference = process_res(job["response"])["action_input"]
-    return rouge_l(reference, process_res(_gen(job))["action_input"], tokenizer)
+    return rouge_l(reference, process_res(generated_text(job))["action_input"], tokenizer)
 
 
 def _is_bad(job: Mapping[str, Any]) -> bool:
-    return ACTION_MARKER in _gen(job)
+    return ACTION_MARKER in generated_text(job)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -304,7 +305,7 @@ def score_job(
     official ``right`` and ``rouge`` and the scorecard's ``missed`` and ``exact``; negatives add ``bad``.
     """
     offered = offered_tools(job)
-    parsed = parse_output(_gen(job), offered)
+    parsed = parse_output(generated_text(job), offered)
     called, expected = _called_tool(parsed), _expected_tool(job, positive)
     problems = [p.value for p in parsed.problems]
     if isinstance(parsed, Malformed):
@@ -319,7 +320,6 @@ def score_job(
     ):
         schema_valid = False  # arguments that do not parse are not valid
     outcome: dict[str, Any] = {
-        "id": str(job.get("_id", job.get("id", ""))),
         "expected": expected,
         "called": called,
         "not_offered": called != NO_TOOL and offered is not None and called not in offered,
