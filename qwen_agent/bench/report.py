@@ -43,7 +43,7 @@ def interval(bounds: Iterable[float] | None, scale: float = 100.0, digits: int =
     return f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
-def not_offered_cell(names: Mapping[str, int]) -> str:
+def _not_offered_cell(names: Mapping[str, int]) -> str:
     """The "(not offered)" row's name cell: how many distinct names, and the most frequent few, cut short."""
     examples = ", ".join(f'"{md_cell(name, EXAMPLE_CHARS)}"' for name in list(names)[:NOT_OFFERED_EXAMPLES])
     count = len(names)
@@ -86,5 +86,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         )
     not_offered = report.get("not_offered") or {}
     if not_offered.get("calls"):
-        lines.append(f"| {not_offered_cell(not_offered['names'])} | 0 | {not_offered['calls']} | n/a | n/a |")
+        lines.append(
+            f"| {_not_offered_cell(not_offered['names'])} | 0 | {not_offered['calls']} | n/a | n/a |"
+        )
     return "\n".join(lines) + "\n"
