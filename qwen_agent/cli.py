@@ -242,6 +242,24 @@ def _cmd_bench_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench.compare import compare_runs, render_comparison, write_comparison
+    from .bench.tool_use import plugin_schemas
+
+    if args.max_changed < 0:
+        raise QwenAgentError(f"--max-changed must be 0 or more, got {args.max_changed}")
+    comparison = compare_runs(args.runs, catalog=plugin_schemas(args.plugins), bootstrap=args.bootstrap)
+    write_comparison(comparison, args.out, max_changed=args.max_changed)
+    if args.json:
+        print(json.dumps(comparison, ensure_ascii=False))
+    else:
+        print(render_comparison(comparison, max_changed=args.max_changed))
+        print(f"comparison: {args.out}/compare.json, compare.md, compare.png")
+    return 0
+
+
 def _cmd_bench_code_interpreter(args: argparse.Namespace) -> int:
     import json
 
@@ -301,6 +319,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the 95%% intervals")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_cmd_bench_score)
+
+    p = bench_sub.add_parser(
+        "compare", help="compare tool-use runs: side-by-side figures, paired differences, changed jobs"
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories of bench tool-use; the first is the baseline"
+    )
+    p.add_argument(
+        "--out", default="bench-results/compare", help="where compare.json, compare.md, compare.png go"
+    )
+    p.add_argument(
+        "--plugins", default=None, help="plugin catalog for schema checks (default: the shipped one)"
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for intervals and tests")
+    p.add_argument(
+        "--max-changed", type=int, default=50, help="changed jobs whose outputs the markdown shows"
+    )
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.set_defaults(func=_cmd_bench_compare)
 
     p = bench_sub.add_parser("code-interpreter", help="run the code-interpreter benchmark through the agent")
     p.add_argument(

@@ -161,6 +161,10 @@ def test_scorecard_by_hand(positive, negative, tokenizer):
     assert report["per_tool"]["image_gen"]["recall"] == 1.0
     assert report["confusion"]["weather"] == {"weather": 5, "(none)": 1}
     assert report["confusion"]["(none)"] == {"(none)": 1, "weather": 3, "stock": 1}
+    # "stock" was not offered: no row of its own, counted in the group that keeps the raw name
+    assert set(report["per_tool"]) == {"weather", "image_gen"}
+    assert report["not_offered"] == {"calls": 1, "names": {"stock": 1}}
+    assert '| (not offered): 1 name, e.g. "stock" | 0 | 1 | n/a | n/a |' in render_markdown(report)
     for name in ("action_right_rate", "action_input_rouge", "bad_rate"):
         low, high = report["confidence_intervals"][name]
         assert low <= report[name] <= high and low < high
@@ -175,7 +179,9 @@ def test_bootstrap_is_seeded_and_degenerate_sets_have_point_intervals(positive, 
     perfect = [job(GOLD_WEATHER, GOLD_WEATHER)] * 5
     report = scorecard(perfect, [], tokenizer, bootstrap=50)
     assert report["confidence_intervals"]["action_right_rate"] == [1.0, 1.0]
-    assert report["confidence_intervals"]["bad_rate"] is None and report["bad_rate"] == 0.0
+    # no negatives: the rate is undefined, not 0
+    assert report["confidence_intervals"]["bad_rate"] is None and report["bad_rate"] is None
+    assert "| False positive (bad_rate) | n/a | n/a |" in render_markdown(report)
 
 
 def test_offered_tools_fall_back_to_the_prompt():
@@ -234,6 +240,15 @@ def test_any_output_scores_within_bounds(gen):
         "thought_last",
         "final_answer",
     }
+
+
+def test_md_cell_keeps_any_text_in_one_short_cell():
+    from qwen_agent.bench.report import md_cell
+
+    assert md_cell("a | b\n`c`  [d] *e* <f> \\") == r"a \| b \`c\` \[d\] \*e\* \<f\> \\"
+    cut = md_cell("x" * 1500, 60)
+    assert cut == "x" * 59 + "…"
+    assert md_cell("short", 60) == "short"
 
 
 def test_markdown_keeps_a_model_written_tool_name_in_one_row():

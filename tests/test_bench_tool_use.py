@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import qwen_agent
 from qwen_agent.bench.metrics import load_jobs
 from qwen_agent.bench.tool_use import LLMGenerator, RunFile, run_benchmark, run_tool_use, shipped_path
 from qwen_agent.errors import BenchmarkError
@@ -353,6 +354,15 @@ def test_tiny_checkpoint_through_the_cli(tiny_dir, tmp_path):
     assert report["counts"] == {"positive": 2, "negative": 2}
     meta = json.loads((tmp_path / "run" / "report.json").read_text())["meta"]
     assert meta["model"] == str(tiny_dir) and meta["batch_size"] == 2
+    # what the run used, resolved (the checkpoint's defaults), so that runs can be compared
+    assert (meta["backend"], meta["dtype"], meta["device"], meta["quantization"]) == (
+        "local",
+        "float32",
+        "cpu",
+        "none",
+    )
+    assert (meta["decoding"], meta["max_new_tokens"], meta["repetition_penalty"]) == ("greedy", 4, 1.1)
+    assert meta["package_version"] == qwen_agent.__version__
 
 
 def test_resuming_with_another_dataset_is_refused(tmp_path):

@@ -23,7 +23,8 @@ Adds what the three numbers hide, using the project's own parser (:func:`qwen_ag
 action wins): per-tool precision, recall and confusion; the missed-tool rate on positives; calls to tools that
 were not offered; the schema-validity rate of arguments; exact-argument match; the format-violation rate with a
 count per problem; bootstrap 95% confidence intervals for the three headline numbers; and, per ``category``
-and ``lang`` of each split, the share of jobs where the tool called (or none) is the expected one.
+and ``lang`` of each split, the share of jobs where the tool called (or none) is the expected one. Each job is
+scored once (:func:`score_job`); the report sums those outcomes, and a comparison of runs pairs them.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from rouge_score import rouge_scorer
 
 from ..errors import BenchmarkError, ToolArgumentError
 from ..react import Action, FinalAnswer, Malformed, Problem, parse_output
+from .report import render_markdown
 
 __all__ = [
     "ACTION_MARKER",
     "load_jobs",
+    "generated_text",
     "process_res",
     "normalize_action_input",
     "qwen_token_string",
@@ -53,12 +56,17 @@ __all__ = [
     "action_input_rouge",
     "bad_rate",
     "offered_tools",
+    "bootstrap_ci",
+    "score_job",
+    "job_outcomes",
+    "summarize",
     "scorecard",
     "render_markdown",
 ]
 
 ACTION_MARKER = "\nAction: "  # the December 2023 script requires the newline and the trailing space
 NO_TOOL = "(none)"
+NOT_OFFERED = "(not offered)"
 _FORMAT_PROBLEMS = {
     Problem.EMPTY,
     Problem.NO_FORMAT,
@@ -114,14 +122,14 @@ def load_jobs(path: str | Path, *, require_gen: bool = False) -> list[dict[str, 
                 raise BenchmarkError(f"{where}: field {key!r} must be a string")
         if "gen" in job:
             try:
-                _gen(job)
+                generated_text(job)
             except BenchmarkError as exc:
                 raise BenchmarkError(f"{where}: {exc}") from None
         jobs.append(job)
     return jobs
 
 
-def _gen(job: Mapping[str, Any]) -> str:
+def generated_text(job: Mapping[str, Any]) -> str:
     """The model output of a job (the official files store it as a one-item list)."""
     gen = job.get("gen")
     if isinstance(gen, list) and gen and isinstance(gen[0], str):
@@ -184,7 +192,7 @@ def rouge_l(reference: str, generated: str, tokenizer: Any) -> float:
 
 
 def _action_right(job: Mapping[str, Any]) -> bool:
-    gen = _gen(job)
+    gen = generated_text(job)
     if ACTION_MARKER not in gen:
         return False
     return (
@@ -194,11 +202,11 @@ def _action_right(job: Mapping[str, Any]) -> bool:
 
 def _action_input_rouge(job: Mapping[str, Any], tokenizer: Any) -> float:
     reference = process_res(job["response"])["action_input"]
-    return rouge_l(reference, process_res(_gen(job))["action_input"], tokenizer)
+    return rouge_l(reference, process_res(generated_text(job))["action_input"], tokenizer)
 
 
 def _is_bad(job: Mapping[str, Any]) -> bool:
-    return ACTION_MARKER in _gen(job)
+    return ACTION_MARKER in generated_text(job)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -273,7 +281,7 @@ def _schema_valid(tool: str, arguments: Any, catalog: Mapping[str, Mapping[str, 
     return True
 
 
-def _bootstrap_ci(values: Sequence[float], rounds: int, rng: np.random.Generator) -> list[float] | None:
+def bootstrap_ci(values: Sequence[float], rounds: int, rng: np.random.Generator) -> list[float] | None:
     """Percentile 95% interval of the mean, resampling jobs with replacement."""
     if not values or rounds <= 0:
         return None
@@ -287,60 +295,144 @@ def _rate(count: int, total: int) -> float | None:
     return count / total if total else None
 
 
-class _Tally:
-    """Counts over every job, read through the project's parser."""
+def score_job(
+    job: Mapping[str, Any], positive: bool, tokenizer: Any, catalog: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """One job's outcome, the unit every figure of the report is summed from (and :mod:`.compare` pairs).
 
-    def __init__(self, catalog: Mapping[str, Mapping[str, Any]]) -> None:
-        self.catalog = catalog
-        self.confusion: dict[str, Counter[str]] = defaultdict(Counter)
-        self.problems: Counter[str] = Counter()
-        self.missed = self.not_offered = self.violations = self.exact = 0
-        self.checked = self.valid = 0
-        self.groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    ``called`` and ``expected`` are tool names (``"(none)"`` for no call); ``not_offered`` says the call names
+    a tool this job did not offer; ``schema_valid`` is None when the call was not checked. Positives add the
+    official ``right`` and ``rouge`` and the scorecard's ``missed`` and ``exact``; negatives add ``bad``.
+    """
+    offered = offered_tools(job)
+    parsed = parse_output(generated_text(job), offered)
+    called, expected = _called_tool(parsed), _expected_tool(job, positive)
+    problems = [p.value for p in parsed.problems]
+    if isinstance(parsed, Malformed):
+        problems.append(parsed.problem.value)
+    schema_valid = None
+    if isinstance(parsed, Action) and parsed.tool in catalog:
+        schema_valid = _schema_valid(parsed.tool, parsed.arguments, catalog)
+    elif (
+        isinstance(parsed, Malformed)
+        and parsed.problem == Problem.INVALID_ARGUMENTS
+        and parsed.tool in catalog
+    ):
+        schema_valid = False  # arguments that do not parse are not valid
+    outcome: dict[str, Any] = {
+        "expected": expected,
+        "called": called,
+        "not_offered": called != NO_TOOL and offered is not None and called not in offered,
+        "violation": _is_format_violation(parsed),
+        "problems": problems,
+        "schema_valid": schema_valid,
+        "groups": {key: job[key] for key in ("category", "lang") if job.get(key)},
+    }
+    if positive:
+        outcome["right"] = _action_right(job)
+        outcome["rouge"] = _action_input_rouge(job, tokenizer)
+        outcome["missed"] = called == NO_TOOL
+        outcome["exact"] = (
+            isinstance(parsed, Action) and called == expected and parsed.arguments == _golden_arguments(job)
+        )
+    else:
+        outcome["bad"] = _is_bad(job)
+    return outcome
 
-    def add(self, job: Mapping[str, Any], positive: bool) -> None:
-        offered = offered_tools(job)
-        parsed = parse_output(_gen(job), offered)
-        called, expected = _called_tool(parsed), _expected_tool(job, positive)
-        self.confusion[expected][called] += 1
-        self.problems.update(p.value for p in parsed.problems)
-        if isinstance(parsed, Malformed):
-            self.problems[parsed.problem.value] += 1
-        self.violations += _is_format_violation(parsed)
-        if called != NO_TOOL and offered is not None and called not in offered:
-            self.not_offered += 1
-        if isinstance(parsed, Action) and parsed.tool in self.catalog:
-            self.checked += 1
-            self.valid += _schema_valid(parsed.tool, parsed.arguments, self.catalog)
-        elif isinstance(parsed, Malformed) and parsed.problem == Problem.INVALID_ARGUMENTS:
-            self.checked += parsed.tool in self.catalog  # arguments that do not parse are not valid
-        if positive:
-            self.missed += called == NO_TOOL
-            self.exact += (
-                isinstance(parsed, Action)
-                and called == expected
-                and parsed.arguments == _golden_arguments(job)
-            )
-        split = "positive" if positive else "negative"
-        for key in ("category", "lang"):
-            if job.get(key):
-                self.groups[key][f"{split}/{job[key]}"].append(float(called == expected))
 
-    def per_tool(self) -> dict[str, dict[str, Any]]:
-        confusion = self.confusion
-        tools = sorted(({t for row in confusion.values() for t in row} | set(confusion)) - {NO_TOOL})
-        rows = {}
-        for tool in tools:
-            tp = confusion[tool][tool]
-            fn = sum(confusion[tool].values()) - tp
-            fp = sum(row[tool] for expected, row in confusion.items() if expected != tool)
-            rows[tool] = {
-                "support": tp + fn,
-                "predicted": tp + fp,
-                "precision": _rate(tp, tp + fp),
-                "recall": _rate(tp, tp + fn),
-            }
-        return rows
+def job_outcomes(
+    positive: Sequence[Mapping[str, Any]],
+    negative: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    catalog: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """:func:`score_job` for every job, per split; a job without ``gen`` raises BenchmarkError."""
+    outcomes: dict[str, list[dict[str, Any]]] = {}
+    for label, jobs in (("positive", positive), ("negative", negative)):
+        for index, job in enumerate(jobs):
+            if "gen" not in job:
+                raise BenchmarkError(
+                    f"{label} job {job.get('id', index)!r} has no 'gen' field (not generated yet)"
+                )
+        outcomes[label] = [score_job(job, label == "positive", tokenizer, catalog or {}) for job in jobs]
+    return outcomes
+
+
+def _per_tool(outcomes: Iterable[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Precision and recall per tool that was expected, or called where it was offered; the calls to tools
+    not offered are one group, every raw name kept with its count."""
+    confusion: dict[str, Counter[str]] = defaultdict(Counter)
+    not_offered: Counter[str] = Counter()
+    for outcome in outcomes:
+        called = outcome["called"]
+        if outcome["not_offered"]:
+            not_offered[called] += 1
+            called = NOT_OFFERED
+        confusion[outcome["expected"]][called] += 1
+    tools = sorted(({t for row in confusion.values() for t in row} | set(confusion)) - {NO_TOOL, NOT_OFFERED})
+    rows = {}
+    for tool in tools:
+        tp = confusion[tool][tool]
+        fn = sum(confusion[tool].values()) - tp
+        fp = sum(row[tool] for expected, row in confusion.items() if expected != tool)
+        rows[tool] = {
+            "support": tp + fn,
+            "predicted": tp + fp,
+            "precision": _rate(tp, tp + fp),
+            "recall": _rate(tp, tp + fn),
+        }
+    group = {"calls": sum(not_offered.values()), "names": dict(not_offered.most_common())}
+    return rows, group
+
+
+def summarize(
+    outcomes: Mapping[str, Sequence[Mapping[str, Any]]], *, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The report from :func:`job_outcomes`: the three official numbers (fractions, None for an empty split)
+    with bootstrap 95% intervals, then the scorecard."""
+    positive, negative = outcomes.get("positive", []), outcomes.get("negative", [])
+    every = [*positive, *negative]
+    right = [float(o["right"]) for o in positive]
+    rouge = [o["rouge"] for o in positive]
+    bad = [float(o["bad"]) for o in negative]
+    checked = [o["schema_valid"] for o in every if o["schema_valid"] is not None]
+    problems = Counter(p for o in every for p in o["problems"])
+    confusion: dict[str, Counter[str]] = defaultdict(Counter)
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for split, jobs in (("positive", positive), ("negative", negative)):
+        for o in jobs:
+            confusion[o["expected"]][o["called"]] += 1
+            for key, value in o["groups"].items():
+                groups[key][f"{split}/{value}"].append(float(o["called"] == o["expected"]))
+    per_tool, not_offered = _per_tool(every)
+    rng = np.random.default_rng(seed)
+    return {
+        "action_right_rate": _mean(right) if positive else None,
+        "action_input_rouge": _mean(rouge) if positive else None,
+        "bad_rate": _mean(bad) if negative else None,
+        "counts": {"positive": len(positive), "negative": len(negative)},
+        "confidence_intervals": {
+            "level": 0.95,
+            "bootstrap_rounds": bootstrap,
+            "action_right_rate": bootstrap_ci(right, bootstrap, rng),
+            "action_input_rouge": bootstrap_ci(rouge, bootstrap, rng),
+            "bad_rate": bootstrap_ci(bad, bootstrap, rng),
+        },
+        "missed_tool_rate": _rate(sum(o["missed"] for o in positive), len(positive)),
+        "not_offered_call_rate": _rate(sum(o["not_offered"] for o in every), len(every)),
+        "schema_valid_rate": _rate(sum(checked), len(checked)),
+        "schema_checked_calls": len(checked),
+        "exact_argument_match": _rate(sum(o["exact"] for o in positive), len(positive)),
+        "format_violation_rate": _rate(sum(o["violation"] for o in every), len(every)),
+        "problems": dict(sorted(problems.items())),
+        "per_tool": per_tool,
+        "not_offered": not_offered,
+        "confusion": {expected: dict(row) for expected, row in sorted(confusion.items())},
+        "groups": {
+            key: {name: {"jobs": len(v), "accuracy": _mean(v)} for name, v in sorted(named.items())}
+            for key, named in sorted(groups.items())
+        },
+    }
 
 
 def scorecard(
@@ -355,94 +447,10 @@ def scorecard(
     """The full report: the three official numbers at the top level (fractions), then the scorecard.
 
     ``catalog`` maps tool names to their JSON-Schema parameters; calls to tools missing from it are left out of
-    the schema-validity rate. Jobs without ``gen`` raise BenchmarkError.
+    the schema-validity rate. Jobs without ``gen`` raise BenchmarkError. ``per_tool`` has a row per tool that
+    was expected, or called in a job that offered it; calls to tools a job did not offer are counted in
+    ``not_offered`` (``calls``, and ``names``: every raw name with its count), and every raw name is also kept
+    in ``confusion``.
     """
-    for label, jobs in (("positive", positive), ("negative", negative)):
-        for index, job in enumerate(jobs):
-            if "gen" not in job:
-                raise BenchmarkError(
-                    f"{label} job {job.get('id', index)!r} has no 'gen' field (not generated yet)"
-                )
-    right = [float(_action_right(job)) for job in positive]
-    rouge = [_action_input_rouge(job, tokenizer) for job in positive]
-    bad = [float(_is_bad(job)) for job in negative]
-    tally = _Tally(catalog or {})
-    for job in positive:
-        tally.add(job, positive=True)
-    for job in negative:
-        tally.add(job, positive=False)
-
-    rng = np.random.default_rng(seed)
-    total = len(positive) + len(negative)
-    return {
-        "action_right_rate": _mean(right),
-        "action_input_rouge": _mean(rouge),
-        "bad_rate": _mean(bad),
-        "counts": {"positive": len(positive), "negative": len(negative)},
-        "confidence_intervals": {
-            "level": 0.95,
-            "bootstrap_rounds": bootstrap,
-            "action_right_rate": _bootstrap_ci(right, bootstrap, rng),
-            "action_input_rouge": _bootstrap_ci(rouge, bootstrap, rng),
-            "bad_rate": _bootstrap_ci(bad, bootstrap, rng),
-        },
-        "missed_tool_rate": _rate(tally.missed, len(positive)),
-        "not_offered_call_rate": _rate(tally.not_offered, total),
-        "schema_valid_rate": _rate(tally.valid, tally.checked),
-        "schema_checked_calls": tally.checked,
-        "exact_argument_match": _rate(tally.exact, len(positive)),
-        "format_violation_rate": _rate(tally.violations, total),
-        "problems": dict(sorted(tally.problems.items())),
-        "per_tool": tally.per_tool(),
-        "confusion": {expected: dict(row) for expected, row in sorted(tally.confusion.items())},
-        "groups": {
-            key: {name: {"jobs": len(v), "accuracy": _mean(v)} for name, v in sorted(groups.items())}
-            for key, groups in sorted(tally.groups.items())
-        },
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _ci(interval: Iterable[float] | None, scale: float = 100.0, digits: int = 1) -> str:
-    if interval is None:
-        return ""
-    low, high = interval
-    return f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """A markdown summary: the headline table with 95% intervals, the scorecard, then per-tool rows."""
-    ci = report["confidence_intervals"]
-    lines = [
-        "| Metric | Value | 95% CI |",
-        "|---|---|---|",
-        f"| Tool selection (action_right_rate) | {_pct(report['action_right_rate'])} | "
-        f"{_ci(ci['action_right_rate'])} |",
-        f"| Tool input (action_input_rouge) | {report['action_input_rouge']:.3f} | "
-        f"{_ci(ci['action_input_rouge'], 1.0, 3)} |",
-        f"| False positive (bad_rate) | {_pct(report['bad_rate'])} | {_ci(ci['bad_rate'])} |",
-        "",
-        "| Scorecard | Value |",
-        "|---|---|",
-        f"| Jobs (positive / negative) | {report['counts']['positive']} / {report['counts']['negative']} |",
-        f"| Missed tool on positives | {_pct(report['missed_tool_rate'])} |",
-        f"| Calls to tools not offered | {_pct(report['not_offered_call_rate'])} |",
-        f"| Arguments valid for the schema | {_pct(report['schema_valid_rate'])} "
-        f"(of {report['schema_checked_calls']} calls) |",
-        f"| Exact argument match | {_pct(report['exact_argument_match'])} |",
-        f"| Format violations | {_pct(report['format_violation_rate'])} |",
-    ]
-    if report["problems"]:
-        lines.append("| Problems | " + ", ".join(f"{k}: {v}" for k, v in report["problems"].items()) + " |")
-    lines += ["", "| Tool | Support | Precision | Recall |", "|---|---|---|---|"]
-    for tool, row in report["per_tool"].items():
-        cell = " ".join(str(tool).split()).replace("|", "\\|")  # names come from model output: keep one row
-        lines.append(f"| {cell} | {row['support']} | {_pct(row['precision'])} | {_pct(row['recall'])} |")
-    return "\n".join(lines) + "\n"
+    outcomes = job_outcomes(positive, negative, tokenizer, catalog)
+    return summarize(outcomes, bootstrap=bootstrap, seed=seed)

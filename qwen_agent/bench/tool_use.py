@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import __version__
 from ..errors import BenchmarkError, ConfigError
 from ..llm_protocol import ChatPrompt, Sampling
 from ..react import STOP_WORDS
@@ -36,6 +37,7 @@ __all__ = [
     "load_catalog",
     "plugin_tools",
     "catalog_schemas",
+    "plugin_schemas",
     "Generator",
     "LLMGenerator",
     "EngineGenerator",
@@ -126,7 +128,8 @@ def catalog_schemas(catalog: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
 
 
 class Generator(Protocol):
-    """Generates the answer to each user message; yields ``(index, gen)`` as each one finishes."""
+    """Generates the answer to each user message; yields ``(index, gen)`` as each one finishes. A generator
+    may also have ``describe() -> dict``, the settings recorded in a run's ``meta``."""
 
     def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]: ...
 
@@ -156,6 +159,16 @@ class LLMGenerator:
         self.sampling = Sampling(
             max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty
         )
+
+    def describe(self) -> dict[str, Any]:
+        """The settings a run's ``meta`` records (the server's own settings are not known here)."""
+        return {
+            "backend": type(self.llm).__name__,
+            "decoding": "greedy",
+            "concurrency": self.concurrency,
+            "max_new_tokens": self.sampling.max_tokens,
+            "repetition_penalty": self.sampling.repetition_penalty,
+        }
 
     def _one(self, prompt: str) -> str:
         completion = self.llm.complete(ChatPrompt(prompt), stop=STOP_WORDS, sampling=self.sampling)
@@ -188,6 +201,20 @@ class EngineGenerator:
             config.repetition_penalty if repetition_penalty is None else repetition_penalty
         )
         self.generated_tokens = 0
+
+    def describe(self) -> dict[str, Any]:
+        """The settings a run's ``meta`` records: the weights' dtype and device, and the decoding options."""
+        weight = next(self.engine.model.parameters())
+        return {
+            "backend": "local",
+            "dtype": str(weight.dtype).removeprefix("torch."),
+            "device": str(weight.device),
+            "quantization": "none",  # the runtime loads float weights only
+            "decoding": "greedy",
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
 
     def _ids(self, prompt: str) -> list[int]:
         from ..runtime.chat_format import make_context
@@ -376,20 +403,22 @@ def _plot_per_tool(report: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import pct
+
     rows = [(tool, row["recall"]) for tool, row in report["per_tool"].items() if row["support"]]
     rows.sort(key=lambda item: item[1])
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(rows) + 1)))
     ax.barh([tool for tool, _ in rows], [100 * recall for _, recall in rows], color="#4c72b0")
     ax.set_xlim(0, 100)
     ax.set_xlabel("tool chosen correctly (% of that tool's positive jobs)")
-    ax.set_title(f"Tool selection per tool (overall {100 * report['action_right_rate']:.1f}%)")
+    ax.set_title(f"Tool selection per tool (overall {pct(report['action_right_rate'])})")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _schemas_for(plugins: str | Path | None) -> dict[str, dict[str, Any]]:
+def plugin_schemas(plugins: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Schemas of the catalog given, or of the shipped one when it exists; {} when there is none."""
     if plugins is not None:
         return catalog_schemas(load_catalog(plugins))
@@ -423,7 +452,7 @@ def score_files(
         jobs["positive"],
         jobs["negative"],
         QwenTokenizer.from_pretrained(),
-        catalog=_schemas_for(plugins),
+        catalog=plugin_schemas(plugins),
         bootstrap=bootstrap,
     )
 
@@ -457,15 +486,19 @@ def run_benchmark(
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate (resuming whatever ``out_dir`` already holds), score, and write the report files.
-    ``datasets`` defaults to :func:`load_datasets`'s shipped sets."""
+    ``datasets`` defaults to :func:`load_datasets`'s shipped sets. report.json's ``meta`` holds ``meta``, the
+    settings the generator reports (its ``describe()``: dtype, quantization, decoding options; these win over
+    ``meta``'s) and the package version, so that ``bench compare`` can say what differed between runs."""
     from ..runtime.tokenizer import QwenTokenizer
     from .metrics import scorecard
 
-    schemas = _schemas_for(plugins)  # fail on a bad catalog before generating anything
+    schemas = plugin_schemas(plugins)  # fail on a bad catalog before generating anything
     recorded = run_tool_use(datasets or load_datasets(), generator, out_dir, limit=limit, progress=progress)
     # Rouge-L is always over Qwen-7B-Chat's own tokens, so runs of different models stay comparable
     report = scorecard(
         recorded["positive"], recorded["negative"], QwenTokenizer.from_pretrained(), catalog=schemas
     )
-    write_report(report, out_dir, meta=meta)
+    describe = getattr(generator, "describe", None)
+    settings = describe() if callable(describe) else {}
+    write_report(report, out_dir, meta={**(meta or {}), **settings, "package_version": __version__})
     return report
