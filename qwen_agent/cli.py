@@ -194,7 +194,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
     import json
 
-    from .bench.metrics import render_markdown
+    from .bench.report import official_lines, render_markdown
     from .bench.tool_use import load_datasets, open_generator, run_benchmark
 
     if args.batch_size < 1:
@@ -226,6 +226,7 @@ def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
     )
     print(render_markdown(report))
     print(f"report: {args.out}/report.json, report.md, per_tool.png")
+    print("\n".join(official_lines(report)))
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     return 0

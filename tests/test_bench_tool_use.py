@@ -350,8 +350,21 @@ def test_tiny_checkpoint_through_the_cli(tiny_dir, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    *_, rate, rouge, bad, last = done.stdout.strip().splitlines()
+    report = json.loads(last)
     assert report["counts"] == {"positive": 2, "negative": 2}
+    # the official numbers close the output, one line each with its interval, as in report.json
+    ci = report["confidence_intervals"]
+    assert rate.split() == [
+        "action_right_rate",
+        f"{100 * report['action_right_rate']:.1f}%",
+        "95%",
+        "CI",
+        f"[{100 * ci['action_right_rate'][0]:.1f},",
+        f"{100 * ci['action_right_rate'][1]:.1f}]",
+    ]
+    assert rouge.startswith("action_input_rouge") and f"{report['action_input_rouge']:.3f}" in rouge
+    assert bad.startswith("bad_rate") and f"{100 * report['bad_rate']:.1f}%" in bad
     meta = json.loads((tmp_path / "run" / "report.json").read_text())["meta"]
     assert meta["model"] == str(tiny_dir) and meta["batch_size"] == 2
     # what the run used, resolved (the checkpoint's defaults), so that runs can be compared

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["EXAMPLE_CHARS", "md_cell", "pct", "number", "interval", "render_markdown"]
+__all__ = ["EXAMPLE_CHARS", "md_cell", "pct", "number", "interval", "render_markdown", "official_lines"]
 
 EXAMPLE_CHARS = 60  # a model-written name shown as an example is cut to this many characters
 NOT_OFFERED_EXAMPLES = 3
@@ -90,3 +90,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"| {_not_offered_cell(not_offered['names'])} | 0 | {not_offered['calls']} | n/a | n/a |"
         )
     return "\n".join(lines) + "\n"
+
+
+def official_lines(report: Mapping[str, Any]) -> list[str]:
+    """The three official numbers, one line each with its 95% interval, in the units of Qwen's table."""
+    ci = report["confidence_intervals"]
+    return [
+        f"action_right_rate   {pct(report['action_right_rate']):>7}  95% CI {interval(ci['action_right_rate'])}",
+        f"action_input_rouge  {number(report['action_input_rouge']):>7}  95% CI "
+        f"{interval(ci['action_input_rouge'], 1.0, 3)}",
+        f"bad_rate            {pct(report['bad_rate']):>7}  95% CI {interval(ci['bad_rate'])}",
+    ]
