@@ -428,11 +428,13 @@ class _Run:
     def plain_answer(self, index: int) -> Iterator[Event]:
         """No tools: one reply, all of it the answer (its end cut at a stop word, its ends stripped)."""
         completion, parsed = yield from self.generate(index, "", answer_only=True)
-        self.answer = parsed.answer if isinstance(parsed, FinalAnswer) else ""
         self.transcript = completion.text
-        self.steps.append(
-            Step(index, "", problems=parsed.problems, output=completion.text, completion=completion)
-        )
+        step = Step(index, "", problems=parsed.problems, output=completion.text, completion=completion)
+        if isinstance(parsed, FinalAnswer):
+            self.answer = parsed.answer
+        else:  # an empty reply
+            step.ok, step.problems = False, (parsed.problem, *parsed.problems)
+        self.steps.append(step)
 
     def result(self) -> RunResult:
         def total(name: str) -> int:

@@ -101,8 +101,8 @@ def cut_completion(completion: Completion, stop: Sequence[str]) -> Completion:
 
 
 def cut_stream(items: Iterable[str | Completion], stop: Sequence[str]) -> Iterator[str | Completion]:
-    """A backend's stream cut before the first of ``stop``: no delta reaches past it, none holds a piece of it,
-    and the deltas join to the Completion's text. The backend's stream is still read to its end."""
+    """A backend's stream cut before the first of ``stop``: no delta reaches past it or holds a piece of it, and
+    the deltas still join to the Completion's text (as the backend's own do). The stream is read to its end."""
     scanner = StopScanner(stop)
     for item in items:
         if isinstance(item, Completion):

@@ -310,6 +310,8 @@ def test_an_agent_without_tools_chats_and_the_whole_reply_is_the_answer():
     second = agent.run("again", history=first.history)
     assert llm.calls[1][0].history == (("hi", "Hello! How can I help?"),)
     assert second.answer == "Thought: x\nFinal Answer: y"  # no ReAct without tools; cut at the stop word
+    empty = Agent(ScriptedLLM([" \n"])).run("hi")
+    assert empty.answer == "" and empty.steps[0].ok is False and empty.steps[0].problems == (Problem.EMPTY,)
 
 
 @pytest.mark.parametrize("gap", ["", "  ", "\n", " \n\n", "\t \n "])
