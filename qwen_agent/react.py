@@ -474,15 +474,17 @@ class SectionStreamer:
         self._buf = ""
         self._settled = -1  # length of the text last parsed
         self._sent = {"thought": "", "answer": ""}
+        self._acting = False  # an Action line came first: the thought is complete and there is no answer
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         self._buf += delta
         cut = self._buf.rfind("\n") + 1
         settled = cut if _may_become_marker(self._buf[cut:]) else len(self._buf)
-        if settled == self._settled:
+        if settled == self._settled or self._acting:
             return []
         self._settled = settled
         parsed = parse_output(self._prefix + self._buf[:settled])
+        self._acting = getattr(parsed, "tool", None) is not None
         if Problem.NO_FORMAT in parsed.problems:  # a marker may still follow and make it a thought
             return []
         return self._emit(parsed)
