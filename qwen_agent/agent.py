@@ -11,6 +11,12 @@ Nothing that goes wrong inside a step is raised: an unknown tool, bad arguments,
 output or a repeated call each becomes an Observation that says what was wrong, and an ``ErrorEvent``. When the
 step budget is spent the model gets one more turn that starts ``Final Answer:``, so a run always ends with an
 answer. Errors of the backend itself (``LLMError``) propagate.
+
+An agent without tools is a plain chat, as react_demo is without plugins: the query goes bare, with no ReAct
+instruction, and the whole reply is the answer.
+
+Streaming holds one rule: in every step the text of its ``ThoughtDelta`` events joins to ``Step.thought`` and
+that of the ``AnswerDelta`` events to the answer, whatever the model writes and whatever the backend cuts.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from .errors import ConfigError, LLMError
+from .llm import cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
     STOP_WORDS,
     Action,
     FinalAnswer,
+    ParsedOutput,
     Problem,
     SectionStreamer,
     Variant,
@@ -54,7 +62,9 @@ __all__ = [
     "FinalAnswerEvent",
 ]
 
-FORCED_ANSWER_CUE = " I now know the final answer.\nFinal Answer:"
+FORCED_THOUGHT = "I now know the final answer."
+FORCED_ANSWER_CUE = f" {FORCED_THOUGHT}\nFinal Answer:"
+_ANSWER_MARKER = "Final Answer:"
 NO_ANSWER = "I could not find an answer within the allowed number of steps."
 
 
@@ -202,7 +212,7 @@ def _clean(text: str) -> str:
 
 class Agent:
     """A ReAct agent over any :class:`~qwen_agent.llm.LLM` and a set of tools (a ``ToolRegistry``, a list of
-    tools, or a name -> tool mapping).
+    tools, or a name -> tool mapping; none makes it a plain chat).
 
     ``variant`` picks the Qwen prompt wording (see :mod:`qwen_agent.react`); ``max_iterations`` caps the tool
     steps of one run; ``sampling`` is passed to the backend on every call.
@@ -238,15 +248,16 @@ class Agent:
         self, query: str, history: Sequence[tuple[str, str]] = (), assistant_prefix: str = ""
     ) -> ChatPrompt:
         """The conversation for one model call. As in the reference, the ReAct instruction goes into the last
-        earlier turn when there is one (so that turn's cache stays valid), else into the query."""
-        turns = [(_clean(q), _clean(r)) for q, r in history]
-        query = _clean(query)
-        if turns:
-            last_query, last_response = turns[-1]
-            turns[-1] = (react_question(self._instruction, last_query), last_response)
-        else:
+        earlier turn when there is one (so that turn's cache stays valid), else into the query, and each turn is
+        stripped after that (a query's leading newline stays after ``Question: ``). Without tools no instruction
+        is sent."""
+        turns = list(history)
+        if self.tools and turns:
+            turns[-1] = (react_question(self._instruction, turns[-1][0]), turns[-1][1])
+        elif self.tools:
             query = react_question(self._instruction, query)
-        return ChatPrompt(query, tuple(turns), self.system, assistant_prefix)
+        cleaned = tuple((_clean(q), _clean(r)) for q, r in turns)
+        return ChatPrompt(_clean(query), cleaned, self.system, assistant_prefix)
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -266,6 +277,11 @@ class Agent:
         """
         history = list(history or [])
         run = _Run(self, query, history)
+        if not self.tools:
+            yield StepStarted(0)
+            yield from run.plain_answer(0)
+            yield FinalAnswerEvent(run.answer, run.result())
+            return
         for index in range(self.max_iterations):
             yield StepStarted(index)
             step = yield from run.model_step(index, run.transcript)
@@ -293,22 +309,34 @@ class _Run:
         self.started = time.perf_counter()
         self._seen_calls: dict[tuple[str, str], int] = {}
 
-    def generate(self, index: int, prefix: str, answer_only: bool) -> Iterator[Event | Completion]:
-        """Stream one model call, turning text into thought / answer deltas; yields the Completion last."""
+    def generate(
+        self, index: int, prefix: str, answer_only: bool = False
+    ) -> Generator[Event, None, tuple[Completion, ParsedOutput]]:
+        """Stream one model call as thought / answer deltas; returns the Completion and its parse.
+
+        ``answer_only``: the reply continues a ``Final Answer:`` (written by the prompt, or implied by a plain
+        chat), so all of it is the answer."""
         prompt = self.agent.prompt(self.query, self.history, prefix)
-        sections = SectionStreamer("answer" if answer_only else "thought")
+        answer_marker = _ANSWER_MARKER if answer_only else ""
+        sections = SectionStreamer(answer_marker)
         completion = None
-        # the backend's stream is read to its end, so that it can finish its own bookkeeping
-        for item in self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling):
+        # cut here too: a backend that returns the stop word (or what follows it) must not reach the transcript
+        items = cut_stream(
+            self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling), STOP_WORDS
+        )
+        for item in items:  # read to its end, so that the backend can finish its own bookkeeping
             if isinstance(item, Completion):
                 completion = item
             else:
                 yield from self._deltas(index, sections.feed(item))
         if completion is None:
             raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
-        yield from self._deltas(index, sections.finish())
         self.completions.append(completion)
-        yield completion
+        # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does
+        stop = completion.stop if completion.stop in STOP_WORDS else ""
+        parsed = parse_output(answer_marker + completion.text + stop, self.agent._formats)
+        yield from self._deltas(index, sections.finish(parsed))
+        return completion, parsed
 
     @staticmethod
     def _deltas(index: int, pieces: list[tuple[str, str]]) -> Iterator[Event]:
@@ -317,20 +345,8 @@ class _Run:
 
     def model_step(self, index: int, prefix: str) -> Generator[Event, None, Step | None]:
         """Generate and parse one step; returns the Step to act on, or None when the answer is final."""
-        completion = None
-        sent_answer = ""
-        for item in self.generate(index, prefix, answer_only=False):
-            if isinstance(item, Completion):
-                completion = item
-            else:
-                if isinstance(item, AnswerDelta):
-                    sent_answer += item.text
-                yield item
-        parsed = parse_output(completion.text, self.agent._formats)
+        completion, parsed = yield from self.generate(index, prefix)
         if isinstance(parsed, FinalAnswer):
-            # plain text (no format) was streamed as thought: the answer still has to be sent
-            if parsed.answer.startswith(sent_answer) and parsed.answer != sent_answer:
-                yield AnswerDelta(index, parsed.answer[len(sent_answer) :])
             self.steps.append(
                 Step(
                     index, parsed.thought, problems=parsed.problems, output=parsed.text, completion=completion
@@ -401,20 +417,24 @@ class _Run:
         """The budget is spent: let the model write only the Final Answer."""
         self.stop_reason = "max_iterations"
         prefix = self.transcript + FORCED_ANSWER_CUE
-        completion = None
-        for item in self.generate(index, prefix, answer_only=True):
-            if isinstance(item, Completion):
-                completion = item
-            else:
-                yield item
-        parsed = parse_output("Final Answer:" + completion.text)
+        yield ThoughtDelta(index, FORCED_THOUGHT)
+        completion, parsed = yield from self.generate(index, prefix, answer_only=True)
         self.answer = parsed.answer if isinstance(parsed, FinalAnswer) else NO_ANSWER
         if not isinstance(parsed, FinalAnswer):
             yield AnswerDelta(index, NO_ANSWER)
         self.transcript = prefix + " " + self.answer
-        self.steps.append(
-            Step(index, "I now know the final answer.", output=completion.text, completion=completion)
-        )
+        self.steps.append(Step(index, FORCED_THOUGHT, output=completion.text, completion=completion))
+
+    def plain_answer(self, index: int) -> Iterator[Event]:
+        """No tools: one reply, all of it the answer (its end cut at a stop word, its ends stripped)."""
+        completion, parsed = yield from self.generate(index, "", answer_only=True)
+        self.transcript = completion.text
+        step = Step(index, "", problems=parsed.problems, output=completion.text, completion=completion)
+        if isinstance(parsed, FinalAnswer):
+            self.answer = parsed.answer
+        else:  # an empty reply
+            step.ok, step.problems = False, (parsed.problem, *parsed.problems)
+        self.steps.append(step)
 
     def result(self) -> RunResult:
         def total(name: str) -> int:

@@ -102,27 +102,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sampling=sampling,
     )
     out = sys.stdout
-    section, thought = "", ""
+    section = ""
     try:
         for event in agent.stream(args.question):
             if isinstance(event, StepStarted):
                 title = "final answer (step budget used up)" if event.forced else f"step {event.index + 1}"
                 out.write(f"\n--- {title}\n")
-                section, thought = "", ""
-            elif (
-                isinstance(event, AnswerDelta)
-                and section == "Thought: "
-                and event.text.strip() == thought.strip()
-            ):
-                # a reply with no ReAct format streams as thought and is then taken whole as the answer
-                out.write("\n(no ReAct format: the reply above is the final answer)")
-                section = "Final Answer: "
+                section = ""
             elif isinstance(event, (ThoughtDelta, AnswerDelta)):
                 label = "Thought: " if isinstance(event, ThoughtDelta) else "Final Answer: "
                 if section != label:
                     out.write(("\n" if section else "") + label)
                     section = label
-                thought += event.text if isinstance(event, ThoughtDelta) else ""
                 out.write(event.text)
             elif isinstance(event, ActionEvent):
                 out.write(f"\nAction: {event.tool}\nAction Input: {event.raw_arguments}\n")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .llm import cut_completion, cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     STOP_WORDS,
@@ -255,7 +256,10 @@ def chat_completion(
 ) -> dict[str, Any]:
     """An OpenAI ``chat.completion`` object answering ``messages``."""
     request = build_prompt(messages, functions, tools, stop)
-    completion = llm.complete(request.prompt, stop=request.stop, sampling=sampling)
+    # cut here too: a backend (a server that ignores `stop`) may return the stop string and what follows
+    completion = cut_completion(
+        llm.complete(request.prompt, stop=request.stop, sampling=sampling), request.stop
+    )
     message, finish = response_message(completion.text, request)
     if finish == "stop" and completion.finish_reason == "length":
         finish = "length"
@@ -295,7 +299,7 @@ def chat_completion_stream(
     sections = SectionStreamer() if request.function_names else None
     sent = ""
     completion = Completion("")
-    for item in llm.stream(request.prompt, stop=request.stop, sampling=sampling):
+    for item in cut_stream(llm.stream(request.prompt, stop=request.stop, sampling=sampling), request.stop):
         if isinstance(item, Completion):
             completion = item
             continue

@@ -4,13 +4,15 @@ Both adapters run over any backend of :mod:`qwen_agent.llm` (the local engine, a
 :class:`~qwen_agent.llm.ScriptedLLM` in tests) and keep no logic of their own beyond translating types:
 
 * ``QwenLLM`` sends a LangChain prompt as one user turn (as Qwen's own LangChain notebook does), cuts the output
-  at the stop strings in every path (``invoke``, ``stream``, ``batch``, async), and completes a batch of prompts
-  in one engine pass when the backend can (:meth:`qwen_agent.llm.LocalLLM.complete_batch`).
+  at the stop strings itself in every path (``invoke``, ``stream``, ``batch``, async), whether or not the backend
+  does, and completes a batch of prompts in one engine pass when the backend can
+  (:meth:`qwen_agent.llm.LocalLLM.complete_batch`).
 * ``ChatQwen`` turns messages and bound tools into Qwen's ReAct prompt with :func:`qwen_agent.fncall.build_prompt`
   (ToolMessages become Observations) and the reply into ``AIMessage.tool_calls`` with our parser, so
   ``langchain.agents.create_agent`` works with a model that has no native tool calling.
 * :func:`to_langchain_tool` / :func:`from_langchain_tool` convert tools both ways; :func:`qwen_react_prompt` is
-  Qwen's ReAct prompt for ``langchain_classic.agents.create_react_agent``, with :func:`render_tool_descs`.
+  Qwen's ReAct prompt for ``langchain_classic.agents.create_react_agent``, with :func:`render_tool_descs` and
+  :class:`QwenReActOutputParser` (which hands a JSON Action Input to the tool as its arguments).
 
 Needs the ``[langchain]`` extra; ``import qwen_agent`` never imports LangChain.
 """
@@ -28,14 +30,17 @@ from .errors import ConfigError
 from .runtime.chat_format import DEFAULT_SYSTEM
 
 try:
+    from langchain_core.agents import AgentAction, AgentFinish
     from langchain_core.callbacks import (
         AsyncCallbackManagerForLLMRun,
         CallbackManagerForLLMRun,
         CallbackManagerForToolRun,
     )
+    from langchain_core.exceptions import OutputParserException
     from langchain_core.language_models import BaseChatModel, BaseLLM
     from langchain_core.language_models.llms import LLM as LangChainLLM
     from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+    from langchain_core.output_parsers import BaseOutputParser
     from langchain_core.outputs import (
         ChatGeneration,
         ChatGenerationChunk,
@@ -55,8 +60,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from None
 
 from .fncall import build_prompt, chat_completion_stream, response_message
+from .llm import cut_completion, cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
-from .react import parse_arguments, react_instruction
+from .react import Action, FinalAnswer, Problem, parse_arguments, parse_output, react_instruction
 from .tools.base import BaseTool
 from .tools.registry import FunctionTool
 
@@ -68,6 +74,7 @@ __all__ = [
     "from_langchain_tool",
     "render_tool_descs",
     "qwen_react_prompt",
+    "QwenReActOutputParser",
 ]
 
 _SAMPLING_KEYS = frozenset(f.name for f in fields(Sampling))
@@ -206,8 +213,11 @@ class QwenLLM(_QwenSettings, LangChainLLM):
         with _lock(self.backend):
             batch = getattr(self.backend, "complete_batch", None)
             if batch is not None and chat_prompts:
-                return batch(chat_prompts, stop=stops, sampling=sampling)
-            return [self.backend.complete(p, stop=stops, sampling=sampling) for p in chat_prompts]
+                completions = batch(chat_prompts, stop=stops, sampling=sampling)
+            else:
+                completions = [self.backend.complete(p, stop=stops, sampling=sampling) for p in chat_prompts]
+        # cut here as well: a backend (a server that ignores `stop`) may not have
+        return [cut_completion(c, stops) for c in completions]
 
     def _call(
         self,
@@ -254,7 +264,8 @@ class QwenLLM(_QwenSettings, LangChainLLM):
     ) -> Iterator[GenerationChunk]:
         chat_prompt, stops, sampling = self._chat_prompt(prompt), self._stops(stop), self._sampling(kwargs)
         items = _locked_stream(
-            self.backend, lambda: self.backend.stream(chat_prompt, stop=stops, sampling=sampling)
+            self.backend,
+            lambda: cut_stream(self.backend.stream(chat_prompt, stop=stops, sampling=sampling), stops),
         )
         for item in items:
             if isinstance(item, Completion):
@@ -346,6 +357,7 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         request = build_prompt(openai_messages, tools=tools, stop=stops)
         with _lock(self.backend):
             completion = self.backend.complete(request.prompt, stop=request.stop, sampling=sampling)
+        completion = cut_completion(completion, request.stop)
         reply, finish = response_message(completion.text, request)
         if finish == "stop" and completion.finish_reason == "length":
             finish = "length"
@@ -463,13 +475,56 @@ def from_langchain_tool(lc_tool: LangChainTool, *, name_for_human: str | None = 
 
 def render_tool_descs(tools: Sequence[LangChainTool]) -> str:
     """Qwen's TOOL_DESC lines (react_prompt wording) for LangChain tools: a ``tools_renderer`` for
-    ``create_react_agent``."""
+    ``create_react_agent``. Every line asks for a JSON object; :class:`QwenReActOutputParser` passes it on as the
+    tool's arguments."""
     qwen_tools = [t.qwen_tool if isinstance(t, QwenToolAdapter) else from_langchain_tool(t) for t in tools]
     return "\n\n".join(t.tool_desc("react_prompt") for t in qwen_tools)
 
 
+class _QwenReActPrompt(PromptTemplate):
+    """Qwen's template joins the tool names with ``","``; ``create_react_agent`` fills them joined with ``", "``.
+    Tool names are identifier-like (every qwen_agent tool checks its name), so the names split back exactly."""
+
+    def format(self, **kwargs: Any) -> str:
+        kwargs = self._merge_partial_and_user_variables(**kwargs)
+        kwargs["tool_names"] = ",".join(str(kwargs["tool_names"]).split(", "))
+        return super().format(**kwargs)
+
+
 def qwen_react_prompt() -> PromptTemplate:
-    """Qwen's ReAct prompt (the react_prompt.md wording) with the variables ``create_react_agent`` fills in:
-    ``tools`` (use :func:`render_tool_descs` as the renderer), ``tool_names``, ``input``, ``agent_scratchpad``."""
+    """Qwen's ReAct prompt (the react_prompt.md wording, byte for byte) with the variables ``create_react_agent``
+    fills in: ``tools`` (use :func:`render_tool_descs` as the renderer), ``tool_names``, ``input``,
+    ``agent_scratchpad``. Pass ``output_parser=QwenReActOutputParser()`` too, so tools get their arguments."""
     instruction = react_instruction(["{tools}"], ["{tool_names}"])
-    return PromptTemplate.from_template(instruction + "\n\nQuestion: {input}\nThought:{agent_scratchpad}")
+    return _QwenReActPrompt.from_template(instruction + "\n\nQuestion: {input}\nThought:{agent_scratchpad}")
+
+
+class QwenReActOutputParser(BaseOutputParser[AgentAction | AgentFinish]):
+    """The ``output_parser`` for ``create_react_agent`` with :func:`qwen_react_prompt`: reads the model's step with
+    our parser (:func:`qwen_agent.react.parse_output`), as the agent does.
+
+    An Action Input that is a JSON (or JSON5) object becomes the tool's arguments, so a plain LangChain tool with
+    one or several arguments gets them by name; any other input (code, plain text) goes to the tool as text. The
+    action's log is the step as kept for the transcript (an invented ``Observation`` dropped). An unusable reply
+    raises ``OutputParserException`` that says what is wrong in words for the model
+    (``handle_parsing_errors=True`` sends it back as the Observation).
+    """
+
+    def parse(self, text: str) -> AgentAction | AgentFinish:
+        parsed = parse_output(text)
+        if isinstance(parsed, FinalAnswer):
+            return AgentFinish({"output": parsed.answer}, text)
+        if isinstance(parsed, Action) or (parsed.tool and parsed.problem is Problem.INVALID_ARGUMENTS):
+            arguments = parsed.arguments if isinstance(parsed, Action) else None
+            tool_input = arguments if isinstance(arguments, dict) else parsed.raw_arguments
+            return AgentAction(parsed.tool, tool_input, parsed.text)
+        raise OutputParserException(
+            f"Could not parse LLM output: {parsed.detail}",
+            observation=f"Error: {parsed.detail}",
+            llm_output=text,
+            send_to_llm=True,
+        )
+
+    @property
+    def _type(self) -> str:
+        return "qwen-react"

@@ -42,7 +42,8 @@ invented_observation    Action: the model wrote its own ``Observation``; it and 
 text_after_action       Action: other text followed the Action Input (e.g. a Final Answer written without waiting
                         for the Observation); it is dropped.
 leaked_stop_fragment    any: a partial stop word at the end (``\\nObserv``) is removed. The complete stop word
-                        ``Observation:`` at the end is removed silently (model.chat keeps it in its output).
+                        ``Observation:`` at the end is removed silently (model.chat keeps it in its output), and
+                        the text before ``\\nObservation:`` is kept as written (react_demo carries it so).
 ======================  =========================================================================================
 
 An Action is chosen over a Final Answer when its ``Action:`` line comes first, and vice versa; the text of a
@@ -260,11 +261,15 @@ def _find(name: str, text: str, start: int = 0) -> re.Match[str] | None:
 
 
 def _strip_stop_trailer(text: str) -> tuple[str, tuple[Problem, ...]]:
-    """Remove a trailing stop word (silently) or a partial one (reported)."""
+    """Remove a trailing stop word (silently) or a partial one (reported). The text before a complete
+    ``\\nObservation:`` is kept exactly as written, as react_demo carries it into the next prompt; anywhere else
+    trailing space goes."""
     body = text.rstrip()
     cut = body.rfind("\n") + 1
     tail = body[cut:].strip()
     if len(tail) >= 3 and _OBSERVATION.startswith(tail):
+        if body[cut:] == _OBSERVATION:
+            return body[: max(cut - 1, 0)], ()
         problems = () if tail == _OBSERVATION else (Problem.LEAKED_STOP_FRAGMENT,)
         return body[:cut].rstrip(), problems
     return body, ()
@@ -384,8 +389,10 @@ def _parse_action(
     following = _MARKER_RE.search(body, action_input.end())
     end = following.start() if following else len(body)
     raw_arguments = body[action_input.end() : end].strip()
-    kept = body[:end].rstrip()
+    kept = body[:end]
     if following is not None:
+        # as before a trailing stop word: the text before "\nObservation:" stays as written
+        kept = kept[:-1] if body.startswith("\n" + _OBSERVATION, end - 1) else kept.rstrip()
         rest = body[end:]
         if following.group(2):
             problems += (Problem.INVENTED_OBSERVATION,)
@@ -452,67 +459,58 @@ def format_hint(tool_names: Sequence[str]) -> str:
 class SectionStreamer:
     """Splits streamed model text into thought and final-answer deltas as it arrives.
 
-    ``feed(delta)`` returns ``[(section, text), ...]`` with section ``"thought"`` or ``"answer"``. Text that
-    could still turn out to be a marker (an incomplete last line such as ``"Final Ans"``) or trailing whitespace
-    is held back until it is decided. Once an ``Action:`` or an ``Observation`` starts, nothing more is emitted:
-    the parsed step reports the action. Deltas are a preview for UIs; :func:`parse_output` on the whole text is
-    authoritative.
+    ``feed(delta)`` returns ``[(section, text), ...]`` with section ``"thought"`` or ``"answer"``; ``finish()``
+    returns the rest. Each time, the text so far is parsed as if it ended there (less an unfinished last line
+    that may still become a marker, such as ``"Final Ans"``) and what its thought and answer gained is emitted.
+    A parse of a longer text only extends the thought and the answer of a shorter one, so no delta is ever taken
+    back, and the deltas of each section join to exactly the ``thought`` and the answer (``""`` for anything but a
+    :class:`FinalAnswer`) of :func:`parse_output` on the whole text. Text with no marker yet is held: it is the
+    answer only if none follows.
     """
 
-    _MARKERS = ("Thought:", "Action:", "Action Input:", "Final Answer:", _OBSERVATION)
-
-    def __init__(self, section: Literal["thought", "answer"] = "thought") -> None:
-        """``section="answer"`` reads text that continues a ``Final Answer:`` the prompt already wrote."""
+    def __init__(self, prefix: str = "") -> None:
+        """``prefix`` is text the prompt already wrote in this turn: ``"Final Answer:"`` reads an answer only."""
+        self._prefix = prefix
         self._buf = ""
-        self._pos = 0
-        self._section = section  # thought | answer | done
-        self._fresh = True  # at a section start: skip leading whitespace
+        self._settled = -1  # length of the text last parsed
+        self._sent = {"thought": "", "answer": ""}
+        self._acting = False  # an Action line came first: the thought is complete and there is no answer
 
     def feed(self, delta: str) -> list[tuple[str, str]]:
         self._buf += delta
-        return self._drain(final=False)
-
-    def finish(self) -> list[tuple[str, str]]:
-        return self._drain(final=True)
-
-    def _safe_end(self, final: bool) -> int:
-        if final:
-            # a leaked stop fragment at the very end is not part of the answer
-            return max(len(_strip_stop_trailer(self._buf)[0]), self._pos)
         cut = self._buf.rfind("\n") + 1
-        tail = self._buf[cut:].lstrip(" \t")
-        markers = (_OBSERVATION,) if self._section == "answer" else self._MARKERS
-        if any(m.startswith(tail) and len(tail) < len(m) for m in markers):
-            return max(cut, self._pos)
-        return len(self._buf)
+        settled = cut if _may_become_marker(self._buf[cut:]) else len(self._buf)
+        if settled == self._settled or self._acting:
+            return []
+        self._settled = settled
+        parsed = parse_output(self._prefix + self._buf[:settled])
+        self._acting = getattr(parsed, "tool", None) is not None
+        if Problem.NO_FORMAT in parsed.problems:  # a marker may still follow and make it a thought
+            return []
+        return self._emit(parsed)
 
-    def _drain(self, final: bool) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        while self._section != "done":
-            end = self._safe_end(final)
-            marker = _MARKER_RE.search(self._buf, self._pos, end) if self._section == "thought" else None
-            stop = marker.start() if marker else end
-            self._emit(out, stop)
-            if marker is None:
-                break
-            label = marker.group(1)
-            self._pos = marker.end()
-            self._fresh = True
-            if label == "Final Answer":
-                self._section = "answer"
-            elif label != "Thought":
-                self._section = "done"
+    def finish(self, parsed: ParsedOutput | None = None) -> list[tuple[str, str]]:
+        """The rest; ``parsed`` is the caller's parse of the same text with its prefix (with the tool names)."""
+        return self._emit(parsed or parse_output(self._prefix + self._buf))
+
+    def _emit(self, parsed: ParsedOutput) -> list[tuple[str, str]]:
+        answer = parsed.answer if isinstance(parsed, FinalAnswer) else ""
+        out = []
+        for section, text in (("thought", parsed.thought), ("answer", answer)):
+            sent = self._sent[section]
+            if len(text) > len(sent) and text.startswith(sent):
+                out.append((section, text[len(sent) :]))
+                self._sent[section] = text
         return out
 
-    def _emit(self, out: list[tuple[str, str]], stop: int) -> None:
-        chunk = self._buf[self._pos : stop]
-        if self._fresh:
-            skipped = len(chunk) - len(chunk.lstrip())
-            self._pos += skipped
-            chunk = chunk[skipped:]
-        # trailing whitespace waits: it is emitted only once text follows it
-        chunk = chunk.rstrip()
-        if chunk:
-            out.append((self._section, chunk))
-            self._pos += len(chunk)
-            self._fresh = False
+
+_MARKER_NAMES = ("Thought", "Action Input", "Final Answer", "Observation")  # "Action" is a prefix of one
+
+
+def _may_become_marker(line: str) -> bool:
+    """Whether an unfinished line may still turn into a line-start marker (or a piece of ``Observation``)."""
+    tail = line.lstrip(" \t")
+    return any(
+        name.startswith(tail) or (tail.startswith(name) and not tail[len(name) :].strip(" \t"))
+        for name in _MARKER_NAMES
+    )

@@ -18,7 +18,8 @@ from qwen_agent.agent import (
 )
 from qwen_agent.errors import ConfigError
 from qwen_agent.llm import ScriptedLLM
-from qwen_agent.react import Problem
+from qwen_agent.react import Problem, react_instruction
+from qwen_agent.runtime.chat_format import DEFAULT_SYSTEM
 
 
 @dataclass
@@ -140,20 +141,18 @@ def test_malformed_output_gets_the_expected_format_back():
     assert result.steps[0].problems == (Problem.MISSING_FINAL_ANSWER,)
 
 
-def test_invented_observation_is_dropped_and_the_real_tool_runs():
-    llm = ScriptedLLM(
-        [
-            call("Paris")[: -len("Observation:")]
-            + "Observation: rainy (made up)\nThought: ok\nFinal Answer: rainy",
-            FINAL,
-        ],
-        apply_stop=False,
+def test_a_backend_that_ignores_stop_is_cut_by_the_agent():
+    invented = call("Paris") + " rainy (made up)\nThought: ok\nFinal Answer: rainy"
+    llm = ScriptedLLM([invented, FINAL], apply_stop=False)
+    events = list(Agent(llm, [Weather()]).stream("Weather in Paris?"))
+    result = events[-1].result
+    assert (
+        result.steps[0].problems == () and result.steps[0].output == call("Paris")[: -len("\nObservation:")]
     )
-    result = Agent(llm, [Weather()]).run("Weather in Paris?")
-    assert result.steps[0].problems == (Problem.INVENTED_OBSERVATION,)
     assert "made up" not in llm.calls[1][0].assistant_prefix
     assert "Observation: sunny, 21 °C" in llm.calls[1][0].assistant_prefix
     assert result.answer == "It is sunny and 21 °C in Paris."
+    assert not any("made up" in e.text or "Observ" in e.text for e in events if hasattr(e, "text"))
 
 
 def test_repeated_identical_action_is_not_run_again():
@@ -265,6 +264,105 @@ def test_a_backend_whose_stream_forgets_the_completion_is_reported():
         Agent(Broken([]), [Weather()]).run("x")
 
 
+# ------------------------------------------------------------------------------------ the prompt as react_demo
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def react_demo_prompt(system: str, turns: list[tuple[str, str]], instruction: str | None) -> str:
+    """The ChatML text react_demo.py's build_input_text writes: the instruction goes into the only turn or the
+    one before the last, then every query and response is stripped of leading newlines and trailing space."""
+    text = f"{IM_START}system\n{system}{IM_END}"
+    for i, (query, response) in enumerate(turns):
+        if instruction is not None and (len(turns) == 1 or i == len(turns) - 2):
+            query = f"{instruction}\n\nQuestion: {query}"
+        query, response = query.lstrip("\n").rstrip(), response.lstrip("\n").rstrip()
+        text += f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n{response}{IM_END}"
+    return text[: -len(IM_END)]
+
+
+QUERIES = ["Weather?", "\nWeather?", "\n\n  Weather?  \n", "Weather?\n\nin Paris", "   "]
+HISTORIES = [[], [("\nHi", "\nHello!  ")], [("Hi", "Hello!"), ("\n\nAnd you?", " Fine. ")]]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+@pytest.mark.parametrize("history", HISTORIES, ids=["no history", "one turn", "two turns"])
+@pytest.mark.parametrize("with_tools", [True, False], ids=["tools", "no tools"])
+def test_the_prompt_is_react_demos(query, history, with_tools):
+    tools = [Weather()] if with_tools else []
+    agent = Agent(ScriptedLLM([]), tools)
+    instruction = react_instruction([t.tool_desc("react_prompt") for t in tools], [t.name for t in tools])
+    expected = react_demo_prompt(DEFAULT_SYSTEM, [*history, (query, "")], instruction if tools else None)
+    assert agent.prompt(query, history).to_chatml() == expected
+
+
+def test_an_agent_without_tools_chats_and_the_whole_reply_is_the_answer():
+    llm = ScriptedLLM(["Hello! How can I help?\n", "Thought: x\nFinal Answer: y\nObservation: z"])
+    agent = Agent(llm)
+    events = list(agent.stream("\nhi"))
+    assert llm.calls[0][0].query == "hi" and "Answer the following" not in llm.calls[0][0].to_chatml()
+    assert [e.type for e in events] == ["step_started"] + ["answer_delta"] * (len(events) - 2) + [
+        "final_answer"
+    ]
+    first = events[-1].result
+    assert first.answer == "".join(e.text for e in events[1:-1]) == "Hello! How can I help?"
+    assert first.history == [("\nhi", "Hello! How can I help?")] and first.llm_calls == 1
+    second = agent.run("again", history=first.history)
+    assert llm.calls[1][0].history == (("hi", "Hello! How can I help?"),)
+    assert second.answer == "Thought: x\nFinal Answer: y"  # no ReAct without tools; cut at the stop word
+    empty = Agent(ScriptedLLM([" \n"])).run("hi")
+    assert empty.answer == "" and empty.steps[0].ok is False and empty.steps[0].problems == (Problem.EMPTY,)
+
+
+@pytest.mark.parametrize("gap", ["", "  ", "\n", " \n\n", "\t \n "])
+@pytest.mark.parametrize("apply_stop", [True, False], ids=["backend cuts", "backend keeps the stop word"])
+def test_the_text_before_the_observation_is_carried_as_written(gap, apply_stop):
+    output = f'Thought: look it up\nAction: get_weather\nAction Input: {{"city": "Paris"}}{gap}\nObservation:'
+    llm = ScriptedLLM([output, FINAL], apply_stop=apply_stop)
+    Agent(llm, [Weather()]).run("Weather?")
+    # react_demo: everything before "\nObservation:", then the observation and the cue for the next thought
+    carried = output[: output.rfind("\nObservation:")]
+    assert llm.calls[1][0].assistant_prefix == carried + "\nObservation: sunny, 21 °C\nThought:"
+
+
+# --------------------------------------------------------------------------------------------------- streaming
+
+# (outputs, Agent keyword arguments, ScriptedLLM keyword arguments)
+STREAM_CASES = {
+    "plain reply": (["Hello! How can I help?"], {}, {}),
+    "plain reply, no tools": (["Hello!\n\nHow can I help?  "], {"tools": []}, {}),
+    "partial stop word at the end": (["Thought: done\nFinal Answer: ans\nObserv\n"], {}, {}),
+    "forced answer": ([call("Paris"), " Both are sunny.\nObserv\n"], {"max_iterations": 1}, {}),
+    "forced answer, nothing usable": ([call("Paris"), "  \n"], {"max_iterations": 1}, {}),
+    "backend returns the stop word": (
+        [call("Paris") + " made up\nThought: ok", "Thought: ok\nFinal Answer: ans\nObservation: made up"],
+        {},
+        {"apply_stop": False},
+    ),
+    "stop word after a plain reply": (["Hello!\nObservation: made up"], {}, {"apply_stop": False}),
+    "text before the first marker": (["Let me see.\nThought: fine\nFinal Answer: 42"], {}, {}),
+    "two thoughts": (["Thought: a\nThought: b\nFinal Answer: c\n\nd"], {}, {}),
+    "malformed, then an answer": (["Thought: hmm\nObs\nmore", FINAL], {}, {}),
+}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 1000])
+@pytest.mark.parametrize("case", STREAM_CASES)
+def test_deltas_of_each_kind_join_to_the_final_texts(case, chunk_size):
+    outputs, agent_kwargs, llm_kwargs = STREAM_CASES[case]
+    tools = agent_kwargs.pop("tools", [Weather()])
+    llm = ScriptedLLM(outputs, chunk_size=chunk_size, **llm_kwargs)
+    events = list(Agent(llm, tools, **agent_kwargs).stream("Weather?"))
+    result = events[-1].result
+    for step in result.steps:
+        thought = "".join(e.text for e in events if isinstance(e, ThoughtDelta) and e.index == step.index)
+        assert thought == step.thought
+    answer = [e for e in events if isinstance(e, AnswerDelta)]
+    assert "".join(e.text for e in answer) == result.answer and result.answer
+    assert {e.index for e in answer} == {result.steps[-1].index}
+    assert "made up" not in result.transcript and "Observ" not in result.answer
+
+
 # --------------------------------------------------------------------------------------------------- end to end
 # Recorded Qwen-style outputs (react_demo wording, code in fences) replayed against the real code interpreter.
 
@@ -371,7 +469,8 @@ def test_e2e_invented_observation_is_replaced_by_the_real_one(real_tools):
     )
     llm = ScriptedLLM([output, " I now know the final answer.\nFinal Answer: 42"], apply_stop=False)
     result = Agent(llm, real_tools, variant="react_demo").run("6 乘 7？")
-    assert result.steps[0].problems == (Problem.INVENTED_OBSERVATION,)
+    # the agent cuts at the stop word itself, so the invented part never reaches the parser or the transcript
+    assert result.steps[0].problems == () and "41" not in result.transcript
     assert result.steps[0].observation == "stdout:\n\n```\n42\n```" and result.answer == "42"
 
 
@@ -475,9 +574,7 @@ def test_run_command_prints_a_plain_reply_once(capsys):
         server.close()
     out, _ = capsys.readouterr()
     assert code == 0
-    assert out == (
-        "\n--- step 1\nThought: Hello! How can I help?\n(no ReAct format: the reply above is the final answer)\n"
-    )
+    assert out == "\n--- step 1\nFinal Answer: Hello! How can I help?\n"
 
 
 def test_run_command_reports_an_unreachable_server(capsys):

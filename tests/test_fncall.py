@@ -202,3 +202,33 @@ def test_stream_of_a_function_call_ends_with_the_call():
     assert last["finish_reason"] == "function_call"
     assert last["delta"]["function_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == ""
+
+
+STREAMED_REPLIES = [
+    "Thought: done\nFinal Answer: ans\nObserv\n",  # a partial stop word at the end
+    "Hello! How can I help?",  # no ReAct format: the whole reply is the answer, sent once
+    "Thought: done\nFinal Answer: ans\nObservation: made up",  # a backend that returns the stop word
+]
+
+
+@pytest.mark.parametrize("reply", STREAMED_REPLIES)
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_streamed_content_joins_to_the_content_of_the_same_request(reply, chunk_size):
+    messages = [{"role": "user", "content": "Hi"}]
+    llm = ScriptedLLM([reply, reply], chunk_size=chunk_size, apply_stop=False)
+    chunks = list(chat_completion_stream(llm, messages, functions=[WEATHER]))
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    content = chat_completion(llm, messages, functions=[WEATHER])["choices"][0]["message"]["content"]
+    assert streamed == content and "Observ" not in content and "made up" not in content
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_stop_strings_are_cut_when_the_backend_does_not(streaming):
+    llm = ScriptedLLM(["Hello END more"], apply_stop=False)
+    messages = [{"role": "user", "content": "Hi"}]
+    if streaming:
+        chunks = chat_completion_stream(llm, messages, stop=["END"])
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    else:
+        content = chat_completion(llm, messages, stop=["END"])["choices"][0]["message"]["content"]
+    assert content == "Hello "

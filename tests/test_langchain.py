@@ -28,12 +28,14 @@ from qwen_agent.errors import ConfigError
 from qwen_agent.langchain import (
     ChatQwen,
     QwenLLM,
+    QwenReActOutputParser,
     from_langchain_tool,
     qwen_react_prompt,
     render_tool_descs,
     to_langchain_tool,
 )
 from qwen_agent.llm import LocalLLM, ScriptedLLM
+from qwen_agent.react import react_instruction
 from qwen_agent.runtime.config import GenerationConfig
 from qwen_agent.runtime.engine import QwenEngine, load_model
 from qwen_agent.tools import tool
@@ -251,6 +253,49 @@ def test_classic_agent_runs_and_stops_over_the_tiny_model(tiny_engine, tiny_llm)
     assert counter.calls == [("stream", 1), ("stream", 1)]  # AgentExecutor drives the model through _stream
 
 
+IGNORED_STOP = (
+    'Thought: add\nAction: add\nAction Input: {"a": 2, "b": 40}\nObservation: 7 (invented)\nThought: ok'
+)
+
+
+@pytest.mark.parametrize("path", ["invoke", "stream", "batch", "generate", "ainvoke", "astream"])
+def test_qwen_llm_cuts_stop_strings_when_the_backend_does_not(path):
+    llm = QwenLLM(
+        backend=ScriptedLLM([IGNORED_STOP] * 2, apply_stop=False, chunk_size=2), stop=["Observation:"]
+    )
+    if path == "invoke":
+        texts = [llm.invoke("x")]
+    elif path == "stream":
+        chunks = list(llm.stream("x"))
+        assert not any("Obs" in c for c in chunks)
+        texts = ["".join(chunks)]
+    elif path == "batch":
+        texts = llm.batch(["x", "y"])
+    elif path == "generate":
+        result = llm.generate(["x"], stop=["\nObservation"])
+        assert result.generations[0][0].generation_info["stop"] == "\nObservation"
+        texts = [result.generations[0][0].text + "\n"]
+    elif path == "ainvoke":
+        texts = [asyncio.run(llm.ainvoke("x"))]
+    else:
+
+        async def run():
+            return "".join([c async for c in llm.astream("x")])
+
+        texts = [asyncio.run(run())]
+    assert texts == [IGNORED_STOP[: IGNORED_STOP.index("Observation:")]] * len(texts)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_chat_qwen_cuts_stop_strings_when_the_backend_does_not(streaming):
+    chat = ChatQwen(backend=ScriptedLLM(["Hello END more"], apply_stop=False), stop=["END"])
+    if streaming:
+        content = "".join(c.content for c in chat.stream("hi"))
+    else:
+        content = chat.invoke("hi").content
+    assert content == "Hello "
+
+
 # ------------------------------------------------------------------ stop words in both tokenizations, real engine
 
 STEP = 'Thought: I should add them\nAction: add\nAction Input: {"a": 2, "b": 40}\n'
@@ -309,25 +354,92 @@ def test_classic_agent_multi_step_over_the_engine(tokenizer, observation):
     assert "invented" not in second_prompt
 
 
-def test_classic_prompt_is_qwens_react_prompt():
+@lc_tool
+def shout(text: str) -> str:
+    """Repeat a text in capitals."""
+    return text.upper()
+
+
+@lc_tool
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def test_classic_agent_sends_qwens_react_prompt_byte_for_byte():
     tools = [to_langchain_tool(add), get_weather]
-    text = qwen_react_prompt().format(
-        tools=render_tool_descs(tools),
-        tool_names=",".join(t.name for t in tools),
-        input="Hi",
-        agent_scratchpad="",
+    backend = ScriptedLLM(["Thought: I know it\nFinal Answer: Hi!"])
+    agent = create_react_agent(
+        QwenLLM(backend=backend), tools, qwen_react_prompt(), tools_renderer=render_tool_descs
     )
-    assert text.startswith(
-        "Answer the following questions as best you can. You have access to the following tools:"
-    )
+    assert AgentExecutor(agent=agent, tools=tools).invoke({"input": "Hi"})["output"] == "Hi!"
+    descs = [add.tool_desc("react_prompt"), from_langchain_tool(get_weather).tool_desc("react_prompt")]
+    # react_instruction is checked against the react_prompt.md template in test_react.py
     assert (
+        backend.calls[0][0].query
+        == react_instruction(descs, ["add", "get_weather"]) + "\n\nQuestion: Hi\nThought:"
+    )
+    assert "should be one of [add,get_weather]" in backend.calls[0][0].query
+    assert descs[0].startswith(
         "add: Call this tool to interact with the add API. What is the add API useful for? Add two integers. "
         'Parameters: [{"name": "a", "description": "the first number", "required": true, "schema": {"type": "integer"}}'
-    ) in text
-    assert "\n\nget_weather: Call this tool to interact with the get_weather API." in text
-    assert text.count("Format the arguments as a JSON object.") == 2
-    assert "should be one of [add,get_weather]" in text
-    assert text.endswith("Begin!\n\nQuestion: Hi\nThought:")
+    )
+    assert descs[1].endswith("Format the arguments as a JSON object.")
+
+
+def test_classic_prompt_with_names_filled_by_hand():
+    tools = [to_langchain_tool(add), get_weather]
+    for names in ("add,get_weather", "add, get_weather"):
+        text = qwen_react_prompt().format(
+            tools=render_tool_descs(tools), tool_names=names, input="Hi", agent_scratchpad=""
+        )
+        assert "should be one of [add,get_weather]" in text and text.endswith(
+            "Begin!\n\nQuestion: Hi\nThought:"
+        )
+
+
+def test_plain_langchain_tools_get_their_json_arguments_under_agent_executor():
+    tools = [shout, multiply, to_langchain_tool(add), to_langchain_tool(echo_code)]
+    backend = ScriptedLLM(
+        [
+            'Thought: shout it\nAction: shout\nAction Input: {"text": "hi"}',
+            "Thought: multiply\nAction: multiply\nAction Input: {a: 6, 'b': 7}",  # JSON5, as our agent reads it
+            'Thought: ours\nAction: add\nAction Input: ```json\n{"a": 41}\n```',
+            "Thought: code\nAction: echo_code\nAction Input: ```py\nprint(1)\n```",
+            "Thought: plain text\nAction: shout\nAction Input: done",
+            " I now know the final answer\nFinal Answer: HI 42",
+        ]
+    )
+    agent = create_react_agent(
+        QwenLLM(backend=backend),
+        tools,
+        qwen_react_prompt(),
+        tools_renderer=render_tool_descs,
+        output_parser=QwenReActOutputParser(),
+    )
+    result = AgentExecutor(agent=agent, tools=tools, return_intermediate_steps=True).invoke({"input": "x"})
+    steps = result["intermediate_steps"]
+    assert [(a.tool, a.tool_input) for a, _ in steps] == [
+        ("shout", {"text": "hi"}),
+        ("multiply", {"a": 6, "b": 7}),
+        ("add", {"a": 41}),
+        ("echo_code", "```py\nprint(1)\n```"),
+        ("shout", "done"),
+    ]
+    assert [observation for _, observation in steps] == ["HI", 42, "42", "got: print(1)", "DONE"]
+    assert result["output"] == "HI 42"
+
+
+def test_the_output_parser_reports_what_it_cannot_read():
+    from langchain_core.exceptions import OutputParserException
+
+    parser = QwenReActOutputParser()
+    with pytest.raises(OutputParserException, match="is not followed by an 'Action Input:' line") as caught:
+        parser.parse("Thought: hmm\nAction: shout")
+    assert caught.value.send_to_llm and caught.value.observation.startswith("Error: 'Action: shout' is not")
+    assert parser.parse("Just a reply.").return_values == {"output": "Just a reply."}
+    invented = parser.parse('Thought: t\nAction: shout\nAction Input: {"text": "a"}\nObservation: made up')
+    assert invented.log == 'Thought: t\nAction: shout\nAction Input: {"text": "a"}'
 
 
 def test_openai_endpoint_backend_cuts_a_server_that_ignores_stop():
@@ -499,6 +611,6 @@ def test_readme_example_runs(capsys):
     code = re.search(r"```python\n(.*?)^```", readme[start:], re.S | re.M).group(1)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "42 42"
+    assert lines[0] == "42 {'a': 6, 'b': 7} 42"
     assert lines[1] == "{'city': 'Paris'} -> Sunny, 25 C in Paris -> Sunny, 25 C."
     assert lines[2].startswith("[") and len(eval(lines[2])) == 3

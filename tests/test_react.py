@@ -124,6 +124,18 @@ def test_action_with_stop_word_already_trimmed():
     assert isinstance(result, Action) and result.problems == () and result.text == FIRST_STEP
 
 
+@pytest.mark.parametrize("gap", ["  ", "\n", " \n\t\n "])
+def test_text_before_a_complete_stop_word_is_kept_as_written(gap):
+    # react_demo carries everything before "\nObservation:" into the next prompt unchanged
+    for tail in ("\nObservation:", "\nObservation:\n", "\nObservation: invented\nThought: x"):
+        result = parse_output(FIRST_STEP + gap + tail, TOOLS)
+        assert isinstance(result, Action) and result.text == FIRST_STEP + gap
+        assert result.raw_arguments == '{"search_query": "周杰伦"}'
+    # with the stop word already cut off, or indented, trailing space goes (react_demo: rstrip, then re-add it)
+    assert parse_output(FIRST_STEP + gap, TOOLS).text == FIRST_STEP
+    assert parse_output(FIRST_STEP + gap + "\n  Observation:", TOOLS).text == FIRST_STEP
+
+
 def test_final_answer_after_observation_continuation():
     result = parse_output(
         " I now know the final answer.\nFinal Answer: 周杰伦的老婆是Hannah Quinlivan。", TOOLS
@@ -415,6 +427,57 @@ def test_streamed_answer_deltas_rebuild_the_parsed_answer(thought, answer, step)
     events = _stream(text, step)
     assert _joined(events, "thought") == thought
     assert _joined(events, "answer") == answer
+
+
+STREAM_SOUP = [
+    "Thought:",
+    "Thought :",
+    "Action:",
+    "Action Input:",
+    "Final Answer:",
+    "Final Ans",
+    "wer:",
+    "Observation:",
+    "Observ",
+    "Obs",
+    "Ob",
+    "\n",
+    "\n",
+    " ",
+    "\t",
+    "x",
+    "yz",
+    "search",
+    "{}",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from(STREAM_SOUP), max_size=30),
+    st.integers(1, 7),
+    st.sampled_from(["", "Final Answer:"]),
+)
+def test_streamed_deltas_join_to_the_parse_of_any_output(parts, step, prefix):
+    text = "".join(parts)
+    streamer = SectionStreamer(prefix)
+    events = []
+    for i in range(0, len(text), step):
+        events += streamer.feed(text[i : i + step])
+    events += streamer.finish()
+    parsed = parse_output(prefix + text)
+    assert _joined(events, "thought") == parsed.thought
+    assert _joined(events, "answer") == (parsed.answer if isinstance(parsed, FinalAnswer) else "")
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_plain_text_is_held_until_it_is_known_to_be_the_answer(step):
+    streamer = SectionStreamer()
+    early = []
+    for i in range(0, len("Hello there.\nHow are you?"), step):
+        early += streamer.feed("Hello there.\nHow are you?"[i : i + step])
+    assert early == []  # a marker may still follow and make it a thought
+    assert streamer.finish() == [("answer", "Hello there.\nHow are you?")]
 
 
 def test_code_lines_that_start_like_markers_stay_in_the_arguments():
