@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -209,7 +210,8 @@ class MCPServerConnection:
 
         self._stop = asyncio.Event()
         try:
-            async with Client(self._transport()) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                client = await stack.enter_async_context(Client(await self._transport(stack)))
                 tools, cursor = [], None
                 while True:  # tools/list is paginated
                     page = await client.list_tools(cursor=cursor)
@@ -227,13 +229,14 @@ class MCPServerConnection:
             if not isinstance(exc, Exception):
                 raise
 
-    def _transport(self) -> Any:
+    async def _transport(self, stack: contextlib.AsyncExitStack) -> Any:
         if self.config.url is not None:
             from mcp.client.streamable_http import streamable_http_client
             from mcp.shared._httpx_utils import create_mcp_http_client
 
-            client = create_mcp_http_client(headers=dict(self.config.headers))
-            return streamable_http_client(self.config.url, http_client=client)
+            # the SDK closes only an HTTP client it made itself; this one carries the headers, so the stack does
+            http = await stack.enter_async_context(create_mcp_http_client(headers=dict(self.config.headers)))
+            return streamable_http_client(self.config.url, http_client=http)
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
         params = StdioServerParameters(
