@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -215,6 +219,64 @@ def test_qwen_agent_run_against_the_server(tokenizer, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "current_time" in out and "It is sunny in Paris." in out
+
+
+def test_qwen_agent_bench_tool_use_against_the_server(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    before = stats(server)["completed"]
+    args = ["bench", "tool-use", "--model", server.url, "--limit", "2", "--max-new-tokens", "8"]
+    assert cli_main([*args, "--batch-size", "4", "--out", str(tmp_path / "run"), "-q"]) == 0
+    records = (tmp_path / "run").glob("*.jsonl")
+    assert sum(len(path.read_text().splitlines()) for path in records) == 4  # 2 positive + 2 negative jobs
+    assert stats(server)["completed"] - before == 4
+    assert "report:" in capsys.readouterr().out
+
+
+def test_seeded_sampling_is_reproducible_whatever_else_is_in_the_batch(server):
+    body = {**CHAT, "model": "tiny", "max_tokens": 16, "temperature": 0.9, "top_p": 1.0, "seed": 11}
+    first = post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}
+        ) as client:
+            others = [{**body, "seed": seed} for seed in (1, 2, 3)]
+            replies = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=b) for b in [body, *others])
+            )
+        return [r.json()["choices"][0]["message"]["content"] for r in replies]
+
+    texts = asyncio.run(together())
+    assert texts[0] == first
+    assert len(set(texts)) > 1  # the seeds matter
+
+
+def test_the_serve_command_starts_a_server(tiny_qwen_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "qwen_agent.cli", "serve", "--model", str(tiny_qwen_dir)]
+    command += ["--port", str(port), "--served-model-name", "cli-tiny", "--max-batch", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert response.json()["data"][0]["id"] == "cli-tiny"
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions", json={"model": "cli-tiny", "prompt": "Hi"}, timeout=120
+        )
+        assert reply.status_code == 200
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    # one log line per request: its id, tokens in and out, time
+    assert re.search(r"cmpl-\w+ prompt_tokens=\d+ completion_tokens=16 seconds=[\d.]+ finish=length", output)
 
 
 # -- errors and load ----------------------------------------------------------------------------------------
