@@ -179,6 +179,12 @@ def test_tools_give_tool_calls_then_the_tool_result_gives_the_answer(tokenizer):
         assert last.finish_reason == "tool_calls"
         assert last.delta.tool_calls[0].index == 0 and last.delta.tool_calls[0].function.name == "get_weather"
 
+        legacy = client.chat.completions.create(
+            model="scripted", messages=messages[:1], functions=[WEATHER_TOOL["function"]]
+        )
+        assert legacy.choices[0].finish_reason == "function_call"
+        assert legacy.choices[0].message.function_call.name == "get_weather"
+
 
 # -- LangChain and this package's clients -------------------------------------------------------------------
 
