@@ -145,7 +145,15 @@ class Scheduler:
         needed = max(
             len(t.request.prompt) + t.request.max_new_tokens for t in self._waiting[: self.max_batch]
         )
-        batch = self.engine.open_batch(self.max_batch, max(needed, self.min_cache_tokens), self._runner)
+        try:
+            batch = self.engine.open_batch(self.max_batch, max(needed, self.min_cache_tokens), self._runner)
+        except Exception as exc:  # e.g. no memory for the cache: what waits would wait for the same
+            log.exception("could not open a batch")
+            for ticket in self._waiting:
+                self._emit(ticket, exc)
+                self._release(ticket)
+            self._waiting = []
+            return
         self._runner = batch.runner
         with self._lock:
             self._batches += 1
