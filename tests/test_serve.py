@@ -305,6 +305,12 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
         ({**CHAT, "messages": []}, 400, "messages"),
         ({**CHAT, "max_tokens": "many"}, 400, "max_tokens"),
         ({**CHAT, "temperature": 5}, 400, "temperature"),
+        ({**CHAT, "stop": 5}, 400, "stop"),
+        (
+            {**CHAT, "tools": [{"type": "function", "function": {"description": "x"}}]},
+            400,
+            "tools[0].function.name",
+        ),
         ({**CHAT, "model": "gpt-4"}, 400, "model"),
         ({**CHAT, "n": 2}, 400, "n"),
         ({**CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),

@@ -107,6 +107,9 @@ def create_app(
     return app
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     """A 400 naming the first invalid field as a path: ``messages[0].role``."""
     first = exc.errors()[0]
@@ -116,9 +119,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     for part in first.get("loc", ())[1:]:  # after "body"
         if isinstance(part, int):
             param += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_]\w*", str(part)):
+        elif re.fullmatch(r"[A-Za-z_]\w*", str(part)) and part not in _TYPE_TAGS:
             param += f".{part}" if param else str(part)
-        # other parts name the union member pydantic tried (e.g. "list[str]"): not a field
+        # other parts name the union member pydantic tried ("str", "list[str]"): not a field
     where = f"'{param}'" if param else "the body"
     return APIError(400, f"{where}: {first.get('msg', 'invalid')}", param=param or None)
 
