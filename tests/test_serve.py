@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -30,6 +31,7 @@ from qwen_agent.openai_client import OpenAICompatibleLLM
 from qwen_agent.runtime.config import GenerationConfig
 from qwen_agent.runtime.engine import QwenEngine, load_model
 from qwen_agent.serve.openai_api import BackgroundServer, create_app
+from qwen_agent.serve.scheduler import Scheduler
 
 KEY = "sk-test-key"
 WEATHER_TOOL = {
@@ -371,3 +373,52 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_and_others_are_served(tok
 
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(tokenizer):
+    with scripted_server(tokenizer, ["hi"], endless=True) as server:
+        long = {**CHAT, "model": "scripted", "max_tokens": 100000}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=long, timeout=2)
+        deadline = time.monotonic() + 60
+        while stats(server)["cancelled"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (stats(server)["cancelled"], stats(server)["in_flight"]) == (1, 0)
+
+
+def test_the_scheduler_runs_a_request_too_big_for_the_open_batch_in_the_next_one(tokenizer):
+    """A request whose prompt and budget do not fit the running batch's cache waits for it to drain, then opens
+    the next batch; the engine is only ever called from the scheduler's thread."""
+    engine = QwenEngine(ScriptedModel([tokenizer.encode("a")]), tokenizer, GenerationConfig())
+    callers = set()
+    real_prefill = engine.model.prefill
+
+    def recording_prefill(*args, **kwargs):
+        callers.add(threading.get_ident())
+        return real_prefill(*args, **kwargs)
+
+    engine.model.prefill = recording_prefill
+    scheduler = Scheduler(engine, max_batch=2, min_cache_tokens=64)
+    events: dict[str, list] = {"small": [], "big": []}
+    done = {name: threading.Event() for name in events}
+
+    def collect(name):
+        def on_event(event):
+            events[name].append(event)
+            if not isinstance(event, str):
+                done[name].set()
+
+        return on_event
+
+    scheduler.submit(engine.request([100] * 10, max_new_tokens=40, stop=["zzz"]), collect("small"))
+    while not events["small"]:  # decoding in a cache of 256 slots (64 rounded up)
+        time.sleep(0.01)
+    scheduler.submit(engine.request([100] * 10, max_new_tokens=400), collect("big"))
+    assert done["small"].wait(60) and done["big"].wait(60)
+    first, second = events["small"][-1], events["big"][-1]
+    assert (first.completion_tokens, first.finish_reason) == (40, "length")
+    assert (second.completion_tokens, second.finish_reason) == (400, "length")
+    assert second.text == "a" * 400
+    assert scheduler.stats()["batches"] == 2 and scheduler.stats()["in_flight"] == 0
+    assert callers == {scheduler._thread.ident}
+    scheduler.close()

@@ -80,12 +80,12 @@ def create_app(
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatCompletionRequest):
-        return await api.chat(body)
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        return await api.chat(body, http)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
-        return await api.complete(body)
+    async def completions(body: CompletionRequest, http: Request):
+        return await api.complete(body, http)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -136,7 +136,7 @@ class _Handlers:
 
     # -- /v1/chat/completions ----------------------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, http: Request):
         self._check_model(body.model)
         refuse_unsupported(body)
         tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
@@ -156,7 +156,7 @@ class _Handlers:
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return _sse(self._chat_chunks(request, calls, usage, started))
-        results = await calls.collect()
+        results = await calls.collect(http)
         completion = local_completion(results[0], time.perf_counter() - started)
         response = completion_response(request, completion, self.model_name)
         self._log(response["id"], results, started)
@@ -185,7 +185,7 @@ class _Handlers:
 
     # -- /v1/completions ---------------------------------------------------------------------------------
 
-    async def complete(self, body: CompletionRequest):
+    async def complete(self, body: CompletionRequest, http: Request):
         self._check_model(body.model)
         refuse_unsupported(body)
         prompts = self._prompt_ids(body.prompt)
@@ -200,7 +200,7 @@ class _Handlers:
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return _sse(self._completion_chunks(completion_id, calls, usage, started))
-        results = await calls.collect()
+        results = await calls.collect(http)
         self._log(completion_id, results, started)
         choices = [
             {"index": i, "text": r.text, "finish_reason": _finish(r), "logprobs": None}
@@ -340,11 +340,22 @@ class _Calls:
             if pending:
                 self.cancel()
 
-    async def collect(self) -> list[GenerationResult]:
+    async def collect(self, http: Request) -> list[GenerationResult]:
+        """All results, in prompt order; a client that goes away meanwhile (checked every second) cancels them."""
         results: dict[int, GenerationResult] = {}
-        async for index, event in self:
-            if isinstance(event, GenerationResult):
-                results[index] = event
+
+        async def gather() -> None:
+            async for index, event in self:
+                if isinstance(event, GenerationResult):
+                    results[index] = event
+
+        gathering = asyncio.ensure_future(gather())
+        while not gathering.done():
+            await asyncio.wait({gathering}, timeout=1.0)
+            if not gathering.done() and await http.is_disconnected():
+                gathering.cancel()  # leaving the iteration early cancels the prompts
+                raise APIError(400, "the client disconnected", code="client_disconnected")
+        gathering.result()  # raises what the generation raised
         return [results[i] for i in range(len(self.tickets))]
 
 
