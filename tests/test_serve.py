@@ -308,6 +308,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
         ({**CHAT, "max_tokens": "many"}, 400, "max_tokens"),
         ({**CHAT, "temperature": 5}, 400, "temperature"),
         ({**CHAT, "stop": 5}, 400, "stop"),
+        ({**CHAT, "stop": ["Observation:", ""]}, 400, "stop[1]"),
         (
             {**CHAT, "tools": [{"type": "function", "function": {"description": "x"}}]},
             400,

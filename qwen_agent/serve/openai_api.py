@@ -111,8 +111,9 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    """A 400 naming the first invalid field as a path: ``messages[0].role``."""
-    first = exc.errors()[0]
+    """A 400 naming an invalid field as a path: ``messages[0].role``. A union (``stop``: a string or a list)
+    gives one error per member; the deepest names the field best."""
+    first = max(exc.errors(), key=lambda error: len(error.get("loc", ())))
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     param = ""
