@@ -376,6 +376,39 @@ def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
+def test_64_concurrent_clients_all_get_their_whole_answer(server):
+    """More clients than rows (8) and streaming: every request is queued, decoded and answered in full."""
+    before = stats(server)["completed"]
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[str, str | None, int]:
+        body = {**CHAT, "messages": [{"role": "user", "content": f"client {i}"}], "max_tokens": 4}
+        body |= {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        text, finish, usage = "", None, None
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk["choices"]:
+                        text += choice["delta"].get("content") or ""
+                        finish = choice["finish_reason"] or finish
+        return text, finish, usage["completion_tokens"]
+
+    async def all_clients():
+        headers = {"Authorization": f"Bearer {KEY}"}
+        limits = httpx.Limits(max_connections=None)
+        async with httpx.AsyncClient(
+            base_url=server.url, headers=headers, timeout=300, limits=limits
+        ) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    answers = asyncio.run(all_clients())
+    assert all(finish in ("stop", "length") and 0 < tokens <= 4 for _, finish, tokens in answers)
+    after = stats(server)
+    assert after["completed"] - before == 64 and after["in_flight"] == 0
+    assert after["max_rows"] == 8
+
+
 def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(tokenizer):
     with scripted_server(tokenizer, ["hi"], endless=True) as server:
         long = {**CHAT, "model": "scripted", "max_tokens": 100000}
