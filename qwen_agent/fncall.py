@@ -38,7 +38,15 @@ from .react import (
 )
 from .runtime.chat_format import DEFAULT_SYSTEM
 
-__all__ = ["FunctionPrompt", "build_prompt", "response_message", "chat_completion", "chat_completion_stream"]
+__all__ = [
+    "FunctionPrompt",
+    "build_prompt",
+    "response_message",
+    "completion_response",
+    "ChatStream",
+    "chat_completion",
+    "chat_completion_stream",
+]
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,23 @@ def _usage(completion: Completion) -> dict[str, int] | None:
     }
 
 
+def completion_response(
+    request: FunctionPrompt, completion: Completion, model: str = "qwen"
+) -> dict[str, Any]:
+    """The OpenAI ``chat.completion`` object for what the model wrote in answer to ``request``."""
+    message, finish = response_message(completion.text, request)
+    if finish == "stop" and completion.finish_reason == "length":
+        finish = "length"
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": _usage(completion),
+    }
+
+
 def chat_completion(
     llm: LLM,
     messages: Sequence[Mapping[str, Any]],
@@ -260,17 +285,62 @@ def chat_completion(
     completion = cut_completion(
         llm.complete(request.prompt, stop=request.stop, sampling=sampling), request.stop
     )
-    message, finish = response_message(completion.text, request)
-    if finish == "stop" and completion.finish_reason == "length":
-        finish = "length"
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": _usage(completion),
-    }
+    return completion_response(request, completion, model)
+
+
+class ChatStream:
+    """The OpenAI ``chat.completion.chunk`` objects of one streamed answer, built from the model's text deltas
+    (for callers that run the model themselves; :func:`chat_completion_stream` drives it from an LLM).
+
+    ``first()`` is the role chunk; ``feed(delta)`` gives the chunks for a text delta; ``finish(completion)`` the
+    last ones. With functions, the answer's text streams as content deltas; a call is sent whole in the last
+    delta once the model has finished writing it (tool calls with their ``index``, as OpenAI streams them).
+    The last chunk carries ``usage``."""
+
+    def __init__(self, request: FunctionPrompt, model: str = "qwen") -> None:
+        self.request, self.model = request, model
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self._sections = SectionStreamer() if request.function_names else None
+        self._sent = ""
+
+    def chunk(
+        self, delta: dict[str, Any], finish: str | None = None, usage: dict | None = None
+    ) -> dict[str, Any]:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }
+        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def first(self) -> dict[str, Any]:
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def feed(self, delta: str) -> list[dict[str, Any]]:
+        pieces = [t for s, t in self._sections.feed(delta) if s == "answer"] if self._sections else [delta]
+        self._sent += "".join(pieces)
+        return [self.chunk({"content": piece}) for piece in pieces if piece]
+
+    def finish(self, completion: Completion) -> list[dict[str, Any]]:
+        chunks = []
+        message, finish = response_message(completion.text, self.request)
+        if finish == "stop":
+            content = message["content"]
+            rest = content[len(self._sent) :] if content.startswith(self._sent) else ""
+            if rest:
+                chunks.append(self.chunk({"content": rest}))
+            delta: dict[str, Any] = {}
+            finish = "length" if completion.finish_reason == "length" else "stop"
+        else:
+            delta = {k: v for k, v in message.items() if k != "role"}
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+        chunks.append(self.chunk(delta, finish, _usage(completion)))
+        return chunks
 
 
 def chat_completion_stream(
@@ -283,39 +353,14 @@ def chat_completion_stream(
     sampling: Sampling | None = None,
     model: str = "qwen",
 ) -> Iterator[dict[str, Any]]:
-    """OpenAI ``chat.completion.chunk`` objects. With functions, the answer's text streams as content deltas;
-    a call is sent whole in the last delta once the model has finished writing it."""
+    """OpenAI ``chat.completion.chunk`` objects answering ``messages`` (see :class:`ChatStream`)."""
     request = build_prompt(messages, functions, tools, stop)
-    chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> dict[str, Any]:
-        body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
-        if usage is not None:
-            body["usage"] = usage
-        return body
-
-    yield chunk({"role": "assistant", "content": ""})
-    sections = SectionStreamer() if request.function_names else None
-    sent = ""
+    stream = ChatStream(request, model)
+    yield stream.first()
     completion = Completion("")
     for item in cut_stream(llm.stream(request.prompt, stop=request.stop, sampling=sampling), request.stop):
         if isinstance(item, Completion):
             completion = item
-            continue
-        pieces = [t for s, t in sections.feed(item) if s == "answer"] if sections else [item]
-        for piece in pieces:
-            sent += piece
-            yield chunk({"content": piece})
-
-    message, finish = response_message(completion.text, request)
-    if finish == "stop":
-        content = message["content"]
-        rest = content[len(sent) :] if content.startswith(sent) else ""
-        if rest:
-            yield chunk({"content": rest})
-        delta: dict[str, Any] = {}
-        finish = "length" if completion.finish_reason == "length" else "stop"
-    else:
-        delta = {k: v for k, v in message.items() if k != "role"}
-    yield chunk(delta, finish, _usage(completion))
+        else:
+            yield from stream.feed(item)
+    yield from stream.finish(completion)

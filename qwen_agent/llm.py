@@ -149,8 +149,8 @@ class LocalLLM:
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Completion:
         started = time.perf_counter()
-        result = self.engine.generate(self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling))
-        return _local_completion(result, time.perf_counter() - started)
+        result = self.engine.generate(self.prompt_ids(prompt), stop=tuple(stop), **engine_options(sampling))
+        return local_completion(result, time.perf_counter() - started)
 
     def complete_batch(
         self, prompts: Sequence[ChatPrompt], *, stop: Sequence[str] = (), sampling: Sampling | None = None
@@ -160,19 +160,20 @@ class LocalLLM:
             return []
         started = time.perf_counter()
         ids = [self.prompt_ids(p) for p in prompts]
-        results = self.engine.generate(ids, stop=tuple(stop), **_engine_options(sampling))
-        return [_local_completion(r, time.perf_counter() - started) for r in results]
+        results = self.engine.generate(ids, stop=tuple(stop), **engine_options(sampling))
+        return [local_completion(r, time.perf_counter() - started) for r in results]
 
     def stream(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:
         started = time.perf_counter()
-        yield from self.engine.stream(self.prompt_ids(prompt), stop=tuple(stop), **_engine_options(sampling))
+        yield from self.engine.stream(self.prompt_ids(prompt), stop=tuple(stop), **engine_options(sampling))
         # the engine keeps the full result of the stream it just finished
-        yield _local_completion(self.engine.last_result, time.perf_counter() - started)
+        yield local_completion(self.engine.last_result, time.perf_counter() - started)
 
 
-def _engine_options(sampling: Sampling | None) -> dict[str, Any]:
+def engine_options(sampling: Sampling | None) -> dict[str, Any]:
+    """The engine's generation arguments for ``sampling`` (``temperature=0``: greedy)."""
     sampling = sampling or Sampling()
     options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens}
     if sampling.temperature == 0:
@@ -185,7 +186,8 @@ def _engine_options(sampling: Sampling | None) -> dict[str, Any]:
     return options
 
 
-def _local_completion(result: Any, seconds: float) -> Completion:
+def local_completion(result: Any, seconds: float) -> Completion:
+    """A :class:`Completion` from the engine's ``GenerationResult``."""
     finish = "length" if result.finish_reason == "length" else "stop"
     stopped = result.stop if isinstance(result.stop, str) else None  # an end-of-turn id is not a stop string
     return Completion(

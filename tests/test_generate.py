@@ -22,7 +22,7 @@ from qwen_agent.errors import ConfigError, GenerationError
 from qwen_agent.runtime.checkpoint import to_transformers
 from qwen_agent.runtime.config import GenerationConfig
 from qwen_agent.runtime.engine import QwenEngine
-from qwen_agent.runtime.generate import SamplingParams, next_token, process_logits, sample
+from qwen_agent.runtime.generate import GenerationResult, SamplingParams, next_token, process_logits, sample
 from qwen_agent.runtime.model import Transformer
 from qwen_agent.runtime.tokenizer import QwenTokenizer
 
@@ -372,3 +372,43 @@ def test_a_freed_row_stays_at_slot_zero_while_the_others_decode(tiny_model, toke
     assert len(slots_after) >= 3, "prompt 1 should go on decoding after prompt 0 finished"
     assert all(slots[0] == 0 for slots in slots_after)
     assert slots_after[-1][1] > slots_after[0][1]
+
+
+def test_an_open_batch_takes_prompts_mid_run_each_with_its_own_settings_and_cancels(engine, tokenizer):
+    """engine.open_batch: prompts added while others decode, each with its own stops, budget and sampling
+    (greedy or seeded), get what they get alone; a cancelled one frees its row and ends "cancelled"."""
+    settings = [
+        ("Hi", {"max_new_tokens": 15, "stop": ["e"], "do_sample": False}),
+        ("A longer prompt with more tokens", {"max_new_tokens": 9, "do_sample": False}),
+        ("Sampled", {"max_new_tokens": 12, "do_sample": True, "top_k": 0, "top_p": 1.0, "seed": 7}),
+        ("Greedy again", {"max_new_tokens": 12, "do_sample": False, "repetition_penalty": 1.3}),
+    ]
+    requests = [(tokenizer.encode(text), options) for text, options in settings]
+    alone = [engine.generate(ids, **options) for ids, options in requests]
+    endless = engine.request(tokenizer.encode("cancel me"), max_new_tokens=200, do_sample=False)
+
+    batch = engine.open_batch(rows=3, capacity=256)
+    indexes = [batch.add(engine.request(*requests[0][:1], **requests[0][1])), batch.add(endless)]
+    later = iter(requests[1:])
+    steps = 0
+
+    def on_step() -> None:  # one more prompt at each of the first steps, then cancel the endless one
+        nonlocal steps
+        steps += 1
+        for ids, options in later:
+            indexes.append(batch.add(engine.request(ids, **options)))
+            break
+        if steps == 6:
+            batch.cancel(indexes[1])
+
+    batch.on_step = on_step
+    results = {index: event for index, event in batch if isinstance(event, GenerationResult)}
+    assert results[indexes[1]].finish_reason == "cancelled"
+    assert 0 < results[indexes[1]].completion_tokens < 200
+    for index, want in zip(indexes[:1] + indexes[2:], alone, strict=True):
+        got = results[index]
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    assert max(batch.step_rows) == 3  # rows were shared
+    assert batch.results == []  # an open batch keeps nothing once done
+    with pytest.raises(ConfigError, match="cache slots"):
+        batch.add(engine.request(tokenizer.encode("too long"), max_new_tokens=300))

@@ -35,7 +35,7 @@ from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import GenerationConfig, QwenConfig, ntk_alpha
 from .decode_runner import DecodeRunner
-from .generate import Generation, GenerationResult, SamplingParams
+from .generate import Generation, GenerationResult, PromptRequest, SamplingParams
 from .model import KVCache, Transformer
 from .tokenizer import QwenTokenizer
 
@@ -208,13 +208,30 @@ class QwenEngine:
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _start(
-        self,
-        prompts: list[Sequence[int]],
-        stop: Sequence[StopSpec],
-        generation: dict[str, Any],
-        max_batch: int | None = None,
-    ) -> Generation:
+    def request(
+        self, prompt: Sequence[int], *, stop: Sequence[StopSpec] = (), **generation: Any
+    ) -> PromptRequest:
+        """Check ``prompt`` and the generation arguments (as :meth:`generate` takes them) and bundle them for
+        :meth:`open_batch`'s ``add``. Raises :class:`ConfigError` or :class:`GenerationError` (a prompt that
+        leaves no room in the context) naming the problem."""
+        self._check_prompt(prompt, 0)
+        params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
+        budget = min(max_new, self.config.max_context - len(prompt))
+        return PromptRequest(list(prompt), budget, params, stop_strings, ids, generator)
+
+    def open_batch(self, rows: int, capacity: int, runner: DecodeRunner | None = None) -> Generation:
+        """An empty, open :class:`~qwen_agent.runtime.generate.Generation` over a cache of ``rows`` rows of
+        ``capacity`` slots (rounded up as the engine's own caches are), for a caller that adds prompts as they
+        arrive (``add(engine.request(...))``) and iterates it from one thread. ``runner``, the ``runner`` of an
+        earlier open batch whose cache is big enough, is reused with its CUDA graphs. The batch forgets each
+        prompt once it is done, and leaves the engine's kept cache alone."""
+        if runner is None or runner.cache.batch_size < rows or runner.cache.capacity < capacity:
+            runner = self._new_runner(self._new_cache(rows, capacity))
+        return Generation(runner, self.tokenizer, keep=False)
+
+    def _settings(
+        self, stop: Sequence[StopSpec], generation: dict[str, Any]
+    ) -> tuple[SamplingParams, int, tuple[str, ...], frozenset[int], torch.Generator | None]:
         unknown = set(generation) - {
             "max_new_tokens",
             "do_sample",
@@ -226,10 +243,6 @@ class QwenEngine:
         }
         if unknown:
             raise ConfigError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-        if not prompts:
-            raise ConfigError("generate() needs at least one prompt")
-        for i, p in enumerate(prompts):
-            self._check_prompt(p, i)
         defaults = self.generation_config
         chosen = {k: v for k, v in generation.items() if v is not None}
         params = SamplingParams(
@@ -242,12 +255,26 @@ class QwenEngine:
         max_new = int(chosen.get("max_new_tokens", defaults.max_new_tokens))
         if max_new < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new}")
-        # never past the context the model defines; a row that hits it ends with finish_reason "length"
-        budgets = [min(max_new, self.config.max_context - len(p)) for p in prompts]
         stop_strings, ids = self._stops(stop)
         generator = None
         if "seed" in chosen:
             generator = torch.Generator(self.device).manual_seed(int(chosen["seed"]))
+        return params, max_new, stop_strings, ids, generator
+
+    def _start(
+        self,
+        prompts: list[Sequence[int]],
+        stop: Sequence[StopSpec],
+        generation: dict[str, Any],
+        max_batch: int | None = None,
+    ) -> Generation:
+        params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
+        if not prompts:
+            raise ConfigError("generate() needs at least one prompt")
+        for i, p in enumerate(prompts):
+            self._check_prompt(p, i)
+        # never past the context the model defines; a row that hits it ends with finish_reason "length"
+        budgets = [min(max_new, self.config.max_context - len(p)) for p in prompts]
 
         max_batch = self.max_batch if max_batch is None else max_batch
         if not isinstance(max_batch, int) or max_batch < 1:

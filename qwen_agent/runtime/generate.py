@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ PREFILL_TOKENS = 2048
 __all__ = [
     "GenerationResult",
     "SamplingParams",
+    "PromptRequest",
     "Generation",
     "next_token",
     "process_logits",
@@ -69,12 +70,25 @@ class SamplingParams:
 
 
 @dataclass
+class PromptRequest:
+    """One prompt and how to complete it: at most ``max_new_tokens`` (the cache must hold the prompt and
+    them), its sampling, its stops and its random generator (None: torch's global one)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+
+
+@dataclass
 class GenerationResult:
     """One completion. ``text`` stops before any stop string; ``token_ids`` holds every generated id."""
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "cancelled" (Generation.cancel)
     stop: str | int | None  # the stop string or stop id that ended it
     prompt_tokens: int
     completion_tokens: int
@@ -216,30 +230,78 @@ class Generation:
     ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
     prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
     prompt, cache row 0 may already hold ``reused`` slots of the prompt's prefix.
+
+    **Open batches** (a server's): :meth:`add` queues a :class:`PromptRequest` with its own sampling, stops and
+    budget, before or during iteration, and :meth:`cancel` ends one early; ``on_step``, when set, is called
+    once per decode step just before waiting prompts are admitted, which is where a scheduler adds what
+    arrived meanwhile. Iteration ends when no prompt is left. ``keep=False`` forgets each prompt once it is done
+    (no ``results``), so a batch that never drains does not grow. ``step_rows`` counts decode steps by the number
+    of rows they decoded.
     """
 
     def __init__(
         self,
         runner: DecodeRunner,
         tokenizer: QwenTokenizer,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]] = (),
         *,
-        max_new_tokens: Sequence[int],
-        params: SamplingParams,
+        max_new_tokens: Sequence[int] = (),
+        params: SamplingParams | None = None,
         stop_strings: tuple[str, ...] = (),
         stop_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
         reused: int = 0,
+        keep: bool = True,
     ) -> None:
         if reused and len(prompts) != 1:
             raise ValueError("a reused prefix needs a single prompt")
         self.runner, self.model, self.cache = runner, runner.model, runner.cache
-        self.tokenizer, self.prompts = tokenizer, [list(p) for p in prompts]
-        self.max_new_tokens, self.params, self.generator = list(max_new_tokens), params, generator
-        self.stop_strings, self.stop_ids, self.reused = stop_strings, stop_ids, reused
+        self.tokenizer, self.reused, self.keep = tokenizer, reused, keep
+        self.requests: list[PromptRequest | None] = []  # by prompt index; None once done when not kept
         # per prompt, when done: the ids whose keys and values are in its cache row
-        self.fed: list[list[int]] = [[] for _ in self.prompts]
+        self.fed: list[list[int]] = []
         self.results: list[GenerationResult] = []
+        self.on_step: Callable[[], None] | None = None
+        self.step_rows: Counter[int] = Counter()
+        self._waiting: deque[int] = deque()
+        self._cancelled: set[int] = set()
+        for prompt, budget in zip(prompts, max_new_tokens, strict=True):
+            self.add(
+                PromptRequest(
+                    list(prompt), budget, params or SamplingParams(), stop_strings, stop_ids, generator
+                )
+            )
+
+    @property
+    def prompts(self) -> list[list[int] | None]:
+        return [r.prompt if r is not None else None for r in self.requests]
+
+    def add(self, request: PromptRequest) -> int:
+        """Queue ``request``; returns its prompt index. Call before iterating or between events, from the
+        thread that iterates."""
+        needed = len(request.prompt) + request.max_new_tokens
+        if needed > self.cache.capacity:
+            raise ConfigError(
+                f"a prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new ones needs "
+                f"{needed} cache slots; this cache has {self.cache.capacity}"
+            )
+        if self.reused and self.requests:
+            raise ConfigError("a generation that reuses a cached prefix takes a single prompt")
+        self.requests.append(request)
+        if self.keep:
+            self.fed.append([])
+        self._waiting.append(len(self.requests) - 1)
+        return len(self.requests) - 1
+
+    def cancel(self, index: int) -> None:
+        """End prompt ``index`` at the next step: a waiting prompt never starts, a decoding one frees its row;
+        its result (``finish_reason="cancelled"``, the text so far) is yielded as usual."""
+        self._cancelled.add(index)
+
+    @property
+    def decoding(self) -> int:
+        """How many prompts hold a cache row now."""
+        return len(self._active)
 
     def __iter__(self) -> Iterator[tuple[int, str | GenerationResult]]:
         cache, runner = self.cache, self.runner
@@ -247,7 +309,6 @@ class Generation:
         # per cache row, the ids the repetition penalty sees: the prompt, the generated ids at their slots, and
         # the prompt's first id in every other column (a repeat changes nothing)
         self._seen = torch.zeros(cache.batch_size, cache.capacity, dtype=torch.long, device=device)
-        self._waiting = deque(range(len(self.prompts)))
         self._free = list(range(cache.batch_size))  # a heap: the lowest free row first keeps rows packed
         self._active: dict[int, _Row] = {}  # cache row -> its prompt
         # 1 for a row in use: a step advances only those rows' slots; a free row stays at slot 0, so the fused
@@ -261,6 +322,7 @@ class Generation:
         on_host = torch.empty(2, cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
         copied = torch.cuda.Event() if device.type == "cuda" else None
 
+        yield from self._drop_cancelled(done)
         self._admit()
         self._copy_tokens(on_host, copied)
         while self._active:
@@ -269,12 +331,16 @@ class Generation:
             if any(row.received + 1 < row.budget for row in self._active.values()):  # a token to feed
                 logits = runner(max(self._active) + 1, max(row.slot for row in self._active.values()) + 1)
                 runner.slots.add_(self._advancing)
+                self.step_rows[len(self._active)] += 1
                 for row in self._active.values():
                     row.fed += 1
             if copied is not None:
                 copied.synchronize()
             tokens, finite = on_host.tolist()
             for r, row in list(self._active.items()):
+                if row.index in self._cancelled:
+                    yield row.index, self._finish(r, row, done, "cancelled")
+                    continue
                 if not finite[r]:
                     raise GenerationError(
                         f"prompt {row.index}: the model's logits for generated token {row.received + 1} are not "
@@ -285,18 +351,49 @@ class Generation:
                 if delta:
                     yield row.index, delta
                 if row.text.finish_reason is not None:
-                    done[row.index] = self._finish(r, row)
-                    yield row.index, done[row.index]
+                    yield row.index, self._finish(r, row, done)
             if logits is not None and self._active:
                 batch = logits.shape[0]
-                picked = next_token(logits, self._seen[:batch], self.params, self.generator)
+                picked = self._pick(logits, self._seen[:batch], list(range(batch)))
                 runner.tokens[:batch] = picked
                 self._finite[:batch] = _finite_rows(logits)
                 self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
+            if self.on_step is not None:
+                self.on_step()
+            yield from self._drop_cancelled(done)
             self._admit()
             if self._active:
                 self._copy_tokens(on_host, copied)
-        self.results = [done[i] for i in range(len(self.prompts))]
+        if self.keep:
+            self.results = [done[i] for i in range(len(self.requests))]
+
+    def _drop_cancelled(self, done: dict[int, GenerationResult]) -> Iterator[tuple[int, GenerationResult]]:
+        """Results for waiting prompts that were cancelled before they started."""
+        for index in [i for i in self._waiting if i in self._cancelled]:
+            self._waiting.remove(index)
+            request = self.requests[index]
+            result = GenerationResult("", [], "cancelled", None, len(request.prompt), 0, 0, 0.0, 0.0)
+            yield index, self._done(index, result, done)
+
+    def _pick(self, logits: Tensor, seen: Tensor, rows: list[int]) -> Tensor:
+        """The next id of each cache row in ``rows`` from its ``logits`` [len(rows), V] and ``seen`` ids, by its
+        own prompt's sampling; rows that sample alike are picked in one call (a free row in ``rows`` gets 0)."""
+        groups: dict[tuple, tuple[PromptRequest, list[int]]] = {}
+        for i, r in enumerate(rows):
+            if r in self._active:
+                request = self.requests[self._active[r].index]
+                # greedy rows do not draw from their generator, so they all go together
+                key = (request.params, id(request.generator) if request.params.do_sample else None)
+                groups.setdefault(key, (request, []))[1].append(i)
+        if len(groups) == 1:
+            request, members = next(iter(groups.values()))
+            if len(members) == len(rows):
+                return next_token(logits, seen, request.params, request.generator)
+        picked = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        for request, members in groups.values():
+            index = torch.tensor(members, device=logits.device)
+            picked[index] = next_token(logits[index], seen[index], request.params, request.generator)
+        return picked
 
     def _admit(self) -> None:
         """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
@@ -305,10 +402,10 @@ class Generation:
         while self._free and self._waiting:
             wave.append((heapq.heappop(self._free), self._waiting.popleft()))
         # they all join now, so their order does not matter: similar lengths side by side pad the least
-        wave.sort(key=lambda joining: len(self.prompts[joining[1]]))
+        wave.sort(key=lambda joining: len(self.requests[joining[1]].prompt))
         group: list[tuple[int, int]] = []
         for joining in wave:
-            width = len(self.prompts[joining[1]]) - self.reused  # the longest so far, as the wave is sorted
+            width = len(self.requests[joining[1]].prompt) - self.reused  # the longest so far (sorted wave)
             if group and (len(group) + 1) * width > PREFILL_TOKENS:
                 self._prefill(group)
                 group = []
@@ -319,27 +416,26 @@ class Generation:
     def _prefill(self, group: list[tuple[int, int]]) -> None:
         """One model call for ``group``'s (cache row, prompt index) pairs, right-padded to the longest."""
         started, device = time.perf_counter(), self.cache.k.device
-        prompts = [self.prompts[index] for _, index in group]
-        new = [prompt[self.reused :] for prompt in prompts]
+        requests = [self.requests[index] for _, index in group]
+        new = [request.prompt[self.reused :] for request in requests]
         width = max(map(len, new))
         ids = torch.tensor([part + [0] * (width - len(part)) for part in new], device=device)
         rows = torch.tensor([r for r, _ in group], device=device)
-        lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+        lengths = torch.tensor([len(request.prompt) for request in requests], device=device)
         with torch.no_grad():
             logits = self.model.prefill(ids, lengths - self.reused, self.cache, rows, self.reused)
-        for (r, _), prompt in zip(group, prompts, strict=True):
+        for (r, index), request in zip(group, requests, strict=True):
             seen = self._seen[r]
-            seen.fill_(prompt[0])
-            seen[: len(prompt)] = torch.tensor(prompt)
-        first = next_token(logits, self._seen[rows], self.params, self.generator)
+            seen.fill_(request.prompt[0])
+            seen[: len(request.prompt)] = torch.tensor(request.prompt)
+            text = _RowText(self.tokenizer, request.stop_strings, request.stop_ids)
+            self._active[r] = _Row(index, len(request.prompt), text, request.max_new_tokens, started)
+        first = self._pick(logits, self._seen[rows], [r for r, _ in group])
         self.runner.tokens[rows] = first
         self._finite[rows] = _finite_rows(logits).long()
         self._seen[rows, lengths] = first
         self.runner.slots[rows] = lengths
         self._advancing[rows] = 1
-        for r, index in group:
-            text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
-            self._active[r] = _Row(index, len(self.prompts[index]), text, self.max_new_tokens[index], started)
 
     def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
         on_host[0].copy_(self.runner.tokens, non_blocking=copied is not None)
@@ -354,21 +450,36 @@ class Generation:
         row.received += 1
         return row.text.add(token, last=row.received >= row.budget)
 
-    def _finish(self, r: int, row: _Row) -> GenerationResult:
+    def _finish(
+        self, r: int, row: _Row, done: dict[int, GenerationResult], reason: str | None = None
+    ) -> GenerationResult:
         del self._active[r]
         heapq.heappush(self._free, r)
         self._advancing[r] = 0
         self.runner.slots[r] = 0
-        prompt = self.prompts[row.index]
-        self.fed[row.index] = prompt + row.text.token_ids[: row.fed]
-        return GenerationResult(
+        prompt = self.requests[row.index].prompt
+        if self.keep:
+            self.fed[row.index] = prompt + row.text.token_ids[: row.fed]
+        first_token_at = row.first_token_at or time.perf_counter()
+        result = GenerationResult(
             text=row.text.text,
             token_ids=row.text.token_ids,
-            finish_reason=row.text.finish_reason or "length",
+            finish_reason=reason or row.text.finish_reason or "length",
             stop=row.text.stop,
             prompt_tokens=len(prompt),
             completion_tokens=len(row.text.token_ids),
             prefill_tokens=len(prompt) - self.reused,
-            prefill_seconds=row.first_token_at - row.started,
-            decode_seconds=time.perf_counter() - row.first_token_at,
+            prefill_seconds=first_token_at - row.started,
+            decode_seconds=time.perf_counter() - first_token_at,
         )
+        return self._done(row.index, result, done)
+
+    def _done(
+        self, index: int, result: GenerationResult, done: dict[int, GenerationResult]
+    ) -> GenerationResult:
+        self._cancelled.discard(index)
+        if self.keep:
+            done[index] = result
+        else:
+            self.requests[index] = None  # let a long-lived batch forget what it finished
+        return result
