@@ -219,6 +219,11 @@ def test_tokenizer_json_merges_out_of_id_order_are_refused(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(VocabError, match=r"merge rule 1 .* not in the vocabulary"):
         QwenTokenizer.from_pretrained(tmp_path)
+    data["model"]["merges"] = []
+    data["added_tokens"] = [{"id": 256, "content": "<|im_start|>"}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VocabError, match=r"tokenizer\.json: the added tokens have no <\|endoftext\|>"):
+        QwenTokenizer.from_pretrained(tmp_path)
     data["model"] = {"type": "Unigram", "vocab": [["a", 0.0]]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(VocabError, match=r"tokenizer\.json: expected a byte-level BPE model"):

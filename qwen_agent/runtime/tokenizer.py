@@ -173,8 +173,14 @@ def _read_json(path: Path) -> Any:
         raise VocabError(f"cannot read {path}: {exc}") from None
 
 
-def _default_specials(ranks: dict[bytes, int]) -> dict[str, int]:
-    return {tok: len(ranks) + i for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
+def _qwen_specials(specials: dict[str, int], ranks: dict[bytes, int], where: Path) -> dict[str, int]:
+    """The added tokens, which must include ChatML's; Qwen's three after the vocabulary when none are listed."""
+    if not specials:
+        return {tok: len(ranks) + i for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
+    missing = [tok for tok in (ENDOFTEXT, IM_START, IM_END) if tok not in specials]
+    if missing:
+        raise VocabError(f"{where}: the added tokens have no {missing[0]} (a Qwen chat vocabulary needs it)")
+    return specials
 
 
 def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
@@ -201,7 +207,7 @@ def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
             specials = {entry["content"]: int(idx) for idx, entry in added.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise VocabError(f"{config_path}: malformed added_tokens_decoder ({exc})") from None
-    return ranks, specials or _default_specials(ranks)
+    return ranks, _qwen_specials(specials, ranks, config_path)
 
 
 def load_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
@@ -225,7 +231,7 @@ def load_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         specials = {entry["content"]: int(entry["id"]) for entry in data.get("added_tokens", [])}
     except (KeyError, TypeError, ValueError, AttributeError):
         raise VocabError(f"{path}: malformed added_tokens (each needs 'id' and 'content')") from None
-    return ranks, specials or _default_specials(ranks)
+    return ranks, _qwen_specials(specials, ranks, path)
 
 
 class QwenTokenizer:
