@@ -308,7 +308,7 @@ class QwenTokenizer:
             text = unicodedata.normalize("NFC", text)
         if not allowed:
             return self._encode_ordinary(text)
-        if not _LONG_WHITESPACE_RE.search(text):
+        if not _has_long_whitespace(text):
             return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
         # as tiktoken does: control tokens cut the text, and the parts between are encoded on their own
         ids: list[int] = []
@@ -320,7 +320,7 @@ class QwenTokenizer:
         return ids + self._encode_ordinary(text[start:])
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        if not _LONG_WHITESPACE_RE.search(text):
+        if not _has_long_whitespace(text):
             return self._encoding.encode_ordinary(text)
         # The regex pieces are found by the `regex` package, which has no stack limit. Each long whitespace piece
         # is byte-pair encoded alone; the text between is handed to tiktoken, which splits it the same way: it
@@ -405,6 +405,10 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Text of any bytes still held back (as U+FFFD when they never completed a character)."""
         return self._utf8.decode(b"", final=True)
+
+
+def _has_long_whitespace(text: str) -> bool:
+    return len(text) >= LONG_WHITESPACE and _LONG_WHITESPACE_RE.search(text) is not None
 
 
 @cache
