@@ -317,3 +317,22 @@ def test_cli_tokenize_and_decode(capsys, vocab_file: Path):
     assert "--decode expects integer ids" in capsys.readouterr().err
     assert cli.main(["tokenize", "--decode", "198 99999999"]) == 2
     assert "99999999 is not a token id of this vocabulary (0..151850)" in capsys.readouterr().err
+
+
+class PanicException(BaseException):
+    """Stands for pyo3_runtime.PanicException, which a Rust panic inside tiktoken raises."""
+
+
+def test_a_panic_inside_tiktoken_is_a_tokenizer_error(tokenizer, monkeypatch):
+    encoding = tokenizer._encoding
+
+    class Panicking:
+        def __getattr__(self, name):
+            return getattr(encoding, name)
+
+        def encode_ordinary(self, text):
+            raise PanicException("called `Result::unwrap()` on an `Err` value")
+
+    monkeypatch.setattr(tokenizer, "_encoding", Panicking())
+    with pytest.raises(TokenizerError, match="tiktoken failed on a text of 5 characters"):
+        tokenizer.encode("hello")

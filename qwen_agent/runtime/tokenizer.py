@@ -306,6 +306,16 @@ class QwenTokenizer:
         allowed = self._check_allowed(allowed_special)
         if not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
+        try:
+            return self._encode(text, allowed)
+        except BaseException as exc:  # pyo3's PanicException derives from BaseException, not Exception
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise TokenizerError(
+                f"tiktoken failed on a text of {len(text)} characters ({str(exc)[:200]})"
+            ) from None
+
+    def _encode(self, text: str, allowed: Collection[str]) -> list[int]:
         if not allowed:
             return self._encode_ordinary(text)
         if not _has_long_whitespace(text):
