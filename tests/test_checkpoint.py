@@ -282,6 +282,19 @@ def test_not_a_directory(tmp_path):
         load_checkpoint(tmp_path / "nowhere" / "at" / "all", device="cpu")
 
 
+@pytest.mark.parametrize("tokenizer_files", ["vocab.json", "tokenizer.json"])
+def test_a_hub_download_fetches_every_file_a_model_directory_needs(tmp_path, tokenizer_files):
+    from fnmatch import fnmatch
+
+    from qwen_agent.runtime.checkpoint import _HUB_PATTERNS
+
+    directory = write_tiny_checkpoint(
+        tmp_path, "qwen2", num_layers=1, num_shards=1, tokenizer_files=tokenizer_files
+    )
+    skipped = [f.name for f in directory.iterdir() if not any(fnmatch(f.name, p) for p in _HUB_PATTERNS)]
+    assert skipped == []
+
+
 def test_hub_id_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     with pytest.raises(

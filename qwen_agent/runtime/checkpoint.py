@@ -44,7 +44,7 @@ _SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
 }
 _FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model", "*.jinja"]
 
 
 def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
@@ -130,7 +130,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     """A local directory as is; otherwise a Hub id (``Qwen/Qwen-7B-Chat``) downloaded via ``huggingface_hub``.
 
-    Only weights, JSON and vocabulary files are fetched: the checkpoint's Python code is never needed.
+    Only weights, JSON, vocabulary and chat-template files are fetched: the checkpoint's Python code is never
+    needed.
     """
     local = Path(path).expanduser()
     if local.is_dir():
