@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,14 @@ __all__ = ["OpenAICompatibleLLM"]
 QWEN_STOP_TOKEN_IDS = (151645, 151644)
 
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# what reading from the network can raise, whichever layer (requests, urllib3, http.client, the socket) raises it
+_TRANSPORT_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+_DONE = object()  # the `data: [DONE]` event
 
 
 class OpenAICompatibleLLM:
@@ -33,11 +42,14 @@ class OpenAICompatibleLLM:
     ``mode="chat"`` sends ``messages`` to ``/v1/chat/completions``; an assistant prefix is sent as a final
     assistant message with vLLM's ``continue_final_message``.
 
-    Requests time out after ``timeout`` seconds without data (``connect_timeout`` to connect). HTTP 429 and 5xx
-    answers and refused connections are retried ``max_retries`` times with exponential backoff (``Retry-After``
-    is honoured, capped at ``max_backoff``); a stream is never retried once data has arrived. Failures raise
-    :class:`LLMConnectionError`, :class:`LLMAuthError`, :class:`LLMTimeoutError`, :class:`LLMProtocolError` or
-    :class:`LLMError` (other HTTP errors, with the server's message).
+    Requests time out after ``timeout`` seconds without data (``connect_timeout`` to connect), while waiting for
+    the headers or anywhere in the body; a timeout is reported at once, not retried. HTTP 429 and 5xx answers,
+    refused or broken connections, and bodies cut short (a missing part of ``Content-Length``, a stream that ends
+    with neither ``[DONE]`` nor a ``finish_reason``) are retried ``max_retries`` times in all with exponential
+    backoff (``Retry-After`` is honoured, capped at ``max_backoff``); a stream is never retried once text has been
+    yielded. Every failure raises an :class:`LLMError`: :class:`LLMConnectionError`, :class:`LLMAuthError`,
+    :class:`LLMTimeoutError`, :class:`LLMProtocolError`, or :class:`LLMError` itself (other HTTP errors, with
+    the server's message).
     """
 
     def __init__(
@@ -124,28 +136,43 @@ class OpenAICompatibleLLM:
     ) -> Iterator[str | Completion]:
         started = time.perf_counter()
         path, body = self._body(prompt, stop, sampling, stream=True)
-        response = self._request("POST", path, body, stream=True)
-        scanner = StopScanner(stop)
-        pieces: list[str] = []
-        finish, usage, last_choice = "stop", {}, {}
-        try:
-            for event in self._events(response, path):
-                usage = event.get("usage") or usage
-                choices = event.get("choices") or []
-                if not choices:
-                    continue
-                last_choice = choices[0] if isinstance(choices[0], dict) else {}
-                if last_choice.get("finish_reason") == "length":
-                    finish = "length"
-                delta = self._delta_text(last_choice)
-                emitted = scanner.feed(delta)
-                if emitted:
-                    pieces.append(emitted)
-                    yield emitted
-                if scanner.stopped is not None:
-                    break
-        finally:
-            response.close()
+        attempt = 0
+        while True:
+            response, attempt = self._send("POST", path, body, stream=True, first_attempt=attempt)
+            scanner = StopScanner(stop)
+            pieces: list[str] = []
+            finish, done, usage, last_choice = None, False, {}, {}
+            try:
+                for event in self._events(response, path):
+                    if event is _DONE:
+                        done = True
+                        break
+                    usage = event.get("usage") or usage
+                    choices = event.get("choices") or []
+                    if not choices:
+                        continue
+                    last_choice = choices[0] if isinstance(choices[0], dict) else {}
+                    finish = last_choice.get("finish_reason") or finish
+                    emitted = scanner.feed(self._delta_text(last_choice))
+                    if emitted:
+                        pieces.append(emitted)
+                        yield emitted
+                    if scanner.stopped is not None:
+                        break
+                if not (done or finish or scanner.stopped):
+                    raise LLMConnectionError(
+                        f"{self.base_url}{path}: the stream ended before the answer did (neither a finish_reason "
+                        f"nor [DONE] arrived)"
+                    )
+            except LLMConnectionError:
+                if pieces or attempt >= self.max_retries:
+                    raise  # text already handed out cannot be taken back
+                self._sleep(attempt, None)
+                attempt += 1
+                continue
+            finally:
+                response.close()
+            break
         tail = scanner.finish()
         if tail:
             pieces.append(tail)
@@ -153,7 +180,7 @@ class OpenAICompatibleLLM:
         stopped = scanner.stopped or _stop_reason(last_choice, stop)
         yield Completion(
             "".join(pieces),
-            "stop" if scanner.stopped else finish,
+            "length" if finish == "length" and not scanner.stopped else "stop",
             stopped,
             usage.get("prompt_tokens"),
             usage.get("completion_tokens"),
@@ -203,24 +230,35 @@ class OpenAICompatibleLLM:
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None, *, stream: bool
     ) -> requests.Response:
+        return self._send(method, path, body, stream=stream)[0]
+
+    def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, *, stream: bool, first_attempt: int = 0
+    ) -> tuple[requests.Response, int]:
+        """The response and the number of the attempt that got it (from ``first_attempt`` on).
+
+        Unless ``stream``, the body is read here too, so that a failure while reading it is handled as any other
+        transport failure: a timeout raised at once, a broken or short body retried.
+        """
         url = self.base_url + path
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(first_attempt, self.max_retries + 1):
             last = attempt == self.max_retries
             try:
                 response = self._session.request(
-                    method, url, json=body, headers=self._headers, timeout=self.timeout, stream=stream
+                    method, url, json=body, headers=self._headers, timeout=self.timeout, stream=True
                 )
-            except requests.Timeout as exc:
-                raise LLMTimeoutError(f"{url}: no answer within {self.timeout[1]:g} s ({exc})") from None
-            except requests.ConnectionError as exc:
-                if last:
-                    raise LLMConnectionError(f"{url}: cannot connect ({_reason(exc)})") from None
+                if response.status_code in _RETRY_STATUS and not last:
+                    retry_after = response.headers.get("Retry-After")
+                    response.close()
+                    self._sleep(attempt, retry_after)
+                    continue
+                if not stream or response.status_code >= 400:
+                    response.content  # noqa: B018 -- read the whole body now, under the read timeout
+            except _TRANSPORT_ERRORS as exc:
+                error = _transport_error(url, exc, self.timeout[1], reading=False)
+                if last or not isinstance(error, LLMConnectionError):
+                    raise error from None
                 self._sleep(attempt, None)
-                continue
-            if response.status_code in _RETRY_STATUS and not last:
-                retry_after = response.headers.get("Retry-After")
-                response.close()
-                self._sleep(attempt, retry_after)
                 continue
             if response.status_code >= 400:
                 message = _error_message(response)
@@ -228,7 +266,7 @@ class OpenAICompatibleLLM:
                 if response.status_code in (401, 403):
                     raise LLMAuthError(f"{url}: HTTP {response.status_code}, credentials refused: {message}")
                 raise LLMError(f"{url}: HTTP {response.status_code}: {message}")
-            return response
+            return response, attempt
         raise AssertionError("unreachable")  # the last attempt always returns or raises
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
@@ -241,17 +279,16 @@ class OpenAICompatibleLLM:
         time.sleep(min(max(delay, 0.0), self.max_backoff))
 
     def _json(self, response: requests.Response, path: str) -> Any:
+        """The JSON of a body that :meth:`_send` has read already."""
         try:
             return response.json()
         except ValueError:
             raise LLMProtocolError(
                 f"{self.base_url}{path}: the answer is not JSON: {response.text[:200]!r}"
             ) from None
-        except requests.RequestException as exc:
-            raise _stream_error(self.base_url + path, exc, self.timeout[1]) from None
 
-    def _events(self, response: requests.Response, path: str) -> Iterator[dict[str, Any]]:
-        """The JSON payloads of a server-sent-event stream, up to ``data: [DONE]``."""
+    def _events(self, response: requests.Response, path: str) -> Iterator[Any]:
+        """The JSON payloads of a server-sent-event stream, then ``_DONE`` if ``data: [DONE]`` came."""
         url = self.base_url + path
         data_lines: list[str] = []
         try:
@@ -264,12 +301,14 @@ class OpenAICompatibleLLM:
                     continue  # comments, other fields, keep-alives
                 payload, data_lines = "\n".join(data_lines), []
                 if payload.strip() == "[DONE]":
+                    yield _DONE
                     return
                 yield _decode_event(payload, url)
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise _stream_error(url, exc, self.timeout[1]) from None
-        if data_lines and "\n".join(data_lines).strip() != "[DONE]":
-            yield _decode_event("\n".join(data_lines), url)
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(url, exc, self.timeout[1], reading=True) from None
+        if data_lines:  # the last event, not followed by a blank line
+            payload = "\n".join(data_lines)
+            yield _DONE if payload.strip() == "[DONE]" else _decode_event(payload, url)
 
 
 def _lines(response: requests.Response) -> Iterator[bytes]:
@@ -322,10 +361,33 @@ def _error_message(response: requests.Response) -> str:
     return _preview(error)
 
 
-def _stream_error(url: str, exc: Exception, timeout: float) -> LLMError:
-    if "timed out" in str(exc).lower():
-        return LLMTimeoutError(f"{url}: the stream stalled for more than {timeout:g} s")
-    return LLMConnectionError(f"{url}: the connection broke while reading the answer ({_reason(exc)})")
+def _transport_error(url: str, exc: BaseException, timeout: float, *, reading: bool) -> LLMError:
+    """The LLMError for an exception raised by the HTTP stack; only LLMConnectionError is worth a retry."""
+    if _is_timeout(exc):
+        what = "the stream stalled for more than" if reading else "no answer within"
+        return LLMTimeoutError(f"{url}: {what} {timeout:g} s")
+    if isinstance(exc, requests.exceptions.ContentDecodingError | urllib3.exceptions.DecodeError):
+        return LLMProtocolError(f"{url}: the answer cannot be decoded ({_reason(exc)})")
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
+        return LLMConnectionError(f"{url}: the connection broke while reading the answer ({_reason(exc)})")
+    if isinstance(exc, requests.ConnectionError | OSError):
+        return LLMConnectionError(f"{url}: cannot connect ({_reason(exc)})")
+    return LLMError(f"{url}: the request failed ({type(exc).__name__}: {_reason(exc)})")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether a socket timeout is at the root of ``exc``: requests reports a timeout while reading a body as a
+    ConnectionError that wraps urllib3's ReadTimeoutError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        # not urllib3's TimeoutError: its NewConnectionError (a refused connection) derives from it
+        if isinstance(current, requests.Timeout | urllib3.exceptions.ReadTimeoutError | TimeoutError):
+            return True
+        wrapped = [a for a in current.args if isinstance(a, BaseException)]
+        current = wrapped[0] if wrapped else current.__cause__ or current.__context__
+    return False
 
 
 def _reason(exc: Exception) -> str:

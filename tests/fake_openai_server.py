@@ -65,8 +65,29 @@ def json_reply(status: int, body, headers: dict | None = None, delay: float = 0.
     return reply
 
 
-def sse_reply(events: list, stall_after: int | None = None, stall: float = 0.0) -> Reply:
-    """Server-sent events, one write per event; optionally stall before event ``stall_after``."""
+def raw_reply(data: bytes, stall: float = 0.0) -> Reply:
+    """Exactly ``data`` on the socket (status line and headers included), then ``stall`` seconds, then close."""
+
+    def reply(h: BaseHTTPRequestHandler) -> None:
+        try:
+            h.wfile.write(data)
+            h.wfile.flush()
+            time.sleep(stall)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        h.close_connection = True
+
+    return reply
+
+
+def json_head(length: int, extra: str = "") -> bytes:
+    """The status line and headers of a 200 JSON answer that declares ``length`` body bytes."""
+    return f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n".encode()
+
+
+def sse_reply(events: list, stall_after: int | None = None, stall: float = 0.0, done: bool = True) -> Reply:
+    """Server-sent events, one write per event; optionally stall before event ``stall_after``; ``done=False``
+    closes the stream without ``data: [DONE]``."""
 
     def reply(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
@@ -81,7 +102,8 @@ def sse_reply(events: list, stall_after: int | None = None, stall: float = 0.0) 
                 payload = event if isinstance(event, str) else json.dumps(event)
                 h.wfile.write(f"data: {payload}\n\n".encode())
                 h.wfile.flush()
-            h.wfile.write(b"data: [DONE]\n\n")
+            if done:
+                h.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
         h.close_connection = True

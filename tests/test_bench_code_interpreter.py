@@ -53,6 +53,15 @@ def test_bad_task_file_errors_name_the_line(tmp_path):
         load_tasks(path)
 
 
+def test_a_task_with_line_separators_in_its_query_is_one_line(tmp_path):
+    query = "first\u2028second\u2029third\x85fourth: what is 6*7?"
+    task = {"id": "a", "kind": "math", "query": query, "answer": 42}
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps(task, ensure_ascii=False) + "\n", encoding="utf-8")
+    [loaded] = load_tasks(path)
+    assert loaded.query == query
+
+
 def test_scripted_run_through_the_real_interpreter(tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     shipped = {t["id"]: t for t in map(json.loads, (TASKS_DIR / "tasks.jsonl").read_text().splitlines())}

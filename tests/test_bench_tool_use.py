@@ -101,6 +101,40 @@ def test_torn_last_line_is_dropped_and_only_missing_jobs_run(tmp_path):
     assert len(lines) == 6 and len({json.loads(line)["_id"] for line in lines}) == 6
 
 
+# Unicode line and paragraph separators and NEL: JSON leaves them raw with ensure_ascii=False, jsonl keeps them
+# inside a line; str.splitlines() would end the line there.
+SEPARATORS = "\u2028\u2029\x85"
+
+
+def test_a_run_whose_outputs_hold_line_separators_resumes_and_scores(tmp_path):
+    def outputs(question):
+        return recorded_output(question).replace("Thought:", f"Thought:{SEPARATORS}", 1)
+
+    first = ReplayLLM(outputs)
+    run_benchmark(LLMGenerator(first), tmp_path, limit=5, progress=False)
+    assert SEPARATORS in (tmp_path / "positive.jsonl").read_text(encoding="utf-8")
+    again = ReplayLLM(outputs)
+    report = run_benchmark(LLMGenerator(again), tmp_path, limit=5, progress=False)
+    assert sum(again.calls.values()) == 0  # everything was recovered from the run files
+    assert report["counts"] == {"positive": 5, "negative": 5} and report["action_right_rate"] == 1.0
+
+
+def test_a_job_file_with_line_separators_in_strings_is_read_whole(tmp_path):
+    jobs = [dict(job, gen=[f"Thought:{SEPARATORS} x" + job["response"]]) for job in POSITIVE[:3]]
+    path = tmp_path / "positive.cache"
+    path.write_text("".join(json.dumps(job, ensure_ascii=False) + "\n" for job in jobs), encoding="utf-8")
+    assert load_jobs(path, require_gen=True) == jobs
+
+
+def test_a_run_file_that_is_not_utf8_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "positive.jsonl"
+    path.write_bytes(b'{"_id": "a", "gen": ["x"]}\n{"_id": "b", "gen": ["\xff"]}\n')
+    with pytest.raises(BenchmarkError, match=r"positive.jsonl:2: not UTF-8"):
+        RunFile(path)
+    with pytest.raises(BenchmarkError, match=r"positive.jsonl:2: not UTF-8"):
+        load_jobs(path)
+
+
 def test_a_corrupt_middle_line_is_an_error_naming_the_line(tmp_path):
     path = tmp_path / "positive.jsonl"
     path.write_text('{"_id": "a", "gen": ["x"]}\nnot json\n{"_id": "b", "gen": ["y"]}\n')

@@ -178,6 +178,40 @@ def test_shape_mismatch_against_config(broken):
         load_checkpoint(broken, device="cpu")
 
 
+NOT_FLOAT = {
+    "I32 where F32 belongs": lambda t: t.view(torch.int32),  # same width: only the dtype tells them apart
+    "I64": lambda t: t.to(torch.int64),
+    "I16": lambda t: t.to(torch.int16),
+    "I8": lambda t: t.to(torch.int8),
+    "U8": lambda t: t.to(torch.uint8),
+    "BOOL": lambda t: t > 0,
+    "F8_E4M3": lambda t: t.to(torch.float8_e4m3fn),
+}
+
+
+@pytest.mark.parametrize("convert", NOT_FLOAT.values(), ids=NOT_FLOAT.keys())
+@pytest.mark.parametrize("form", ["safetensors", "bin"])
+def test_a_weight_that_is_not_float_is_refused(broken, convert, form):
+    name = "transformer.h.0.attn.c_attn.weight"
+    shard = shards(broken)[0]
+    tensors = load_file(shard)
+    tensors[name] = convert(tensors[name]).contiguous()
+    if form == "safetensors":
+        save_file(tensors, str(shard))
+        where = shard.name
+    else:
+        tensors = all_tensors(broken) | {name: tensors[name]}
+        for path in shards(broken):
+            path.unlink()
+        (broken / "model.safetensors.index.json").unlink()
+        torch.save(tensors, broken / "pytorch_model.bin")
+        where = "pytorch_model.bin"
+    with pytest.raises(
+        CheckpointError, match=rf"{where}: tensor '{name}' has dtype .*, but it is a float weight"
+    ):
+        load_checkpoint(broken, device="cpu")
+
+
 def test_unknown_architecture(broken):
     config = json.loads((broken / "config.json").read_text())
     config |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
@@ -246,6 +280,19 @@ def test_no_weights_at_all(broken):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a model directory"):
         load_checkpoint(tmp_path / "nowhere" / "at" / "all", device="cpu")
+
+
+@pytest.mark.parametrize("tokenizer_files", ["vocab.json", "tokenizer.json"])
+def test_a_hub_download_fetches_every_file_a_model_directory_needs(tmp_path, tokenizer_files):
+    from fnmatch import fnmatch
+
+    from qwen_agent.runtime.checkpoint import _HUB_PATTERNS
+
+    directory = write_tiny_checkpoint(
+        tmp_path, "qwen2", num_layers=1, num_shards=1, tokenizer_files=tokenizer_files
+    )
+    skipped = [f.name for f in directory.iterdir() if not any(fnmatch(f.name, p) for p in _HUB_PATTERNS)]
+    assert skipped == []
 
 
 def test_hub_id_without_huggingface_hub(monkeypatch):

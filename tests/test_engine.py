@@ -129,6 +129,16 @@ def test_qwen2_family_directory_and_its_default_system(tmp_path):
     assert engine.generate(ids, **GREEDY).prefill_tokens == 1  # the chat ran exactly this prompt
 
 
+def test_directory_with_tokenizer_json_only_and_its_chat_template_file(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, "qwen2", seed=5, tokenizer_files="tokenizer.json")
+    system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    template = path / "chat_template.jinja"
+    template.write_text(template.read_text().replace(DEFAULT_SYSTEM, system))
+    engine = load_model(path, device="cpu", dtype="fp32")
+    assert engine.default_system == system and engine.tokenizer.im_end_id == 151645
+    assert engine.tokenizer.encode("Observation:") == [37763, 367, 25]
+
+
 def test_load_model_bad_directory_is_a_checkpoint_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="config.json: unknown architecture"):

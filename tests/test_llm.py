@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 import pytest
-from fake_openai_server import FakeServer, json_reply, sse_reply
+from fake_openai_server import FakeServer, json_head, json_reply, raw_reply, sse_reply
 
 from qwen_agent.errors import LLMAuthError, LLMConnectionError, LLMError, LLMProtocolError, LLMTimeoutError
 from qwen_agent.llm import (
@@ -257,6 +258,80 @@ def test_stalled_stream_times_out(server):
     assert next(stream) == "Thought:"
     with pytest.raises(LLMTimeoutError, match="stalled"):
         list(stream)
+
+
+def test_headers_then_a_stalled_body_is_a_timeout_and_not_retried(server):
+    body = json.dumps(completion_body("late")).encode()
+    server.replies += [
+        raw_reply(json_head(len(body)) + body[:10], stall=10),
+        json_reply(200, completion_body("4")),
+    ]
+    started = time.monotonic()
+    with pytest.raises(LLMTimeoutError, match="no answer within 0.5 s"):
+        client(server, timeout=0.5).complete(PROMPT)
+    assert len(server.requests) == 1 and time.monotonic() - started < 5
+
+
+def test_a_body_shorter_than_its_content_length_is_retried_then_reported(server):
+    body = json.dumps(completion_body("4")).encode()
+    server.replies += [raw_reply(json_head(len(body) + 50) + body), json_reply(200, completion_body("4"))]
+    assert client(server).complete(PROMPT).text == "4" and len(server.requests) == 2
+    server.replies.append(raw_reply(json_head(len(body) + 50) + body))
+    with pytest.raises(LLMConnectionError, match="connection broke while reading the answer"):
+        client(server, max_retries=0).complete(PROMPT)
+
+
+BODY = json.dumps(completion_body("4")).encode()
+BROKEN_ANSWERS = {
+    "short body": (json_head(len(BODY) + 1) + BODY, LLMConnectionError),
+    "short error body": (
+        json_head(99).replace(b"200 OK", b"400 Bad Request") + b'{"error":',
+        LLMConnectionError,
+    ),
+    "bad gzip": (json_head(len(BODY), "Content-Encoding: gzip\r\n") + BODY, LLMProtocolError),
+    "not HTTP": (b"hello\r\n\r\n", LLMConnectionError),
+    "closed without answer": (b"", LLMConnectionError),
+    "chunked, cut mid-chunk": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(BODY) + BODY[:10],
+        LLMConnectionError,
+    ),
+    "chunked, bad chunk size": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n" + BODY,
+        LLMConnectionError,
+    ),
+}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("raw, error", BROKEN_ANSWERS.values(), ids=BROKEN_ANSWERS.keys())
+def test_every_transport_failure_is_an_llm_error(server, raw, error, streamed):
+    server.replies.append(raw_reply(raw))
+    llm = client(server, max_retries=0)
+    with pytest.raises(error):
+        list(llm.stream(PROMPT)) if streamed else llm.complete(PROMPT)
+
+
+def test_a_stream_cut_before_it_finished_is_an_error(server):
+    events = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in ["Thought:", " half"]]
+    server.replies.append(sse_reply(events, done=False))
+    stream = client(server).stream(PROMPT)
+    assert next(stream) == "Thought:"
+    with pytest.raises(LLMConnectionError, match="stream ended before the answer did"):
+        list(stream)
+    assert len(server.requests) == 1  # text was already handed out: not retried
+
+
+def test_a_stream_cut_before_any_text_is_retried(server):
+    server.replies += [sse_reply([], done=False), sse_reply([{"choices": [{"index": 0, "text": "4"}]}])]
+    *deltas, final = client(server).stream(PROMPT)
+    assert deltas == ["4"] and final.text == "4" and len(server.requests) == 2
+
+
+def test_a_stream_that_finished_without_done_is_complete(server):
+    events = [{"choices": [{"index": 0, "text": "4", "finish_reason": "length"}]}]
+    server.replies.append(sse_reply(events, done=False))
+    *_, final = client(server).stream(PROMPT)
+    assert (final.text, final.finish_reason) == ("4", "length")
 
 
 def test_auth_error(server):

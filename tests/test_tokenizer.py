@@ -1,3 +1,5 @@
+import json
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -8,7 +10,8 @@ from hypothesis import strategies as st
 from qwen_agent import cli
 from qwen_agent.errors import TokenizerError, VocabError
 from qwen_agent.runtime import tokenizer as tokenizer_module
-from qwen_agent.runtime.tokenizer import QwenTokenizer
+from qwen_agent.runtime.tiny import write_tiny_checkpoint
+from qwen_agent.runtime.tokenizer import QwenTokenizer, unicode_to_byte
 
 # reference section 2.3, verified against the real vocabulary
 REFERENCE_IDS = {
@@ -151,11 +154,136 @@ def test_vocab_json_matches_transformers_qwen2_tokenizer(tiny_qwen2_dir, tokeniz
         assert hf(text)["input_ids"] == tokenizer.encode(text, allowed_special="all")
 
 
+def test_tokenizer_json_alone_gives_the_ids_of_vocab_json(tiny_qwen2_dir, tmp_path):
+    one_file = write_tiny_checkpoint(tmp_path, "qwen2", num_layers=1, tokenizer_files="tokenizer.json")
+    assert not (one_file / "vocab.json").exists() and not (one_file / "merges.txt").exists()
+    from_json, from_vocab = (
+        QwenTokenizer.from_pretrained(one_file),
+        QwenTokenizer.from_pretrained(tiny_qwen2_dir),
+    )
+    text = "Hello wörld! 你好，世界 12345\n\tdef f(x):\n    return x**2  \n\nObservation:\n<|im_end|>"
+    assert from_json.encode(text) == from_vocab.encode(text)
+    assert from_json.encode(text, allowed_special="all") == from_vocab.encode(text, allowed_special="all")
+    assert from_json.special_tokens == from_vocab.special_tokens and len(from_json) == len(from_vocab)
+
+
+@pytest.fixture(scope="module")
+def saved_by_transformers(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    """The tiny Qwen2 tokenizer as transformers' own save_pretrained writes it."""
+    transformers = pytest.importorskip("transformers")
+    saved = tmp_path_factory.mktemp("saved-by-transformers")
+    transformers.AutoTokenizer.from_pretrained(str(tiny_qwen2_dir)).save_pretrained(str(saved))
+    return saved
+
+
+def test_directory_saved_by_transformers_loads_with_the_same_ids(saved_by_transformers, tiny_qwen2_dir):
+    transformers = pytest.importorskip("transformers")
+    assert not (saved_by_transformers / "vocab.json").exists()  # tokenizer.json, tokenizer_config.json only
+    hf = transformers.AutoTokenizer.from_pretrained(str(saved_by_transformers))
+    tokenizer = QwenTokenizer.from_pretrained(saved_by_transformers)
+    from_vocab = QwenTokenizer.from_pretrained(tiny_qwen2_dir)
+    for text in ["Hello world", "你好，世界", "x = [1, 22, 333]\n\n", "wörld  \t\n", "a <|im_start|> b"]:
+        ids = tokenizer.encode(text, allowed_special="all")
+        assert ids == hf(text)["input_ids"] == from_vocab.encode(text, allowed_special="all")
+    assert tokenizer.special_tokens == from_vocab.special_tokens
+
+
+def test_tiny_tokenizer_json_is_what_transformers_saves(saved_by_transformers, tmp_path):
+    ours = write_tiny_checkpoint(tmp_path, "qwen2", num_layers=1, tokenizer_files="tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((saved_by_transformers / name).read_text())
+    assert (ours / "chat_template.jinja").read_text() == (
+        saved_by_transformers / "chat_template.jinja"
+    ).read_text()
+
+
+def _byte_level_tokenizer_json(path: Path, merges: list[list[str]]) -> Path:
+    """A tokenizer.json over the 256 single bytes plus the tokens the merges make, in merge order."""
+    vocab = {ch: b for ch, b in unicode_to_byte().items()}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    data = {"added_tokens": [], "model": {"type": "BPE", "vocab": vocab, "merges": merges}}
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    return path
+
+
+def test_tokenizer_json_merges_out_of_id_order_are_refused(tmp_path):
+    tokenizer = QwenTokenizer.from_pretrained(_byte_level_tokenizer_json(tmp_path, [["a", "b"], ["ab", "c"]]))
+    assert tokenizer.encode("abc") == [256 + 1] and tokenizer.im_end_id == 256 + 2 + 2
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["model"]["merges"].reverse()
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VocabError, match=r"tokenizer\.json: merge rule 2 \(\['a', 'b'\]\) makes id 256"):
+        QwenTokenizer.from_pretrained(tmp_path)
+    data["model"]["merges"] = [["a", "zz"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VocabError, match=r"merge rule 1 .* not in the vocabulary"):
+        QwenTokenizer.from_pretrained(tmp_path)
+    data["model"]["merges"] = []
+    data["added_tokens"] = [{"id": 256, "content": "<|im_start|>"}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VocabError, match=r"tokenizer\.json: the added tokens have no <\|endoftext\|>"):
+        QwenTokenizer.from_pretrained(tmp_path)
+    data["model"] = {"type": "Unigram", "vocab": [["a", 0.0]]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(VocabError, match=r"tokenizer\.json: expected a byte-level BPE model"):
+        QwenTokenizer.from_pretrained(tmp_path)
+
+
+def test_merges_txt_out_of_id_order_is_refused(tiny_qwen2_dir, tmp_path):
+    for name in ("vocab.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_qwen2_dir / name, tmp_path / name)
+    lines = (tiny_qwen2_dir / "merges.txt").read_text().split("\n")
+    lines[1], lines[2] = lines[2], lines[1]
+    (tmp_path / "merges.txt").write_text("\n".join(lines))
+    with pytest.raises(VocabError, match=r"merges\.txt: merge rule 2 .* not above"):
+        QwenTokenizer.from_pretrained(tmp_path)
+
+
 def test_missing_vocab_names_the_path(tmp_path):
     with pytest.raises(VocabError, match=r"nope\.tiktoken: no such file"):
         QwenTokenizer.from_pretrained(tmp_path / "nope.tiktoken")
-    with pytest.raises(VocabError, match="neither qwen.tiktoken nor vocab.json"):
+    with pytest.raises(VocabError, match="none of qwen.tiktoken, vocab.json, tokenizer.json"):
         QwenTokenizer.from_pretrained(tmp_path)
+
+
+# Runs past LONG_WHITESPACE take the path that pieces the text in Python; below about 500,000 characters tiktoken
+# still encodes them itself, so both must agree there.
+RUN = 300_000
+LONG_WHITESPACE_TEXTS = {
+    "spaces then a word": " " * RUN + "x",
+    "spaces at the end": "end" + " " * RUN,
+    "newline then spaces": "a\n" + " " * RUN + "b",
+    "spaces then newline": "a" + " " * RUN + "\nb",
+    "newlines then spaces then newlines": "\n" * RUN + " " * RUN + "\n\n" + " \t" * 10 + "!",
+    "punctuation takes the newlines": "!" + "\n" * RUN + " " * RUN + "?",
+    "mixed whitespace": " \t\u3000\u2028\x0b" * (RUN // 5) + "word",
+    "two runs": "one" + " " * RUN + "two" + "\t" * RUN + "three",
+    "space before letters and punctuation": "x" + " " * RUN + " y" + " " * RUN + " !",
+    "a separator that is not whitespace": "\x1c" + " " * RUN + "\x1c" + " " * RUN + "\x1c",
+    "digits and CJK around": "12" + "\u3000" * RUN + "中文" + " " * RUN + "34",
+}
+
+
+@pytest.mark.parametrize("text", LONG_WHITESPACE_TEXTS.values(), ids=LONG_WHITESPACE_TEXTS.keys())
+def test_long_whitespace_runs_give_tiktokens_ids(tokenizer, text):
+    assert tokenizer.encode(text) == tokenizer._encoding.encode_ordinary(text)
+
+
+def test_long_whitespace_runs_between_control_tokens(tokenizer):
+    assert RUN > getattr(tokenizer_module, "LONG_WHITESPACE", 0)  # the runs above take the Python path
+    text = "<|im_start|>user\n" + " " * RUN + "hi<|im_end|>" + "\n" * RUN + "<|im_start|>" + " " * RUN
+    expected = tokenizer._encoding.encode(text, allowed_special="all")
+    assert tokenizer.encode(text, allowed_special="all") == expected
+    assert tokenizer.encode(text) == tokenizer._encoding.encode_ordinary(text)
+
+
+@pytest.mark.parametrize(
+    "text", [" " * 1_000_000, " " * 1_000_000 + "x", "\n" + " \t" * 600_000 + "x"], ids=len
+)
+def test_a_million_whitespace_characters_encode_without_a_panic(tokenizer, text):
+    ids = tokenizer.encode(text)  # tiktoken alone raises pyo3's PanicException (a BaseException) here
+    assert tokenizer.decode(ids) == text
 
 
 def test_corrupt_vocab_names_line_and_format(tmp_path):
@@ -189,3 +317,22 @@ def test_cli_tokenize_and_decode(capsys, vocab_file: Path):
     assert "--decode expects integer ids" in capsys.readouterr().err
     assert cli.main(["tokenize", "--decode", "198 99999999"]) == 2
     assert "99999999 is not a token id of this vocabulary (0..151850)" in capsys.readouterr().err
+
+
+class PanicException(BaseException):
+    """Stands for pyo3_runtime.PanicException, which a Rust panic inside tiktoken raises."""
+
+
+def test_a_panic_inside_tiktoken_is_a_tokenizer_error(tokenizer, monkeypatch):
+    encoding = tokenizer._encoding
+
+    class Panicking:
+        def __getattr__(self, name):
+            return getattr(encoding, name)
+
+        def encode_ordinary(self, text):
+            raise PanicException("called `Result::unwrap()` on an `Err` value")
+
+    monkeypatch.setattr(tokenizer, "_encoding", Panicking())
+    with pytest.raises(TokenizerError, match="tiktoken failed on a text of 5 characters"):
+        tokenizer.encode("hello")

@@ -32,6 +32,12 @@ def main() -> int:
     parser.add_argument("--num-shards", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--vocab-file", default=None, help="qwen.tiktoken to use (default: dashscope's copy)")
+    parser.add_argument(
+        "--tokenizer-files",
+        choices=["vocab.json", "tokenizer.json"],
+        default="vocab.json",
+        help="qwen2 only: vocab.json + merges.txt, or tokenizer.json alone as current transformers saves it",
+    )
     args = parser.parse_args()
     try:
         out = write_tiny_checkpoint(
@@ -47,6 +53,7 @@ def main() -> int:
             num_shards=args.num_shards,
             dtype=args.dtype,
             vocab_file=args.vocab_file,
+            tokenizer_files=args.tokenizer_files,
         )
     except QwenAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)

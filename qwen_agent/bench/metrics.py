@@ -86,6 +86,22 @@ _TOOL_NAMES_RE = re.compile(r"should be one of \[([^\]\n]*)\]")
 # Loading
 
 
+def jsonl_lines(data: bytes, path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for each non-blank line of jsonl ``data`` read from ``path``.
+
+    Lines end at ``\\n`` only: ``str.splitlines`` would also end them at U+2028, U+2029 and U+0085, which a JSON
+    string written with ``ensure_ascii=False`` holds as they are.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BenchmarkError(f"{path}:{line}: not UTF-8 text (byte {exc.start} of the file)") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield number, line
+
+
 def read_jsonl(path: str | Path, what: str = "job") -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, object)`` for each non-blank line of a jsonl file, ``where`` being ``"FILE:LINE"``.
 
@@ -93,12 +109,10 @@ def read_jsonl(path: str | Path, what: str = "job") -> Iterator[tuple[str, dict[
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as exc:
         raise BenchmarkError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(data, path):
         where = f"{path}:{number}"
         try:
             value = json.loads(line)

@@ -304,14 +304,14 @@ class RunFile:
             self._recover()
 
     def _recover(self) -> None:
+        from .metrics import jsonl_lines
+
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         if len(complete) != len(data):
             with open(self.path, "r+b") as handle:  # a torn line from a killed run: cut it off
                 handle.truncate(len(complete))
-        for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, line in jsonl_lines(complete, self.path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -35,19 +35,16 @@ __all__ = [
     "to_transformers",
 ]
 
+# Every tensor this loader reads is a float weight: an integer, boolean or 8-bit float tensor in its place would be
+# converted to numbers that mean nothing (quantised formats need their scales), so those dtypes are refused.
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
 }
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
+_FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model", "*.jinja"]
 
 
 def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
@@ -133,7 +130,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     """A local directory as is; otherwise a Hub id (``Qwen/Qwen-7B-Chat``) downloaded via ``huggingface_hub``.
 
-    Only weights, JSON and vocabulary files are fetched: the checkpoint's Python code is never needed.
+    Only weights, JSON, vocabulary and chat-template files are fetched: the checkpoint's Python code is never
+    needed.
     """
     local = Path(path).expanduser()
     if local.is_dir():
@@ -183,6 +181,11 @@ def load_checkpoint(
 
     tensors: dict[str, torch.Tensor] = {}
     for file_name, name, tensor in _read_weights(model_dir, wanted):
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{model_dir / file_name}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                f"but it is a float weight (float32, float16, bfloat16 or float64)"
+            )
         if tuple(tensor.shape) != wanted[name]:
             raise CheckpointError(
                 f"{model_dir / file_name}: tensor {name!r} has shape {list(tensor.shape)}, but config.json "
@@ -296,11 +299,17 @@ def _read_one(
     f: Any, path: Path, name: str, info: dict[str, Any], data_start: int, size: int
 ) -> torch.Tensor:
     try:
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        dtype_name = info["dtype"]
         shape = [int(n) for n in info["shape"]]
         begin, end = (int(n) for n in info["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has dtype {dtype_name!r}, but it is a float weight "
+            f"({', '.join(_SAFETENSORS_DTYPES)})"
+        )
     tensor = torch.empty(shape, dtype=dtype)
     nbytes = tensor.numel() * tensor.element_size()
     if end - begin != nbytes:

@@ -68,14 +68,22 @@ def load_model(
 
 
 def default_system(model_dir: Path) -> str:
-    """The system prompt a Qwen2-family chat template inserts when none is given; Qwen's default otherwise."""
-    path = model_dir / "tokenizer_config.json"
+    """The system prompt a Qwen2-family chat template inserts when none is given; Qwen's default otherwise.
+
+    The template is in ``chat_template.jinja`` where current transformers saved the tokenizer, else in
+    ``tokenizer_config.json``.
+    """
+    jinja = model_dir / "chat_template.jinja"
+    path = jinja if jinja.exists() else model_dir / "tokenizer_config.json"
     try:
-        template = (
-            json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.exists() else None
-        )
+        if not path.exists():
+            template = None
+        elif path == jinja:
+            template = path.read_text(encoding="utf-8")
+        else:
+            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable file ({exc})") from None
     if isinstance(template, str):
         # the literal default turn, e.g. '<|im_start|>system\nYou are a helpful assistant.<|im_end|>'
         found = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]+?)<\|im_end\|>", template)

@@ -8,7 +8,9 @@ straddles two shards as in the real download), ``model.safetensors.index.json``,
 
 ``family="qwen"`` writes Qwen-7B-Chat's layout (``QWenLMHeadModel``, fused ``c_attn``, ``qwen.tiktoken``);
 ``family="qwen2"`` writes the Qwen1.5/Qwen2/Qwen2.5 layout (``Qwen2ForCausalLM``, separate q/k/v with bias,
-grouped KV heads, optionally tied embeddings, ``vocab.json`` + ``merges.txt``). The same seed gives the same bytes.
+grouped KV heads, optionally tied embeddings, ``vocab.json`` + ``merges.txt``); with ``tokenizer_files="tokenizer.json"``
+its tokenizer is written the way ``save_pretrained`` of current transformers writes it (``tokenizer.json``,
+``tokenizer_config.json`` without the added tokens, ``chat_template.jinja``). The same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, VocabError
-from .tokenizer import ENDOFTEXT, IM_END, IM_START, dashscope_vocab_path, load_tiktoken_ranks, unicode_to_byte
+from .tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PAT_STR,
+    dashscope_vocab_path,
+    load_tiktoken_ranks,
+    unicode_to_byte,
+)
 
 __all__ = ["write_tiny_checkpoint", "qwen_7b_chat_config", "qwen_7b_chat_generation_config"]
 
 Family = Literal["qwen", "qwen2"]
+TokenizerFiles = Literal["vocab.json", "tokenizer.json"]
 PADDED_VOCAB_SIZE = 151936  # embedding rows of every Qwen checkpoint; the tokenizer has 151,851 ids
 
 
@@ -251,19 +262,27 @@ def write_tiny_checkpoint(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     init_std: float = 0.02,
     vocab_file: str | Path | None = None,
+    tokenizer_files: TokenizerFiles = "vocab.json",
     config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight model directory at ``path`` and return it.
 
     ``intermediate_size`` follows each family's convention (Qwen v1 counts both MLP branches, so its default is
     ``4 * hidden_size`` for a per-branch width of ``2 * hidden_size``). ``seq_length`` is Qwen v1's base length
-    for dynamic NTK and logN attention, kept small so tests can cross it. ``config_overrides`` are merged into
-    ``config.json`` last.
+    for dynamic NTK and logN attention, kept small so tests can cross it. ``tokenizer_files`` picks the form of a
+    ``qwen2`` tokenizer: ``vocab.json`` + ``merges.txt``, or ``tokenizer.json`` alone. ``config_overrides`` are
+    merged into ``config.json`` last.
     """
     if family not in ("qwen", "qwen2"):
         raise ConfigError(f"family must be 'qwen' or 'qwen2', got {family!r}")
     if hidden_size % num_heads:
         raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if tokenizer_files not in ("vocab.json", "tokenizer.json"):
+        raise ConfigError(
+            f"tokenizer_files must be 'vocab.json' or 'tokenizer.json', got {tokenizer_files!r}"
+        )
+    if family == "qwen" and tokenizer_files != "vocab.json":
+        raise ConfigError("Qwen v1 checkpoints ship qwen.tiktoken; tokenizer_files is for family='qwen2'")
     if family == "qwen" and tie_word_embeddings:
         raise ConfigError(
             "Qwen v1 checkpoints have an untied lm_head; tie_word_embeddings is for family='qwen2'"
@@ -304,34 +323,7 @@ def write_tiny_checkpoint(
             _qwen2_tensors(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings)
         )
         generation_config = dict(QWEN2_GENERATION_CONFIG)
-        vocab, merges = _byte_level_merges(str(vocab_path.resolve()))
-        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        specials = {str(len(vocab) + i): tok for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
-        tokenizer_config = {
-            "added_tokens_decoder": {
-                idx: {
-                    "content": tok,
-                    "lstrip": False,
-                    "normalized": False,
-                    "rstrip": False,
-                    "single_word": False,
-                    "special": True,
-                }
-                for idx, tok in specials.items()
-            },
-            "additional_special_tokens": [IM_START, IM_END],
-            "bos_token": None,
-            "chat_template": QWEN2_CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": IM_END,
-            "errors": "replace",
-            "model_max_length": 32768,
-            "pad_token": ENDOFTEXT,
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-            "unk_token": None,
-        }
+        tokenizer_config = _write_qwen2_tokenizer(out, vocab_path, tokenizer_files)
     config |= config_overrides or {}
 
     generator = torch.Generator().manual_seed(seed)
@@ -361,6 +353,87 @@ def write_tiny_checkpoint(
     _write_json(out / "generation_config.json", generation_config)
     _write_json(out / "tokenizer_config.json", tokenizer_config)
     return out
+
+
+def _added_token(token: str) -> dict[str, Any]:
+    flags = dict.fromkeys(("lstrip", "normalized", "rstrip", "single_word"), False)
+    return {"content": token, **flags, "special": True}
+
+
+def _write_qwen2_tokenizer(out: Path, vocab_path: Path, files: TokenizerFiles) -> dict[str, Any]:
+    """Write the Qwen2 tokenizer files in the chosen form; return ``tokenizer_config.json``'s content."""
+    vocab, merges = _byte_level_merges(str(vocab_path.resolve()))
+    added = [(len(vocab) + i, tok) for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))]
+    shared = {
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": IM_END,
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": ENDOFTEXT,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if files == "vocab.json":
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return dict(
+            sorted(
+                (
+                    shared
+                    | {
+                        "added_tokens_decoder": {str(idx): _added_token(tok) for idx, tok in added},
+                        "additional_special_tokens": [IM_START, IM_END],
+                        "chat_template": QWEN2_CHAT_TEMPLATE,
+                    }
+                ).items()
+            )
+        )
+    # transformers 5 keeps the added tokens in tokenizer.json only and the chat template in its own file
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": idx, **_added_token(tok)} for idx, tok in added],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [merge.split(" ") for merge in merges],
+        },
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "chat_template.jinja").write_text(QWEN2_CHAT_TEMPLATE, encoding="utf-8")
+    extra = {
+        "add_prefix_space": None,
+        "backend": "tokenizers",
+        "extra_special_tokens": [IM_START, IM_END],
+        "is_local": True,
+        "local_files_only": False,
+    }
+    return dict(sorted((shared | extra).items()))
 
 
 def _write_json(path: Path, data: Any) -> None:

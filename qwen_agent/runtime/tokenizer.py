@@ -5,9 +5,16 @@ Two vocabulary forms load into the same tokenizer:
 * ``qwen.tiktoken`` (Qwen v1): one ``<base64 token bytes> <rank>`` line per token; the rank is the id.
 * ``vocab.json`` (+ ``merges.txt``) with the added tokens in ``tokenizer_config.json`` (Qwen1.5 / Qwen2 /
   Qwen2.5): the same byte-level BPE, written with GPT-2's byte-to-unicode alphabet; ids serve as ranks.
+* ``tokenizer.json`` alone (what ``save_pretrained`` of current transformers writes for Qwen2-family models): the
+  same vocabulary, merges and added tokens in the ``tokenizers`` library's one-file form.
+
+Ids serve as ranks, which is exact only when the merge rules are in rank order; merges that are not (a
+tokenizer tiktoken cannot reproduce) are refused with :class:`~qwen_agent.errors.VocabError`.
 
 Encoding is injection-safe by default: the surface form of a control token (``<|im_start|>``) inside text
-becomes ordinary tokens unless the caller opts in with ``allowed_special``.
+becomes ordinary tokens unless the caller opts in with ``allowed_special``. Text with a very long run of
+whitespace (which overflows the backtracking stack of tiktoken's regex engine) is split into the same pieces by
+the ``regex`` package, and the long pieces are byte-pair encoded one by one: the ids are those tiktoken gives.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import unicodedata
 from collections.abc import Collection, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import regex
 import tiktoken
 
 from ..errors import TokenizerError, VocabError
@@ -40,6 +48,15 @@ QWEN_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in 
 
 VOCAB_FILE = "qwen.tiktoken"
 HF_VOCAB_FILE = "vocab.json"
+HF_MERGES_FILE = "merges.txt"
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+# Whitespace runs at least this long are pieced out in Python: tiktoken's regex engine overflows its backtracking
+# stack somewhere between 500,000 and 1,000,000 whitespace characters (a Rust panic, not an exception).
+LONG_WHITESPACE = 100_000
+# `regex` reads \s as Unicode's White_Space, as tiktoken's engine does (Python's `re` adds U+001C..U+001F)
+_LONG_WHITESPACE_RE = regex.compile(rf"\s{{{LONG_WHITESPACE},}}")
+_WHITESPACE_RE = regex.compile(r"\s+")
 
 AllowedSpecial = Literal["all"] | Collection[str]
 
@@ -105,35 +122,116 @@ def unicode_to_byte() -> dict[str, int]:
     return mapping
 
 
-def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Read ``vocab.json`` and the added tokens of ``tokenizer_config.json`` (the Qwen2-family form)."""
-    vocab_path = directory / HF_VOCAB_FILE
-    try:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VocabError(f"cannot read {vocab_path}: {exc}") from None
-    if not isinstance(vocab, dict):
-        raise VocabError(f"{vocab_path}: expected a JSON object mapping token to id")
+def _bpe_ranks(pieces: dict[Any, Any], where: Path) -> dict[bytes, int]:
+    """Token bytes -> id from a byte-level BPE vocabulary spelled in GPT-2's byte-to-unicode alphabet."""
     alphabet = unicode_to_byte()
     ranks: dict[bytes, int] = {}
-    for piece, rank in vocab.items():
+    for piece, rank in pieces.items():
         try:
+            if isinstance(rank, bool):
+                raise TypeError
             ranks[bytes(alphabet[ch] for ch in piece)] = int(rank)
         except (KeyError, TypeError, ValueError):
+            raise VocabError(f"{where}: entry {piece!r}: {rank!r} is not a byte-level BPE token") from None
+    return ranks
+
+
+def check_merges_follow_ranks(merges: Iterable[Any], ranks: dict[bytes, int], where: Path) -> None:
+    """Raise VocabError unless each merge rule makes a token of the vocabulary ranked above the ones before.
+
+    Ranks stand for merge priority in tiktoken, so this is the condition for ids equal to the merge rules'.
+    """
+    alphabet = unicode_to_byte()
+    previous = -1
+    for number, rule in enumerate(merges, start=1):
+        parts = rule.split(" ") if isinstance(rule, str) else rule
+        try:
+            if not isinstance(parts, list) or len(parts) != 2:
+                raise TypeError
+            merged = bytes(alphabet[ch] for ch in parts[0] + parts[1])
+        except (KeyError, TypeError):
             raise VocabError(
-                f"{vocab_path}: entry {piece!r}: {rank!r} is not a byte-level BPE token"
+                f"{where}: merge rule {number} ({rule!r}) is not a pair of byte-level tokens"
             ) from None
+        rank = ranks.get(merged)
+        if rank is None:
+            raise VocabError(
+                f"{where}: merge rule {number} ({rule!r}) makes a token that is not in the vocabulary"
+            )
+        if rank <= previous:
+            raise VocabError(
+                f"{where}: merge rule {number} ({rule!r}) makes id {rank}, not above the id {previous} of the "
+                f"rule before: merges out of id order cannot be encoded exactly by this tokenizer"
+            )
+        previous = rank
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VocabError(f"cannot read {path}: {exc}") from None
+
+
+def _qwen_specials(specials: dict[str, int], ranks: dict[bytes, int], where: Path) -> dict[str, int]:
+    """The added tokens, which must include ChatML's; Qwen's three after the vocabulary when none are listed."""
+    if not specials:
+        return {tok: len(ranks) + i for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
+    missing = [tok for tok in (ENDOFTEXT, IM_START, IM_END) if tok not in specials]
+    if missing:
+        raise VocabError(f"{where}: the added tokens have no {missing[0]} (a Qwen chat vocabulary needs it)")
+    return specials
+
+
+def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Read ``vocab.json``, ``merges.txt`` and the added tokens of ``tokenizer_config.json`` (the Qwen2 form)."""
+    vocab_path = directory / HF_VOCAB_FILE
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict):
+        raise VocabError(f"{vocab_path}: expected a JSON object mapping token to id")
+    ranks = _bpe_ranks(vocab, vocab_path)
+    merges_path = directory / HF_MERGES_FILE
+    if merges_path.is_file():
+        try:
+            lines = merges_path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VocabError(f"cannot read {merges_path}: {exc}") from None
+        check_merges_follow_ranks(
+            (ln for ln in lines if ln and not ln.startswith("#version")), ranks, merges_path
+        )
     config_path = directory / "tokenizer_config.json"
     specials: dict[str, int] = {}
     if config_path.is_file():
         try:
-            added = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+            added = _read_json(config_path).get("added_tokens_decoder", {})
             specials = {entry["content"]: int(idx) for idx, entry in added.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise VocabError(f"{config_path}: malformed added_tokens_decoder ({exc})") from None
-    if not specials:
-        specials = {tok: len(ranks) + i for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
-    return ranks, specials
+    return ranks, _qwen_specials(specials, ranks, config_path)
+
+
+def load_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Read the vocabulary, merges and added tokens of a ``tokenizer.json`` holding a byte-level BPE model."""
+    data = _read_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if (
+        not isinstance(model, dict)
+        or model.get("type", "BPE") != "BPE"
+        or not isinstance(model.get("vocab"), dict)
+    ):
+        raise VocabError(
+            f"{path}: expected a byte-level BPE model ('model': {{'type': 'BPE', 'vocab': ...}})"
+        )
+    ranks = _bpe_ranks(model["vocab"], path)
+    merges = model.get("merges", [])
+    if not isinstance(merges, list):
+        raise VocabError(f"{path}: model.merges must be a list of merge rules")
+    check_merges_follow_ranks(merges, ranks, path)
+    try:
+        specials = {entry["content"]: int(entry["id"]) for entry in data.get("added_tokens", [])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise VocabError(f"{path}: malformed added_tokens (each needs 'id' and 'content')") from None
+    return ranks, _qwen_specials(specials, ranks, path)
 
 
 class QwenTokenizer:
@@ -166,7 +264,8 @@ class QwenTokenizer:
             found = dashscope_vocab_path()
             if found is None:
                 raise VocabError(
-                    "no vocabulary given and none found: pass a model directory (with qwen.tiktoken or vocab.json) "
+                    "no vocabulary given and none found: pass a model directory (with qwen.tiktoken, vocab.json "
+                    "or tokenizer.json) "
                     "or a qwen.tiktoken file, or install the 'dashscope' package, which ships qwen.tiktoken"
                 )
             return cls._from_tiktoken_file(found)
@@ -175,9 +274,12 @@ class QwenTokenizer:
             if (path / VOCAB_FILE).is_file():
                 return cls._from_tiktoken_file(path / VOCAB_FILE)
             if (path / HF_VOCAB_FILE).is_file():
-                ranks, specials = load_hf_vocab(path)
-                return cls(ranks, specials)
-            raise VocabError(f"{path}: the directory has neither {VOCAB_FILE} nor {HF_VOCAB_FILE}")
+                return cls(*load_hf_vocab(path))
+            if (path / HF_TOKENIZER_FILE).is_file():
+                return cls(*load_tokenizer_json(path / HF_TOKENIZER_FILE))
+            raise VocabError(
+                f"{path}: the directory has none of {VOCAB_FILE}, {HF_VOCAB_FILE}, {HF_TOKENIZER_FILE}"
+            )
         if not path.exists():
             raise VocabError(
                 f"{path}: no such file or directory (expected a model directory or a {VOCAB_FILE} file)"
@@ -204,9 +306,45 @@ class QwenTokenizer:
         allowed = self._check_allowed(allowed_special)
         if not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
+        try:
+            return self._encode(text, allowed)
+        except BaseException as exc:  # pyo3's PanicException derives from BaseException, not Exception
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise TokenizerError(
+                f"tiktoken failed on a text of {len(text)} characters ({str(exc)[:200]})"
+            ) from None
+
+    def _encode(self, text: str, allowed: Collection[str]) -> list[int]:
         if not allowed:
+            return self._encode_ordinary(text)
+        if not _has_long_whitespace(text):
+            return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        # as tiktoken does: control tokens cut the text, and the parts between are encoded on their own
+        ids: list[int] = []
+        start = 0
+        for found in regex.finditer("|".join(map(regex.escape, allowed)), text):
+            ids += self._encode_ordinary(text[start : found.start()])
+            ids.append(self.special_tokens[found.group()])
+            start = found.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        if not _has_long_whitespace(text):
             return self._encoding.encode_ordinary(text)
-        return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        # The regex pieces are found by the `regex` package, which has no stack limit. Each long whitespace piece
+        # is byte-pair encoded alone; the text between is handed to tiktoken, which splits it the same way: it
+        # starts where a piece starts, and ends before whitespace, where the pattern's only lookahead, (?!\S),
+        # holds just as it does at the end of a text.
+        ids: list[int] = []
+        start = 0
+        for piece in _pieces_re().finditer(text):
+            begin, end = piece.span()
+            if end - begin >= LONG_WHITESPACE and _WHITESPACE_RE.fullmatch(piece.group()):
+                ids += self._encoding.encode_ordinary(text[start:begin])
+                ids += self._encoding._encode_single_piece(piece.group())
+                start = end
+        return ids + self._encoding.encode_ordinary(text[start:])
 
     def _check_allowed(self, allowed_special: AllowedSpecial) -> Collection[str]:
         if allowed_special == "all":
@@ -277,6 +415,15 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Text of any bytes still held back (as U+FFFD when they never completed a character)."""
         return self._utf8.decode(b"", final=True)
+
+
+def _has_long_whitespace(text: str) -> bool:
+    return len(text) >= LONG_WHITESPACE and _LONG_WHITESPACE_RE.search(text) is not None
+
+
+@cache
+def _pieces_re() -> regex.Pattern[str]:
+    return regex.compile(PAT_STR)
 
 
 @cache
