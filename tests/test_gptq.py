@@ -267,17 +267,18 @@ def test_the_kernels_equal_the_pytorch_path(device, bits, group_size, desc_act, 
     from qwen_agent.runtime import gptq_kernels
 
     layer = quantized_layer(bits, group_size, desc_act).to(device)
+    packed = (layer.qweight, layer.qzeros, layer.scales, bits, layer.group_width)
     weight = layer.dequantize(dtype)
     if dtype == torch.float32:  # the same products, exact in fp32
-        assert torch.equal(gptq_kernels.dequantize(layer, dtype), weight)
+        assert torch.equal(gptq_kernels.dequantize(*packed, dtype), weight)
     else:  # the interpreter rounds fp32 to bf16 towards zero, a GPU to nearest: one bf16 step
-        torch.testing.assert_close(gptq_kernels.dequantize(layer, dtype), weight, rtol=2**-7, atol=0)
+        torch.testing.assert_close(gptq_kernels.dequantize(*packed, dtype), weight, rtol=2**-7, atol=0)
     exact = layer.dequantize(torch.float32)  # the kernel sums against the exact weights, in fp32
     for rows in (1, 3):
         x = torch.randn(rows, 1, layer.in_features).to(device=device, dtype=dtype)
         want = (x.float() @ exact).to(dtype)
         tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-3}
-        torch.testing.assert_close(gptq_kernels.matvec(x, layer, block_n=16), want, **tolerance)
+        torch.testing.assert_close(gptq_kernels.matvec(x, *packed, block_n=16), want, **tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -245,6 +245,11 @@ class GPTQLinear(nn.Module):
         self.register_buffer("perm", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    @property
+    def group_width(self) -> int:
+        """Inputs per group."""
+        return self.config.group_width(self.in_features)
+
     def extra_repr(self) -> str:
         c = self.config
         return (
@@ -287,9 +292,10 @@ class GPTQLinear(nn.Module):
         if x.is_cuda or self.kernels_on_cpu:
             from . import gptq_kernels  # needs Triton, which only this path does
 
-            if x.numel() // x.shape[-1] <= DECODE_MAX_ROWS and gptq_kernels.matvec_fits(self):
-                return gptq_kernels.matvec(x, self)
-            weight = gptq_kernels.dequantize(self, x.dtype)
+            packed = (self.qweight, self.qzeros, self.scales, self.config.bits, self.group_width)
+            if x.numel() // x.shape[-1] <= DECODE_MAX_ROWS and gptq_kernels.matvec_fits(self.group_width):
+                return gptq_kernels.matvec(x, *packed)
+            weight = gptq_kernels.dequantize(*packed, x.dtype)
         else:
             weight = self.dequantize(x.dtype)
         return x @ weight

@@ -1,5 +1,8 @@
 """Triton kernels for :class:`~qwen_agent.runtime.gptq.GPTQLinear`: the packed weights read directly.
 
+Each takes a layer's ``qweight``, ``qzeros`` and ``scales`` (see :mod:`qwen_agent.runtime.gptq`), its ``bits`` and
+``group_size``, the number of inputs a group spans (the whole input for auto-gptq's -1).
+
 - :func:`matvec`: ``x @ W`` for a few rows (a decode step): each program takes a block of outputs and walks the
   inputs, reading ``P = 32 // bits`` weights per int32 word, subtracting each group's zero, summing against the
   activations in fp32 and scaling once per group. At 4 bits it reads a quarter of the bytes of a bf16 product.
@@ -19,8 +22,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from .gptq import GPTQLinear
 
 __all__ = ["dequantize", "matvec", "matvec_fits"]
 
@@ -70,20 +71,28 @@ def _gptq_matvec_kernel(
     tl.store(out_ptr + row * n_out + cols, acc.to(out_ptr.dtype.element_ty), mask=real)
 
 
-def matvec_fits(layer: GPTQLinear) -> bool:
-    """Whether :func:`matvec` takes the layer: a block of inputs, a power of two, must divide its group size."""
-    return _block_k(layer) >= 16
+def matvec_fits(group_size: int) -> bool:
+    """Whether :func:`matvec` takes a layer: a block of inputs, a power of two, must divide its group size."""
+    return _block_k(group_size) >= 16
 
 
-def _block_k(layer: GPTQLinear) -> int:
-    width = layer.config.group_width(layer.in_features)
-    return min(256, width & -width)  # the largest power of two dividing the group width, at most 256
+def _block_k(group_size: int) -> int:
+    return min(256, group_size & -group_size)  # the largest power of two dividing the group size, at most 256
 
 
-def matvec(x: Tensor, layer: GPTQLinear, *, block_n: int | None = None) -> Tensor:
+def matvec(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    block_n: int | None = None,
+) -> Tensor:
     """``x @ W`` (no bias) for ``x`` [..., K] of a few rows, in ``x``'s dtype; sums in fp32. ``block_n`` outputs
     per program (a power of two; by default enough programs to fill a GPU several times over)."""
-    k, n_out = layer.in_features, layer.out_features
+    k, n_out = x.shape[-1], qweight.shape[1]
     rows = x.numel() // k
     x = x.contiguous()
     out = x.new_empty(*x.shape[:-1], n_out)
@@ -91,16 +100,16 @@ def matvec(x: Tensor, layer: GPTQLinear, *, block_n: int | None = None) -> Tenso
         block_n = 128 if os.environ.get("TRITON_INTERPRET") == "1" else (32 if n_out >= 8192 else 16)
     _gptq_matvec_kernel[(triton.cdiv(n_out, block_n), rows)](
         x,
-        layer.qweight,
-        layer.qzeros,
-        layer.scales,
+        qweight,
+        qzeros,
+        scales,
         out,
         n_out,
         k,
-        layer.config.group_width(k),
-        BITS=layer.config.bits,
+        group_size,
+        BITS=bits,
         BLOCK_N=block_n,
-        BLOCK_K=_block_k(layer),
+        BLOCK_K=_block_k(group_size),
         num_warps=4,
     )
     return out
@@ -139,20 +148,22 @@ def _gptq_dequantize_kernel(
     tl.store(out_ptr + ks[:, :, None].to(tl.int64) * n_out + cols[None, None, :], weight, mask=inside)
 
 
-def dequantize(layer: GPTQLinear, dtype: torch.dtype) -> Tensor:
-    """The layer's float weight [K, N] in ``dtype``, equal to :meth:`GPTQLinear.dequantize`'s."""
-    n_words, n_out = layer.qweight.shape
-    out = torch.empty(layer.in_features, n_out, dtype=dtype, device=layer.qweight.device)
+def dequantize(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> Tensor:
+    """The float weight [K, N] in ``dtype``, equal to :meth:`~qwen_agent.runtime.gptq.GPTQLinear.dequantize`'s."""
+    n_words, n_out = qweight.shape
+    out = torch.empty(n_words * (32 // bits), n_out, dtype=dtype, device=qweight.device)
     block_words, block_n = (8, 64) if os.environ.get("TRITON_INTERPRET") != "1" else (64, 256)
     _gptq_dequantize_kernel[(triton.cdiv(n_words, block_words), triton.cdiv(n_out, block_n))](
-        layer.qweight,
-        layer.qzeros,
-        layer.scales,
+        qweight,
+        qzeros,
+        scales,
         out,
         n_out,
         n_words,
-        layer.config.group_width(layer.in_features),
-        BITS=layer.config.bits,
+        group_size,
+        BITS=bits,
         BLOCK_WORDS=block_words,
         BLOCK_N=block_n,
     )
