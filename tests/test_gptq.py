@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +321,71 @@ def test_matvec_is_refused_for_gptq_layers(tmp_path, int4_dir, monkeypatch):
     cache = KVCache(model.config, 1, 8, dtype=torch.float32, device="cpu")
     with pytest.raises(ConfigError, match="matvec=True reads float weights; .*GPTQ-quantized"):
         DecodeRunner(model, cache, fused=True, matvec=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_tool_writes_what_a_gptq_download_holds(tmp_path):
+    out = tmp_path / "int4"
+    tool = ROOT / "tools" / "make_tiny_checkpoint.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            str(out),
+            "--quantize",
+            "gptq-int4",
+            "--group-size",
+            "32",
+            "--num-layers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "config.json", "generation_config.json", "model.safetensors.index.json", "quantize_config.json",
+        "qwen.tiktoken", "tokenizer_config.json", *(f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)),
+    }  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((out / "quantize_config.json").read_text()) | {
+        "quant_method": "gptq"
+    }
+    assert config["quantization_config"]["bits"] == 4 and config["torch_dtype"] == "float16"
+    tensors = {}
+    for shard in out.glob("*.safetensors"):
+        tensors |= load_file(shard)
+    for module in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"):
+        base = f"transformer.h.0.{module}"
+        assert base + ".weight" not in tensors
+        kinds = {kind: tensors[f"{base}.{kind}"].dtype for kind in ("qweight", "qzeros", "scales", "g_idx")}
+        assert kinds == {
+            "qweight": torch.int32,
+            "qzeros": torch.int32,
+            "scales": torch.float16,
+            "g_idx": torch.int32,
+        }
+    assert tensors["transformer.h.0.attn.c_attn.qweight"].shape == (64 // 8, 192)
+    assert tensors["transformer.h.0.attn.c_attn.qzeros"].shape == (2, 192 // 8)
+    assert tensors["transformer.h.0.attn.c_attn.bias"].dtype == torch.float16
+    assert tensors["lm_head.weight"].dtype == tensors["transformer.wte.weight"].dtype == torch.float16
+    assert load_model(out, device="cpu").model.quantization.bits == 4
+
+
+def test_the_speed_benchmark_runs_a_quantized_row(tmp_path):
+    script = ROOT / "benchmarks" / "speed.py"
+    args = ["--smoke", "--quant", "int8", "--group-size", "32", "--no-baseline", "--no-serving", "--out"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(next(tmp_path.glob("speed-*.json")).read_text())
+    runs = {r["impl"]: r for r in report["runs"]}
+    assert set(runs) == {"qwen_agent", "qwen_agent int8"}
+    assert report["quant"]["bits"] == 8 and report["quant"]["decode_speedup"] > 0
+    assert runs["qwen_agent int8"]["weights_gib"] < runs["qwen_agent"]["weights_gib"]
+    assert len(runs["qwen_agent int8"]["tokens"]) == report["new_tokens"]

@@ -2,6 +2,10 @@
 """Write a random-weight model directory in the exact Hugging Face layout of Qwen-7B-Chat (or the Qwen2 family).
 
 python tools/make_tiny_checkpoint.py OUT_DIR [--family qwen|qwen2] [--seed 0] [--hidden-size 64] ...
+python tools/make_tiny_checkpoint.py OUT_DIR --quantize gptq-int4 [--group-size 128] [--desc-act] [--asym]
+
+``--quantize`` writes a GPTQ checkpoint in auto-gptq's layout, as Qwen-7B-Chat-Int4 / -Int8 are published
+(round-to-nearest quantization of the random weights).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def main() -> int:
     parser.add_argument("--num-shards", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--vocab-file", default=None, help="qwen.tiktoken to use (default: dashscope's copy)")
+    parser.add_argument("--quantize", choices=["gptq-int4", "gptq-int8"], default=None)
+    parser.add_argument("--group-size", type=int, default=128, help="GPTQ inputs per group (-1: one group)")
+    parser.add_argument(
+        "--desc-act", action="store_true", help="GPTQ groups filled in a shuffled input order"
+    )
+    parser.add_argument("--asym", action="store_true", help="GPTQ zero points per group (sym: false)")
     args = parser.parse_args()
     try:
         out = write_tiny_checkpoint(
@@ -47,6 +57,10 @@ def main() -> int:
             num_shards=args.num_shards,
             dtype=args.dtype,
             vocab_file=args.vocab_file,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            desc_act=args.desc_act,
+            sym=not args.asym,
         )
     except QwenAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,6 +40,7 @@ __all__ = [
     "QUANTIZED_LINEARS",
     "read_gptq_config",
     "quantize_linears",
+    "quantize_model",
     "quantize_rtn",
     "pack_rows",
     "unpack_rows",
@@ -137,8 +138,9 @@ def _parse(where: str, raw: Any) -> GPTQConfig:
                 f"{where}: {key} {value!r} is not supported (only {allowed}: auto-gptq's GPTQ layout)"
             )
         if key not in _MUST_BE and key not in _NOTES and key not in ("bits", "group_size", "desc_act", "sym"):
-            raise CheckpointError(f"{where}: unknown field {key!r} (value {value!r}); cannot tell how it changes "
-                                  f"the weights")  # fmt: skip
+            raise CheckpointError(
+                f"{where}: unknown field {key!r} (value {value!r}); cannot tell how it changes the weights"
+            )
     bits = raw.get("bits")
     if bits not in (4, 8) or isinstance(bits, bool):
         raise CheckpointError(f"{where}: bits {bits!r} is not supported (4 or 8)")
@@ -192,16 +194,16 @@ def quantize_rtn(weight: Tensor, config: GPTQConfig, order: Tensor | None = None
     As GPTQ's quantizer: each group's range includes 0; ``sym`` centres it (zero ``2**(bits-1)``); otherwise the
     zero is ``round(-min / scale)``, here kept >= 1 so that the stored ``zero - 1`` is never negative."""
     n_out, k = weight.shape
+    device = weight.device
     maxq = (1 << config.bits) - 1
     width = config.group_width(k)
-    position = (
-        torch.arange(k) if order is None else torch.argsort(order)
-    )  # where each input falls in the order
+    # where each input falls in the order
+    position = torch.arange(k, device=device) if order is None else torch.argsort(order.to(device))
     g_idx = (position // width).to(torch.int32)
     groups = config.num_groups(k)
     w = weight.float()
-    scales = torch.empty(groups, n_out)
-    zeros = torch.empty(groups, n_out, dtype=torch.int64)
+    scales = torch.empty(groups, n_out, device=device)
+    zeros = torch.empty(groups, n_out, dtype=torch.int64, device=device)
     for g in range(groups):
         block = w[:, g_idx == g]
         low, high = block.min(dim=1).values.clamp(max=0), block.max(dim=1).values.clamp(min=0)
@@ -320,3 +322,22 @@ def quantize_linears(model: nn.Module, config: GPTQConfig) -> None:
                     GPTQLinear(linear.in_features, linear.out_features, linear.bias is not None, config),
                 )
     model.quantization = config
+
+
+def quantize_model(model: nn.Module, config: GPTQConfig) -> nn.Module:
+    """A copy of a float :class:`~qwen_agent.runtime.model.Transformer` whose block projections are GPTQ layers
+    quantized round-to-nearest (no calibration: for speed and memory figures, not for quality); embeddings, norms,
+    biases and ``lm_head`` are the float model's own tensors, shared."""
+    with torch.device("meta"):
+        quantized = type(model)(model.config)
+        quantize_linears(quantized, config)
+    float_state = model.state_dict()
+    state = {name: float_state[name] for name in quantized.state_dict() if name in float_state}
+    for i, block in enumerate(model.layers):
+        for name in QUANTIZED_LINEARS:
+            packed = quantize_rtn(block.get_submodule(name).weight, config)
+            state |= {f"layers.{i}.{name}.{kind}": tensor for kind, tensor in packed.items()}
+    quantized.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        quantized.output.weight = quantized.tok_embeddings.weight
+    return quantized.eval().requires_grad_(False)
