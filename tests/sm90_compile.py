@@ -119,11 +119,12 @@ def main() -> int:
             )
     packed = {"qweight_ptr": "i32", "qzeros_ptr": "i32", "scales_ptr": "fp16"}
     for bits in (4, 8):
-        results[f"gptq_matvec bf16 bits={bits}"] = compile_kernel(
-            gptq_kernels._gptq_matvec_kernel,
-            typed("bf16", "x_ptr", "out_ptr") | packed,
-            {"BITS": bits, "BLOCK_N": 32, "BLOCK_K": 128},
-        )
+        for block_m in (1, 16):
+            results[f"gptq_matvec bf16 bits={bits} rows={block_m}"] = compile_kernel(
+                gptq_kernels._gptq_matvec_kernel,
+                typed("bf16", "x_ptr", "out_ptr") | packed,
+                {"BITS": bits, "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128, "PRECISION": "tf32"},
+            )
         results[f"gptq_dequantize bf16 bits={bits}"] = compile_kernel(
             gptq_kernels._gptq_dequantize_kernel,
             {"out_ptr": "bf16"} | packed,

@@ -276,7 +276,7 @@ def test_the_kernels_equal_the_pytorch_path(device, bits, group_size, desc_act, 
     else:  # the interpreter rounds fp32 to bf16 towards zero, a GPU to nearest: one bf16 step
         torch.testing.assert_close(gptq_kernels.dequantize(*packed, dtype), weight, rtol=2**-7, atol=0)
     exact = layer.dequantize(torch.float32)  # the kernel sums against the exact weights, in fp32
-    for rows in (1, 3):
+    for rows in (1, 3, 20):  # one row on the vector units; several through tl.dot
         x = torch.randn(rows, 1, layer.in_features).to(device=device, dtype=dtype)
         want = (x.float() @ exact).to(dtype)
         tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-3}

@@ -49,7 +49,7 @@ __all__ = [
 # our module names (in each Block) that a GPTQ checkpoint quantizes; lm_head, embeddings and norms stay float
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w_gate_up", "feed_forward.w_down")
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
-DECODE_MAX_ROWS = 8  # inputs of up to this many rows take the packed-weight kernel on CUDA
+DECODE_MAX_ROWS = 64  # inputs of up to this many rows take the packed-weight kernel on CUDA
 
 # quantize_config.json / quantization_config keys that do not change the file layout or the arithmetic
 _NOTES = {
