@@ -228,6 +228,16 @@ def test_every_unsupported_field_is_a_named_error(tmp_path, int4_dir, where, fie
         load_checkpoint(path, device="cpu")
 
 
+def test_an_awq_config_is_named_by_its_method(tmp_path, int4_dir):
+    path = shutil.copytree(int4_dir, tmp_path / "model")
+    (path / "quantize_config.json").unlink()
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"zero_point": True, "version": "gemm", "bits": 4, "quant_method": "awq"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantization_config: quant_method 'awq' is not supported"):
+        load_checkpoint(path, device="cpu")
+
+
 def test_the_two_config_files_must_agree(tmp_path, int4_dir):
     path = shutil.copytree(int4_dir, tmp_path / "model")
     edit_json(path / "quantize_config.json", group_size=64)

@@ -131,12 +131,13 @@ def read_gptq_config(model_dir: Path, hf_config: dict[str, Any]) -> GPTQConfig |
 def _parse(where: str, raw: Any) -> GPTQConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    for key, value in raw.items():
-        if key in _MUST_BE and value not in _MUST_BE[key]:
-            allowed = " or ".join(repr(v) for v in _MUST_BE[key])
+    for key, allowed in _MUST_BE.items():  # first: another method's config has fields of its own
+        if key in raw and raw[key] not in allowed:
             raise CheckpointError(
-                f"{where}: {key} {value!r} is not supported (only {allowed}: auto-gptq's GPTQ layout)"
+                f"{where}: {key} {raw[key]!r} is not supported "
+                f"(only {' or '.join(repr(v) for v in allowed)}: auto-gptq's GPTQ layout)"
             )
+    for key, value in raw.items():
         if key not in _MUST_BE and key not in _NOTES and key not in ("bits", "group_size", "desc_act", "sym"):
             raise CheckpointError(
                 f"{where}: unknown field {key!r} (value {value!r}); cannot tell how it changes the weights"
