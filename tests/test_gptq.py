@@ -228,6 +228,23 @@ def test_every_unsupported_field_is_a_named_error(tmp_path, int4_dir, where, fie
         load_checkpoint(path, device="cpu")
 
 
+def test_optimums_quantization_config_is_read(tmp_path, int4_dir):
+    """The Qwen2.5 GPTQ releases carry optimum's form of the settings in config.json, and no quantize_config.json."""
+    path = shutil.copytree(int4_dir, tmp_path / "model")
+    (path / "quantize_config.json").unlink()
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "batch_size": 1, "bits": 4, "block_name_to_quantize": None, "cache_block_outputs": True,
+        "damp_percent": 0.01, "dataset": None, "desc_act": False, "exllama_config": {"version": 1},
+        "group_size": 32, "max_input_length": None, "model_seqlen": None, "module_name_preceding_first_block": None,
+        "modules_in_block_to_quantize": None, "pad_token_id": None, "quant_method": "gptq", "sym": True,
+        "tokenizer": None, "true_sequential": True, "use_cuda_fp16": False, "use_exllama": True,
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    model = load_checkpoint(path, device="cpu")
+    assert model.quantization == GPTQConfig(bits=4, group_size=32, desc_act=False, sym=True)
+
+
 def test_an_awq_config_is_named_by_its_method(tmp_path, int4_dir):
     path = shutil.copytree(int4_dir, tmp_path / "model")
     (path / "quantize_config.json").unlink()
