@@ -415,4 +415,6 @@ def test_the_speed_benchmark_runs_a_quantized_row(tmp_path):
     assert set(runs) == {"qwen_agent", "qwen_agent int8"}
     assert report["quant"]["bits"] == 8 and report["quant"]["decode_speedup"] > 0
     assert runs["qwen_agent int8"]["weights_gib"] < runs["qwen_agent"]["weights_gib"]
+    for run in runs.values():
+        assert run["generate_peak_with_weights_gib"] > run["weights_gib"]
     assert len(runs["qwen_agent int8"]["tokens"]) == report["new_tokens"]
