@@ -3,6 +3,8 @@
 A directory may hold ``model.safetensors.index.json`` plus shards (always read through its ``weight_map``), a
 single ``model.safetensors``, or ``pytorch_model.bin`` / ``pytorch_model.bin.index.json`` (read with
 ``torch.load(weights_only=True)``: no pickled code runs). No Python file from the checkpoint is ever imported.
+A GPTQ directory (auto-gptq's layout, see :mod:`qwen_agent.runtime.gptq`) loads its quantized projections as
+packed :class:`~qwen_agent.runtime.gptq.GPTQLinear` layers.
 
 Loading is all-or-nothing: every file and tensor is checked (present, readable, right shape) while the weights are
 read into a model built on the ``meta`` device; any problem raises :class:`~qwen_agent.errors.CheckpointError`
