@@ -114,8 +114,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float
 
 def parameter_bytes(model: Transformer) -> int:
     """Bytes of the model's weights, GPTQ layers' packed tensors included (a tied table once)."""
-    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def kv_bytes_per_position(model: Transformer) -> int:
