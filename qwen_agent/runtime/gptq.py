@@ -23,6 +23,7 @@ order and the activations gathered to match, so every kernel sees groups of cons
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ __all__ = [
 QUANTIZED_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w_gate_up", "feed_forward.w_down")
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 DECODE_MAX_ROWS = 64  # inputs of up to this many rows take the packed-weight kernel on CUDA
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # without it, CUDA too dequantizes in PyTorch
 
 # quantize_config.json / quantization_config keys that do not change the file layout or the arithmetic
 _NOTES = {
@@ -292,7 +294,7 @@ class GPTQLinear(nn.Module):
         """``x @ W`` without the bias, for ``x`` [..., K]."""
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if x.is_cuda or self.kernels_on_cpu:
+        if (x.is_cuda and _HAS_TRITON) or self.kernels_on_cpu:
             from . import gptq_kernels  # needs Triton, which only this path does
 
             packed = (self.qweight, self.qzeros, self.scales, self.config.bits, self.group_width)
