@@ -8,6 +8,11 @@ For a model directory the load is measured too: seconds and peak host-memory gro
     python benchmarks/speed.py /models/Qwen-7B-Chat --device cuda --new-tokens 2048 --context 2048
     python benchmarks/speed.py --random 7b --device cuda --dtype bf16
     python benchmarks/speed.py --smoke            # tiny random checkpoint on CPU, a few seconds (used in CI)
+    python benchmarks/speed.py --random 7b --device cuda --quant int4 --no-baseline --new-tokens 8192
+
+``--quant int4|int8`` adds the same model with its block projections GPTQ-quantized (round-to-nearest, group size
+``--group-size``; embeddings, norms and lm_head shared) as another row: decode and encode measured beside the
+float model in the same run, and its serving figures too.
 
 Generation speed is also given as achieved memory bandwidth: the bytes a step cannot avoid reading (every weight
 but the embedding table, and the keys and values of the positions so far) times steps per second, and its share of
@@ -46,6 +51,7 @@ from qwen_agent.runtime.checkpoint import load_checkpoint, resolve_device, resol
 from qwen_agent.runtime.config import CONFIGS, QwenConfig  # noqa: E402
 from qwen_agent.runtime.decode_runner import DecodeRunner  # noqa: E402
 from qwen_agent.runtime.generate import Generation, SamplingParams  # noqa: E402
+from qwen_agent.runtime.gptq import GPTQConfig, quantize_model  # noqa: E402
 from qwen_agent.runtime.model import KVCache, Transformer  # noqa: E402
 from qwen_agent.runtime.tokenizer import QwenTokenizer  # noqa: E402
 
@@ -107,8 +113,8 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float
 
 
 def parameter_bytes(model: Transformer) -> int:
-    """Bytes of the model's weights (a tied table once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the model's weights, GPTQ layers' packed tensors included (a tied table once)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def kv_bytes_per_position(model: Transformer) -> int:
@@ -283,9 +289,10 @@ def hf_encode(hf, ids: torch.Tensor) -> None:
 def measure(
     name: str, generate, encode, n: int, context: int, device: torch.device, vocab: int, nbytes: int
 ) -> dict:
-    """One round: generate ``n`` tokens from one (``nbytes`` to read), then encode ``context`` tokens under a
-    memory probe."""
-    seconds, tokens = generate(n)
+    """One round: generate ``n`` tokens from one (``nbytes`` to read), then encode ``context`` tokens, each under
+    a memory probe."""
+    with PeakMemory(device) as generate_mem:
+        seconds, tokens = generate(n)
     ids = torch.randint(0, min(vocab, 150000), (1, context), generator=torch.Generator().manual_seed(0)).to(
         device
     )
@@ -302,6 +309,8 @@ def measure(
         "encode_peak_gib": mem.peak / GIB,
         "encode_peak_total_gib": mem.total / GIB,  # everything allocated at the peak, weights included
         "encode_s": encode_seconds,
+        # growth only: our runner's cache exists before, transformers' is allocated during generation
+        "generate_peak_gib": generate_mem.peak / GIB,
         "tokens": tokens,
     }
 
@@ -331,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         "--context", type=int, default=None, help="tokens to encode (default 2048; 512 on CPU)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument(
+        "--quant", choices=["int4", "int8"], default=None, help="also the GPTQ-quantized model (see above)"
+    )
+    parser.add_argument("--group-size", type=int, default=128, help="GPTQ group size for --quant (-1: one)")
     parser.add_argument("--no-serving", action="store_true", help="skip ready / first-token / batch figures")
     parser.add_argument("--ttft-prompt", type=int, default=None, help="prompt tokens for time to first token")
     parser.add_argument(
@@ -413,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         vocab = model.config.vocab_size
         ready = None if args.no_serving else ready_to_decode(model, tokenizer)
         nbytes = generation_bytes(model, n)
+        quant_name = f"qwen_agent {args.quant}"
+        if args.quant:
+            gptq = GPTQConfig(bits=int(args.quant[3:]), group_size=args.group_size)
+            quantized = quantize_model(model, gptq)
+            report["quant"] = {"name": args.quant, "bits": gptq.bits, "group_size": gptq.group_size}
+            report["quant"]["ready"] = None if args.no_serving else ready_to_decode(quantized, tokenizer)
         # 1 GiB on a GPU, far past its caches; 256 MiB on a CPU, past its last-level cache
         report["copy_gb_per_s"] = copy_bandwidth(device, GIB if device.type == "cuda" else GIB // 4) / 1e9
         kept = new_runner(model, 1, n + 1)  # one cache for every round, as the engine keeps its own
@@ -422,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda ids: ours_encode(model, ids),
             )
         }
+        read_bytes = dict.fromkeys(OPTIONAL_ROWS.keys() | {"qwen_agent", "transformers"}, nbytes)
         # with the kernels: what they add (the same step in plain PyTorch ops), and the one-row step with its
         # products through Triton's matrix-vector kernel instead of cuBLAS
         if kept.fused:
@@ -431,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
                     lambda k, runner=runner: ours_generate(runner, tokenizer, k),
                     lambda ids: ours_encode(model, ids),
                 )
+        if args.quant:
+            kept_quantized = new_runner(quantized, 1, n + 1)
+            impls[quant_name] = (
+                lambda k: ours_generate(kept_quantized, tokenizer, k),
+                lambda ids: ours_encode(quantized, ids),
+            )
+            read_bytes[quant_name] = generation_bytes(quantized, n)
         if not args.no_baseline:
             hf = to_transformers(model)
             impls["transformers"] = (
@@ -453,15 +480,27 @@ def main(argv: list[str] | None = None) -> int:
         rounds: dict[str, list[dict]] = {name: [] for name in impls}
         for _ in range(args.rounds):  # interleaved, so that load from other processes hits both alike
             for name, (generate, encode) in impls.items():
-                rounds[name].append(measure(name, generate, encode, n, context, device, vocab, nbytes))
+                rounds[name].append(
+                    measure(name, generate, encode, n, context, device, vocab, read_bytes[name])
+                )
         if not args.no_serving:
             report["serving"] = ready | serving(model, tokenizer, args, vocab)
+            if args.quant:
+                report["quant"]["serving"] = report["quant"].pop("ready") | serving(
+                    quantized, tokenizer, args, vocab
+                )
     runs = [best_of(r) for r in rounds.values()]
     # the model card's figure: a process holding the weights and nothing else (this one also holds the decode
     # runners' caches, which encode_peak_total_gib counts)
-    weights_gib = parameter_bytes(model) / GIB
+    weights_gib = {name: parameter_bytes(model) / GIB for name in rounds}
+    if args.quant:
+        weights_gib[quant_name] = parameter_bytes(quantized) / GIB
     for r in runs:
-        r["encode_peak_with_weights_gib"] = weights_gib + r["encode_peak_gib"]
+        r["weights_gib"] = weights_gib[r["impl"]]
+        r["encode_peak_with_weights_gib"] = weights_gib[r["impl"]] + r["encode_peak_gib"]
+        # generating alone: the weights, the kept cache of n + 1 positions (ours allocates it before), the growth
+        kept_cache = 0 if r["impl"] == "transformers" else kv_bytes_per_position(model) * (n + 1) / GIB
+        r["generate_peak_with_weights_gib"] = weights_gib[r["impl"]] + kept_cache + r["generate_peak_gib"]
     report["runs"] = runs
     print(
         f"{report['model']} on {report['device_name']} ({device}, {dtype}, {report['cpu_threads']} threads); "
@@ -475,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"{'impl':<20}{'tokens/s':>10}{'GB/s':>9}{'of copy':>9}{'encode s':>10}{'encode peak GiB':>17}"
-        f"{'+ weights GiB / GB':>20}"
+        f"{'+ weights GiB / GB':>20}{'generate peak + weights GiB':>29}"
     )
     for r in runs:
         r["bandwidth_share"] = r["achieved_gb_per_s"] / report["copy_gb_per_s"]
@@ -485,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['impl']:<20}{r['tokens_per_s']:>10.2f}{r['achieved_gb_per_s']:>9.1f}{r['bandwidth_share']:>9.0%}"
             f"{r['encode_s']:>10.3f}{r['encode_peak_gib']:>17.3f}{total:>20}"
+            f"{r['generate_peak_with_weights_gib']:>29.2f}"
         )
     print(
         f"GB/s: bytes a step must read ({nbytes / n / 1e9:.3f} GB per token on average) x steps/s; "
@@ -502,6 +542,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {b['batch']} sequences x {sv['batch_new']} tokens ({sv['batch_prompt']}-token prompts): "
                 f"{b['tokens_per_s']:.1f} tokens/s in all"
             )
+    if args.quant and "serving" in report["quant"]:
+        sv = report["quant"]["serving"]
+        print(
+            f"{quant_name} serving: ready to decode in {sv['ready_s']:.2f} s; first token after a "
+            f"{sv['ttft_prompt']}-token prompt {sv['ttft_ms']:.1f} ms"
+        )
+        for b in sv["batches"]:
+            print(
+                f"  {b['batch']} sequences x {sv['batch_new']} tokens: {b['tokens_per_s']:.1f} tokens/s in all"
+            )
+    if args.quant:
+        by_name = {r["impl"]: r for r in runs}
+        report["quant"]["decode_speedup"] = (
+            by_name[quant_name]["tokens_per_s"] / by_name["qwen_agent"]["tokens_per_s"]
+        )
+        print(f"{quant_name} decode at batch 1: {report['quant']['decode_speedup']:.2f}x the float model's")
     if "transformers" in rounds:
         ours, base = runs[0], runs[-1]
         report["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]

@@ -1,7 +1,8 @@
 """Compile each fused decode kernel for an H100 (sm_90) with Triton's own compiler, down to machine code through
 the ptxas Triton ships, on a machine with no GPU. The launch configurations are those qwen_agent/runtime/kernels.py uses
 for Qwen-7B (32 heads of 128, hidden 4,096, MLP 11,008; matvec's blocks for its matrices) and for grouped heads
-(28 over 4), in bf16 and fp32, with programmatic dependent launch (pdl) and without.
+(28 over 4), in bf16 and fp32, with programmatic dependent launch (pdl) and without; and the GPTQ kernels of
+qwen_agent/runtime/gptq_kernels.py at 4 and 8 bits with their 7B blocks.
 
 Triton's CPU interpreter, which runs the other kernel tests, accepts code the compiler rejects (a pointer of one
 type in one branch and another in the other, for one); this catches that. It runs in its own process, without
@@ -19,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qwen_agent.runtime import kernels  # noqa: E402
+from qwen_agent.runtime import gptq_kernels, kernels  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 FLOATS = ("eps", "scale")
@@ -116,6 +117,19 @@ def main() -> int:
                     },
                 )
             )
+    packed = {"qweight_ptr": "i32", "qzeros_ptr": "i32", "scales_ptr": "fp16"}
+    for bits in (4, 8):
+        for block_m in (1, 16):
+            results[f"gptq_matvec bf16 bits={bits} rows={block_m}"] = compile_kernel(
+                gptq_kernels._gptq_matvec_kernel,
+                typed("bf16", "x_ptr", "out_ptr") | packed,
+                {"BITS": bits, "BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128, "PRECISION": "tf32"},
+            )
+        results[f"gptq_dequantize bf16 bits={bits}"] = compile_kernel(
+            gptq_kernels._gptq_dequantize_kernel,
+            {"out_ptr": "bf16"} | packed,
+            {"BITS": bits, "BLOCK_WORDS": 8, "BLOCK_N": 64},
+        )
     for name, result in results.items():
         print(f"{name}: {result}")
     return 0 if all(r == "OK" for r in results.values()) else 1

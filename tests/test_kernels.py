@@ -340,4 +340,4 @@ def test_every_kernel_compiles_for_an_h100_without_one(tmp_path):
     script = Path(__file__).with_name("sm90_compile.py")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 26, out.stdout
+    assert out.stdout.count(": OK") == 32, out.stdout

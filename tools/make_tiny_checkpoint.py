@@ -2,6 +2,10 @@
 """Write a random-weight model directory in the exact Hugging Face layout of Qwen-7B-Chat (or the Qwen2 family).
 
 python tools/make_tiny_checkpoint.py OUT_DIR [--family qwen|qwen2] [--seed 0] [--hidden-size 64] ...
+python tools/make_tiny_checkpoint.py OUT_DIR --quantize gptq-int4 [--group-size 128] [--desc-act] [--asym]
+
+``--quantize`` writes a GPTQ checkpoint in auto-gptq's layout, as Qwen-7B-Chat-Int4 / -Int8 are published
+(round-to-nearest quantization of the random weights).
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def main() -> int:
         default="vocab.json",
         help="qwen2 only: vocab.json + merges.txt, or tokenizer.json alone as current transformers saves it",
     )
+    parser.add_argument("--quantize", choices=["gptq-int4", "gptq-int8"], default=None)
+    parser.add_argument("--group-size", type=int, default=128, help="GPTQ inputs per group (-1: one group)")
+    parser.add_argument(
+        "--desc-act", action="store_true", help="GPTQ groups filled in a shuffled input order"
+    )
+    parser.add_argument("--asym", action="store_true", help="GPTQ zero points per group (sym: false)")
     args = parser.parse_args()
     try:
         out = write_tiny_checkpoint(
@@ -54,6 +64,10 @@ def main() -> int:
             dtype=args.dtype,
             vocab_file=args.vocab_file,
             tokenizer_files=args.tokenizer_files,
+            quantize=args.quantize,
+            group_size=args.group_size,
+            desc_act=args.desc_act,
+            sym=not args.asym,
         )
     except QwenAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)

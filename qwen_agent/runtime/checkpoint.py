@@ -3,6 +3,8 @@
 A directory may hold ``model.safetensors.index.json`` plus shards (always read through its ``weight_map``), a
 single ``model.safetensors``, or ``pytorch_model.bin`` / ``pytorch_model.bin.index.json`` (read with
 ``torch.load(weights_only=True)``: no pickled code runs). No Python file from the checkpoint is ever imported.
+A GPTQ directory (auto-gptq's layout, see :mod:`qwen_agent.runtime.gptq`) loads its quantized projections as
+packed :class:`~qwen_agent.runtime.gptq.GPTQLinear` layers.
 
 Loading is all-or-nothing: every file and tensor is checked (present, readable, right shape) while the weights are
 read into a model built on the ``meta`` device; any problem raises :class:`~qwen_agent.errors.CheckpointError`
@@ -23,7 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .config import QwenConfig
+from .config import QwenConfig, _read_json
+from .gptq import PACKED, QUANTIZED_LINEARS, GPTQConfig, GPTQLinear, quantize_linears, read_gptq_config
 from .model import Transformer
 
 __all__ = [
@@ -35,25 +38,42 @@ __all__ = [
     "to_transformers",
 ]
 
-# Every tensor this loader reads is a float weight: an integer, boolean or 8-bit float tensor in its place would be
-# converted to numbers that mean nothing (quantised formats need their scales), so those dtypes are refused.
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
+# Every tensor but GPTQ's packed int32 ones is a float weight: an integer, boolean or 8-bit float tensor in its place
+# would be converted to numbers that mean nothing (quantised formats need their scales), so those are refused.
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_DTYPES = _FLOAT_DTYPES | {
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
-_FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+_PACKED_SUFFIXES = (".qweight", ".qzeros", ".g_idx")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model", "*.jinja"]
 
 
-def weight_name_map(config: QwenConfig) -> dict[str, list[str]]:
-    """Our parameter name -> the checkpoint tensor names it is made of (several are concatenated on dim 0).
+def weight_name_map(config: QwenConfig, quantization: GPTQConfig | None = None) -> dict[str, list[str]]:
+    """Our parameter name -> the checkpoint tensor names it is made of (several are concatenated on the output
+    dimension).
 
     The gate and up projections are concatenated into our ``w_gate_up`` (Qwen v1's ``mlp.w2`` is the gate,
     ``mlp.w1`` the up branch), Qwen2's separate q/k/v projections into our ``wqkv``; a tied ``lm_head`` comes from
-    the embedding. Everything else maps one to one.
+    the embedding. Everything else maps one to one. With ``quantization``, each quantized linear's ``weight`` is
+    its packed tensors instead (``qweight``, ``qzeros``, ``scales``, ``g_idx``; see :mod:`.gptq`).
     """
+    names = _float_name_map(config)
+    if quantization is None:
+        return names
+    for i in range(config.num_layers):
+        for module in QUANTIZED_LINEARS:
+            sources = names.pop(f"layers.{i}.{module}.weight")
+            for kind in PACKED:
+                names[f"layers.{i}.{module}.{kind}"] = [s.removesuffix("weight") + kind for s in sources]
+    return names
+
+
+def _float_name_map(config: QwenConfig) -> dict[str, list[str]]:
     names: dict[str, list[str]] = {}
     if config.family == "qwen":
         names["tok_embeddings.weight"] = ["transformer.wte.weight"]
@@ -171,17 +191,21 @@ def load_checkpoint(
     """Load a model directory (or Hub id) into a :class:`Transformer` in eval mode on ``device`` in ``dtype``."""
     model_dir = resolve_model_dir(path)
     config = QwenConfig.from_file(model_dir)
+    quantization = read_gptq_config(model_dir, _read_json(model_dir / "config.json"))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    name_map = weight_name_map(config)
-    wanted = _expected_source_shapes(config, name_map, expected)
+        if quantization is not None:
+            _check_packable(config, quantization, model_dir)
+            quantize_linears(model, quantization)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
+    name_map = weight_name_map(config, quantization)
+    wanted = _expected_source_shapes(config, name_map, expected, quantization)
 
     tensors: dict[str, torch.Tensor] = {}
     for file_name, name, tensor in _read_weights(model_dir, wanted):
-        if tensor.dtype not in _FLOAT_DTYPES:
+        if tensor.dtype not in _FLOAT_DTYPES.values() and not name.endswith(_PACKED_SUFFIXES):
             raise CheckpointError(
                 f"{model_dir / file_name}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
                 f"but it is a float weight (float32, float16, bfloat16 or float64)"
@@ -191,22 +215,66 @@ def load_checkpoint(
                 f"{model_dir / file_name}: tensor {name!r} has shape {list(tensor.shape)}, but config.json "
                 f"implies {list(wanted[name])}"
             )
-        tensors[name] = tensor.to(device=device, dtype=dtype)
+        if name.endswith(_PACKED_SUFFIXES) and tensor.dtype != torch.int32:
+            raise CheckpointError(
+                f"{model_dir / file_name}: tensor {name!r} is {tensor.dtype}; GPTQ stores it as int32"
+            )
+        # packed integers and GPTQ's fp16 scales stay as stored; float weights take the model's dtype
+        keep = not tensor.is_floating_point() or name.endswith(".scales")
+        tensors[name] = tensor.to(device=device, dtype=tensor.dtype if keep else dtype)
 
     state: dict[str, torch.Tensor] = {}
     for ours, sources in name_map.items():
         parts = [tensors[s] for s in sources]
-        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        state[ours] = parts[0] if len(parts) == 1 else _fuse(ours, sources, parts, model_dir)
         for s in sources if len(parts) > 1 else ():
             del tensors[s]  # the fused copy replaces the parts: keep one copy in memory
     model.load_state_dict(state, strict=True, assign=True)
+    for ours, sources in name_map.items():
+        if ours.endswith(".g_idx"):
+            layer = model.get_submodule(ours.removesuffix(".g_idx"))
+            assert isinstance(layer, GPTQLinear)
+            layer.sort_groups(f"{model_dir}: {sources[0].removesuffix('.g_idx')}")
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval().requires_grad_(False)
 
 
+def _check_packable(config: QwenConfig, quantization: GPTQConfig, model_dir: Path) -> None:
+    """Every quantized projection's inputs and outputs fill whole int32 words."""
+    sizes = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "key/value width": config.num_kv_heads * config.head_dim,
+    }
+    for what, size in sizes.items():
+        if size % quantization.pack:
+            raise CheckpointError(
+                f"{model_dir / 'config.json'}: {what} {size} is not a multiple of {quantization.pack}, "
+                f"the values per word of {quantization.bits}-bit GPTQ weights"
+            )
+
+
+def _fuse(ours: str, sources: list[str], parts: list[torch.Tensor], model_dir: Path) -> torch.Tensor:
+    """The parts of a fused projection joined on their output dimension: dim 0 of a float weight or bias, dim 1
+    of GPTQ's packed tensors; the parts share one ``g_idx`` (the same inputs, so the same groups)."""
+    if ours.endswith(".g_idx"):
+        for source, part in zip(sources[1:], parts[1:], strict=True):
+            if not torch.equal(part, parts[0]):
+                raise CheckpointError(
+                    f"{model_dir}: {source} differs from {sources[0]}; projections of the same input fused into "
+                    f"one layer need the same input groups"
+                )
+        return parts[0]
+    packed = ours.endswith((".qweight", ".qzeros", ".scales"))
+    return torch.cat(parts, dim=1 if packed else 0)
+
+
 def _expected_source_shapes(
-    config: QwenConfig, name_map: dict[str, list[str]], ours: dict[str, tuple[int, ...]]
+    config: QwenConfig,
+    name_map: dict[str, list[str]],
+    ours: dict[str, tuple[int, ...]],
+    quantization: GPTQConfig | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> the shape config.json implies for it."""
     wanted: dict[str, tuple[int, ...]] = {}
@@ -215,9 +283,19 @@ def _expected_source_shapes(
         shape = ours[name]
         if len(sources) == 1:
             wanted[sources[0]] = shape
-        else:  # the parts of a fused projection: q, k, v or gate, up
-            parts = (q_rows, kv_rows, kv_rows) if ".wqkv." in name else (config.intermediate_size,) * 2
-            for source, rows in zip(sources, parts, strict=True):
+            continue
+        # the parts of a fused projection: q, k, v or gate, up
+        parts = (q_rows, kv_rows, kv_rows) if ".wqkv." in name else (config.intermediate_size,) * 2
+        kind = name.rsplit(".", 1)[1]
+        for source, rows in zip(sources, parts, strict=True):
+            if kind == "g_idx":
+                wanted[source] = shape
+            elif kind in ("qweight", "scales"):  # outputs are columns of GPTQ's tensors
+                wanted[source] = (shape[0], rows)
+            elif kind == "qzeros":
+                assert quantization is not None
+                wanted[source] = (shape[0], rows // quantization.pack)
+            else:
                 wanted[source] = (rows, *shape[1:])
     return wanted
 
@@ -305,10 +383,10 @@ def _read_one(
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
     dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
+    if dtype is None:  # an 8-bit float, or a dtype this loader does not know
         raise CheckpointError(
             f"{path}: tensor {name!r} has dtype {dtype_name!r}, but it is a float weight "
-            f"({', '.join(_SAFETENSORS_DTYPES)})"
+            f"({', '.join(_FLOAT_DTYPES)}) or a GPTQ int32"
         )
     tensor = torch.empty(shape, dtype=dtype)
     nbytes = tensor.numel() * tensor.element_size()
@@ -357,6 +435,8 @@ def to_transformers(model: Transformer) -> Any:
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    if model.quantization is not None:
+        raise ConfigError("to_transformers needs float weights; this model's layers are GPTQ-quantized")
     c = model.config
     hf_config = Qwen2Config(
         vocab_size=c.vocab_size,

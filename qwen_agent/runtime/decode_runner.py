@@ -75,6 +75,8 @@ class DecodeRunner:
                 f"fused_kernels=True needs a CUDA device (or TRITON_INTERPRET=1); the model is on {device}"
             )
         head_dim = model.config.head_dim
+        if matvec and model.quantization is not None:
+            raise ConfigError("matvec=True reads float weights; this model's layers are GPTQ-quantized")
         if fused and not _fits_kernels(head_dim):
             raise ConfigError(
                 f"fused_kernels=True needs a head size that is a power of two >= 16, not {head_dim}"

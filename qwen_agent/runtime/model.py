@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .config import QwenConfig
+from .gptq import GPTQConfig, GPTQLinear
 
 __all__ = ["KVCache", "Transformer"]
 
@@ -192,6 +194,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.quantization: GPTQConfig | None = None  # GPTQ layers (see gptq.quantize_linears)
 
     def forward(self, ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> Tensor:
         B, S = ids.shape
@@ -254,8 +257,10 @@ class Transformer(nn.Module):
         row's frozen one. ``fused`` runs the layers through the Triton kernels of :mod:`qwen_agent.runtime.kernels`
         (same maths), whose attention reads exactly each row's slots, whatever ``kv_len``; with ``matvec`` too, a
         one-row step also runs its matrix products through :func:`qwen_agent.runtime.kernels.matvec` (see
-        :meth:`_matvec_logits`).
+        :meth:`_matvec_logits`); it takes float weights only (a GPTQ layer's one-row product has its own kernel).
         """
+        if matvec and self.quantization is not None:
+            raise ConfigError("matvec reads float weights; this model's layers are GPTQ-quantized")
         B = tokens.shape[0]
         positions = slots[:, None]  # [B, 1]
         cos, sin = self._rotary(positions, cache.ntk_alpha[:B])
@@ -285,7 +290,7 @@ class Transformer(nn.Module):
         h, x = kernels.add_rms_norm(x, norms[0].weight, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
-            attended = attention.wo(attention.fused_decode(F.linear(h, attention.wqkv.weight), i, ctx))
+            attended = attention.wo(attention.fused_decode(_without_bias(attention.wqkv, h), i, ctx))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 1].weight, cfg.rms_norm_eps, attended)
             up = kernels.silu_mul(ff.w_gate_up(h))
             h, x = kernels.add_rms_norm(x, norms[2 * i + 2].weight, cfg.rms_norm_eps, ff.w_down(up))
@@ -349,6 +354,11 @@ class Transformer(nn.Module):
             return None, True  # plain causal prefill
         q_slot = torch.arange(start, start + S, device=device)[:, None]
         return torch.arange(start + S, device=device)[None, :] <= q_slot, False
+
+
+def _without_bias(linear: nn.Linear | GPTQLinear, x: Tensor) -> Tensor:
+    """The layer's product without its bias (the fused step adds the bias in its rotary kernel)."""
+    return linear.product(x) if isinstance(linear, GPTQLinear) else F.linear(x, linear.weight)
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -11,6 +11,11 @@ straddles two shards as in the real download), ``model.safetensors.index.json``,
 grouped KV heads, optionally tied embeddings, ``vocab.json`` + ``merges.txt``); with ``tokenizer_files="tokenizer.json"``
 its tokenizer is written the way ``save_pretrained`` of current transformers writes it (``tokenizer.json``,
 ``tokenizer_config.json`` without the added tokens, ``chat_template.jinja``). The same seed gives the same bytes.
+
+``quantize="gptq-int4"`` or ``"gptq-int8"`` writes what a GPTQ download (Qwen-7B-Chat-Int4, Qwen2.5-*-GPTQ-Int4)
+holds instead: the projections of every layer in auto-gptq's packed tensors (round-to-nearest quantization of the
+random float weights; see :mod:`qwen_agent.runtime.gptq`), everything else in fp16, ``quantize_config.json``, and
+``quantization_config`` in ``config.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, VocabError
+from .gptq import GPTQConfig, quantize_rtn
 from .tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -40,6 +46,14 @@ __all__ = ["write_tiny_checkpoint", "qwen_7b_chat_config", "qwen_7b_chat_generat
 
 Family = Literal["qwen", "qwen2"]
 TokenizerFiles = Literal["vocab.json", "tokenizer.json"]
+QUANTIZE_BITS = {"gptq-int4": 4, "gptq-int8": 8}
+# the projections a GPTQ checkpoint quantizes, by the input they read: those sharing an input share its groups
+_GPTQ_INPUTS = {
+    "attn.c_attn": "attention in", "self_attn.q_proj": "attention in", "self_attn.k_proj": "attention in",
+    "self_attn.v_proj": "attention in", "attn.c_proj": "attention out", "self_attn.o_proj": "attention out",
+    "mlp.w1": "mlp in", "mlp.w2": "mlp in", "mlp.gate_proj": "mlp in", "mlp.up_proj": "mlp in",
+    "mlp.c_proj": "mlp out", "mlp.down_proj": "mlp out",
+}  # fmt: skip
 PADDED_VOCAB_SIZE = 151936  # embedding rows of every Qwen checkpoint; the tokenizer has 151,851 ids
 
 
@@ -264,6 +278,10 @@ def write_tiny_checkpoint(
     vocab_file: str | Path | None = None,
     tokenizer_files: TokenizerFiles = "vocab.json",
     config_overrides: dict[str, Any] | None = None,
+    quantize: Literal["gptq-int4", "gptq-int8"] | None = None,
+    group_size: int = 128,
+    desc_act: bool = False,
+    sym: bool = True,
 ) -> Path:
     """Write a random-weight model directory at ``path`` and return it.
 
@@ -272,7 +290,17 @@ def write_tiny_checkpoint(
     for dynamic NTK and logN attention, kept small so tests can cross it. ``tokenizer_files`` picks the form of a
     ``qwen2`` tokenizer: ``vocab.json`` + ``merges.txt``, or ``tokenizer.json`` alone. ``config_overrides`` are
     merged into ``config.json`` last.
+
+    ``quantize`` writes a GPTQ checkpoint (float tensors in fp16, whatever ``dtype``) with ``group_size`` (-1: one
+    group), ``desc_act`` (each layer's inputs fill the groups in a random order, the same for the projections
+    that read the same input, as GPTQ's activation order gives) and ``sym``.
     """
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_BITS)}, got {quantize!r}")
+    gptq = None
+    if quantize is not None:
+        gptq = GPTQConfig(bits=QUANTIZE_BITS[quantize], group_size=group_size, desc_act=desc_act, sym=sym)
+        dtype = "float16"
     if family not in ("qwen", "qwen2"):
         raise ConfigError(f"family must be 'qwen' or 'qwen2', got {family!r}")
     if hidden_size % num_heads:
@@ -324,6 +352,9 @@ def write_tiny_checkpoint(
         )
         generation_config = dict(QWEN2_GENERATION_CONFIG)
         tokenizer_config = _write_qwen2_tokenizer(out, vocab_path, tokenizer_files)
+    if gptq is not None:
+        config |= {"torch_dtype": "float16", "quantization_config": gptq.to_json() | {"quant_method": "gptq"}}
+        _write_json(out / "quantize_config.json", gptq.to_json())
     config |= config_overrides or {}
 
     generator = torch.Generator().manual_seed(seed)
@@ -335,8 +366,10 @@ def write_tiny_checkpoint(
         else:
             value = init_std * torch.randn(shape, generator=generator)
         tensors[name] = value.to(torch_dtype)
+    if gptq is not None:
+        tensors = _quantized(tensors, gptq, generator)
 
-    names = [name for name, _ in shapes]
+    names = list(tensors)
     bounds = [0, *_shard_cuts(names, num_shards), len(names)]
     total = len(bounds) - 1
     weight_map: dict[str, str] = {}
@@ -434,6 +467,27 @@ def _write_qwen2_tokenizer(out: Path, vocab_path: Path, files: TokenizerFiles) -
         "local_files_only": False,
     }
     return dict(sorted((shared | extra).items()))
+
+
+def _quantized(
+    tensors: dict[str, torch.Tensor], gptq: GPTQConfig, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The same tensors in the same order, each layer's projections replaced by auto-gptq's packed tensors."""
+    out: dict[str, torch.Tensor] = {}
+    orders: dict[tuple[str, str], torch.Tensor] = {}  # (layer, input) -> the order its inputs fill the groups
+    for name, value in tensors.items():
+        module = name.removesuffix(".weight")
+        layer, _, kind = module.partition(".h.") if ".h." in module else module.partition(".layers.")
+        index, _, projection = kind.partition(".")
+        if projection not in _GPTQ_INPUTS or not name.endswith(".weight"):
+            out[name] = value
+            continue
+        key = (f"{layer}.{index}", _GPTQ_INPUTS[projection])
+        if gptq.desc_act and key not in orders:
+            orders[key] = torch.randperm(value.shape[1], generator=generator)
+        packed = quantize_rtn(value.float(), gptq, orders.get(key))
+        out |= {f"{module}.{part}": tensor for part, tensor in packed.items()}
+    return out
 
 
 def _write_json(path: Path, data: Any) -> None:
