@@ -4,7 +4,9 @@ Outer stage (child of the host): ask for SIGKILL when the host dies, join the pi
 limits, then exec ``unshare`` (new pid/net/mount namespaces) running the inner stage, or run the inner stage
 directly when no namespaces are used.
 
-Inner stage: ask for SIGKILL when the parent dies, drop to the sandbox uid if one is set, and exec the kernel.
+Inner stage: ask for SIGKILL when the parent dies, drop to the sandbox uid if one is set, drop every capability
+(root in the kernel keeps uid 0 but no privilege over the host), confine the file system with Landlock (after the
+namespaces are set up, since Landlock forbids mounting), and exec the kernel.
 As pid 1 of a new pid namespace it instead forks the kernel and stays as a minimal init that reaps orphans and
 exits with the kernel's status; when it dies the kernel of the namespace kills every process left in it.
 """
@@ -17,6 +19,9 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 LIMITS = {
     "as": resource.RLIMIT_AS,
     "cpu": resource.RLIMIT_CPU,
@@ -43,6 +48,31 @@ def apply_limits(limits: dict) -> None:
         if current_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, current_hard), min(hard, current_hard)
         resource.setrlimit(LIMITS[name], (soft, hard))
+
+
+def drop_capabilities() -> None:
+    """Empty the bounding and ambient sets, then the effective, permitted and inheritable ones (capset to 0):
+    with all five empty, neither this process nor anything it execs (even as uid 0) holds a capability."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    for cap in range(last_cap + 1):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: then there is nothing to keep
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} triples, all zero
+    if libc.capset(header, data) != 0:
+        sys.exit(f"launcher: capset failed: {os.strerror(ctypes.get_errno())}")
+
+
+def confine_filesystem(rules: dict) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _landlock
+
+    try:
+        _landlock.restrict(rules["read"], rules["write"], rules["devices"])
+    except OSError as exc:
+        sys.exit(f"launcher: cannot confine the file system: {exc}")
 
 
 def run_as_init(argv: list) -> None:
@@ -93,6 +123,9 @@ def main() -> None:
         die_with_parent(os.getppid())  # changing credentials clears the parent-death signal
     if "nproc" in config["limits"]:
         apply_limits({"nproc": config["limits"]["nproc"]})
+    drop_capabilities()
+    if config.get("landlock"):
+        confine_filesystem(config["landlock"])
     if os.getpid() == 1:
         run_as_init(config["argv"])
     os.execv(config["argv"][0], config["argv"])

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,6 +168,13 @@ class _Cell:
         )
 
 
+def _existing_path(path: str | Path, label: str) -> str:
+    resolved = Path(path).resolve()
+    if not resolved.exists():
+        raise ConfigError(f"CodeInterpreter: {label} entry {str(path)!r} does not exist")
+    return str(resolved)
+
+
 def _close_kernel(holder: dict[str, Any]) -> None:
     kernel = holder.pop("kernel", None)
     if kernel is not None:
@@ -192,6 +200,10 @@ class CodeInterpreter:
         limits: resource limits (address space, CPU seconds, processes, file size, open files).
         network: allow network access (otherwise a network namespace, where the platform allows it).
         sandbox_uid: uid to run the kernel as; "auto" picks an unprivileged one when the host is root.
+        filesystem: confine the kernel's file access (Landlock): reads beneath the system, Python and
+            ``read_paths`` roots, writes in the workspace only. Off when False or where Landlock is missing.
+        read_paths: files or directories the kernel may read in place (read-only), e.g. a data directory.
+        require_isolation: raise :class:`SandboxError` instead of running with the file system unconfined.
         env: extra environment variables for the kernel (the host's environment is never passed on).
         startup_timeout: how long a kernel may take to start.
     """
@@ -206,6 +218,9 @@ class CodeInterpreter:
         limits: SandboxLimits | None = None,
         network: bool = False,
         sandbox_uid: int | str | None = "auto",
+        filesystem: bool = True,
+        read_paths: Sequence[str | Path] = (),
+        require_isolation: bool = False,
         env: dict[str, str] | None = None,
         startup_timeout: float = 30,
     ) -> None:
@@ -228,6 +243,9 @@ class CodeInterpreter:
         self.limits = limits or SandboxLimits()
         self.network = network
         self.sandbox_uid = sandbox_uid
+        self.filesystem = filesystem
+        self.read_paths = [_existing_path(p, "read_paths") for p in read_paths]
+        self.require_isolation = require_isolation
         self.env = env
         self.startup_timeout = startup_timeout
         remove_stale_temp_dirs()
@@ -246,7 +264,14 @@ class CodeInterpreter:
 
     # ---- kernel lifecycle -------------------------------------------------------------------------------
     def _launch(self) -> None:
-        plan = plan_sandbox(self.limits, network=self.network, sandbox_uid=self.sandbox_uid)
+        plan = plan_sandbox(
+            self.limits,
+            network=self.network,
+            sandbox_uid=self.sandbox_uid,
+            filesystem=self.filesystem,
+            read_paths=self.read_paths,
+            require_isolation=self.require_isolation,
+        )
         if plan.uid is not None:
             shutil.chown(self.workdir, plan.uid, plan.uid)
         self._plan = plan
@@ -291,7 +316,7 @@ class CodeInterpreter:
 
     def sandbox_info(self) -> dict[str, Any]:
         """Which sandbox layers are active for the current kernel, and why any are not (``notes``)."""
-        return {**self._plan.info(), "workspace": str(self.workdir)}
+        return {**self._plan.info(self._kernel.write_roots), "workspace": str(self.workdir)}
 
     # ---- running code -----------------------------------------------------------------------------------
     def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:

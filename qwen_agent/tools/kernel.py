@@ -61,7 +61,13 @@ class KernelProcess:
         ]
         self._log = open(self.runtime / "kernel.log", "wb")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(plan.launcher_config(argv))],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                str(_LAUNCHER),
+                json.dumps(plan.launcher_config(argv, self.write_roots)),
+            ],
             cwd=workdir,
             env=kernel_env(workdir, self.runtime, env),
             stdin=subprocess.DEVNULL,
@@ -77,6 +83,11 @@ class KernelProcess:
         self._poller.register(self.client.iopub_channel.socket, zmq.POLLIN)
         self._poller.register(self.client.shell_channel.socket, zmq.POLLIN)
         self.ready = False
+
+    @property
+    def write_roots(self) -> list[str]:
+        """Where the kernel may write: the workspace and its private runtime directory (sockets, temp, caches)."""
+        return [str(self.workdir), str(self.runtime)]
 
     # ---- state ------------------------------------------------------------------------------------------
     def exit_status(self) -> int | None:

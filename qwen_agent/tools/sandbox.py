@@ -9,7 +9,10 @@ Layers, each reported by :meth:`SandboxPlan.info`:
 - a pids cgroup capping the number of processes (a fork bomb stops there), or RLIMIT_NPROC where it counts;
 - resource limits: address space, CPU seconds, file size, open files, no core dumps;
 - a separate unprivileged uid when the host runs as root and the Python installation is readable by it;
-- a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets.
+- a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets;
+- no capabilities: root in the kernel keeps uid 0 but cannot load modules, mount, or override file permissions;
+- the file system (Landlock): reads only beneath the system, Python and granted roots, writes only in the
+  workspace and the kernel's private directory.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SandboxError
+from . import _landlock
+
 __all__ = [
     "SandboxLimits",
     "SandboxPlan",
@@ -38,6 +44,35 @@ __all__ = [
 ]
 
 NOBODY_UID = 65534
+# What CPython, numpy, pandas and matplotlib read outside their installation (found by running them under a
+# policy without it and reading the denials): shared libraries and fonts, the loader cache, time zones, TLS
+# certificates, user and group names, the kernel's /proc and CPU topology.
+SYSTEM_READ_ROOTS = (
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/pki",
+    "/etc/fonts",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/hosts",
+    "/etc/mime.types",
+    "/proc",
+    "/sys/devices/system/cpu",
+)
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
 _CGROUP_PREFIX = "qwen-agent-"  # + host pid + random suffix
 
@@ -189,9 +224,14 @@ class SandboxPlan:
     limits: SandboxLimits
     rlimits: dict[str, Any]
     nproc_effective: bool
+    read_roots: list[str] | None  # None: the file-system layer is off
+    landlock_abi: int
     notes: list[str] = field(default_factory=list)
 
-    def launcher_config(self, argv: list[str]) -> dict[str, Any]:
+    def launcher_config(self, argv: list[str], write_roots: list[str]) -> dict[str, Any]:
+        landlock = None
+        if self.read_roots is not None:
+            landlock = {"read": self.read_roots, "write": write_roots, "devices": list(DEVICES)}
         return {
             "stage": "outer",
             "parent": os.getpid(),
@@ -200,10 +240,19 @@ class SandboxPlan:
             "uid": self.uid,
             "gid": self.uid,
             "limits": self.rlimits,
+            "landlock": landlock,
             "argv": argv,
         }
 
-    def info(self) -> dict[str, Any]:
+    def info(self, write_roots: list[str]) -> dict[str, Any]:
+        active = self.read_roots is not None
+        filesystem = {
+            "active": active,
+            "mechanism": f"landlock ABI {self.landlock_abi}" if active else None,
+            "read_roots": list(self.read_roots or []),
+            "write_roots": write_roots if active else [],
+            "devices": list(DEVICES) if active else [],
+        }
         return {
             "process_group": True,
             "parent_death_signal": True,
@@ -214,6 +263,8 @@ class SandboxPlan:
             "process_limit": self.limits.max_processes if (self.cgroup or self.nproc_effective) else None,
             "rlimits": {k: v for k, v in self.rlimits.items() if k != "nproc"},
             "scrubbed_env": True,
+            "capabilities": "none",
+            "filesystem": filesystem,
             "transport": "ipc",
             "notes": list(self.notes),
         }
@@ -223,9 +274,64 @@ class SandboxPlan:
             kill_cgroup(self.cgroup)
 
 
-def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str | None) -> SandboxPlan:
+def python_read_roots() -> list[str]:
+    """The installation the kernel's Python needs: its prefixes and every site-packages directory on its path
+    (not the rest of ``sys.path``, which may hold the caller's checkout)."""
+    import site
+
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    paths += [
+        *site.getsitepackages(),
+        *(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))),
+    ]
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
+
+
+def plan_filesystem(
+    read_paths: list[str], *, enabled: bool, required: bool
+) -> tuple[list[str] | None, int, str]:
+    """The read roots of the file-system layer, the Landlock ABI, and the reason when the layer is off.
+
+    Raises :class:`SandboxError` when ``required`` and the layer cannot be applied."""
+    if not enabled:
+        if required:
+            raise SandboxError("CodeInterpreter: require_isolation=True contradicts filesystem=False")
+        return None, 0, "file system not confined: disabled by configuration (filesystem=False)"
+    abi, reason = _landlock.abi_version()
+    if abi < 1:
+        if required:
+            raise SandboxError(
+                f"CodeInterpreter: the file-system layer is required but unavailable: {reason}"
+            )
+        return None, 0, f"file system not confined (the host's, with the kernel user's rights): {reason}"
+    return _outermost([*SYSTEM_READ_ROOTS, *python_read_roots(), *read_paths]), abi, ""
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The existing paths, without those beneath another one in the list (a rule covers everything beneath)."""
+    kept: list[str] = []
+    for path in sorted({p for p in paths if os.path.lexists(p)}, key=len):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return sorted(kept, key=paths.index)
+
+
+def plan_sandbox(
+    limits: SandboxLimits,
+    *,
+    network: bool,
+    sandbox_uid: int | str | None,
+    filesystem: bool = True,
+    read_paths: list[str] = (),
+    require_isolation: bool = False,
+) -> SandboxPlan:
     """Work out which layers this platform allows for one kernel and say why the others are off."""
     notes: list[str] = []
+    read_roots, abi, reason = plan_filesystem(
+        list(read_paths), enabled=filesystem, required=require_isolation
+    )
+    if reason:
+        notes.append(reason)
     unshare, reason = _probe_unshare(not network)
     if not unshare:
         notes.append(f"no pid/network namespace: {reason}")
@@ -260,7 +366,9 @@ def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str
         nproc_effective = True
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
-    return SandboxPlan(unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, notes)
+    return SandboxPlan(
+        unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, read_roots, abi, notes
+    )
 
 
 def private_temp_dir(kind: str) -> Path:

@@ -1,0 +1,276 @@
+"""The code interpreter's file-system layer, attacked from inside a real kernel; the host must be unchanged.
+
+Run as the current user (root here and in CI) and, when that is root, again as uid 65534 in a subprocess, so
+both the root path (caps dropped, Landlock) and the unprivileged path (user namespace, Landlock) are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from qwen_agent.errors import ConfigError, SandboxError
+from qwen_agent.tools import CodeInterpreter, _landlock, sandbox
+
+pytestmark = pytest.mark.skipif(
+    _landlock.abi_version()[0] < 1, reason=f"no Landlock here: {_landlock.abi_version()[1]}"
+)
+
+# Each attack is one expression run in the kernel; ``try_all`` reports what it returned or the error it raised.
+_TRY_ALL = """
+import json, os
+def try_all(attacks):
+    out = {}
+    for name, fn in attacks.items():
+        try:
+            out[name] = "ok: " + repr(fn())[:80]
+        except Exception as exc:
+            out[name] = f"denied: {type(exc).__name__}: {exc}"[:160]
+    print(json.dumps(out))
+"""
+
+
+def attack_code(host: Path, other_workspace: Path) -> str:
+    """The attacks of the file-system layer's threat list, as kernel code; ``host`` holds secret.txt/victim.txt."""
+    escape = f"/tmp/qa-escape-{uuid.uuid4().hex}"
+    return _TRY_ALL + textwrap.dedent(f"""
+        host, other, escape = {str(host)!r}, {str(other_workspace)!r}, {escape!r}
+        open("mine.txt", "w").write("mine")
+        os.symlink(host + "/secret.txt", "file_link")
+        os.symlink(host, "dir_link")
+        def chdir_then(fn):
+            os.chdir("/")
+            try:
+                return fn()
+            finally:
+                os.chdir(os.environ["HOME"])
+        try_all({{
+            "read /etc/shadow": lambda: open("/etc/shadow").read(),
+            "list /root": lambda: os.listdir("/root"),
+            "list /home": lambda: os.listdir("/home"),
+            "read host secret": lambda: open(host + "/secret.txt").read(),
+            "list host dir": lambda: os.listdir(host),
+            "read other workspace": lambda: open(other + "/theirs.txt").read(),
+            "list other workspace": lambda: os.listdir(other),
+            "write host dir": lambda: open(host + "/new.txt", "w").write("x"),
+            "write /tmp": lambda: open(escape, "w").write("x"),
+            "write /dev/shm": lambda: open("/dev/shm/qa-escape", "w").write("x"),
+            "delete host file": lambda: os.remove(host + "/victim.txt"),
+            "truncate host file": lambda: os.truncate(host + "/victim.txt", 0),
+            "mkdir in host dir": lambda: os.mkdir(host + "/d"),
+            "read through symlink": lambda: open("file_link").read(),
+            "write through dir symlink": lambda: open("dir_link/new.txt", "w").write("x"),
+            "hard link host file": lambda: os.link(host + "/secret.txt", "hard"),
+            "rename out of workspace": lambda: os.rename("mine.txt", host + "/mine.txt"),
+            "rename host file in": lambda: os.rename(host + "/victim.txt", "stolen.txt"),
+            "chdir / then read": lambda: chdir_then(lambda: open("etc/shadow").read()),
+            "chdir / then write": lambda: chdir_then(lambda: open(escape[1:], "w").write("x")),
+            "read project checkout": lambda: open({str(Path(__file__).resolve())!r}).read(),
+            "mount tmpfs": lambda: __import__("ctypes").CDLL(None, use_errno=True).mount(
+                b"none", b"/mnt", b"tmpfs", 0, None) or "mounted",
+        }})
+    """), escape
+
+
+def check_attacks(out: dict[str, str]) -> None:
+    """Every attack must be refused by the sandbox itself, not fail for some other reason (a missing file)."""
+    expected = {
+        "hard link host file": "denied: OSError: [Errno 18]",  # EXDEV: Landlock refuses to reparent
+        "mount tmpfs": "ok: -1",  # mount(2) returns -1 (EPERM)
+    }
+    if not Path("/home").exists():
+        expected["list /home"] = "denied: FileNotFoundError"
+    wrong = {k: v for k, v in out.items() if not v.startswith(expected.get(k, "denied: PermissionError"))}
+    assert not wrong, f"attacks that were not refused: {wrong}"
+
+
+def make_host_dir() -> Path:
+    host = Path(tempfile.mkdtemp(prefix="qa-test-host-"))
+    (host / "secret.txt").write_text("TOPSECRET")
+    (host / "victim.txt").write_text("keep me")
+    return host
+
+
+def host_snapshot(host: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(host.iterdir())}
+
+
+def run_json(ci: CodeInterpreter, code: str) -> dict[str, str]:
+    r = ci.execute(code, timeout=60)
+    assert r.ok, r.to_observation()
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def host_dir():
+    host = make_host_dir()
+    yield host
+    shutil.rmtree(host, ignore_errors=True)
+
+
+def test_attacks_from_the_kernel_fail_and_leave_the_host_unchanged(host_dir):
+    before = host_snapshot(host_dir)
+    with CodeInterpreter(timeout=30) as ci, CodeInterpreter(timeout=30) as other:
+        (other.workdir / "theirs.txt").write_text("THEIRS")
+        code, escape = attack_code(host_dir, other.workdir)
+        check_attacks(run_json(ci, code))
+        assert host_snapshot(host_dir) == before
+        assert not Path(escape).exists() and not Path("/dev/shm/qa-escape").exists()
+        assert sorted(p.name for p in other.workdir.iterdir()) == ["theirs.txt"]
+        # what the code may do in its own workspace it did: the file stayed, the links were made
+        assert (ci.workdir / "mine.txt").read_text() == "mine" and (ci.workdir / "file_link").is_symlink()
+
+
+def test_a_restarted_kernel_is_still_confined(host_dir):
+    with CodeInterpreter(timeout=30) as ci:
+        r = ci.execute("import os; os._exit(1)")
+        assert r.restarted and r.error.name == "KernelDied"
+        r = ci.execute(f"open({str(host_dir / 'secret.txt')!r}).read()")
+        assert r.error is not None and r.error.name == "PermissionError"
+        assert ci.sandbox_info()["filesystem"]["active"]
+
+
+def test_the_scientific_stack_works_in_the_workspace_and_granted_read_paths(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sales.csv").write_text("month,amount\n1,10\n2,32\n")
+    with CodeInterpreter(timeout=60, read_paths=[data]) as ci:
+        (ci.workdir / "upload.csv").write_text("x,y\n1,2\n3,4\n")
+        r = ci.execute(
+            textwrap.dedent(f"""
+            import numpy as np, pandas as pd, matplotlib.pyplot as plt
+            df = pd.read_csv("upload.csv")
+            sales = pd.read_csv({str(data / "sales.csv")!r})
+            print(int(df.x.sum()), int(sales.amount.sum()), float(np.mean(df.y)))
+            df.to_csv("out.csv", index=False)
+            plt.plot(sales.month, sales.amount)
+            plt.savefig("saved.png")
+            plt.show()
+            """),
+            timeout=60,
+        )
+        assert r.ok, r.to_observation()
+        assert r.stdout == "4 42 3.0\n"
+        assert len(r.images) == 1 and r.images[0].read_bytes()[:4] == b"\x89PNG"
+        assert (ci.workdir / "saved.png").stat().st_size > 0 and (ci.workdir / "out.csv").exists()
+        r = ci.execute(f"open({str(data / 'new.csv')!r}, 'w')")
+        assert r.error is not None and r.error.name == "PermissionError", "read_paths are read-only"
+        assert sorted(p.name for p in data.iterdir()) == ["sales.csv"]
+        fs = ci.sandbox_info()["filesystem"]
+        assert fs["active"] and fs["mechanism"].startswith("landlock ABI")
+        assert str(data) in fs["read_roots"] and str(ci.workdir) in fs["write_roots"]
+        assert not any(root in ("/", "/root", "/home", "/tmp", "/etc") for root in fs["read_roots"])
+
+
+def test_the_layer_can_be_turned_off_and_says_so(host_dir):
+    with CodeInterpreter(timeout=30, filesystem=False) as ci:
+        assert ci.execute(f"print(open({str(host_dir / 'secret.txt')!r}).read())").stdout == "TOPSECRET\n"
+        info = ci.sandbox_info()
+        assert not info["filesystem"]["active"] and any("filesystem=False" in n for n in info["notes"])
+    with pytest.raises(SandboxError, match="require_isolation=True contradicts filesystem=False"):
+        CodeInterpreter(filesystem=False, require_isolation=True)
+    with pytest.raises(ConfigError, match="read_paths entry '/nonexistent/data' does not exist"):
+        CodeInterpreter(read_paths=["/nonexistent/data"])
+
+
+def test_without_landlock_the_layer_is_reported_off_or_refused(monkeypatch):
+    monkeypatch.setattr(_landlock, "abi_version", lambda: (0, "the kernel (4.19) has no Landlock"))
+    with pytest.raises(SandboxError, match="required but unavailable: the kernel .4.19. has no Landlock"):
+        CodeInterpreter(require_isolation=True)
+    with CodeInterpreter(timeout=30) as ci:
+        info = ci.sandbox_info()
+        assert not info["filesystem"]["active"] and info["filesystem"]["read_roots"] == []
+        assert any("file system not confined" in n and "4.19" in n for n in info["notes"])
+        assert ci.execute("print(1)").stdout == "1\n"
+
+
+# ---- the same attacks as an unprivileged user ----------------------------------------------------------------
+
+_NONROOT_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from qwen_agent.tools import CodeInterpreter
+from tests.test_sandbox_filesystem import attack_code, run_json
+host, other_dir = sys.argv[2], sys.argv[3]
+with CodeInterpreter(timeout=30) as ci:
+    code, escape = attack_code(__import__("pathlib").Path(host), __import__("pathlib").Path(other_dir))
+    out = run_json(ci, code)
+    print(json.dumps({"attacks": out, "escape": escape, "info": ci.sandbox_info()}))
+"""
+
+
+def _reachable_by_nobody(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o005 == 0o005 for p in [path, *path.parents])
+
+
+def test_attacks_fail_as_an_unprivileged_user_too(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("already running as a non-root user: the tests above are the non-root run")
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv(1) is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    needed = [Path(sys.base_prefix), Path(sys.prefix), repo]
+    # An installation below a private directory (e.g. /root, mode 0700) is shown to uid 65534 in a private mount
+    # namespace: a world-readable tmpfs over that directory with the installation bind-mounted back in place.
+    mounts = []
+    for path in needed:
+        blocked = [p for p in [path, *path.parents] if os.stat(p).st_mode & 0o005 != 0o005]
+        if blocked:
+            top = blocked[-1]
+            if top == Path("/"):
+                pytest.skip(f"{path} is not reachable by an unprivileged uid")
+            mounts.append((top, path.relative_to(top).parts[0]))
+    script = ["set -e"]
+    for i, (top, child) in enumerate(dict.fromkeys(mounts)):
+        stash = tmp_path / f"stash{i}"
+        stash.mkdir()
+        script += [
+            f"mount --bind '{top / child}' '{stash}'",
+            f"mount -t tmpfs -o mode=755 tmpfs '{top}'",
+            f"mkdir '{top / child}'",
+            f"mount --bind '{stash}' '{top / child}'",
+        ]
+    host = make_host_dir()
+    other = Path(tempfile.mkdtemp(prefix="qa-test-other-"))
+    try:
+        (other / "theirs.txt").write_text("THEIRS")
+        for path in (host, host / "secret.txt", host / "victim.txt", other, other / "theirs.txt"):
+            os.chown(
+                path, 65534, 65534
+            )  # everything the attacker should not reach is its own: only Landlock stops it
+        before = host_snapshot(host)
+        script.append(
+            f"exec setpriv --reuid=65534 --regid=65534 --clear-groups {sys.executable} -c '{_NONROOT_SCRIPT}' "
+            f"'{repo}' '{host}' '{other}'"
+        )
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": os.environ["PATH"], "TMPDIR": "/tmp"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        check_attacks(report["attacks"])
+        assert report["info"]["filesystem"]["active"] and report["info"]["pid_namespace"]
+        assert host_snapshot(host) == before and not Path(report["escape"]).exists()
+        assert sorted(p.name for p in other.iterdir()) == ["theirs.txt"]
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_read_roots_hold_no_home_or_checkout():
+    roots = sandbox.plan_filesystem([], enabled=True, required=False)[0]
+    repo = str(Path(__file__).resolve().parents[1])
+    assert repo not in roots and "/root" not in roots and "/home" not in roots and "/" not in roots
