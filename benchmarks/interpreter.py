@@ -1,7 +1,8 @@
 """Code-interpreter latency: kernel cold start and the warm round trip of a trivial cell.
 
-Measures the sandboxed CodeInterpreter and, as the baseline in the same run, a stock jupyter_client kernel
-(KernelManager over TCP, no sandbox, execute_interactive). Prints a table and writes
+Measures the sandboxed CodeInterpreter with its file-system layer on and off and, as the baseline in the same
+run, a stock jupyter_client kernel (KernelManager over TCP, no sandbox, execute_interactive). Prints a table and
+writes
 benchmarks/results/interpreter.json.
 
     PYTHONPATH=$PWD /work/venv/bin/python benchmarks/interpreter.py --calls 300 --starts 10
@@ -34,15 +35,17 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def sandboxed(calls: int, starts: int) -> dict[str, object]:
-    cold = []
-    for _ in range(starts):
-        t0 = time.perf_counter()
-        with CodeInterpreter() as ci:
-            result = ci.execute(TRIVIAL)  # waits for the kernel, then runs the cell
-            cold.append(time.perf_counter() - t0)
-            assert result.result == "2", result
-    with CodeInterpreter() as ci:
+def _cold_start(filesystem: bool) -> float:
+    t0 = time.perf_counter()
+    with CodeInterpreter(filesystem=filesystem) as ci:
+        result = ci.execute(TRIVIAL)  # waits for the kernel, then runs the cell
+        elapsed = time.perf_counter() - t0
+        assert result.result == "2", result
+    return elapsed
+
+
+def _warm(filesystem: bool, calls: int) -> tuple[list[float], dict[str, object]]:
+    with CodeInterpreter(filesystem=filesystem) as ci:
         ci.execute(TRIVIAL)
         for _ in range(20):  # warm-up
             ci.execute(TRIVIAL)
@@ -51,8 +54,24 @@ def sandboxed(calls: int, starts: int) -> dict[str, object]:
             t0 = time.perf_counter()
             ci.execute(TRIVIAL)
             warm.append(time.perf_counter() - t0)
-        layers = ci.sandbox_info()
-    return {"cold_start": _summary(cold), "warm_round_trip": _summary(warm), "sandbox": layers}
+        return warm, ci.sandbox_info()
+
+
+def sandboxed(calls: int, starts: int) -> dict[str, dict[str, object]]:
+    """The sandboxed kernel with the file-system layer on and off; cold starts alternate so load hits both alike."""
+    cold: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(starts):
+        for filesystem in (True, False):
+            cold[filesystem].append(_cold_start(filesystem))
+    out = {}
+    for filesystem, label in ((True, "sandboxed"), (False, "sandboxed_filesystem_off")):
+        warm, layers = _warm(filesystem, calls)
+        out[label] = {
+            "cold_start": _summary(cold[filesystem]),
+            "warm_round_trip": _summary(warm),
+            "sandbox": layers,
+        }
+    return out
 
 
 def stock_jupyter(calls: int, starts: int) -> dict[str, object]:
@@ -101,21 +120,25 @@ def main() -> None:
             "load_avg_1m_at_start": os.getloadavg()[0],
         },
         "settings": {"calls": args.calls, "starts": args.starts, "cell": TRIVIAL},
-        "sandboxed": sandboxed(args.calls, args.starts),
+        **sandboxed(args.calls, args.starts),
     }
     if not args.no_baseline:
         results["stock_jupyter_baseline"] = stock_jupyter(args.calls, args.starts)
     results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]  # type: ignore[index]
 
-    print(f"{'kernel':<24}{'metric':<18}{'median ms':>10}{'p95 ms':>10}{'min ms':>10}{'n':>6}")
-    for label in ("sandboxed", "stock_jupyter_baseline"):
+    print(f"{'kernel':<26}{'metric':<18}{'median ms':>10}{'p95 ms':>10}{'min ms':>10}{'n':>6}")
+    for label in ("sandboxed", "sandboxed_filesystem_off", "stock_jupyter_baseline"):
         if label not in results:
             continue
         for metric in ("cold_start", "warm_round_trip"):
             s = results[label][metric]  # type: ignore[index]
             print(
-                f"{label:<24}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}"
+                f"{label:<26}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}"
             )
+    for metric in ("cold_start", "warm_round_trip"):
+        on = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]
+        off = results["sandboxed_filesystem_off"][metric]["median_ms"]  # type: ignore[index]
+        print(f"file-system layer on/off {metric}: {on / off:.3f}")
     if "stock_jupyter_baseline" in results:
         for metric in ("cold_start", "warm_round_trip"):
             ours = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]

@@ -274,3 +274,34 @@ def test_read_roots_hold_no_home_or_checkout():
     roots = sandbox.plan_filesystem([], enabled=True, required=False)[0]
     repo = str(Path(__file__).resolve().parents[1])
     assert repo not in roots and "/root" not in roots and "/home" not in roots and "/" not in roots
+
+
+def test_upload_copies_into_the_workspace_without_following_the_kernels_symlinks(host_dir, tmp_path):
+    before = host_snapshot(host_dir)
+    src = tmp_path / "sales.csv"
+    src.write_text("a,b\n1,2\n")
+    with CodeInterpreter(timeout=30) as ci:
+        # the code plants symlinks to a host file under the names the host will write next
+        victim, planted = (
+            str(host_dir / "victim.txt"),
+            str(host_dir / "planted.png"),
+        )  # the latter not there yet
+        r = ci.execute(
+            f"import os\nos.symlink({victim!r}, 'sales.csv')\nos.symlink({planted!r}, 'fig-001.png')"
+        )
+        assert r.ok, r.to_observation()
+        assert ci.upload(src) == ci.workdir / "sales.csv" and not (ci.workdir / "sales.csv").is_symlink()
+        ci.upload(b"x\n7\n", "raw.csv")
+        r = ci.execute(
+            "import pandas as pd, matplotlib.pyplot as plt\n"
+            "print(int(pd.read_csv('sales.csv').b.sum()), int(pd.read_csv('raw.csv').x.sum()))\n"
+            "plt.plot([1, 2]); plt.show()"
+        )
+        assert r.stdout == "2 7\n", r.to_observation()
+        assert r.images == [ci.workdir / "fig-002.png"] and (ci.workdir / "fig-001.png").is_symlink()
+        for bad, message in ((b"x", "name is required"), (src, "plain file name")):
+            with pytest.raises(ConfigError, match=message):
+                ci.upload(bad, None if isinstance(bad, bytes) else "../up.csv")
+        with pytest.raises(ConfigError, match="is not a file"):
+            ci.upload(tmp_path)
+    assert host_snapshot(host_dir) == before

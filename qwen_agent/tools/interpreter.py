@@ -14,8 +14,10 @@ segfault, a resource limit) is restarted and the result says the state was lost.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import weakref
@@ -405,13 +407,56 @@ class CodeInterpreter:
         return cell.result(start, restarted=True, state_lost=True)
 
     def _save_png(self, b64: str) -> Path:
-        self._figures += 1
-        path = self.workdir / f"fig-{self._figures:03d}.png"
-        while path.exists():
+        """Write a figure under a fresh name. The kernel controls the workspace, so never follow or overwrite a
+        name it made (a planted ``fig-002.png`` symlink to a host file is skipped, not written through)."""
+        data = base64.b64decode(b64)
+        while True:
             self._figures += 1
             path = self.workdir / f"fig-{self._figures:03d}.png"
-        path.write_bytes(base64.b64decode(b64))
-        return path
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self._give_to_kernel(path)
+            return path
+
+    def upload(self, source: str | Path | bytes, name: str | None = None) -> Path:
+        """Copy a file (a host path, or bytes) into the workspace as ``name`` (default: the source's file name),
+        replacing what the kernel may have put there, and return its path; code in the kernel opens it by name.
+        To let the kernel read a large file or a directory in place instead, pass it in ``read_paths``."""
+        if name is None:
+            if isinstance(source, bytes):
+                raise ConfigError("CodeInterpreter.upload: name is required when uploading bytes")
+            name = Path(source).name
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise ConfigError(f"CodeInterpreter.upload: name must be a plain file name, got {name!r}")
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise ConfigError(f"CodeInterpreter.upload: {str(source)!r} is not a file")
+        with self._lock:
+            # a new file then a rename: a symlink the kernel left under ``name`` is replaced, never followed
+            fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".upload-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    if isinstance(source, bytes):
+                        out.write(source)
+                    else:
+                        with open(source, "rb") as src:
+                            shutil.copyfileobj(src, out)
+                os.chmod(tmp, 0o644)
+                self._give_to_kernel(Path(tmp))
+                os.replace(tmp, self.workdir / name)
+            except OSError as exc:
+                Path(tmp).unlink(missing_ok=True)
+                raise InterpreterError(
+                    f"CodeInterpreter.upload: cannot write {name!r} into the workspace: {exc}"
+                ) from exc
+            return self.workdir / name
+
+    def _give_to_kernel(self, path: Path) -> None:
+        if self._plan.uid is not None:
+            os.chown(path, self._plan.uid, self._plan.uid)
 
     def call(self, args: str | dict[str, Any]) -> str:
         """Run the code in ``args`` (``{"code": ...}``, a fenced block or raw code) and return the Observation."""
