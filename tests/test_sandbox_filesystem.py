@@ -162,6 +162,13 @@ def test_the_scientific_stack_works_in_the_workspace_and_granted_read_paths(tmp_
         assert r.stdout == "4 42 3.0\n"
         assert len(r.images) == 1 and r.images[0].read_bytes()[:4] == b"\x89PNG"
         assert (ci.workdir / "saved.png").stat().st_size > 0 and (ci.workdir / "out.csv").exists()
+        r = ci.execute(
+            "import scipy.stats, sympy, seaborn as sns\n"
+            "print(round(float(scipy.stats.norm.cdf(0)), 2), sympy.factor(sympy.Symbol('x')**2 - 1))\n"
+            "sns.histplot(df.x); plt.show()",
+            timeout=60,
+        )
+        assert r.stdout == "0.5 (x - 1)*(x + 1)\n" and len(r.images) == 1, r.to_observation()
         r = ci.execute(f"open({str(data / 'new.csv')!r}, 'w')")
         assert r.error is not None and r.error.name == "PermissionError", "read_paths are read-only"
         assert sorted(p.name for p in data.iterdir()) == ["sales.csv"]
@@ -305,3 +312,34 @@ def test_upload_copies_into_the_workspace_without_following_the_kernels_symlinks
         with pytest.raises(ConfigError, match="is not a file"):
             ci.upload(tmp_path)
     assert host_snapshot(host_dir) == before
+
+
+# ---- the sweep of stale temporary directories ---------------------------------------------------------------
+
+
+def test_only_directories_whose_owner_is_provably_gone_are_swept():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    made = {label: sandbox.private_temp_dir("work") for label in ("dead", "other_ns", "rebooted", "alive")}
+    unmarked = Path(tempfile.mkdtemp(prefix=f"qa-work-{dead.pid}-"))  # no marker: not provably this package's
+    try:
+        for label, path in made.items():
+            marker = path.with_name(path.name + ".owner")
+            identity = json.loads(marker.read_text())
+            assert identity["pid"] == os.getpid()
+            if label == "dead":
+                identity["pid"] = dead.pid
+            elif (
+                label == "other_ns"
+            ):  # a host in another pid namespace sharing /tmp: its pid means nothing here
+                identity.update(pid=dead.pid, pid_ns="pid:[1]")
+            elif label == "rebooted":
+                identity["boot_id"] = "00000000-0000-0000-0000-000000000000"
+            marker.write_text(json.dumps(identity))
+        sandbox.remove_stale_temp_dirs.__wrapped__()
+        left = {label for label, path in made.items() if path.exists()}
+        assert left == {"other_ns", "alive"} and unmarked.exists()
+        assert not made["dead"].with_name(made["dead"].name + ".owner").exists()
+    finally:
+        for path in [*made.values(), unmarked]:
+            sandbox.remove_private_temp_dir(path)

@@ -28,7 +28,13 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError, InterpreterError
 from .kernel import KernelProcess
-from .sandbox import SandboxLimits, plan_sandbox, private_temp_dir, remove_stale_temp_dirs
+from .sandbox import (
+    SandboxLimits,
+    plan_sandbox,
+    private_temp_dir,
+    remove_private_temp_dir,
+    remove_stale_temp_dirs,
+)
 
 __all__ = ["CodeInterpreter", "ExecutionResult", "ExecutionError", "Executor"]
 
@@ -187,7 +193,7 @@ def _release(holder: dict[str, Any], temp_workdir: Path | None) -> None:
     """Everything close() frees; also run at garbage collection and interpreter exit."""
     _close_kernel(holder)
     if temp_workdir is not None:
-        shutil.rmtree(temp_workdir, ignore_errors=True)
+        remove_private_temp_dir(temp_workdir)
 
 
 class CodeInterpreter:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
 from ..errors import InterpreterError
-from .sandbox import SandboxPlan, kernel_env, private_temp_dir
+from .sandbox import SandboxPlan, kernel_env, private_temp_dir, remove_private_temp_dir
 
 __all__ = ["KernelProcess"]
 
@@ -187,4 +186,4 @@ class KernelProcess:
         self.kill()
         self.client.stop_channels()
         self._log.close()
-        shutil.rmtree(self.runtime, ignore_errors=True)
+        remove_private_temp_dir(self.runtime)
