@@ -39,7 +39,7 @@ def try_all(attacks):
 """
 
 
-def attack_code(host: Path, other_workspace: Path) -> str:
+def attack_code(host: Path, other_workspace: Path, metadata: bool = True) -> tuple[str, str]:
     """The attacks of the file-system layer's threat list, as kernel code; ``host`` holds secret.txt/victim.txt."""
     escape = f"/tmp/qa-escape-{uuid.uuid4().hex}"
     return _TRY_ALL + textwrap.dedent(f"""
@@ -53,7 +53,7 @@ def attack_code(host: Path, other_workspace: Path) -> str:
                 return fn()
             finally:
                 os.chdir(os.environ["HOME"])
-        try_all({{
+        attacks = {{
             "read /etc/shadow": lambda: open("/etc/shadow").read(),
             "list /root": lambda: os.listdir("/root"),
             "list /home": lambda: os.listdir("/home"),
@@ -77,19 +77,28 @@ def attack_code(host: Path, other_workspace: Path) -> str:
             "read project checkout": lambda: open({str(Path(__file__).resolve())!r}).read(),
             "mount tmpfs": lambda: __import__("ctypes").CDLL(None, use_errno=True).mount(
                 b"none", b"/mnt", b"tmpfs", 0, None) or "mounted",
-        }})
+        }}
+        if {metadata!r}:  # what Landlock does not govern: refused by the read-only mounts
+            attacks["chmod host file"] = lambda: os.chmod(host + "/secret.txt", 0o666)
+            attacks["utime host file"] = lambda: os.utime(host + "/victim.txt", (0, 0))
+            attacks["setxattr host file"] = lambda: os.setxattr(host + "/victim.txt", "user.x", b"1")
+        try_all(attacks)
     """), escape
 
 
-def check_attacks(out: dict[str, str]) -> None:
+def check_attacks(out: dict[str, str], info: dict) -> None:
     """Every attack must be refused by the sandbox itself, not fail for some other reason (a missing file)."""
-    expected = {
-        "hard link host file": "denied: OSError: [Errno 18]",  # EXDEV: Landlock refuses to reparent
-        "mount tmpfs": "ok: -1",  # mount(2) returns -1 (EPERM)
+    # Landlock: EACCES, or EXDEV for a link or rename across its rules; the read-only mounts: EROFS (checked first)
+    refused = ("denied: PermissionError", "denied: OSError: [Errno 18]")
+    if info["filesystem"]["read_only_mounts"]:
+        refused += ("denied: OSError: [Errno 30]",)
+    wrong = {
+        name: outcome
+        for name, outcome in out.items()
+        if not outcome.startswith(refused)
+        and not (name == "mount tmpfs" and outcome == "ok: -1")  # mount(2) returned -1 (EPERM)
+        and not (name == "list /home" and not Path("/home").exists() and "FileNotFoundError" in outcome)
     }
-    if not Path("/home").exists():
-        expected["list /home"] = "denied: FileNotFoundError"
-    wrong = {k: v for k, v in out.items() if not v.startswith(expected.get(k, "denied: PermissionError"))}
     assert not wrong, f"attacks that were not refused: {wrong}"
 
 
@@ -100,8 +109,12 @@ def make_host_dir() -> Path:
     return host
 
 
-def host_snapshot(host: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(host.iterdir())}
+def host_snapshot(host: Path) -> dict[str, tuple[bytes, int, int, list[str]]]:
+    """Content, mode, mtime and extended attributes of each file."""
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns, os.listxattr(p))
+        for p in sorted(host.iterdir())
+    }
 
 
 def run_json(ci: CodeInterpreter, code: str) -> dict[str, str]:
@@ -117,12 +130,17 @@ def host_dir():
     shutil.rmtree(host, ignore_errors=True)
 
 
-def test_attacks_from_the_kernel_fail_and_leave_the_host_unchanged(host_dir):
+@pytest.mark.parametrize("namespaces", [True, False], ids=["landlock+read-only-mounts", "landlock-alone"])
+def test_attacks_from_the_kernel_fail_and_leave_the_host_unchanged(host_dir, namespaces, monkeypatch):
+    if not namespaces:  # no mount namespace, so no read-only mounts: Landlock must refuse on its own
+        monkeypatch.setattr(sandbox, "_probe_unshare", lambda _: ((), "turned off by the test"))
     before = host_snapshot(host_dir)
     with CodeInterpreter(timeout=30) as ci, CodeInterpreter(timeout=30) as other:
         (other.workdir / "theirs.txt").write_text("THEIRS")
-        code, escape = attack_code(host_dir, other.workdir)
-        check_attacks(run_json(ci, code))
+        info = ci.sandbox_info()
+        assert info["filesystem"]["read_only_mounts"] == namespaces == info["pid_namespace"]
+        code, escape = attack_code(host_dir, other.workdir, metadata=namespaces)
+        check_attacks(run_json(ci, code), info)
         assert host_snapshot(host_dir) == before
         assert not Path(escape).exists() and not Path("/dev/shm/qa-escape").exists()
         assert sorted(p.name for p in other.workdir.iterdir()) == ["theirs.txt"]
@@ -170,7 +188,7 @@ def test_the_scientific_stack_works_in_the_workspace_and_granted_read_paths(tmp_
         )
         assert r.stdout == "0.5 (x - 1)*(x + 1)\n" and len(r.images) == 1, r.to_observation()
         r = ci.execute(f"open({str(data / 'new.csv')!r}, 'w')")
-        assert r.error is not None and r.error.name == "PermissionError", "read_paths are read-only"
+        assert r.error is not None and ("Permission denied" in r.error.value or "Read-only" in r.error.value)
         assert sorted(p.name for p in data.iterdir()) == ["sales.csv"]
         fs = ci.sandbox_info()["filesystem"]
         assert fs["active"] and fs["mechanism"].startswith("landlock ABI")
@@ -268,7 +286,7 @@ def test_attacks_fail_as_an_unprivileged_user_too(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
-        check_attacks(report["attacks"])
+        check_attacks(report["attacks"], report["info"])
         assert report["info"]["filesystem"]["active"] and report["info"]["pid_namespace"]
         assert host_snapshot(host) == before and not Path(report["escape"]).exists()
         assert sorted(p.name for p in other.iterdir()) == ["theirs.txt"]

@@ -14,6 +14,7 @@ exits with the kernel's status; when it dies the kernel of the namespace kills e
 import ctypes
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -63,6 +64,61 @@ def drop_capabilities() -> None:
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} triples, all zero
     if libc.capset(header, data) != 0:
         sys.exit(f"launcher: capset failed: {os.strerror(ctypes.get_errno())}")
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_RELATIME = 1024, 2048, 4096, 1 << 21
+# statvfs f_flag bits -> mount flags that must be kept on a remount (a user namespace locks them)
+_KEPT_FLAGS = {
+    2: MS_NOSUID,
+    4: MS_NODEV,
+    8: MS_NOEXEC,
+    1024: MS_NOATIME,
+    2048: MS_NODIRATIME,
+    4096: MS_RELATIME,
+}
+
+
+def _mount(source, target: str, flags: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    src = source.encode() if source else None
+    if libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def _remount(target: str, read_only: bool) -> int:
+    try:
+        current = os.statvfs(target).f_flag
+    except OSError as exc:
+        return exc.errno
+    flags = MS_REMOUNT | MS_BIND | (MS_RDONLY if read_only else 0)
+    flags |= sum(ms for st, ms in _KEPT_FLAGS.items() if current & st)
+    return _mount(None, target, flags)
+
+
+def make_mounts_read_only(writable: list) -> None:
+    """In the kernel's own mount namespace: every mount read-only except ``writable``, each bind-mounted on itself.
+
+    Landlock already refuses writes outside; this also refuses what Landlock does not govern: chmod, chown,
+    utime and extended attributes of files the kernel's uid owns. Mounts that cannot be remounted (other
+    mounts over them) are left as they are; the root mount must succeed."""
+    for path in writable:
+        if _mount(path, path, MS_BIND):
+            sys.exit(f"launcher: cannot bind-mount {path}: {os.strerror(ctypes.get_errno())}")
+    with open("/proc/self/mountinfo") as f:
+        targets = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in f]
+    for target in dict.fromkeys(targets):
+        if target in writable:
+            continue
+        err = _remount(target, read_only=True)
+        if err and target == "/":
+            sys.exit(f"launcher: cannot make / read-only: {os.strerror(err)}")
+    for path in writable:
+        err = _remount(path, read_only=False)
+        if err:
+            sys.exit(f"launcher: cannot make {path} writable: {os.strerror(err)}")
+    os.chdir(os.getcwd())  # the cwd still points into the mount below the workspace's bind mount
 
 
 def confine_filesystem(rules: dict) -> None:
@@ -116,6 +172,8 @@ def main() -> None:
                 json.dumps(inner),
             ]
             os.execv(argv[0], argv)
+    if config.get("read_only_mounts"):
+        make_mounts_read_only(config["read_only_mounts"])
     if config.get("uid") is not None:
         os.setgroups([])
         os.setgid(config["gid"])

@@ -243,6 +243,8 @@ class SandboxPlan:
             "gid": self.uid,
             "limits": self.rlimits,
             "landlock": landlock,
+            # needs the mount namespace that unshare gives
+            "read_only_mounts": write_roots if landlock and self.unshare else None,
             "argv": argv,
         }
 
@@ -254,6 +256,7 @@ class SandboxPlan:
             "read_roots": list(self.read_roots or []),
             "write_roots": write_roots if active else [],
             "devices": list(DEVICES) if active else [],
+            "read_only_mounts": active and bool(self.unshare),
         }
         return {
             "process_group": True,
