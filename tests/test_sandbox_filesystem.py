@@ -361,3 +361,20 @@ def test_only_directories_whose_owner_is_provably_gone_are_swept():
     finally:
         for path in [*made.values(), unmarked]:
             sandbox.remove_private_temp_dir(path)
+
+
+@pytest.mark.skipif(_landlock.abi_version()[0] < 6, reason="signal scoping needs Landlock ABI 6")
+def test_without_a_pid_namespace_the_kernel_still_cannot_signal_the_host(monkeypatch):
+    monkeypatch.setattr(sandbox, "_probe_unshare", lambda _: ((), "turned off by the test"))
+    with CodeInterpreter(timeout=30) as ci:
+        assert not ci.sandbox_info()["pid_namespace"]
+        r = ci.execute(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)")
+        assert r.error is not None and r.error.name == "PermissionError", r.to_observation()
+
+
+def test_cli_sandbox_lists_the_file_system_layer(capsys):
+    from qwen_agent.cli import main
+
+    assert main(["sandbox"]) == 0
+    fs = json.loads(capsys.readouterr().out)["filesystem"]
+    assert fs["active"] and "/usr" in fs["read_roots"] and len(fs["write_roots"]) == 2
