@@ -378,3 +378,27 @@ def test_cli_sandbox_lists_the_file_system_layer(capsys):
     assert main(["sandbox"]) == 0
     fs = json.loads(capsys.readouterr().out)["filesystem"]
     assert fs["active"] and "/usr" in fs["read_roots"] and len(fs["write_roots"]) == 2
+
+
+def test_the_kernel_can_run_another_python_whose_installation_becomes_readable(tmp_path):
+    import sysconfig
+
+    venv = tmp_path / "kernel-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    with pytest.raises(ConfigError, match=f"python '{python}' cannot run a kernel: has no ipykernel"):
+        CodeInterpreter(python=python)  # the venv has no packages yet
+    # the packages come from this environment's site-packages through a .pth file, as a kernelspec's env may
+    site_dir = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import site; print(site.getsitepackages()[0])"], text=True
+        ).strip()
+    )
+    (site_dir / "host.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    sandbox.python_installation.cache_clear()
+    with CodeInterpreter(timeout=30, python=python) as ci:
+        r = ci.execute("import sys, pandas\nprint(sys.prefix)")
+        assert r.stdout == f"{venv}\n", r.to_observation()
+        assert str(venv) in ci.sandbox_info()["filesystem"]["read_roots"]
+    with pytest.raises(ConfigError, match="python '/no/such/python' is not an executable file"):
+        CodeInterpreter(python="/no/such/python")

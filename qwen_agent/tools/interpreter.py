@@ -17,6 +17,7 @@ import base64
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +33,7 @@ from .sandbox import (
     SandboxLimits,
     plan_sandbox,
     private_temp_dir,
+    python_installation,
     remove_private_temp_dir,
     remove_stale_temp_dirs,
 )
@@ -212,6 +214,7 @@ class CodeInterpreter:
             ``read_paths`` roots, writes in the workspace only. Off when False or where Landlock is missing.
         read_paths: files or directories the kernel may read in place (read-only), e.g. a data directory.
         require_isolation: raise :class:`SandboxError` instead of running with the file system unconfined.
+        python: the kernel's Python interpreter (it needs ipykernel); its installation joins the read roots.
         env: extra environment variables for the kernel (the host's environment is never passed on).
         startup_timeout: how long a kernel may take to start.
     """
@@ -229,6 +232,7 @@ class CodeInterpreter:
         filesystem: bool = True,
         read_paths: Sequence[str | Path] = (),
         require_isolation: bool = False,
+        python: str | Path | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 30,
     ) -> None:
@@ -254,6 +258,10 @@ class CodeInterpreter:
         self.filesystem = filesystem
         self.read_paths = [_existing_path(p, "read_paths") for p in read_paths]
         self.require_isolation = require_isolation
+        self.python = sys.executable if python is None else str(python)
+        if python is not None and not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
+            raise ConfigError(f"CodeInterpreter: python {self.python!r} is not an executable file")
+        python_installation(self.python)  # fails here, naming the interpreter, if it cannot run a kernel
         self.env = env
         self.startup_timeout = startup_timeout
         remove_stale_temp_dirs()
@@ -279,6 +287,7 @@ class CodeInterpreter:
             filesystem=self.filesystem,
             read_paths=self.read_paths,
             require_isolation=self.require_isolation,
+            python=self.python,
         )
         if plan.uid is not None:
             shutil.chown(self.workdir, plan.uid, plan.uid)

@@ -50,7 +50,7 @@ class KernelProcess:
             for path in [self.runtime, *self.runtime.iterdir()]:
                 os.chown(path, plan.uid, plan.uid)
         argv = [
-            sys.executable,
+            plan.python,
             "-m",
             "ipykernel_launcher",
             "-f",
@@ -68,7 +68,7 @@ class KernelProcess:
                 json.dumps(plan.launcher_config(argv, self.write_roots)),
             ],
             cwd=workdir,
-            env=kernel_env(workdir, self.runtime, env),
+            env=kernel_env(workdir, self.runtime, env, plan.python),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SandboxError
+from ..errors import ConfigError, SandboxError
 from . import _landlock
 
 __all__ = [
     "SandboxLimits",
     "SandboxPlan",
     "plan_sandbox",
+    "plan_filesystem",
+    "python_installation",
     "kernel_env",
     "private_temp_dir",
     "remove_private_temp_dir",
@@ -219,6 +221,7 @@ def kill_cgroup(path: Path) -> None:
 class SandboxPlan:
     """How one kernel is launched: the wrapper command, uid, cgroup and limits, and what is (not) active."""
 
+    python: str  # the kernel's interpreter
     unshare: tuple[str, ...]
     isolate_network: bool
     uid: int | None
@@ -279,21 +282,40 @@ class SandboxPlan:
             kill_cgroup(self.cgroup)
 
 
-def python_read_roots() -> list[str]:
-    """The installation the kernel's Python needs: its prefixes and every site-packages directory on its path
-    (not the rest of ``sys.path``, which may hold the caller's checkout)."""
-    import site
+# Run by the kernel's Python: its prefixes and every site-packages directory on its path (not the rest of
+# sys.path, which may hold the caller's checkout); and whether it can run a kernel at all.
+_INSTALLATION_PROBE = """
+import json, site, sys
+paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()]
+paths += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+try:
+    import ipykernel
+except ImportError as exc:
+    paths = "has no ipykernel (" + str(exc) + ")"
+print(json.dumps(paths))
+"""
 
-    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-    paths += [
-        *site.getsitepackages(),
-        *(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))),
-    ]
-    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
+
+@functools.lru_cache(maxsize=8)
+def python_installation(python: str) -> tuple[str, ...]:
+    """The directories the kernel's ``python`` reads its standard library and packages from.
+
+    Raises :class:`ConfigError` naming ``python`` when it cannot run or lacks ipykernel."""
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", _INSTALLATION_PROBE], capture_output=True, text=True, timeout=60
+        )
+        paths = json.loads(out.stdout) if out.returncode == 0 else out.stderr.strip()[-300:]
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        paths = str(exc)
+    if isinstance(paths, str):
+        raise ConfigError(f"CodeInterpreter: python {python!r} cannot run a kernel: {paths}")
+    paths.append(os.path.dirname(os.path.realpath(python)))
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
 
 
 def plan_filesystem(
-    read_paths: list[str], *, enabled: bool, required: bool
+    read_paths: list[str], *, enabled: bool, required: bool, python: str = sys.executable
 ) -> tuple[list[str] | None, int, str]:
     """The read roots of the file-system layer, the Landlock ABI, and the reason when the layer is off.
 
@@ -309,7 +331,7 @@ def plan_filesystem(
                 f"CodeInterpreter: the file-system layer is required but unavailable: {reason}"
             )
         return None, 0, f"file system not confined (the host's, with the kernel user's rights): {reason}"
-    return _outermost([*SYSTEM_READ_ROOTS, *python_read_roots(), *read_paths]), abi, ""
+    return _outermost([*SYSTEM_READ_ROOTS, *python_installation(python), *read_paths]), abi, ""
 
 
 def _outermost(paths: list[str]) -> list[str]:
@@ -329,11 +351,12 @@ def plan_sandbox(
     filesystem: bool = True,
     read_paths: list[str] = (),
     require_isolation: bool = False,
+    python: str = sys.executable,
 ) -> SandboxPlan:
     """Work out which layers this platform allows for one kernel and say why the others are off."""
     notes: list[str] = []
     read_roots, abi, reason = plan_filesystem(
-        list(read_paths), enabled=filesystem, required=require_isolation
+        list(read_paths), enabled=filesystem, required=require_isolation, python=python
     )
     if reason:
         notes.append(reason)
@@ -346,11 +369,12 @@ def plan_sandbox(
     uid: int | None = None
     if sandbox_uid == "auto":
         if os.geteuid() == 0:
-            if all(_readable_by_others(p) for p in (sys.executable, sys.base_prefix, sys.prefix)):
+            unreadable = [p for p in (python, *python_installation(python)) if not _readable_by_others(p)]
+            if not unreadable:
                 uid = NOBODY_UID
             else:
                 notes.append(
-                    f"kernel runs as root: the Python installation ({sys.base_prefix}) is not readable "
+                    f"kernel runs as root: the Python installation ({unreadable[0]}) is not readable "
                     "by an unprivileged uid"
                 )
     elif sandbox_uid is not None:
@@ -372,7 +396,7 @@ def plan_sandbox(
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
     return SandboxPlan(
-        unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, read_roots, abi, notes
+        python, unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, read_roots, abi, notes
     )
 
 
@@ -436,9 +460,11 @@ def remove_stale_temp_dirs() -> None:
             remove_private_temp_dir(marker.with_name(marker.name[: -len(".owner")]))
 
 
-def kernel_env(workdir: Path, runtime: Path, extra: dict[str, str] | None) -> dict[str, str]:
+def kernel_env(
+    workdir: Path, runtime: Path, extra: dict[str, str] | None, python: str = sys.executable
+) -> dict[str, str]:
     """A minimal explicit environment: nothing of the host's (API keys live there) unless passed in ``extra``."""
-    bin_dir = os.path.dirname(sys.executable)
+    bin_dir = os.path.dirname(python)
     env = {
         "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(workdir),
