@@ -48,9 +48,10 @@ __all__ = [
 ]
 
 NOBODY_UID = 65534
-# What CPython, numpy, pandas and matplotlib read outside their installation (found by running them under a
-# policy without it and reading the denials): shared libraries and fonts, the loader cache, time zones, TLS
-# certificates, user and group names, the kernel's /proc and CPU topology.
+# What the kernel reads besides its Python installation. Running CPython, numpy, pandas and matplotlib with only
+# /usr, /lib* and the installation granted, the denials were TLS certificates, user and group names and
+# fontconfig's configuration; the other /etc entries, /proc and the CPU topology are read when present (loader
+# cache, time zone, name service, thread-pool sizing).
 SYSTEM_READ_ROOTS = (
     "/usr",
     "/lib",
@@ -283,16 +284,12 @@ class SandboxPlan:
 
 
 # Run by the kernel's Python: its prefixes and every site-packages directory on its path (not the rest of
-# sys.path, which may hold the caller's checkout); and whether it can run a kernel at all.
+# sys.path, which may hold the caller's checkout), or why it cannot run a kernel.
 _INSTALLATION_PROBE = """
-import json, site, sys
+import importlib.util, json, site, sys
 paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()]
 paths += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-try:
-    import ipykernel
-except ImportError as exc:
-    paths = "has no ipykernel (" + str(exc) + ")"
-print(json.dumps(paths))
+result = paths if importlib.util.find_spec("ipykernel") else "has no ipykernel"
 """
 
 
@@ -301,13 +298,21 @@ def python_installation(python: str) -> tuple[str, ...]:
     """The directories the kernel's ``python`` reads its standard library and packages from.
 
     Raises :class:`ConfigError` naming ``python`` when it cannot run or lacks ipykernel."""
-    try:
-        out = subprocess.run(
-            [python, "-I", "-c", _INSTALLATION_PROBE], capture_output=True, text=True, timeout=60
-        )
-        paths = json.loads(out.stdout) if out.returncode == 0 else out.stderr.strip()[-300:]
-    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
-        paths = str(exc)
+    if python == sys.executable:  # this interpreter: no need to start another
+        scope: dict[str, Any] = {}
+        exec(_INSTALLATION_PROBE, scope)
+        paths = scope["result"]
+    else:
+        try:
+            proc = subprocess.run(
+                [python, "-I", "-c", _INSTALLATION_PROBE + "print(json.dumps(result))"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            paths = json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr.strip()[-300:]
+        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            paths = str(exc)
     if isinstance(paths, str):
         raise ConfigError(f"CodeInterpreter: python {python!r} cannot run a kernel: {paths}")
     paths.append(os.path.dirname(os.path.realpath(python)))
