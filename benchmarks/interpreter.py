@@ -74,6 +74,65 @@ def sandboxed(calls: int, starts: int) -> dict[str, dict[str, object]]:
     return out
 
 
+# The launcher's file-system steps, timed inside a fresh namespace as the kernel launch runs them.
+_LAYER_STEPS = """
+import json, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+import _launcher
+workspace = tempfile.mkdtemp(prefix="qa-bench-")
+print(workspace, flush=True)
+t0 = time.perf_counter()
+_launcher.make_mounts_read_only([workspace])
+t1 = time.perf_counter()
+_launcher.drop_capabilities()
+_launcher.confine_filesystem({"read": json.loads(sys.argv[2]), "write": [workspace], "devices": []})
+t2 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t1]))
+"""
+
+
+def layer_setup(repeats: int) -> dict[str, object]:
+    """What the file-system layer adds to a launch: planning it on the host, then in the launcher the read-only
+    remounts and capabilities + Landlock."""
+    from qwen_agent.tools import SandboxLimits, _landlock
+    from qwen_agent.tools.sandbox import plan_filesystem, plan_sandbox
+
+    planning = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan_filesystem([], enabled=True, required=False)
+        planning.append(time.perf_counter() - t0)
+
+    plan = plan_sandbox(SandboxLimits(max_processes=None), network=False, sandbox_uid=None)
+    tools_dir = os.path.dirname(_landlock.__file__)
+    mounts, landlock = [], []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [
+                *plan.unshare,
+                plan.python,
+                "-I",
+                "-S",
+                "-c",
+                _LAYER_STEPS,
+                tools_dir,
+                json.dumps(plan.read_roots),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        os.rmdir(out[0])
+        step_mounts, step_landlock = json.loads(out[1])
+        mounts.append(step_mounts)
+        landlock.append(step_landlock)
+    return {
+        "host_planning": _summary(planning),
+        "read_only_mounts": _summary(mounts),
+        "caps_and_landlock": _summary(landlock),
+    }
+
+
 def stock_jupyter(calls: int, starts: int) -> dict[str, object]:
     from jupyter_client.manager import start_new_kernel
 
@@ -121,6 +180,7 @@ def main() -> None:
         },
         "settings": {"calls": args.calls, "starts": args.starts, "cell": TRIVIAL},
         **sandboxed(args.calls, args.starts),
+        "filesystem_layer_setup": layer_setup(args.starts * 2),
     }
     if not args.no_baseline:
         results["stock_jupyter_baseline"] = stock_jupyter(args.calls, args.starts)
@@ -139,6 +199,8 @@ def main() -> None:
         on = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]
         off = results["sandboxed_filesystem_off"][metric]["median_ms"]  # type: ignore[index]
         print(f"file-system layer on/off {metric}: {on / off:.3f}")
+    for step, s in results["filesystem_layer_setup"].items():  # type: ignore[union-attr]
+        print(f"file-system layer setup, {step}: median {s['median_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms")
     if "stock_jupyter_baseline" in results:
         for metric in ("cold_start", "warm_round_trip"):
             ours = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]

@@ -1,15 +1,15 @@
 """Landlock (Linux >= 5.13) over ctypes: confine this process and its children to a set of file-system roots.
 
-Standard library only: the kernel launcher imports it by file path. The three system calls have the same numbers
-on every architecture (they are in the generic table). Rules follow the real file, not the name: a symlink is
-checked at its target, and a hard link or rename to a directory outside the granted roots fails (``EXDEV`` or
-``EACCES``). What Landlock does not govern: ``stat()`` and path walking (a path's existence can be learnt, not
-its content), and files opened before :func:`restrict`.
+Standard library only: the kernel launcher imports it by file path. The three system calls have the same
+numbers on x86-64 and on the architectures that use the generic table (arm64, riscv). Rules follow the real
+file, not the name: a symlink is checked at its target, and a hard link or rename to a directory outside the
+granted roots fails (``EXDEV`` or ``EACCES``). What Landlock does not govern: ``stat()`` and path walking (a
+path's existence can be learnt, not its content), metadata changes (chmod, utime, xattrs) and files opened
+before :func:`restrict`.
 """
 
 import ctypes
 import os
-import platform
 import stat
 
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
@@ -21,7 +21,7 @@ EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 READ = EXECUTE | READ_FILE | READ_DIR
 DEVICE = READ_FILE | WRITE_FILE | IOCTL_DEV
-# rights that only make sense on a directory; a rule for a plain file may not name them
+# the rights a rule for a plain file may name (the others only make sense beneath a directory)
 _FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 
@@ -49,8 +49,9 @@ def _libc() -> ctypes.CDLL:
 
 def abi_version() -> tuple[int, str]:
     """The running kernel's Landlock ABI (0 when unusable) and, when 0, the reason."""
-    if platform.system() != "Linux":
-        return 0, f"Landlock is Linux-only (this is {platform.system()})"
+    system, release = os.uname().sysname, os.uname().release
+    if system != "Linux":
+        return 0, f"Landlock is Linux-only (this is {system})"
     version = _libc().syscall(
         SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION)
     )
@@ -58,7 +59,7 @@ def abi_version() -> tuple[int, str]:
         return version, ""
     err = ctypes.get_errno()
     if err == 38:  # ENOSYS
-        return 0, f"the kernel ({platform.release()}) has no Landlock (needs Linux >= 5.13 built with it)"
+        return 0, f"the kernel ({release}) has no Landlock (needs Linux >= 5.13 built with it)"
     if err == 95:  # EOPNOTSUPP
         return 0, "Landlock is built into the kernel but disabled (not in the lsm= boot list)"
     return 0, f"Landlock is unusable here: {os.strerror(err)}"
