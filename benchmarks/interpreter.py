@@ -44,34 +44,32 @@ def _cold_start(filesystem: bool) -> float:
     return elapsed
 
 
-def _warm(filesystem: bool, calls: int) -> tuple[list[float], dict[str, object]]:
-    with CodeInterpreter(filesystem=filesystem) as ci:
-        ci.execute(TRIVIAL)
-        for _ in range(20):  # warm-up
-            ci.execute(TRIVIAL)
-        warm = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            ci.execute(TRIVIAL)
-            warm.append(time.perf_counter() - t0)
-        return warm, ci.sandbox_info()
-
-
 def sandboxed(calls: int, starts: int) -> dict[str, dict[str, object]]:
-    """The sandboxed kernel with the file-system layer on and off; cold starts alternate so load hits both alike."""
+    """The sandboxed kernel with the file-system layer on and off, measured alternately (cold starts and warm
+    calls) so that load from other jobs hits both alike."""
     cold: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(starts):
         for filesystem in (True, False):
             cold[filesystem].append(_cold_start(filesystem))
-    out = {}
-    for filesystem, label in ((True, "sandboxed"), (False, "sandboxed_filesystem_off")):
-        warm, layers = _warm(filesystem, calls)
-        out[label] = {
-            "cold_start": _summary(cold[filesystem]),
-            "warm_round_trip": _summary(warm),
-            "sandbox": layers,
+    with CodeInterpreter(filesystem=True) as on, CodeInterpreter(filesystem=False) as off:
+        interpreters = {True: on, False: off}
+        for ci in interpreters.values():
+            for _ in range(20):  # warm-up
+                ci.execute(TRIVIAL)
+        warm: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(calls):
+            for filesystem, ci in interpreters.items():
+                t0 = time.perf_counter()
+                ci.execute(TRIVIAL)
+                warm[filesystem].append(time.perf_counter() - t0)
+        return {
+            label: {
+                "cold_start": _summary(cold[filesystem]),
+                "warm_round_trip": _summary(warm[filesystem]),
+                "sandbox": interpreters[filesystem].sandbox_info(),
+            }
+            for filesystem, label in ((True, "sandboxed"), (False, "sandboxed_filesystem_off"))
         }
-    return out
 
 
 # The launcher's file-system steps, timed inside a fresh namespace as the kernel launch runs them.
