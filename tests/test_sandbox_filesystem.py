@@ -402,3 +402,22 @@ def test_the_kernel_can_run_another_python_whose_installation_becomes_readable(t
         assert str(venv) in ci.sandbox_info()["filesystem"]["read_roots"]
     with pytest.raises(ConfigError, match="python '/no/such/python' is not an executable file"):
         CodeInterpreter(python="/no/such/python")
+
+
+def test_where_mounts_cannot_be_made_read_only_the_layer_says_so_and_landlock_still_holds(
+    host_dir, monkeypatch
+):
+    unshare = sandbox._probe_unshare(True)[0]
+    if not unshare:
+        pytest.skip("no namespaces here: the read-only mounts are off anyway")
+    assert sandbox._probe_read_only_mounts(unshare) == "", "works on this machine"
+    monkeypatch.setattr(
+        sandbox, "_probe_read_only_mounts", lambda _: "launcher: cannot make / read-only: EPERM"
+    )
+    with CodeInterpreter(timeout=30) as ci:
+        info = ci.sandbox_info()
+        assert info["pid_namespace"] and info["filesystem"]["active"]
+        assert not info["filesystem"]["read_only_mounts"]
+        assert any("mounts not made read-only" in note and "EPERM" in note for note in info["notes"])
+        r = ci.execute(f"open({str(host_dir / 'new.txt')!r}, 'w')")
+        assert r.error is not None and r.error.name == "PermissionError", r.to_observation()

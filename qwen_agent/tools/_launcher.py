@@ -103,6 +103,8 @@ def make_mounts_read_only(writable: list) -> None:
     Landlock already refuses writes outside; this also refuses what Landlock does not govern: chmod, chown,
     utime and extended attributes of files the kernel's uid owns. Mounts that cannot be remounted (other
     mounts over them) are left as they are; the root mount must succeed."""
+    if os.getpid() != 1:  # never the host's mounts: only as init of the namespaces unshare made
+        sys.exit("launcher: read-only mounts are made only inside a new pid and mount namespace")
     for path in writable:
         if _mount(path, path, MS_BIND):
             sys.exit(f"launcher: cannot bind-mount {path}: {os.strerror(ctypes.get_errno())}")
@@ -154,6 +156,9 @@ def run_as_init(argv: list) -> None:
 
 
 def main() -> None:
+    if sys.argv[1] == "--probe-mounts":  # run by the host once, inside the namespaces a kernel would get
+        make_mounts_read_only([])
+        return
     config = json.loads(sys.argv[1])
     die_with_parent(config["parent"])
     if config["stage"] == "outer":

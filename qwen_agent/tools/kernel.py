@@ -21,11 +21,10 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
 from ..errors import InterpreterError
-from .sandbox import SandboxPlan, kernel_env, private_temp_dir, remove_private_temp_dir
+from .sandbox import LAUNCHER, SandboxPlan, kernel_env, private_temp_dir, remove_private_temp_dir
 
 __all__ = ["KernelProcess"]
 
-_LAUNCHER = Path(__file__).with_name("_launcher.py")
 # Run once the kernel is up: plain tracebacks (no colours, no IPython frames), PNG figures.
 _INIT_CODE = "%xmode Plain\n%config InlineBackend.figure_formats = ['png']\n"
 
@@ -64,7 +63,7 @@ class KernelProcess:
                 sys.executable,
                 "-I",
                 "-S",
-                str(_LAUNCHER),
+                str(LAUNCHER),
                 json.dumps(plan.launcher_config(argv, self.write_roots)),
             ],
             cwd=workdir,

@@ -78,6 +78,7 @@ SYSTEM_READ_ROOTS = (
     "/sys/devices/system/cpu",
 )
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+LAUNCHER = Path(__file__).with_name("_launcher.py")
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
 _CGROUP_PREFIX = "qwen-agent-"  # + host pid + random suffix
 
@@ -125,6 +126,21 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
     if probe.returncode != 0:
         return (), f"namespaces not permitted here: {probe.stderr.strip()[:200]}"
     return tuple(flags), ""
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_read_only_mounts(unshare: tuple[str, ...]) -> str:
+    """Why the launcher cannot make the mounts of a new namespace read-only here ("" when it can)."""
+    try:
+        probe = subprocess.run(
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if probe.returncode == 0 else probe.stderr.strip()[-200:] or f"status {probe.returncode}"
 
 
 def _readable_by_others(path: str) -> bool:
@@ -232,6 +248,7 @@ class SandboxPlan:
     nproc_effective: bool
     read_roots: list[str] | None  # None: the file-system layer is off
     landlock_abi: int
+    read_only_mounts: bool
     notes: list[str] = field(default_factory=list)
 
     def launcher_config(self, argv: list[str], write_roots: list[str]) -> dict[str, Any]:
@@ -247,8 +264,7 @@ class SandboxPlan:
             "gid": self.uid,
             "limits": self.rlimits,
             "landlock": landlock,
-            # needs the mount namespace that unshare gives
-            "read_only_mounts": write_roots if landlock and self.unshare else None,
+            "read_only_mounts": write_roots if self.read_only_mounts else None,
             "argv": argv,
         }
 
@@ -260,7 +276,7 @@ class SandboxPlan:
             "read_roots": list(self.read_roots or []),
             "write_roots": write_roots if active else [],
             "devices": list(DEVICES) if active else [],
-            "read_only_mounts": active and bool(self.unshare),
+            "read_only_mounts": self.read_only_mounts,
         }
         return {
             "process_group": True,
@@ -370,6 +386,14 @@ def plan_sandbox(
         notes.append(f"no pid/network namespace: {reason}")
     if network:
         notes.append("network allowed by configuration (network=True)")
+    read_only_mounts = False
+    if read_roots is not None and unshare:  # the remounts need the mount namespace that unshare gives
+        reason = _probe_read_only_mounts(unshare)
+        read_only_mounts = not reason
+        if reason:
+            notes.append(
+                f"mounts not made read-only (chmod/utime of the kernel user's files possible): {reason}"
+            )
 
     uid: int | None = None
     if sandbox_uid == "auto":
@@ -401,7 +425,18 @@ def plan_sandbox(
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
     return SandboxPlan(
-        python, unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, read_roots, abi, notes
+        python,
+        unshare,
+        not network,
+        uid,
+        cgroup,
+        limits,
+        rlimits,
+        nproc_effective,
+        read_roots,
+        abi,
+        read_only_mounts,
+        notes,
     )
 
 
