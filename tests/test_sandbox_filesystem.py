@@ -155,6 +155,10 @@ def test_a_restarted_kernel_is_still_confined(host_dir):
         r = ci.execute(f"open({str(host_dir / 'secret.txt')!r}).read()")
         assert r.error is not None and r.error.name == "PermissionError"
         assert ci.sandbox_info()["filesystem"]["active"]
+        caps = ci.execute(
+            "import re; print(re.findall(r'Cap(?:Inh|Prm|Eff|Bnd|Amb):\\s*(\\w+)', open('/proc/self/status').read()))"
+        )
+        assert caps.stdout == f"{['0000000000000000'] * 5}\n", "root in the kernel keeps no capability"
 
 
 def test_the_scientific_stack_works_in_the_workspace_and_granted_read_paths(tmp_path):
