@@ -4,9 +4,10 @@ Outer stage (child of the host): ask for SIGKILL when the host dies, join the pi
 limits, then exec ``unshare`` (new pid/net/mount namespaces) running the inner stage, or run the inner stage
 directly when no namespaces are used.
 
-Inner stage: ask for SIGKILL when the parent dies, drop to the sandbox uid if one is set, drop every capability
-(root in the kernel keeps uid 0 but no privilege over the host), confine the file system with Landlock (after the
-namespaces are set up, since Landlock forbids mounting), and exec the kernel.
+Inner stage: ask for SIGKILL when the parent dies, make every mount of its namespace read-only but the workspace
+and runtime directory, drop to the sandbox uid if one is set, drop every capability (root in the kernel keeps
+uid 0 but no privilege over the host), confine the file system with Landlock (last, since Landlock forbids
+mounting), and exec the kernel.
 As pid 1 of a new pid namespace it instead forks the kernel and stays as a minimal init that reaps orphans and
 exits with the kernel's status; when it dies the kernel of the namespace kills every process left in it.
 """
@@ -106,8 +107,9 @@ def make_mounts_read_only(writable: list) -> None:
     if os.getpid() != 1:  # never the host's mounts: only as init of the namespaces unshare made
         sys.exit("launcher: read-only mounts are made only inside a new pid and mount namespace")
     for path in writable:
-        if _mount(path, path, MS_BIND):
-            sys.exit(f"launcher: cannot bind-mount {path}: {os.strerror(ctypes.get_errno())}")
+        err = _mount(path, path, MS_BIND)
+        if err:
+            sys.exit(f"launcher: cannot bind-mount {path}: {os.strerror(err)}")
     with open("/proc/self/mountinfo") as f:
         targets = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in f]
     for target in dict.fromkeys(targets):
