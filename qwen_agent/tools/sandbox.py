@@ -403,7 +403,7 @@ def plan_sandbox(
                 uid = NOBODY_UID
             else:
                 notes.append(
-                    f"kernel runs as root: the Python installation ({unreadable[0]}) is not readable "
+                    f"kernel runs as root: the Python installation ({os.path.realpath(unreadable[0])}) is not readable "
                     "by an unprivileged uid"
                 )
     elif sandbox_uid is not None:
