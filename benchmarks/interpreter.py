@@ -1,7 +1,8 @@
 """Code-interpreter latency: kernel cold start and the warm round trip of a trivial cell.
 
-Measures the sandboxed CodeInterpreter and, as the baseline in the same run, a stock jupyter_client kernel
-(KernelManager over TCP, no sandbox, execute_interactive). Prints a table and writes
+Measures the sandboxed CodeInterpreter with its file-system layer on and off and, as the baseline in the same
+run, a stock jupyter_client kernel (KernelManager over TCP, no sandbox, execute_interactive). Prints a table and
+writes
 benchmarks/results/interpreter.json.
 
     PYTHONPATH=$PWD /work/venv/bin/python benchmarks/interpreter.py --calls 300 --starts 10
@@ -34,25 +35,107 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def sandboxed(calls: int, starts: int) -> dict[str, object]:
-    cold = []
+def _cold_start(filesystem: bool) -> float:
+    t0 = time.perf_counter()
+    with CodeInterpreter(filesystem=filesystem) as ci:
+        result = ci.execute(TRIVIAL)  # waits for the kernel, then runs the cell
+        elapsed = time.perf_counter() - t0
+        assert result.result == "2", result
+    return elapsed
+
+
+def sandboxed(calls: int, starts: int) -> dict[str, dict[str, object]]:
+    """The sandboxed kernel with the file-system layer on and off, measured alternately (cold starts and warm
+    calls) so that load from other jobs hits both alike."""
+    cold: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(starts):
-        t0 = time.perf_counter()
-        with CodeInterpreter() as ci:
-            result = ci.execute(TRIVIAL)  # waits for the kernel, then runs the cell
-            cold.append(time.perf_counter() - t0)
-            assert result.result == "2", result
-    with CodeInterpreter() as ci:
-        ci.execute(TRIVIAL)
-        for _ in range(20):  # warm-up
-            ci.execute(TRIVIAL)
-        warm = []
+        for filesystem in (True, False):
+            cold[filesystem].append(_cold_start(filesystem))
+    with CodeInterpreter(filesystem=True) as on, CodeInterpreter(filesystem=False) as off:
+        interpreters = {True: on, False: off}
+        for ci in interpreters.values():
+            for _ in range(20):  # warm-up
+                ci.execute(TRIVIAL)
+        warm: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(calls):
-            t0 = time.perf_counter()
-            ci.execute(TRIVIAL)
-            warm.append(time.perf_counter() - t0)
-        layers = ci.sandbox_info()
-    return {"cold_start": _summary(cold), "warm_round_trip": _summary(warm), "sandbox": layers}
+            for filesystem, ci in interpreters.items():
+                t0 = time.perf_counter()
+                ci.execute(TRIVIAL)
+                warm[filesystem].append(time.perf_counter() - t0)
+        return {
+            label: {
+                "cold_start": _summary(cold[filesystem]),
+                "warm_round_trip": _summary(warm[filesystem]),
+                "sandbox": interpreters[filesystem].sandbox_info(),
+            }
+            for filesystem, label in ((True, "sandboxed"), (False, "sandboxed_filesystem_off"))
+        }
+
+
+# The launcher's file-system steps, timed inside a fresh namespace as the kernel launch runs them.
+_LAYER_STEPS = """
+import json, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+import _launcher
+workspace = tempfile.mkdtemp(prefix="qa-bench-")
+print(workspace, flush=True)
+t0 = time.perf_counter()
+_launcher.make_mounts_read_only([workspace])
+t1 = time.perf_counter()
+_launcher.drop_capabilities()
+_launcher.confine_filesystem({"read": json.loads(sys.argv[2]), "write": [workspace], "devices": []})
+t2 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t1]))
+"""
+
+
+def layer_setup(repeats: int) -> dict[str, object]:
+    """What the file-system layer adds to a launch: planning it on the host, then in the launcher the read-only
+    remounts and capabilities + Landlock; and, once per host process, the probe that the remounts work here."""
+    from qwen_agent.tools import SandboxLimits, _landlock, sandbox
+    from qwen_agent.tools.sandbox import plan_filesystem, plan_sandbox
+
+    planning = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan_filesystem([], enabled=True, required=False)
+        planning.append(time.perf_counter() - t0)
+
+    plan = plan_sandbox(SandboxLimits(max_processes=None), network=False, sandbox_uid=None)
+    probes = []
+    for _ in range(repeats):
+        sandbox._probe_read_only_mounts.cache_clear()
+        t0 = time.perf_counter()
+        assert sandbox._probe_read_only_mounts(plan.unshare) == ""
+        probes.append(time.perf_counter() - t0)
+    tools_dir = os.path.dirname(_landlock.__file__)
+    mounts, landlock = [], []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [
+                *plan.unshare,
+                plan.python,
+                "-I",
+                "-S",
+                "-c",
+                _LAYER_STEPS,
+                tools_dir,
+                json.dumps(plan.read_roots),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        os.rmdir(out[0])
+        step_mounts, step_landlock = json.loads(out[1])
+        mounts.append(step_mounts)
+        landlock.append(step_landlock)
+    return {
+        "host_planning": _summary(planning),
+        "read_only_mounts": _summary(mounts),
+        "caps_and_landlock": _summary(landlock),
+        "host_probe_once_per_process": _summary(probes),
+    }
 
 
 def stock_jupyter(calls: int, starts: int) -> dict[str, object]:
@@ -101,21 +184,28 @@ def main() -> None:
             "load_avg_1m_at_start": os.getloadavg()[0],
         },
         "settings": {"calls": args.calls, "starts": args.starts, "cell": TRIVIAL},
-        "sandboxed": sandboxed(args.calls, args.starts),
+        **sandboxed(args.calls, args.starts),
+        "filesystem_layer_setup": layer_setup(args.starts * 2),
     }
     if not args.no_baseline:
         results["stock_jupyter_baseline"] = stock_jupyter(args.calls, args.starts)
     results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]  # type: ignore[index]
 
-    print(f"{'kernel':<24}{'metric':<18}{'median ms':>10}{'p95 ms':>10}{'min ms':>10}{'n':>6}")
-    for label in ("sandboxed", "stock_jupyter_baseline"):
+    print(f"{'kernel':<26}{'metric':<18}{'median ms':>10}{'p95 ms':>10}{'min ms':>10}{'n':>6}")
+    for label in ("sandboxed", "sandboxed_filesystem_off", "stock_jupyter_baseline"):
         if label not in results:
             continue
         for metric in ("cold_start", "warm_round_trip"):
             s = results[label][metric]  # type: ignore[index]
             print(
-                f"{label:<24}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}"
+                f"{label:<26}{metric:<18}{s['median_ms']:>10.2f}{s['p95_ms']:>10.2f}{s['min_ms']:>10.2f}{s['n']:>6}"
             )
+    for metric in ("cold_start", "warm_round_trip"):
+        on = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]
+        off = results["sandboxed_filesystem_off"][metric]["median_ms"]  # type: ignore[index]
+        print(f"file-system layer on/off {metric}: {on / off:.3f}")
+    for step, s in results["filesystem_layer_setup"].items():  # type: ignore[union-attr]
+        print(f"file-system layer setup, {step}: median {s['median_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms")
     if "stock_jupyter_baseline" in results:
         for metric in ("cold_start", "warm_round_trip"):
             ours = results["sandboxed"][metric]["median_ms"]  # type: ignore[index]

@@ -15,6 +15,7 @@ that one class. Each message names the problem and the place (file, line, field,
     │   ├── ToolNotFoundError       no tool registered under that name
     │   └── ToolArgumentError       arguments that do not satisfy the tool's schema
     ├── InterpreterError            the code interpreter's kernel could not be started or used
+    │   └── SandboxError            a required sandbox layer is unavailable on this platform
     ├── LLMError                    a language-model backend failed
     │   ├── LLMConnectionError      the server could not be reached
     │   ├── LLMAuthError            the server refused the credentials (401/403)
@@ -39,6 +40,7 @@ __all__ = [
     "ToolNotFoundError",
     "ToolArgumentError",
     "InterpreterError",
+    "SandboxError",
     "LLMError",
     "LLMConnectionError",
     "LLMAuthError",
@@ -92,6 +94,10 @@ class ToolArgumentError(ToolError, ValueError):
 
 class InterpreterError(QwenAgentError):
     """The code interpreter's kernel could not be started, or was used after it was closed."""
+
+
+class SandboxError(InterpreterError):
+    """A sandbox layer the caller required (``require_isolation=True``) is not available on this platform."""
 
 
 class LLMError(QwenAgentError):

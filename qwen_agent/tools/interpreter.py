@@ -14,18 +14,29 @@ segfault, a resource limit) is restarted and the result says the state was lost.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
+import sys
+import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError, InterpreterError
 from .kernel import KernelProcess
-from .sandbox import SandboxLimits, plan_sandbox, private_temp_dir, remove_stale_temp_dirs
+from .sandbox import (
+    SandboxLimits,
+    plan_sandbox,
+    private_temp_dir,
+    python_installation,
+    remove_private_temp_dir,
+    remove_stale_temp_dirs,
+)
 
 __all__ = ["CodeInterpreter", "ExecutionResult", "ExecutionError", "Executor"]
 
@@ -167,6 +178,13 @@ class _Cell:
         )
 
 
+def _existing_path(path: str | Path, label: str) -> str:
+    resolved = Path(path).resolve()
+    if not resolved.exists():
+        raise ConfigError(f"CodeInterpreter: {label} entry {str(path)!r} does not exist")
+    return str(resolved)
+
+
 def _close_kernel(holder: dict[str, Any]) -> None:
     kernel = holder.pop("kernel", None)
     if kernel is not None:
@@ -177,7 +195,7 @@ def _release(holder: dict[str, Any], temp_workdir: Path | None) -> None:
     """Everything close() frees; also run at garbage collection and interpreter exit."""
     _close_kernel(holder)
     if temp_workdir is not None:
-        shutil.rmtree(temp_workdir, ignore_errors=True)
+        remove_private_temp_dir(temp_workdir)
 
 
 class CodeInterpreter:
@@ -192,6 +210,11 @@ class CodeInterpreter:
         limits: resource limits (address space, CPU seconds, processes, file size, open files).
         network: allow network access (otherwise a network namespace, where the platform allows it).
         sandbox_uid: uid to run the kernel as; "auto" picks an unprivileged one when the host is root.
+        filesystem: confine the kernel's file access (Landlock): reads beneath the system, Python and
+            ``read_paths`` roots, writes in the workspace only. Off when False or where Landlock is missing.
+        read_paths: files or directories the kernel may read in place (read-only), e.g. a data directory.
+        require_isolation: raise :class:`SandboxError` instead of running with the file system unconfined.
+        python: the kernel's Python interpreter (it needs ipykernel); its installation joins the read roots.
         env: extra environment variables for the kernel (the host's environment is never passed on).
         startup_timeout: how long a kernel may take to start.
     """
@@ -206,6 +229,10 @@ class CodeInterpreter:
         limits: SandboxLimits | None = None,
         network: bool = False,
         sandbox_uid: int | str | None = "auto",
+        filesystem: bool = True,
+        read_paths: Sequence[str | Path] = (),
+        require_isolation: bool = False,
+        python: str | Path | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 30,
     ) -> None:
@@ -228,6 +255,13 @@ class CodeInterpreter:
         self.limits = limits or SandboxLimits()
         self.network = network
         self.sandbox_uid = sandbox_uid
+        self.filesystem = filesystem
+        self.read_paths = [_existing_path(p, "read_paths") for p in read_paths]
+        self.require_isolation = require_isolation
+        self.python = sys.executable if python is None else str(python)
+        if python is not None and not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
+            raise ConfigError(f"CodeInterpreter: python {self.python!r} is not an executable file")
+        python_installation(self.python)  # fails here, naming the interpreter, if it cannot run a kernel
         self.env = env
         self.startup_timeout = startup_timeout
         remove_stale_temp_dirs()
@@ -246,7 +280,15 @@ class CodeInterpreter:
 
     # ---- kernel lifecycle -------------------------------------------------------------------------------
     def _launch(self) -> None:
-        plan = plan_sandbox(self.limits, network=self.network, sandbox_uid=self.sandbox_uid)
+        plan = plan_sandbox(
+            self.limits,
+            network=self.network,
+            sandbox_uid=self.sandbox_uid,
+            filesystem=self.filesystem,
+            read_paths=self.read_paths,
+            require_isolation=self.require_isolation,
+            python=self.python,
+        )
         if plan.uid is not None:
             shutil.chown(self.workdir, plan.uid, plan.uid)
         self._plan = plan
@@ -291,7 +333,7 @@ class CodeInterpreter:
 
     def sandbox_info(self) -> dict[str, Any]:
         """Which sandbox layers are active for the current kernel, and why any are not (``notes``)."""
-        return {**self._plan.info(), "workspace": str(self.workdir)}
+        return {**self._plan.info(self._kernel.write_roots), "workspace": str(self.workdir)}
 
     # ---- running code -----------------------------------------------------------------------------------
     def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:
@@ -380,13 +422,56 @@ class CodeInterpreter:
         return cell.result(start, restarted=True, state_lost=True)
 
     def _save_png(self, b64: str) -> Path:
-        self._figures += 1
-        path = self.workdir / f"fig-{self._figures:03d}.png"
-        while path.exists():
+        """Write a figure under a fresh name. The kernel controls the workspace, so never follow or overwrite a
+        name it made (a planted ``fig-002.png`` symlink to a host file is skipped, not written through)."""
+        data = base64.b64decode(b64)
+        while True:
             self._figures += 1
             path = self.workdir / f"fig-{self._figures:03d}.png"
-        path.write_bytes(base64.b64decode(b64))
-        return path
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self._give_to_kernel(path)
+            return path
+
+    def upload(self, source: str | Path | bytes, name: str | None = None) -> Path:
+        """Copy a file (a host path, or bytes) into the workspace as ``name`` (default: the source's file name),
+        replacing what the kernel may have put there, and return its path; code in the kernel opens it by name.
+        To let the kernel read a large file or a directory in place instead, pass it in ``read_paths``."""
+        if name is None:
+            if isinstance(source, bytes):
+                raise ConfigError("CodeInterpreter.upload: name is required when uploading bytes")
+            name = Path(source).name
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise ConfigError(f"CodeInterpreter.upload: name must be a plain file name, got {name!r}")
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise ConfigError(f"CodeInterpreter.upload: {str(source)!r} is not a file")
+        with self._lock:
+            # a new file then a rename: a symlink the kernel left under ``name`` is replaced, never followed
+            fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".upload-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    if isinstance(source, bytes):
+                        out.write(source)
+                    else:
+                        with open(source, "rb") as src:
+                            shutil.copyfileobj(src, out)
+                os.chmod(tmp, 0o644)
+                self._give_to_kernel(Path(tmp))
+                os.replace(tmp, self.workdir / name)
+            except OSError as exc:
+                Path(tmp).unlink(missing_ok=True)
+                raise InterpreterError(
+                    f"CodeInterpreter.upload: cannot write {name!r} into the workspace: {exc}"
+                ) from exc
+            return self.workdir / name
+
+    def _give_to_kernel(self, path: Path) -> None:
+        if self._plan.uid is not None:
+            os.chown(path, self._plan.uid, self._plan.uid)
 
     def call(self, args: str | dict[str, Any]) -> str:
         """Run the code in ``args`` (``{"code": ...}``, a fenced block or raw code) and return the Observation."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +21,10 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
 from ..errors import InterpreterError
-from .sandbox import SandboxPlan, kernel_env, private_temp_dir
+from .sandbox import LAUNCHER, SandboxPlan, kernel_env, private_temp_dir, remove_private_temp_dir
 
 __all__ = ["KernelProcess"]
 
-_LAUNCHER = Path(__file__).with_name("_launcher.py")
 # Run once the kernel is up: plain tracebacks (no colours, no IPython frames), PNG figures.
 _INIT_CODE = "%xmode Plain\n%config InlineBackend.figure_formats = ['png']\n"
 
@@ -51,7 +49,7 @@ class KernelProcess:
             for path in [self.runtime, *self.runtime.iterdir()]:
                 os.chown(path, plan.uid, plan.uid)
         argv = [
-            sys.executable,
+            plan.python,
             "-m",
             "ipykernel_launcher",
             "-f",
@@ -61,9 +59,15 @@ class KernelProcess:
         ]
         self._log = open(self.runtime / "kernel.log", "wb")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_LAUNCHER), json.dumps(plan.launcher_config(argv))],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                str(LAUNCHER),
+                json.dumps(plan.launcher_config(argv, self.write_roots)),
+            ],
             cwd=workdir,
-            env=kernel_env(workdir, self.runtime, env),
+            env=kernel_env(workdir, self.runtime, env, plan.python),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -77,6 +81,11 @@ class KernelProcess:
         self._poller.register(self.client.iopub_channel.socket, zmq.POLLIN)
         self._poller.register(self.client.shell_channel.socket, zmq.POLLIN)
         self.ready = False
+
+    @property
+    def write_roots(self) -> list[str]:
+        """Where the kernel may write: the workspace and its private runtime directory (sockets, temp, caches)."""
+        return [str(self.workdir), str(self.runtime)]
 
     # ---- state ------------------------------------------------------------------------------------------
     def exit_status(self) -> int | None:
@@ -176,4 +185,4 @@ class KernelProcess:
         self.kill()
         self.client.stop_channels()
         self._log.close()
-        shutil.rmtree(self.runtime, ignore_errors=True)
+        remove_private_temp_dir(self.runtime)

@@ -9,12 +9,16 @@ Layers, each reported by :meth:`SandboxPlan.info`:
 - a pids cgroup capping the number of processes (a fork bomb stops there), or RLIMIT_NPROC where it counts;
 - resource limits: address space, CPU seconds, file size, open files, no core dumps;
 - a separate unprivileged uid when the host runs as root and the Python installation is readable by it;
-- a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets.
+- a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets;
+- no capabilities: root in the kernel keeps uid 0 but cannot load modules, mount, or override file permissions;
+- the file system (Landlock): reads only beneath the system, Python and granted roots, writes only in the
+  workspace and the kernel's private directory.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -28,16 +32,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, SandboxError
+from . import _landlock
+
 __all__ = [
     "SandboxLimits",
     "SandboxPlan",
     "plan_sandbox",
+    "plan_filesystem",
+    "python_installation",
     "kernel_env",
     "private_temp_dir",
+    "remove_private_temp_dir",
     "remove_stale_temp_dirs",
 ]
 
 NOBODY_UID = 65534
+# What the kernel reads besides its Python installation. Running CPython, numpy, pandas and matplotlib with only
+# /usr, /lib* and the installation granted, the denials were TLS certificates, user and group names and
+# fontconfig's configuration; the other /etc entries, /proc and the CPU topology are read when present (loader
+# cache, time zone, name service, thread-pool sizing).
+SYSTEM_READ_ROOTS = (
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/pki",
+    "/etc/fonts",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/hosts",
+    "/etc/mime.types",
+    "/proc",
+    "/sys/devices/system/cpu",
+)
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+LAUNCHER = Path(__file__).with_name("_launcher.py")
 _PIDS_V1 = Path("/sys/fs/cgroup/pids")
 _CGROUP_PREFIX = "qwen-agent-"  # + host pid + random suffix
 
@@ -85,6 +126,21 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
     if probe.returncode != 0:
         return (), f"namespaces not permitted here: {probe.stderr.strip()[:200]}"
     return tuple(flags), ""
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_read_only_mounts(unshare: tuple[str, ...]) -> str:
+    """Why the launcher cannot make the mounts of a new namespace read-only here ("" when it can)."""
+    try:
+        probe = subprocess.run(
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if probe.returncode == 0 else probe.stderr.strip()[-200:] or f"status {probe.returncode}"
 
 
 def _readable_by_others(path: str) -> bool:
@@ -182,6 +238,7 @@ def kill_cgroup(path: Path) -> None:
 class SandboxPlan:
     """How one kernel is launched: the wrapper command, uid, cgroup and limits, and what is (not) active."""
 
+    python: str  # the kernel's interpreter
     unshare: tuple[str, ...]
     isolate_network: bool
     uid: int | None
@@ -189,9 +246,15 @@ class SandboxPlan:
     limits: SandboxLimits
     rlimits: dict[str, Any]
     nproc_effective: bool
+    read_roots: list[str] | None  # None: the file-system layer is off
+    landlock_abi: int
+    read_only_mounts: bool
     notes: list[str] = field(default_factory=list)
 
-    def launcher_config(self, argv: list[str]) -> dict[str, Any]:
+    def launcher_config(self, argv: list[str], write_roots: list[str]) -> dict[str, Any]:
+        landlock = None
+        if self.read_roots is not None:
+            landlock = {"read": self.read_roots, "write": write_roots, "devices": list(DEVICES)}
         return {
             "stage": "outer",
             "parent": os.getpid(),
@@ -200,10 +263,21 @@ class SandboxPlan:
             "uid": self.uid,
             "gid": self.uid,
             "limits": self.rlimits,
+            "landlock": landlock,
+            "read_only_mounts": write_roots if self.read_only_mounts else None,
             "argv": argv,
         }
 
-    def info(self) -> dict[str, Any]:
+    def info(self, write_roots: list[str]) -> dict[str, Any]:
+        active = self.read_roots is not None
+        filesystem = {
+            "active": active,
+            "mechanism": f"landlock ABI {self.landlock_abi}" if active else None,
+            "read_roots": list(self.read_roots or []),
+            "write_roots": write_roots if active else [],
+            "devices": list(DEVICES) if active else [],
+            "read_only_mounts": self.read_only_mounts,
+        }
         return {
             "process_group": True,
             "parent_death_signal": True,
@@ -214,6 +288,8 @@ class SandboxPlan:
             "process_limit": self.limits.max_processes if (self.cgroup or self.nproc_effective) else None,
             "rlimits": {k: v for k, v in self.rlimits.items() if k != "nproc"},
             "scrubbed_env": True,
+            "capabilities": "none",
+            "filesystem": filesystem,
             "transport": "ipc",
             "notes": list(self.notes),
         }
@@ -223,23 +299,111 @@ class SandboxPlan:
             kill_cgroup(self.cgroup)
 
 
-def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str | None) -> SandboxPlan:
+# Run by the kernel's Python: its prefixes and every site-packages directory on its path (not the rest of
+# sys.path, which may hold the caller's checkout), or why it cannot run a kernel.
+_INSTALLATION_PROBE = """
+import importlib.util, json, site, sys
+paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()]
+paths += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+result = paths if importlib.util.find_spec("ipykernel") else "has no ipykernel"
+"""
+
+
+@functools.lru_cache(maxsize=8)
+def python_installation(python: str) -> tuple[str, ...]:
+    """The directories the kernel's ``python`` reads its standard library and packages from.
+
+    Raises :class:`ConfigError` naming ``python`` when it cannot run or lacks ipykernel."""
+    if python == sys.executable:  # this interpreter: no need to start another
+        scope: dict[str, Any] = {}
+        exec(_INSTALLATION_PROBE, scope)
+        paths = scope["result"]
+    else:
+        try:
+            proc = subprocess.run(
+                [python, "-I", "-c", _INSTALLATION_PROBE + "print(json.dumps(result))"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            paths = json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr.strip()[-300:]
+        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            paths = str(exc)
+    if isinstance(paths, str):
+        raise ConfigError(f"CodeInterpreter: python {python!r} cannot run a kernel: {paths}")
+    paths.append(os.path.dirname(os.path.realpath(python)))
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
+
+
+def plan_filesystem(
+    read_paths: list[str], *, enabled: bool, required: bool, python: str = sys.executable
+) -> tuple[list[str] | None, int, str]:
+    """The read roots of the file-system layer, the Landlock ABI, and the reason when the layer is off.
+
+    Raises :class:`SandboxError` when ``required`` and the layer cannot be applied."""
+    if not enabled:
+        if required:
+            raise SandboxError("CodeInterpreter: require_isolation=True contradicts filesystem=False")
+        return None, 0, "file system not confined: disabled by configuration (filesystem=False)"
+    abi, reason = _landlock.abi_version()
+    if abi < 1:
+        if required:
+            raise SandboxError(
+                f"CodeInterpreter: the file-system layer is required but unavailable: {reason}"
+            )
+        return None, 0, f"file system not confined (the host's, with the kernel user's rights): {reason}"
+    return _outermost([*SYSTEM_READ_ROOTS, *python_installation(python), *read_paths]), abi, ""
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The existing paths, without those beneath another one in the list (a rule covers everything beneath)."""
+    kept: list[str] = []
+    for path in sorted({p for p in paths if os.path.lexists(p)}, key=len):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return sorted(kept, key=paths.index)
+
+
+def plan_sandbox(
+    limits: SandboxLimits,
+    *,
+    network: bool,
+    sandbox_uid: int | str | None,
+    filesystem: bool = True,
+    read_paths: list[str] = (),
+    require_isolation: bool = False,
+    python: str = sys.executable,
+) -> SandboxPlan:
     """Work out which layers this platform allows for one kernel and say why the others are off."""
     notes: list[str] = []
+    read_roots, abi, reason = plan_filesystem(
+        list(read_paths), enabled=filesystem, required=require_isolation, python=python
+    )
+    if reason:
+        notes.append(reason)
     unshare, reason = _probe_unshare(not network)
     if not unshare:
         notes.append(f"no pid/network namespace: {reason}")
     if network:
         notes.append("network allowed by configuration (network=True)")
+    read_only_mounts = False
+    if read_roots is not None and unshare:  # the remounts need the mount namespace that unshare gives
+        reason = _probe_read_only_mounts(unshare)
+        read_only_mounts = not reason
+        if reason:
+            notes.append(
+                f"mounts not made read-only (chmod/utime of the kernel user's files possible): {reason}"
+            )
 
     uid: int | None = None
     if sandbox_uid == "auto":
         if os.geteuid() == 0:
-            if all(_readable_by_others(p) for p in (sys.executable, sys.base_prefix, sys.prefix)):
+            unreadable = [p for p in (python, *python_installation(python)) if not _readable_by_others(p)]
+            if not unreadable:
                 uid = NOBODY_UID
             else:
                 notes.append(
-                    f"kernel runs as root: the Python installation ({sys.base_prefix}) is not readable "
+                    f"kernel runs as root: the Python installation ({os.path.realpath(unreadable[0])}) is not readable "
                     "by an unprivileged uid"
                 )
     elif sandbox_uid is not None:
@@ -260,32 +424,87 @@ def plan_sandbox(limits: SandboxLimits, *, network: bool, sandbox_uid: int | str
         nproc_effective = True
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
-    return SandboxPlan(unshare, not network, uid, cgroup, limits, rlimits, nproc_effective, notes)
+    return SandboxPlan(
+        python,
+        unshare,
+        not network,
+        uid,
+        cgroup,
+        limits,
+        rlimits,
+        nproc_effective,
+        read_roots,
+        abi,
+        read_only_mounts,
+        notes,
+    )
+
+
+def _owner_identity(pid: int) -> dict[str, Any] | None:
+    """What tells this process apart from any later one with the same pid: boot, pid namespace, start time."""
+    try:
+        return {
+            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid_ns": os.readlink("/proc/self/ns/pid"),
+            "pid": pid,
+            "start": Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19],
+        }
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_gone(marker: dict[str, Any]) -> bool:
+    """True only when the marker's process provably no longer runs (another boot, or the same pid namespace and
+    no process with that pid and start time); a process in another pid namespace cannot be checked, so it is not."""
+    here = _owner_identity(os.getpid())
+    if here is None:
+        return False
+    if marker.get("boot_id") != here["boot_id"]:
+        return True
+    if marker.get("pid_ns") != here["pid_ns"]:
+        return False
+    now = _owner_identity(int(marker["pid"]))
+    return now is None or now["start"] != marker.get("start")
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".owner")
 
 
 def private_temp_dir(kind: str) -> Path:
-    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir; the pid lets a later host clean up."""
-    return Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
+    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir, with an owner marker beside it (outside,
+    where the kernel cannot write) that lets a later host remove it once this process is provably gone."""
+    path = Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
+    identity = _owner_identity(os.getpid())
+    if identity is not None:
+        _marker(path).write_text(json.dumps(identity))
+    return path
+
+
+def remove_private_temp_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _marker(path).unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=1)
 def remove_stale_temp_dirs() -> None:
     """Delete the workspaces and kernel runtime dirs of hosts that died without cleaning up (SIGKILL)."""
-    for path in Path(tempfile.gettempdir()).glob("qa-*-*-*"):
-        parts = path.name.split("-")
-        if len(parts) < 4 or parts[1] not in ("work", "kernel") or not parts[2].isdigit():
+    for marker in Path(tempfile.gettempdir()).glob("qa-*-*-*.owner"):
+        if marker.name.split("-")[1] not in ("work", "kernel"):
             continue
         try:
-            os.kill(int(parts[2]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass
+            gone = _owner_gone(json.loads(marker.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a marker this package wrote
+        if gone:
+            remove_private_temp_dir(marker.with_name(marker.name[: -len(".owner")]))
 
 
-def kernel_env(workdir: Path, runtime: Path, extra: dict[str, str] | None) -> dict[str, str]:
+def kernel_env(
+    workdir: Path, runtime: Path, extra: dict[str, str] | None, python: str = sys.executable
+) -> dict[str, str]:
     """A minimal explicit environment: nothing of the host's (API keys live there) unless passed in ``extra``."""
-    bin_dir = os.path.dirname(sys.executable)
+    bin_dir = os.path.dirname(python)
     env = {
         "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(workdir),
