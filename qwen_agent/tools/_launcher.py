@@ -10,6 +10,9 @@ uid 0 but no privilege over the host), confine the file system with Landlock (la
 mounting), and exec the kernel.
 As pid 1 of a new pid namespace it instead forks the kernel and stays as a minimal init that reaps orphans and
 exits with the kernel's status; when it dies the kernel of the namespace kills every process left in it.
+
+Each confining step runs only when the config asks for it: MCP servers (``tools/mcp.py``) are started through
+this launcher for the die-with-the-host and pid-namespace part alone.
 """
 
 import ctypes
@@ -188,7 +191,8 @@ def main() -> None:
         die_with_parent(os.getppid())  # changing credentials clears the parent-death signal
     if "nproc" in config["limits"]:
         apply_limits({"nproc": config["limits"]["nproc"]})
-    drop_capabilities()
+    if config.get("drop_capabilities"):
+        drop_capabilities()
     if config.get("landlock"):
         confine_filesystem(config["landlock"])
     if os.getpid() == 1:

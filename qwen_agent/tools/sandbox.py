@@ -263,6 +263,7 @@ class SandboxPlan:
             "uid": self.uid,
             "gid": self.uid,
             "limits": self.rlimits,
+            "drop_capabilities": True,
             "landlock": landlock,
             "read_only_mounts": write_roots if self.read_only_mounts else None,
             "argv": argv,
