@@ -270,6 +270,13 @@ class CodeInterpreter:
             self._restart()
             self._kernel.wait_ready(self.startup_timeout)
 
+    def interrupt(self) -> None:
+        """Interrupt the running cell from another thread: the code gets a KeyboardInterrupt, variables stay.
+        Does nothing when the interpreter is closed."""
+        kernel = self._holder.get("kernel")
+        if kernel is not None and not self._closed:
+            kernel.interrupt()
+
     def close(self) -> None:
         """Kill the kernel and everything it started; remove the workspace if it was a temporary one."""
         with self._lock:
