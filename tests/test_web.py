@@ -157,6 +157,15 @@ def _wait_answer(page, answer: str) -> None:
     )
 
 
+def _wait_turn_done(page) -> None:
+    """Until the chat's event has finished (Gradio hides the component's status tracker)."""
+    page.locator("#qa-chat .thought-group").first.wait_for()
+    page.wait_for_function(
+        "document.querySelector('#qa-chat > [data-testid=status-tracker]').classList.contains('hide')"
+    )
+    assert not page.locator("#qa-chat .thought-group .title", has_text="running").count()
+
+
 def _status_kernels(page) -> int:
     return int(re.search(r"kernels on this server: (\d+)", page.inner_text("#qa-status")).group(1))
 
@@ -250,3 +259,85 @@ def test_browser_run_with_steps_upload_figure_and_new_chat(browser, serve, tmp_p
     context_b.close()
     _wait(lambda: _kernel_processes() == kernels_before, "the closed tab's kernel to be closed")
     context_a.close()
+
+
+class RecordingLLM:
+    """Passes calls to a backend and keeps the sampling settings and prompts it was given."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.calls = []
+
+    def complete(self, prompt, *, stop=(), sampling=None):
+        self.calls.append((prompt, sampling))
+        return self.llm.complete(prompt, stop=stop, sampling=sampling)
+
+    def stream(self, prompt, *, stop=(), sampling=None):
+        self.calls.append((prompt, sampling))
+        yield from self.llm.stream(prompt, stop=stop, sampling=sampling)
+
+
+def test_browser_with_the_tiny_checkpoint_and_the_settings_panel(
+    browser, serve, tiny_qwen_dir, tmp_path
+) -> None:
+    from qwen_agent.llm import LocalLLM
+    from qwen_agent.runtime.engine import load_model
+    from qwen_agent.serve.web_session import SharedLLM
+
+    backend = RecordingLLM(SharedLLM(LocalLLM(load_model(tiny_qwen_dir, device="cpu"))))
+    url = serve(lambda: backend, max_tokens=16)
+    context, page = _open(browser, url)
+    page.click("#qa-settings button")  # open the settings panel
+    page.locator("#qa-tools label", has_text="current_time").click()  # turn the tool off
+    page.locator("#qa-greedy label").click()
+    page.fill("#qa-system textarea", "You are a terse test assistant.")
+    _ask(page, "What time is it?")
+    _wait_turn_done(page)
+    assert backend.calls, "the model was never called"
+    prompt, sampling = backend.calls[0]
+    assert sampling.temperature == 0.0 and sampling.max_tokens == 16
+    assert prompt.system == "You are a terse test assistant."
+    assert "code_interpreter" in prompt.query and "current_time" not in prompt.query
+    assert page.locator("#qa-chat .thought-group").count() >= 1
+    page.screenshot(path=str(tmp_path / "web-tiny.png"), full_page=True)
+    context.close()
+
+
+def test_browser_stop_ends_a_running_cell_and_backend_errors_show_in_the_chat(
+    browser, serve, tmp_path
+) -> None:
+    loop = (
+        "Thought: This will take a while.\nAction: code_interpreter\nAction Input:\n```py\nkept = 7\n"
+        "import time\nwhile True:\n    time.sleep(0.1)\n```\nObservation:"
+    )
+    after = "Thought: Checking the kernel.\nAction: code_interpreter\nAction Input:\n```py\nprint(kept * 6)\n```\nObservation:"
+    url = serve(lambda: ScriptedLLM([loop, after, "Final Answer: The kernel kept its variables."]))
+    context, page = _open(browser, url)
+    _ask(page, "Run forever")
+    page.locator("#qa-chat .thought-group .title", has_text="running").wait_for()  # the step is running
+    time.sleep(1.0)  # the cell is in its loop
+    started = time.monotonic()
+    page.click("#qa-stop")
+    _wait_answer(page, "Stopped.")
+    assert time.monotonic() - started < 15
+    assert page.locator("#qa-chat .thought-group .title", has_text="❌").count() == 1
+    # the session goes on, with the kernel and its variables
+    _ask(page, "Is the kernel alive?")
+    _wait_answer(page, "The kernel kept its variables.")
+    assert "42" in _open_step(page, "Step 1 · code_interpreter").split("Observation")[-1]
+    context.close()
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    from qwen_agent.openai_client import OpenAICompatibleLLM
+
+    url = serve(lambda: OpenAICompatibleLLM(dead, "qwen", max_retries=0, connect_timeout=2))
+    context, page = _open(browser, url)
+    _ask(page, "Hello?")
+    page.wait_for_selector("#qa-chat [data-testid=bot] :text('Error')")
+    text = page.inner_text("#qa-chat")
+    assert "LLMConnectionError" in text and "127.0.0.1" in text
+    assert "Traceback" not in text
+    page.screenshot(path=str(tmp_path / "web-error.png"), full_page=True)
+    context.close()

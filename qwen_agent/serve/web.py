@@ -95,6 +95,7 @@ class _StepBlock:
             metadata["duration"] = round(time.monotonic() - self.started, 2)
         else:
             metadata["status"] = "pending"
+            metadata.setdefault("log", "running…")
         return {"role": "assistant", "content": "\n\n".join(parts) or "…", "metadata": metadata}
 
 
@@ -104,7 +105,7 @@ class TurnView:
 
     args_formats: dict[str, str]
     workspace: Callable[[], Path | None]
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any] | None] = field(default_factory=list)  # None: a block taken out
     _blocks: dict[int, tuple[int, _StepBlock]] = field(default_factory=dict)
     _answer_at: int | None = None
     _answer: str = ""
@@ -147,8 +148,12 @@ class TurnView:
         if not block.done:
             block.done = True
             self.messages[at] = block.message()
-            if not block.thought.strip() and block.forced is False:
-                self.messages[at]["content"] = "*(no thought)*"
+            trivial = block.thought.strip().rstrip(".").lower() in ("", "i now know the final answer")
+            if trivial and not block.forced:
+                self.messages[at] = None  # nothing to show beyond the answer itself
+
+    def visible(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m is not None]
 
     def _add_figures(self, observation: str) -> None:
         """Figures named in an Observation, shown only when they are files of this session's workspace."""
@@ -175,7 +180,7 @@ class TurnView:
                     block.error = ended.reason
                 self.messages[at] = block.message()
         if ended.reason == "stopped":
-            self.messages.append({"role": "assistant", "content": "⏹ Stopped."})
+            self.messages.append({"role": "assistant", "content": "Stopped."})
         elif ended.reason == "error":
             self.messages.append(_error_message(ended.error))
 
@@ -212,9 +217,9 @@ class WebApp:
         with gr.Blocks(title=title, fill_height=True) as blocks:
             gr.Markdown(f"### {title}" + (f" · `{model_label}`" if model_label else ""))
             with gr.Row(equal_height=False):
-                with gr.Column(scale=4):
+                with gr.Column(scale=3):
                     chatbot = gr.Chatbot(
-                        elem_id="qa-chat", label="Agent", height=620, buttons=["copy"], layout="panel"
+                        elem_id="qa-chat", label="Agent", height=620, layout="panel", buttons=[]
                     )
                     box = gr.MultimodalTextbox(
                         elem_id="qa-input",
@@ -224,9 +229,9 @@ class WebApp:
                         submit_btn=True,
                     )
                     with gr.Row():
-                        stop = gr.Button("⏹ Stop", elem_id="qa-stop", variant="stop", size="sm")
+                        stop = gr.Button("Stop", elem_id="qa-stop", variant="stop", size="sm")
                         new_chat = gr.Button("New chat", elem_id="qa-new", size="sm")
-                with gr.Column(scale=1, min_width=260):
+                with gr.Column(scale=1, min_width=320):
                     status = gr.Markdown(elem_id="qa-status")
                     files = gr.File(
                         label="Workspace files", elem_id="qa-files", file_count="multiple", interactive=False
@@ -241,7 +246,9 @@ class WebApp:
                         steps = gr.Slider(1, 20, value=8, step=1, label="Max steps", elem_id="qa-steps")
                         temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
                         greedy = gr.Checkbox(value=False, label="Greedy decoding", elem_id="qa-greedy")
-                        system = gr.Textbox(value=DEFAULT_SYSTEM, label="System prompt", lines=2)
+                        system = gr.Textbox(
+                            value=DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="qa-system"
+                        )
             settings = [tools, steps, temperature, greedy, system]
             turn = box.submit(
                 self._respond,
@@ -327,10 +334,10 @@ class WebApp:
                 break
             view.feed(item)
             if isinstance(item, (StepStarted, ObservationEvent)):
-                yield cleared, chat + view.messages, self._files(session), self._status(request)
+                yield cleared, chat + view.visible(), self._files(session), self._status(request)
             else:
-                yield cleared, chat + view.messages, gr.update(), gr.update()
-        yield cleared, chat + view.messages, self._files(session), self._status(request)
+                yield cleared, chat + view.visible(), gr.update(), gr.update()
+        yield cleared, chat + view.visible(), self._files(session), self._status(request)
 
     def _stop(self, request: gr.Request = None) -> None:
         self._session(request).stop()

@@ -121,17 +121,12 @@ class WebSession:
 
     @property
     def kernel_running(self) -> bool:
-        with self._lock:
-            tool = self._tools.get(CODE_TOOL) if self._tools and CODE_TOOL in self.tool_names else None
-        return tool is not None and tool.interpreter is not None
+        return self._interpreter() is not None
 
     @property
     def workspace(self) -> Path | None:
         """The interpreter's workspace, once its kernel has started."""
-        with self._lock:
-            tool = self._tools.get(CODE_TOOL) if self._tools and CODE_TOOL in self.tool_names else None
-        interpreter = tool.interpreter if tool is not None else None
-        return getattr(interpreter, "workdir", None)
+        return getattr(self._interpreter(), "workdir", None)
 
     def upload(self, paths: Sequence[str | Path]) -> list[str]:
         """Copy uploaded files into the interpreter's workspace (starting its kernel); returns their names."""
@@ -205,14 +200,27 @@ class WebSession:
     def stop(self, wait: float = 0.0) -> None:
         """End the running turn: the generation stops at its next token, a running cell is interrupted."""
         self._stop.set()
+        worker = self._worker
+        if worker is None or not worker.is_alive():
+            return
+
+        def interrupt_until_done() -> None:
+            # the turn ends at the agent's next event; a cell that has not started yet is interrupted once
+            # it has (the kernel may still be starting), so keep trying until the worker is gone
+            while worker.is_alive():
+                interpreter = self._interpreter()
+                if interpreter is not None:
+                    interpreter.interrupt()
+                worker.join(0.5)
+
+        threading.Thread(target=interrupt_until_done, daemon=True).start()
+        if wait:
+            worker.join(wait)
+
+    def _interpreter(self) -> Any:
         with self._lock:
             tool = self._tools.get(CODE_TOOL) if self._tools and CODE_TOOL in self.tool_names else None
-        interpreter = tool.interpreter if tool is not None else None
-        if interpreter is not None and self.busy:
-            interpreter.interrupt()
-        worker = self._worker
-        if wait and worker is not None:
-            worker.join(wait)
+        return tool.interpreter if tool is not None else None
 
     def reset(self) -> None:
         """New chat: stop the turn, close the kernel (and remove its workspace), forget the history."""
