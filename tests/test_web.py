@@ -230,8 +230,11 @@ def test_browser_run_with_steps_upload_figure_and_new_chat(browser, serve, tmp_p
     assert image.evaluate("img => img.complete && img.naturalWidth > 100")
     page.wait_for_selector("#qa-files td.filename[aria-label='data.csv']")
     page.wait_for_selector("#qa-files td.filename[aria-label='fig-001.png']")
-    _open_step(page, "Step 1 · code_interpreter")
-    page.screenshot(path=str(tmp_path / "web-run.png"), full_page=True)
+    page.wait_for_selector("#qa-files td.filename[aria-label='fig-001.png']")  # the turn's last update came
+    plot_step = _open_step(page, "Step 1 · code_interpreter")
+    assert "pd.read_csv('data.csv')" in plot_step and "fig-001" in plot_step
+    page.locator("#qa-chat .thought-group").last.evaluate("el => el.scrollIntoView({block: 'start'})")
+    page.screenshot(path=str(tmp_path / "web-run.png"))
 
     # a second browser context at the same time: its own session, kernel, history and files
     context_b, other = _open(browser, url)
@@ -250,8 +253,8 @@ def test_browser_run_with_steps_upload_figure_and_new_chat(browser, serve, tmp_p
 
     # New chat closes this session's kernel; its chat and files are gone
     page.click("#qa-new")
-    page.wait_for_function("document.querySelector('#qa-status').innerText.includes('on this server: 1')")
-    assert "not started" in page.inner_text("#qa-status")
+    page.wait_for_function("document.querySelector('#qa-status').innerText.includes('not started')")
+    assert _status_kernels(page) == 1
     assert page.locator("#qa-chat [data-testid=bot]").count() == 0
     _wait(lambda: _kernel_processes() - kernels_before == 1, "the kernel to be closed by New chat")
 

@@ -219,7 +219,7 @@ class WebApp:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(
-                        elem_id="qa-chat", label="Agent", height=620, layout="panel", buttons=[]
+                        elem_id="qa-chat", label="Agent", height="76vh", layout="panel", buttons=[]
                     )
                     box = gr.MultimodalTextbox(
                         elem_id="qa-input",
@@ -303,7 +303,7 @@ class WebApp:
             chat += [{"role": "user", "content": text or "(files)"}, _error_message(str(exc))]
             yield gr.update(), chat, gr.update(), self._status(request)
             return
-        shown = text + (f"\n\n📎 {', '.join(names)}" if names else "")
+        shown = text + (f"\n\n*Uploaded: {', '.join(names)}*" if names else "")
         chat.append({"role": "user", "content": shown.strip()})
         query = (f"[Upload file {', '.join(names)}]\n" if names else "") + (
             text or "Look at the uploaded file."
