@@ -84,3 +84,35 @@ def test_workspace_listing_leaves_out_links_and_hidden_files(tmp_path: Path) -> 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "deep.csv").write_text("x")
     assert [p.name for p in workspace_files(tmp_path)] == ["out.txt", "deep.csv"]
+
+
+def test_stop_ends_a_generation_at_its_next_piece_and_closes_the_backend_stream() -> None:
+    closed = threading.Event()
+
+    class Endless:
+        def complete(self, prompt, *, stop=(), sampling=None):
+            raise AssertionError("the agent streams")
+
+        def stream(self, prompt, *, stop=(), sampling=None):
+            try:
+                while True:
+                    time.sleep(0.02)
+                    yield "Thought: more "
+            finally:
+                closed.set()
+
+    pool = SessionPool(Endless, ["current_time"])
+    try:
+        session = pool.get("tab")
+        events = session.start_turn("go on forever", Settings(tools=("current_time",)))
+        events.get(timeout=30)  # the turn is running
+        session.stop()
+        items = _drain(events)
+        assert items[-1] == TurnEnded("stopped")
+        assert closed.wait(5) and session.history == []
+        deadline = time.monotonic() + 5
+        while session.busy and time.monotonic() < deadline:  # the worker exits right after its last item
+            time.sleep(0.01)
+        assert not session.busy
+    finally:
+        pool.close_all()

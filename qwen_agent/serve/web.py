@@ -41,7 +41,8 @@ from ..errors import QwenAgentError
 from ..llm_protocol import LLM
 from ..runtime.chat_format import DEFAULT_SYSTEM
 from ..tools.base import extract_code
-from .web_session import SessionPool, Settings, TurnEnded, WebSession, workspace_files
+from ..tools.registry import default_registry
+from .web_session import SessionPool, Settings, SharedLLM, TurnEnded, WebSession, workspace_files
 
 __all__ = ["WebApp", "build_app", "launch", "TurnView"]
 
@@ -205,10 +206,7 @@ class WebApp:
         self.tool_names = tuple(tool_names)
         self.max_tokens = max_tokens
         self.pool = SessionPool(new_llm, self.tool_names, idle_timeout=idle_timeout)
-        self.args_formats = {
-            name: getattr(tool, "args_format", "json")
-            for name, tool in ((n, _tool_class(n)) for n in self.tool_names)
-        }
+        self.args_formats = {name: default_registry.get(name).args_format for name in self.tool_names}
         self.blocks = self._build(title, model_label)
 
     # -- layout ------------------------------------------------------------------------------------------------
@@ -363,10 +361,12 @@ class WebApp:
         self.pool.close_all()
 
 
-def _tool_class(name: str) -> Any:
-    from ..tools.registry import default_registry
-
-    return type(default_registry.get(name)) if name in default_registry else None
+def _tool_names(tool_names: Sequence[str] | None) -> list[str]:
+    """The names checked against the registry (unknown ones raise ToolNotFoundError listing the valid ones)."""
+    names = list(default_registry.names() if tool_names is None else tool_names)
+    for name in names:
+        default_registry.get(name)
+    return names
 
 
 def build_app(
@@ -376,12 +376,7 @@ def build_app(
 ) -> WebApp:
     """The UI for agents on ``new_llm()`` (called once per browser session; return one shared backend to share
     it) with the tools ``tool_names`` (default: every built-in tool). ``options`` go to :class:`WebApp`."""
-    from ..tools.registry import default_registry
-
-    names = list(default_registry.names() if tool_names is None else tool_names)
-    for name in names:
-        default_registry.get(name)  # an unknown name raises ToolNotFoundError listing the valid ones
-    return WebApp(new_llm, names, **options)
+    return WebApp(new_llm, _tool_names(tool_names), **options)
 
 
 def launch(
@@ -399,8 +394,8 @@ def launch(
     """Serve the UI until interrupted. ``model`` is a local model directory (loaded once, shared by every
     session, one generation at a time) or the URL of an OpenAI-compatible server (a client per session)."""
     from ..llm import llm_from_spec
-    from .web_session import SharedLLM
 
+    tools = _tool_names(tools)  # before a model is loaded: a typo fails at once
     if model.startswith(("http://", "https://")):
 
         def new_llm() -> LLM:
