@@ -85,7 +85,7 @@ def _free_port() -> int:
 
 
 def _kernel_processes() -> int:
-    """Kernel launchers started by this process (the server runs in it)."""
+    """Live kernels started by this process (the server runs in it)."""
     count = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -93,7 +93,9 @@ def _kernel_processes() -> int:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"_launcher.py" in cmdline:
+        # the launcher, or the kernel it became by exec where no namespaces are used
+        is_kernel = b"_launcher.py" in cmdline or b"ipykernel_launcher" in cmdline
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and is_kernel:
             count += 1
     return count
 

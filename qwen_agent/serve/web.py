@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool: no usage reports to gradio.app
+# Gradio's queue otherwise rebuilds a pandas table of per-event statistics after every event (for a monitoring
+# page this UI does not offer), through pandas options that pandas 3 deprecates
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**31))
 import gradio as gr  # noqa: E402
 
 from ..agent import (
