@@ -91,7 +91,7 @@ class _StepBlock:
             )
         if self.observation is not None:
             parts.append("**Observation:**\n\n" + _fence(self.observation, "text"))
-        metadata: dict[str, Any] = {"title": ("❌ " if self.error else "") + title}
+        metadata: dict[str, Any] = {"title": title + (" · failed" if self.error else "")}
         if self.error:
             metadata["log"] = self.error
         if self.done:
@@ -122,7 +122,7 @@ class TurnView:
             self.messages.append(block.message())
             return
         if isinstance(event, AnswerDelta):
-            self._close_step(event.index)
+            self._close_step(event.index, event.text)
             if self._answer_at is None:
                 self._answer_at = len(self.messages)
                 self.messages.append({"role": "assistant", "content": ""})
@@ -146,13 +146,19 @@ class TurnView:
             return
         self.messages[at] = block.message()
 
-    def _close_step(self, index: int) -> None:
-        """The answer has started: the step's block (a thought, or nothing) is finished."""
+    def _close_step(self, index: int, answer: str) -> None:
+        """The answer has started: the step's block (a thought, or nothing) is finished. It is taken out when
+        it says nothing more than the answer (a reply without the ReAct format streams as thought, then comes
+        whole as the answer)."""
         at, block = self._blocks[index]
         if not block.done:
             block.done = True
             self.messages[at] = block.message()
-            trivial = block.thought.strip().rstrip(".").lower() in ("", "i now know the final answer")
+            thought = block.thought.strip()
+            trivial = (
+                thought.rstrip(".").lower() in ("", "i now know the final answer")
+                or thought == answer.strip()
+            )
             if trivial and not block.forced:
                 self.messages[at] = None  # nothing to show beyond the answer itself
 
