@@ -259,12 +259,13 @@ class WebApp:
             settings = [tools, steps, temperature, greedy, system]
             turn = box.submit(
                 self._respond,
-                [box, chatbot, *settings],
+                [box, *settings],
                 [box, chatbot, files, status],
                 concurrency_limit=None,  # sessions run side by side; a shared local engine serialises itself
             )
             stop.click(self._stop, None, None, queue=False)
             new_chat.click(self._new_chat, None, [chatbot, files, status, box], cancels=[turn], queue=False)
+            chatbot.clear(self._new_chat, None, [chatbot, files, status, box], cancels=[turn], queue=False)
             blocks.load(self._status, None, status, queue=False)
             blocks.unload(self._unload)
         return blocks
@@ -285,7 +286,6 @@ class WebApp:
     def _respond(
         self,
         message: dict[str, Any] | None,
-        chat: list[dict[str, Any]] | None,
         tools: list[str],
         max_steps: float,
         temperature: float,
@@ -294,7 +294,7 @@ class WebApp:
         request: gr.Request = None,
     ) -> Iterator[tuple[Any, ...]]:
         session = self._session(request)
-        chat = list(chat or [])
+        chat = session.chat  # what the page shows, kept here rather than read back from the page
         text = (message or {}).get("text", "").strip()
         uploads = list((message or {}).get("files") or [])
         if not text and not uploads:
@@ -328,7 +328,8 @@ class WebApp:
         try:
             events = session.start_turn(query, settings)
         except QwenAgentError as exc:
-            yield cleared, [*chat, _error_message(str(exc))], gr.update(), self._status(request)
+            chat.append(_error_message(str(exc)))
+            yield cleared, chat, gr.update(), self._status(request)
             return
         view = TurnView(self.args_formats, lambda: session.workspace)
         while True:
@@ -344,7 +345,8 @@ class WebApp:
                 yield cleared, chat + view.visible(), self._files(session), self._status(request)
             else:
                 yield cleared, chat + view.visible(), gr.update(), gr.update()
-        yield cleared, chat + view.visible(), self._files(session), self._status(request)
+        session.chat = chat + view.visible()
+        yield cleared, session.chat, self._files(session), self._status(request)
 
     def _stop(self, request: gr.Request = None) -> None:
         self._session(request).stop()

@@ -101,7 +101,8 @@ class WebSession:
         self.key = key
         self.llm = llm
         self.tool_names = tuple(tool_names)
-        self.history: list[tuple[str, str]] = []
+        self.history: list[tuple[str, str]] = []  # what the model sees of earlier turns
+        self.chat: list[dict[str, Any]] = []  # what the page shows (Gradio messages)
         self.last_used = time.monotonic()
         self._tools: ToolRegistry | None = None
         self._stop = threading.Event()
@@ -229,7 +230,7 @@ class WebSession:
             tools, self._tools = self._tools, None
         if tools is not None:
             tools.close()
-        self.history = []
+        self.history, self.chat = [], []
         self.last_used = time.monotonic()
 
     close = reset
