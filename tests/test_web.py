@@ -236,8 +236,6 @@ def test_browser_run_with_steps_upload_figure_and_new_chat(browser, serve, tmp_p
     _wait_turn_done(page)  # a later update of the chat would close the block again
     plot_step = _open_step(page, "Step 1 · code_interpreter")
     assert "pd.read_csv('data.csv')" in plot_step and "fig-001" in plot_step
-    page.locator("#qa-chat .thought-group").last.evaluate("el => el.scrollIntoView({block: 'start'})")
-    page.screenshot(path=str(tmp_path / "web-run.png"))
 
     # a second browser context at the same time: its own session, kernel, history and files
     context_b, other = _open(browser, url)
@@ -253,6 +251,15 @@ def test_browser_run_with_steps_upload_figure_and_new_chat(browser, serve, tmp_p
     assert _status_kernels(other) == 2
     assert _kernel_processes() - kernels_before == 2
     other.screenshot(path=str(tmp_path / "web-other.png"), full_page=True)
+
+    # the first page after the run, with the plot step open (the README's screenshot)
+    group = page.locator("#qa-chat .thought-group").last
+    if not group.locator("pre").count():
+        group.locator(".title").click()
+    group.locator("pre").first.wait_for()
+    page.set_viewport_size({"width": 1280, "height": 1350})  # room for the step and its figure
+    time.sleep(0.5)  # the block's opening animation, the resize
+    page.screenshot(path=str(tmp_path / "web-run.png"))
 
     # New chat closes this session's kernel; its chat and files are gone
     page.click("#qa-new")
