@@ -269,6 +269,55 @@ def _cmd_bench_code_interpreter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from .serve.web import launch
+    except ImportError as exc:
+        raise QwenAgentError(
+            f"the web UI needs the [web] extra (pip install 'qwen-react-agent[web]'): {exc}"
+        ) from None
+    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else None
+    launch(
+        args.model,
+        tools=names,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        api_key=args.api_key,
+        served_model=args.served_model,
+        max_tokens=args.max_tokens,
+        idle_timeout=args.session_timeout,
+        mcp=args.mcp,
+    )
+    return 0
+
+
+def _add_web(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("web", help="chat with the agent in a browser (Gradio; the [web] extra)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model directory (shared by all sessions) or an OpenAI-compatible URL",
+    )
+    p.add_argument("--tools", default=None, help="comma-separated tool names (default: all, MCP ones too)")
+    p.add_argument("--mcp", default=None, metavar="CONFIG", help="also the tools of an mcpServers JSON file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="device for a local model (default: cuda if available)")
+    p.add_argument("--api-key", default=None, help="API key for a server (default: $OPENAI_API_KEY)")
+    p.add_argument(
+        "--served-model", default=None, help="model name on the server (default: the first it lists)"
+    )
+    p.add_argument("--max-tokens", type=_positive_int, default=512, help="most tokens per model turn")
+    p.add_argument(
+        "--session-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds after which an idle browser session and its kernel are closed",
+    )
+    p.set_defaults(func=_cmd_web)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run or score the tool-use and code-interpreter benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -492,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench(sub)
     _add_serve(sub)
+    _add_web(sub)
     return parser
 
 

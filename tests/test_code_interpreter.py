@@ -440,3 +440,34 @@ def test_cli_sandbox_prints_the_layers(capsys):
     assert main(["sandbox"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["process_group"] and info["transport"] == "ipc" and "notes" in info
+
+
+def test_a_kernel_started_from_a_thread_outlives_the_thread(fresh):
+    # a web server starts kernels from worker threads that end; the kernel must not die with its thread
+    holder = {}
+
+    def start() -> None:
+        holder["ci"] = fresh(timeout=10)
+        holder["ok"] = holder["ci"].execute("x = 6 * 7").ok  # the kernel is up before the thread ends
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join()
+    ci = holder["ci"]
+    assert holder["ok"]
+    time.sleep(0.5)  # a kernel killed with its thread would be dead by now
+    result = ci.execute("print(x)")
+    assert result.stdout == "42\n" and not result.restarted
+
+
+def test_interrupt_from_another_thread_stops_the_cell_and_keeps_variables(fresh):
+    ci = fresh(timeout=30)
+    ci.execute("kept = 1")
+    timer = threading.Timer(1.0, ci.interrupt)
+    timer.start()
+    started = time.monotonic()
+    result = ci.execute("import time\nwhile True: time.sleep(0.05)")
+    timer.join()
+    assert time.monotonic() - started < 10
+    assert result.error is not None and result.error.name == "KeyboardInterrupt"
+    assert ci.execute("print(kept)").stdout == "1\n"

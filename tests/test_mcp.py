@@ -346,3 +346,28 @@ def test_a_bad_mcp_config_is_a_one_line_error(tmp_path):
         done.stderr
         == f"qwen-agent run: error: {path}: mcpServers.a.args: expected a list of strings, got 'y'\n"
     )
+
+
+def test_web_sessions_share_the_mcp_servers_tools():
+    from qwen_agent.serve.web_session import SessionPool, Settings, TurnEnded
+    from qwen_agent.tools import default_registry
+
+    registry = default_registry.select(["current_time"])
+    registry.add_mcp(stdio_config())
+    outputs = [
+        'Thought: add\nAction: add\nAction Input: {"a": 2, "b": 3}',
+        "Thought: done\nFinal Answer: 5",
+    ] * 2
+    pool = SessionPool(lambda: ScriptedLLM(list(outputs)), ["current_time", "add"], registry=registry)
+    try:
+        for tab in ("tab-1", "tab-2"):
+            events, items = pool.get(tab).start_turn("2 + 3?", Settings(tools=("add",))), []
+            while not items or not isinstance(items[-1], TurnEnded):
+                items.append(events.get(timeout=60))
+            assert items[-1] == TurnEnded("done")
+            assert [getattr(item, "observation", None) for item in items if hasattr(item, "observation")] == [
+                "5"
+            ]
+    finally:
+        pool.close_all()
+        registry.close()

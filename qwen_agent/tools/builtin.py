@@ -39,6 +39,11 @@ class CodeInterpreterTool(BaseTool):
         self._interpreter = interpreter
         self._kwargs = interpreter_kwargs
 
+    @property
+    def interpreter(self) -> Executor | None:
+        """The running interpreter, or None before the first call (and after close)."""
+        return self._interpreter
+
     def start(self) -> Executor:
         if self._interpreter is None:
             self._interpreter = CodeInterpreter(**self._kwargs)

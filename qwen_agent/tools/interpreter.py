@@ -312,6 +312,16 @@ class CodeInterpreter:
             self._restart()
             self._kernel.wait_ready(self.startup_timeout)
 
+    def interrupt(self) -> bool:
+        """Interrupt the running cell from another thread: the code gets a KeyboardInterrupt, variables stay.
+        Returns False, sending nothing, while the kernel is still starting (a signal then would be lost or
+        kill it) or when the interpreter is closed; call again to stop a cell that has yet to start."""
+        kernel = self._holder.get("kernel")
+        if kernel is None or self._closed or not kernel.ready:
+            return False
+        kernel.interrupt()
+        return True
+
     def close(self) -> None:
         """Kill the kernel and everything it started; remove the workspace if it was a temporary one."""
         with self._lock:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ __all__ = ["KernelProcess"]
 
 # Run once the kernel is up: plain tracebacks (no colours, no IPython frames), PNG figures.
 _INIT_CODE = "%xmode Plain\n%config InlineBackend.figure_formats = ['png']\n"
+# The launcher asks for SIGKILL when its parent dies, and Linux takes the *thread* that forked it as the parent:
+# a kernel started from a short-lived thread (a web server's worker) would be killed when that thread ends. So
+# every launcher is forked from this one long-lived thread.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel-spawner")
 
 
 class KernelProcess:
@@ -58,7 +63,8 @@ class KernelProcess:
             "--IPKernelApp.quiet=True",
         ]
         self._log = open(self.runtime / "kernel.log", "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
+        self.proc = _SPAWNER.submit(
+            subprocess.Popen,
             [
                 sys.executable,
                 "-I",
@@ -73,7 +79,7 @@ class KernelProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
-        )
+        ).result()
         self.client = BlockingKernelClient()
         self.client.load_connection_info(self._conn)
         self.client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)

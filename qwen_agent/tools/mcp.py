@@ -35,13 +35,12 @@ from typing import Any
 
 from ..errors import ConfigError, ToolError
 from .base import BaseTool
-from .sandbox import _probe_unshare
+from .sandbox import LAUNCHER, _probe_unshare
 
 __all__ = ["MCPServerConfig", "MCPServerConnection", "MCPTool", "MCPCallResult", "read_mcp_config"]
 
 log = logging.getLogger(__name__)
 
-_LAUNCHER = Path(__file__).with_name("_launcher.py")
 _KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "disabled", "timeout"}
 _STDERR_TAIL = 1500
 _NAME_CHARS = re.compile(r"[^\w.-]")
@@ -241,7 +240,7 @@ class MCPServerConnection:
 
         params = StdioServerParameters(
             command=sys.executable,
-            args=["-I", "-S", str(_LAUNCHER), json.dumps(self._launcher_config())],
+            args=["-I", "-S", str(LAUNCHER), json.dumps(self._launcher_config())],
             env=dict(self.config.env),
             cwd=self.config.cwd,
         )

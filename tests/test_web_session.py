@@ -1,0 +1,119 @@
+"""The web UI's sessions without a browser: idle sessions are reaped with their kernels; shared backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen_agent.errors import ConfigError
+from qwen_agent.llm import ScriptedLLM
+from qwen_agent.serve.web_session import SessionPool, Settings, SharedLLM, TurnEnded, workspace_files
+
+
+def _drain(events) -> list:
+    items = []
+    while not items or not isinstance(items[-1], TurnEnded):
+        items.append(events.get(timeout=60))
+    return items
+
+
+def test_idle_sessions_are_reaped_with_their_kernels(tmp_path: Path) -> None:
+    pool = SessionPool(lambda: ScriptedLLM([]), ["code_interpreter"], idle_timeout=1.0, reap_every=0.2)
+    try:
+        csv = tmp_path / "data.csv"
+        csv.write_text("x\n1\n")
+        session = pool.get("tab-1")
+        assert session.upload([csv]) == ["data.csv"]
+        workdir = session.workspace
+        assert pool.kernel_count() == 1 and (workdir / "data.csv").read_text() == "x\n1\n"
+        deadline = time.monotonic() + 30
+        while (
+            workdir.exists() and time.monotonic() < deadline
+        ):  # the temporary workspace goes with the kernel
+            time.sleep(0.1)
+        assert not workdir.exists() and pool.kernel_count() == 0
+    finally:
+        pool.close_all()
+
+
+def test_a_turn_ends_with_its_reason_and_grows_the_history_only_on_an_answer() -> None:
+    outputs = ["Final Answer: hi", "Action: nope\nAction Input: {}\nObservation:"]
+    pool = SessionPool(lambda: ScriptedLLM(outputs), ["current_time"])
+    try:
+        session = pool.get("tab")
+        assert _drain(session.start_turn("hello", Settings(tools=())))[-1] == TurnEnded("done")
+        assert session.history[0][0] == "hello"
+        # with a tool offered the agent loops: the unknown tool is observed, then the script has run out
+        ended = _drain(session.start_turn("again", Settings(tools=("current_time",), max_steps=2)))[-1]
+        assert ended.reason == "error" and "LLMError" in ended.error  # the script ran out: a backend failure
+        assert len(session.history) == 1
+        with pytest.raises(ConfigError, match="'web_fetch' is not served here"):
+            session.start_turn("x", Settings(tools=("web_fetch",)))
+    finally:
+        pool.close_all()
+
+
+def test_a_shared_backend_runs_one_call_at_a_time() -> None:
+    active, most = [0], [0]
+
+    class Probe(ScriptedLLM):
+        def stream(self, prompt, *, stop=(), sampling=None):
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            time.sleep(0.05)
+            yield from super().stream(prompt, stop=stop, sampling=sampling)
+            active[0] -= 1
+
+    shared = SharedLLM(Probe(["Final Answer: a"] * 8))
+    from qwen_agent.llm_protocol import ChatPrompt
+
+    threads = [threading.Thread(target=lambda: list(shared.stream(ChatPrompt("q")))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+
+
+def test_workspace_listing_leaves_out_links_and_hidden_files(tmp_path: Path) -> None:
+    (tmp_path / "out.txt").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "link").symlink_to("/etc/hostname")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep.csv").write_text("x")
+    assert [p.name for p in workspace_files(tmp_path)] == ["out.txt", "deep.csv"]
+
+
+def test_stop_ends_a_generation_at_its_next_piece_and_closes_the_backend_stream() -> None:
+    closed = threading.Event()
+
+    class Endless:
+        def complete(self, prompt, *, stop=(), sampling=None):
+            raise AssertionError("the agent streams")
+
+        def stream(self, prompt, *, stop=(), sampling=None):
+            try:
+                while True:
+                    time.sleep(0.02)
+                    yield "Thought: more "
+            finally:
+                closed.set()
+
+    pool = SessionPool(Endless, ["current_time"])
+    try:
+        session = pool.get("tab")
+        events = session.start_turn("go on forever", Settings(tools=("current_time",)))
+        events.get(timeout=30)  # the turn is running
+        session.stop()
+        items = _drain(events)
+        assert items[-1] == TurnEnded("stopped")
+        assert closed.wait(5) and session.history == []
+        deadline = time.monotonic() + 5
+        while session.busy and time.monotonic() < deadline:  # the worker exits right after its last item
+            time.sleep(0.01)
+        assert not session.busy
+    finally:
+        pool.close_all()
