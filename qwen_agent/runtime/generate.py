@@ -11,6 +11,8 @@ Stop rules, the same in every path (single, batched, streamed):
   (``Observation:`` ending in ``:`` (25) or in the merged ``:\\n`` (510)). The row ends at the first token whose
   text completes a stop string; ``text`` is cut just *before* the earliest stop string (the stop string and
   anything after it are dropped) and ``stop`` names it. ``token_ids`` keeps every generated token.
+- A **constraint** (:class:`~qwen_agent.runtime.constraint.TokenConstraint`, one per prompt or none) masks the
+  ids it does not allow before sampling, in the row's own logits only; the row accepts each token it receives.
 - Streaming holds back any tail of the text that could still grow into a stop string, so no fragment such as
   ``Observ`` is ever yielded unless it turns out not to start a stop string; the deltas never split a character
   and always join to the final ``text``.
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, GenerationError
+from .constraint import TokenConstraint, apply_bitmask, bitmask_words
 from .decode_runner import DecodeRunner
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
@@ -190,6 +193,7 @@ class _Row:
     text: _RowText
     budget: int  # max new tokens
     started: float  # when its prefill began
+    constraint: TokenConstraint | None = None
     first_token_at: float = 0.0
     received: int = 0  # generated tokens read on the host
     fed: int = 0  # generated tokens whose keys and values are in the cache
@@ -213,7 +217,9 @@ class Generation:
     prompt; the check travels to the host with the tokens, so it does not wait either.
 
     Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
-    ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
+    ``(index, result)`` with its :class:`GenerationResult`. ``constraints`` gives each prompt its own
+    :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None); the mask of a step is filled on the host
+    while the device runs that step, and rows without one are not touched. After iteration ends, ``results`` holds them in
     prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
     prompt, cache row 0 may already hold ``reused`` slots of the prompt's prefix.
     """
@@ -230,9 +236,13 @@ class Generation:
         stop_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
         reused: int = 0,
+        constraints: Sequence[TokenConstraint | None] | None = None,
     ) -> None:
         if reused and len(prompts) != 1:
             raise ValueError("a reused prefix needs a single prompt")
+        self.constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+        if len(self.constraints) != len(prompts):
+            raise ConfigError(f"{len(self.constraints)} constraints for {len(prompts)} prompts")
         self.runner, self.model, self.cache = runner, runner.model, runner.cache
         self.tokenizer, self.prompts = tokenizer, [list(p) for p in prompts]
         self.max_new_tokens, self.params, self.generator = list(max_new_tokens), params, generator
@@ -260,6 +270,13 @@ class Generation:
         # each step's tokens and finite flags, copied while the device runs the next step
         on_host = torch.empty(2, cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
         copied = torch.cuda.Event() if device.type == "cuda" else None
+        # the allowed-id bitmask of each constrained row, filled on the host
+        self._bitmask = torch.empty(
+            cache.batch_size,
+            bitmask_words(self.model.config.vocab_size),
+            dtype=torch.int32,
+            pin_memory=device.type == "cuda",
+        )
 
         self._admit()
         self._copy_tokens(on_host, copied)
@@ -282,6 +299,8 @@ class Generation:
                         "where bfloat16 does not)"
                     )
                 delta = self._receive(row, tokens[r])
+                if row.constraint is not None and row.text.finish_reason is None:
+                    self._accept(row, tokens[r])
                 if delta:
                     yield row.index, delta
                 if row.text.finish_reason is not None:
@@ -289,9 +308,10 @@ class Generation:
                     yield row.index, done[row.index]
             if logits is not None and self._active:
                 batch = logits.shape[0]
+                self._finite[:batch] = _finite_rows(logits)
+                logits = self._constrain(logits, [r for r in self._active if r < batch])
                 picked = next_token(logits, self._seen[:batch], self.params, self.generator)
                 runner.tokens[:batch] = picked
-                self._finite[:batch] = _finite_rows(logits)
                 self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
             self._admit()
             if self._active:
@@ -331,15 +351,40 @@ class Generation:
             seen = self._seen[r]
             seen.fill_(prompt[0])
             seen[: len(prompt)] = torch.tensor(prompt)
+        self._finite[rows] = _finite_rows(logits).long()
+        for r, index in group:
+            text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
+            row = _Row(index, len(self.prompts[index]), text, self.max_new_tokens[index], started)
+            row.constraint = self.constraints[index]
+            self._active[r] = row
+        logits = self._constrain(logits, [r for r, _ in group], [r for r, _ in group])
         first = next_token(logits, self._seen[rows], self.params, self.generator)
         self.runner.tokens[rows] = first
-        self._finite[rows] = _finite_rows(logits).long()
         self._seen[rows, lengths] = first
         self.runner.slots[rows] = lengths
         self._advancing[rows] = 1
-        for r, index in group:
-            text = _RowText(self.tokenizer, self.stop_strings, self.stop_ids)
-            self._active[r] = _Row(index, len(self.prompts[index]), text, self.max_new_tokens[index], started)
+
+    def _constrain(self, logits: Tensor, rows: list[int], order: list[int] | None = None) -> Tensor:
+        """``logits`` with each constrained row's disallowed ids at -inf. Logits row ``i`` belongs to cache row
+        ``order[i]`` (by default cache row ``i``); ``rows`` are the cache rows to consider."""
+        constrained = [r for r in rows if self._active[r].constraint is not None]
+        if not constrained:
+            return logits
+        for r in constrained:
+            self._active[r].constraint.fill_bitmask(self._bitmask[r])
+        positions = [order.index(r) for r in constrained] if order is not None else constrained
+        at = torch.tensor(positions, device=logits.device)
+        masks = self._bitmask[constrained].to(logits.device, non_blocking=True)
+        return logits.index_put((at,), apply_bitmask(logits[at], masks))
+
+    @staticmethod
+    def _accept(row: _Row, token: int) -> None:
+        if not row.constraint.accept(token):
+            raise GenerationError(
+                f"prompt {row.index}: generated token {row.received} (id {token}) is not allowed by the "
+                "prompt's constraint, which allowed it a step before (a constraint that allows no id at all, "
+                "or one that is not deterministic)"
+            )
 
     def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
         on_host[0].copy_(self.runner.tokens, non_blocking=copied is not None)
