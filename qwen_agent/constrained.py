@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported only once a model runs
 
     from .runtime.constraint import TokenConstraint
 
-__all__ = ["ConstraintOptions", "react_grammar", "ReActConstraints", "constrain_llm"]
+__all__ = ["ConstraintOptions", "react_grammar", "ReActConstraints", "constrain_llm", "require_llguidance"]
 
 Start = Literal["step", "thought", "answer"]
 _STARTS: tuple[Start, ...] = ("step", "thought", "answer")
@@ -152,7 +152,7 @@ def react_grammar(
 # llguidance behind the runtime's TokenConstraint
 
 
-def _llguidance() -> Any:
+def require_llguidance() -> Any:
     try:
         import llguidance
     except ImportError:
@@ -170,7 +170,7 @@ def _ll_tokenizer(tokenizer: QwenTokenizer, vocab_size: int) -> Any:
     built = _LL_TOKENIZERS.setdefault(tokenizer, {})
     if vocab_size not in built:
         encoding = tokenizer.encoding
-        built[vocab_size] = _llguidance().LLTokenizer.from_tiktoken(
+        built[vocab_size] = require_llguidance().LLTokenizer.from_tiktoken(
             encoder=encoding._mergeable_ranks,
             special_tokens=encoding._special_tokens,
             pattern=encoding._pat_str,
@@ -209,7 +209,7 @@ class ReActConstraints:
         variant: Variant = "react_prompt",
         options: ConstraintOptions | None = None,
     ) -> None:
-        llg = _llguidance()
+        llg = require_llguidance()
         options = options or ConstraintOptions()
         ll_tokenizer = _ll_tokenizer(tokenizer, vocab_size)
         for name, tool in tools.items():  # each schema alone first, so that an error names its tool
