@@ -196,8 +196,9 @@ class _MatcherConstraint:
 class ReActConstraints:
     """Gives each model call a fresh constraint for the ReAct grammar of ``tools`` (name -> tool).
 
-    Compiles the grammar once per start (a whole step, after ``Thought:``, after ``Final Answer:``); a tool whose
-    schema llguidance cannot compile is a :class:`~qwen_agent.errors.ConfigError` naming it. Call with a
+    Compiles the grammar once per start (a whole step, after ``Thought:``, after ``Final Answer:``), the whole
+    step's at once; a tool whose schema llguidance cannot compile is a :class:`~qwen_agent.errors.ConfigError`
+    naming it. Call with a
     :class:`~qwen_agent.llm_protocol.ChatPrompt` (or :meth:`for_prefix` with the assistant text so far).
     """
 
@@ -209,27 +210,36 @@ class ReActConstraints:
         variant: Variant = "react_prompt",
         options: ConstraintOptions | None = None,
     ) -> None:
-        llg = require_llguidance()
-        options = options or ConstraintOptions()
-        ll_tokenizer = _ll_tokenizer(tokenizer, vocab_size)
-        for name, tool in tools.items():  # each schema alone first, so that an error names its tool
-            _, args_format, schema = _tool_spec(tool)
-            if args_format != "code":
-                grammar = f"start: %json{json.dumps(_argument_schema(schema, options), ensure_ascii=False)}\n"
-                error = llg.LLMatcher.validate_grammar(grammar, ll_tokenizer)
-                if error:
-                    raise ConfigError(
-                        f"constrained decoding: the parameters schema of tool {name!r}: {error}"
-                    )
-        self._matchers = {}
-        for start in _STARTS:
-            grammar = react_grammar(tools, variant, start, options)
-            matcher = llg.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        self._llg = require_llguidance()
+        self._tools, self._variant = dict(tools), variant
+        self._options = options or ConstraintOptions()
+        self._tokenizer = _ll_tokenizer(tokenizer, vocab_size)
+        self._matchers: dict[Start, Any] = {}
+        self._matcher("step")  # compile errors surface here; the other starts compile when first needed
+
+    def _matcher(self, start: Start) -> Any:
+        if start not in self._matchers:
+            grammar = react_grammar(self._tools, self._variant, start, self._options)
+            matcher = self._llg.LLMatcher(self._tokenizer, grammar, log_level=0)
             if matcher.is_error():
+                self._name_the_tool()
                 raise ConfigError(
                     f"constrained decoding: the ReAct grammar does not compile: {matcher.get_error()}"
                 )
             self._matchers[start] = matcher
+        return self._matchers[start]
+
+    def _name_the_tool(self) -> None:
+        """Raise a ConfigError naming the first tool whose parameters schema llguidance cannot compile."""
+        for name, tool in self._tools.items():
+            _, args_format, schema = _tool_spec(tool)
+            if args_format != "code":
+                args = json.dumps(_argument_schema(schema, self._options), ensure_ascii=False)
+                error = self._llg.LLMatcher.validate_grammar(f"start: %json{args}\n", self._tokenizer)
+                if error:
+                    raise ConfigError(
+                        f"constrained decoding: the parameters schema of tool {name!r}: {error}"
+                    )
 
     def for_prefix(self, assistant_prefix: str) -> TokenConstraint:
         """A constraint for a completion that continues ``assistant_prefix``."""
@@ -239,7 +249,7 @@ class ReActConstraints:
             start = "answer"
         elif tail.endswith("Thought:"):
             start = "thought"
-        return _MatcherConstraint(self._matchers[start].deep_copy())
+        return _MatcherConstraint(self._matcher(start).deep_copy())
 
     def __call__(self, prompt: ChatPrompt) -> TokenConstraint:
         return self.for_prefix(prompt.assistant_prefix)

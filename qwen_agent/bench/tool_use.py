@@ -176,10 +176,12 @@ class PromptConstraints:
 
     _OFFERED = re.compile(r"^Action: the action to take, should be one of \[(.*)\]$", re.M)
 
-    def __init__(self, engine: Any, catalog: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, engine: Any, catalog: Mapping[str, Mapping[str, Any]], options: Any = None) -> None:
         from ..constrained import ReActConstraints
 
-        self._make = lambda tools: ReActConstraints(engine.tokenizer, engine.config.vocab_size, tools)
+        self._make = lambda tools: ReActConstraints(
+            engine.tokenizer, engine.config.vocab_size, tools, options=options
+        )
         self.tools = plugin_tools(catalog)
         self._built: dict[tuple[str, ...], Any] = {}
 
