@@ -332,7 +332,7 @@ def test_agent_constrained_runs_valid_steps_on_random_weights(engine):
         assert not step.problems, step
         assert step.action in (None, "lookup", "run_code")
     assert result.answer
-    assert agent.llm is not agent.llm.engine and agent.llm.constraint is not None
+    assert isinstance(agent.llm, LocalLLM) and agent.llm.constraint is not None
 
 
 def test_bench_prompt_constraints_on_shipped_prompts(engine):
