@@ -41,9 +41,11 @@ def apply_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
     logits' device, without reading anything back on the host. Integer ops only: each float's bits are kept or
     replaced by those of -inf, several times faster on a CPU than a masked_fill with a boolean mask."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    keep = -((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, : logits.shape[-1]]  # [B, V]: -1 or 0
-    bits = logits.float().view(torch.int32)
-    return ((bits & keep) | (~keep & _NEG_INF_BITS)).view(torch.float32).to(logits.dtype)
+    keep = (bitmask.unsqueeze(-1) >> shifts).bitwise_and_(1).neg_()  # [B, W, 32]: -1 (allowed) or 0
+    keep = keep.flatten(-2)[:, : logits.shape[-1]]  # [B, V]
+    out = logits.float().view(torch.int32) & keep
+    out.bitwise_or_(keep.bitwise_not_().bitwise_and_(_NEG_INF_BITS))  # in place: two allocations in all
+    return out.view(torch.float32).to(logits.dtype)
 
 
 _NEG_INF_BITS = -8388608  # 0xFF800000, float32 -inf as a signed int32
