@@ -373,8 +373,12 @@ class Generation:
         for r in constrained:
             self._active[r].constraint.fill_bitmask(self._bitmask[r])
         positions = [order.index(r) for r in constrained] if order is not None else constrained
-        at = torch.tensor(positions, device=logits.device)
         masks = self._bitmask[constrained].to(logits.device, non_blocking=True)
+        if positions == list(
+            range(logits.shape[0])
+        ):  # every row constrained, in order: no gather and scatter
+            return apply_bitmask(logits, masks)
+        at = torch.tensor(positions, device=logits.device)
         return logits.index_put((at,), apply_bitmask(logits[at], masks))
 
     @staticmethod
