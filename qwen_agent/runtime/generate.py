@@ -219,8 +219,8 @@ class Generation:
     Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
     ``(index, result)`` with its :class:`GenerationResult`. ``constraints`` gives each prompt its own
     :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None); the mask of a step is filled on the host
-    while the device runs that step, and rows without one are not touched. After iteration ends, ``results`` holds them in
-    prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
+    while the device runs that step, and rows without one are not touched. After iteration ends, ``results``
+    holds them in prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
     prompt, cache row 0 may already hold ``reused`` slots of the prompt's prefix.
     """
 
@@ -374,9 +374,7 @@ class Generation:
             self._active[r].constraint.fill_bitmask(self._bitmask[r])
         positions = [order.index(r) for r in constrained] if order is not None else constrained
         masks = self._bitmask[constrained].to(logits.device, non_blocking=True)
-        if positions == list(
-            range(logits.shape[0])
-        ):  # every row constrained, in order: no gather and scatter
+        if positions == list(range(logits.shape[0])):  # every row, in order: no gather and scatter
             return apply_bitmask(logits, masks)
         at = torch.tensor(positions, device=logits.device)
         return logits.index_put((at,), apply_bitmask(logits[at], masks))
