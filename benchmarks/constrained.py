@@ -5,7 +5,7 @@ For each batch size: the decode time per step of an unconstrained run and of a r
 measured inside the constrained run: llguidance filling a row's bitmask (host, per row and step) and
 applying the bitmasks to the logits (per step). Defaults to a tiny random-weight checkpoint on CPU.
 
-    PYTHONPATH=$PWD python benchmarks/constrained.py [--model DIR] [--batch 1 16] [--tokens 64]
+    PYTHONPATH=$PWD python benchmarks/constrained.py [--model DIR] [--batch 1 16] [--tokens 64] [--threads N]
 
 Prints a table and writes benchmarks/results/constrained.json.
 """
@@ -52,8 +52,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per row")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default="benchmarks/results/constrained.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_dir = args.model or write_tiny_checkpoint(tempfile.mkdtemp(), "qwen", seed=0)
     engine = load_model(model_dir, device=args.device)
