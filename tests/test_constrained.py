@@ -143,6 +143,12 @@ def test_variant_wording_for_code_tools(engine):
         assert accepts(c, tok, "", fenced) and accepts(c, tok, "", unfenced)
 
 
+def test_with_no_tools_only_a_final_answer_is_allowed(engine):
+    c = ReActConstraints(engine.tokenizer, engine.config.vocab_size, {}, "react_prompt")
+    assert accepts(c, engine.tokenizer, "", "Thought: 我知道\nFinal Answer: 你好")
+    assert not accepts(c, engine.tokenizer, "", "Thought: x\nAction: y")
+
+
 def test_bad_schema_missing_library_and_remote_backends_are_config_errors(engine, monkeypatch):
     class Odd(Lookup):
         name = "odd"
