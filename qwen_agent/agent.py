@@ -28,6 +28,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from .constrained import ConstraintOptions, constrain_llm
 from .errors import ConfigError, LLMError
 from .llm import cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
@@ -215,7 +216,9 @@ class Agent:
     tools, or a name -> tool mapping; none makes it a plain chat).
 
     ``variant`` picks the Qwen prompt wording (see :mod:`qwen_agent.react`); ``max_iterations`` caps the tool
-    steps of one run; ``sampling`` is passed to the backend on every call.
+    steps of one run; ``sampling`` is passed to the backend on every call. ``constrained=True`` (or a
+    :class:`~qwen_agent.constrained.ConstraintOptions`) decodes a local model under the ReAct grammar of these
+    tools (:mod:`qwen_agent.constrained`); other backends raise ConfigError.
     """
 
     def __init__(
@@ -227,11 +230,15 @@ class Agent:
         *,
         variant: Variant = DEFAULT_VARIANT,
         sampling: Sampling | None = None,
+        constrained: bool | ConstraintOptions = False,
     ):
         if max_iterations < 1:
             raise ConfigError(f"max_iterations must be at least 1, got {max_iterations}")
-        self.llm = llm
         self.tools = _tool_map(tools)
+        self.llm = llm
+        if constrained:
+            options = constrained if isinstance(constrained, ConstraintOptions) else None
+            self.llm = constrain_llm(llm, self.tools, variant, options)
         self.system = DEFAULT_SYSTEM if system is None else system
         self.max_iterations = max_iterations
         self.variant = variant

@@ -100,6 +100,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_iterations=args.max_iterations,
         variant=args.variant,
         sampling=sampling,
+        constrained=args.constrained,
     )
     out = sys.stdout
     section = ""
@@ -198,8 +199,11 @@ def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         device=args.device,
         dtype=args.dtype,
+        constrained=args.constrained,
+        plugins=args.plugins,
     )
     meta = {
+        "constrained": args.constrained,
         "model": args.model,
         "batch_size": args.batch_size,
         "limit": args.limit,
@@ -345,6 +349,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda or auto (local models)")
     p.add_argument("--dtype", default=None, help="auto, bf16, fp16 or fp32 (local models)")
+    p.add_argument("--constrained", action="store_true", help=_CONSTRAINED_HELP)
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench_tool_use)
@@ -445,6 +450,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+_CONSTRAINED_HELP = (
+    "local models: decode under the ReAct grammar of the offered tools (valid steps, offered tool names, "
+    "schema-valid arguments); needs the llguidance package"
+)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -520,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
+    p.add_argument("--constrained", action="store_true", help=_CONSTRAINED_HELP)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")

@@ -24,9 +24,10 @@ Backends here
 
 from __future__ import annotations
 
+import copy
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,12 +124,22 @@ class LocalLLM:
     prefix is appended as plain text, so neither user text nor tool output can become a control token. The
     engine keeps the KV cache of its previous call, so when the agent re-sends the same conversation with a
     longer assistant prefix only the new tokens are encoded (``Completion.prefill_tokens``).
+
+    ``constraint`` (see :meth:`with_constraint`) gives each call a token constraint for its prompt: the engine
+    then masks every id the constraint does not allow (:mod:`qwen_agent.constrained` builds ReAct ones).
     """
 
-    def __init__(self, engine: Any, *, max_window_size: int | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_window_size: int | None = None,
+        constraint: Callable[[ChatPrompt], Any] | None = None,
+    ):
         from .runtime.chat_format import DEFAULT_MAX_WINDOW_SIZE
 
         self.engine = engine
+        self.constraint = constraint
         self.tokenizer = engine.tokenizer
         configured = getattr(getattr(engine, "generation_config", None), "max_window_size", None)
         self.max_window_size = max_window_size or configured or DEFAULT_MAX_WINDOW_SIZE
@@ -145,11 +156,27 @@ class LocalLLM:
         )
         return ids + self.tokenizer.encode(prompt.assistant_prefix)
 
+    def with_constraint(self, constraint: Callable[[ChatPrompt], Any] | None) -> LocalLLM:
+        """The same model (and KV cache) with ``constraint``: called with each prompt, it returns a fresh
+        :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None) for that call."""
+        constrained = copy.copy(self)
+        constrained.constraint = constraint
+        return constrained
+
+    def _options(self, prompts: Sequence[ChatPrompt], sampling: Sampling | None) -> dict[str, Any]:
+        options = engine_options(sampling)
+        if self.constraint is not None:
+            made = [self.constraint(p) for p in prompts]
+            options["constraint"] = made if len(prompts) > 1 else made[0]
+        return options
+
     def complete(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Completion:
         started = time.perf_counter()
-        result = self.engine.generate(self.prompt_ids(prompt), stop=tuple(stop), **engine_options(sampling))
+        result = self.engine.generate(
+            self.prompt_ids(prompt), stop=tuple(stop), **self._options([prompt], sampling)
+        )
         return local_completion(result, time.perf_counter() - started)
 
     def complete_batch(
@@ -160,14 +187,16 @@ class LocalLLM:
             return []
         started = time.perf_counter()
         ids = [self.prompt_ids(p) for p in prompts]
-        results = self.engine.generate(ids, stop=tuple(stop), **engine_options(sampling))
+        results = self.engine.generate(ids, stop=tuple(stop), **self._options(prompts, sampling))
         return [local_completion(r, time.perf_counter() - started) for r in results]
 
     def stream(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:
         started = time.perf_counter()
-        yield from self.engine.stream(self.prompt_ids(prompt), stop=tuple(stop), **engine_options(sampling))
+        yield from self.engine.stream(
+            self.prompt_ids(prompt), stop=tuple(stop), **self._options([prompt], sampling)
+        )
         # the engine keeps the full result of the stream it just finished
         yield local_completion(self.engine.last_result, time.perf_counter() - started)
 

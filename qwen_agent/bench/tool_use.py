@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "Generator",
     "LLMGenerator",
     "EngineGenerator",
+    "PromptConstraints",
     "open_llm",
     "open_generator",
     "RunFile",
@@ -181,9 +183,42 @@ class LLMGenerator:
                 yield futures[future], future.result()
 
 
+class PromptConstraints:
+    """Constrained decoding for benchmark prompts: each prompt's ReAct grammar over the tools it offers (read
+    from its ``should be one of [...]`` line, declared in ``catalog``), compiled once per tool set."""
+
+    _OFFERED = re.compile(r"^Action: the action to take, should be one of \[(.*)\]$", re.M)
+
+    def __init__(self, engine: Any, catalog: Mapping[str, Mapping[str, Any]], options: Any = None) -> None:
+        from ..constrained import ReActConstraints
+
+        self._make = lambda tools: ReActConstraints(
+            engine.tokenizer, engine.config.vocab_size, tools, options=options
+        )
+        self.tools = plugin_tools(catalog)
+        self._built: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, prompt: str) -> Any:
+        found = self._OFFERED.search(prompt)
+        if found is None:
+            raise BenchmarkError(
+                f"prompt {prompt[:60]!r}...: no 'should be one of [...]' line naming its tools"
+            )
+        names = tuple(name.strip() for name in found.group(1).split(",") if name.strip())
+        unknown = [name for name in names if name not in self.tools]
+        if unknown:
+            raise BenchmarkError(
+                f"prompt {prompt[:60]!r}...: tool {unknown[0]!r} is not in the plugin catalog"
+            )
+        if names not in self._built:
+            self._built[names] = self._make({name: self.tools[name] for name in names})
+        return self._built[names].for_prefix("")
+
+
 class EngineGenerator:
     """A local :class:`~qwen_agent.runtime.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
-    default), decoded ``batch_size`` at a time; a finished prompt's place goes to the next at once."""
+    default), decoded ``batch_size`` at a time; a finished prompt's place goes to the next at once.
+    ``constraints`` (a :class:`PromptConstraints`) decodes each prompt under its ReAct grammar."""
 
     def __init__(
         self,
@@ -192,8 +227,10 @@ class EngineGenerator:
         batch_size: int = 8,
         max_new_tokens: int | None = None,
         repetition_penalty: float | None = None,
+        constraints: PromptConstraints | None = None,
     ) -> None:
         self.engine = engine
+        self.constraints = constraints
         self.batch_size = max(1, batch_size)
         config = engine.generation_config
         self.max_new_tokens = max_new_tokens or config.max_new_tokens
@@ -230,6 +267,7 @@ class EngineGenerator:
         return ids
 
     def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]:
+        constraint = [self.constraints(p) for p in prompts] if self.constraints is not None else None
         completed = self.engine.generate_as_completed(
             [self._ids(p) for p in prompts],
             max_batch=self.batch_size,
@@ -237,6 +275,7 @@ class EngineGenerator:
             do_sample=False,
             max_new_tokens=self.max_new_tokens,
             repetition_penalty=self.repetition_penalty,
+            constraint=constraint,
         )
         for index, result in completed:
             self.generated_tokens += result.completion_tokens
@@ -266,9 +305,18 @@ def open_generator(
     repetition_penalty: float | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    constrained: bool = False,
+    plugins: str | Path | None = None,
 ) -> Generator:
-    """A URL gets ``batch_size`` requests in flight; a model directory is loaded and generates in batches."""
+    """A URL gets ``batch_size`` requests in flight; a model directory is loaded and generates in batches.
+    ``constrained`` (local models only) decodes each prompt under the ReAct grammar of its tools from the
+    ``plugins`` catalog (the shipped one by default)."""
     if model.startswith(("http://", "https://")):
+        if constrained:
+            raise ConfigError(
+                "--constrained masks tokens in this process's decoding loop: it needs a local model directory, "
+                f"not a server URL ({model})"
+            )
         return LLMGenerator(
             open_llm(model),
             concurrency=batch_size,
@@ -277,9 +325,19 @@ def open_generator(
         )
     from ..runtime.engine import load_model
 
+    catalog = None
+    if constrained:
+        from ..constrained import require_llguidance
+
+        require_llguidance()  # before the model loads
+        catalog = load_catalog(plugins or shipped_path("tool_use_plugins.json"))
     engine = load_model(model, device=device, dtype=dtype)
     return EngineGenerator(
-        engine, batch_size=batch_size, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty
+        engine,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        constraints=PromptConstraints(engine, catalog) if catalog is not None else None,
     )
 
 

@@ -34,6 +34,7 @@ from ..errors import CheckpointError, ConfigError, GenerationError
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import GenerationConfig, QwenConfig, ntk_alpha
+from .constraint import TokenConstraint
 from .decode_runner import DecodeRunner
 from .generate import Generation, GenerationResult, PromptRequest, SamplingParams
 from .model import KVCache, Transformer
@@ -97,8 +98,11 @@ class QwenEngine:
 
     Generation keyword arguments (all optional, defaults from ``generation_config``): ``stop`` (strings, ids, or
     id sequences, which are matched as their decoded text), ``max_new_tokens``, ``do_sample``, ``temperature``,
-    ``top_p``, ``top_k`` (0 = off), ``repetition_penalty``, ``seed``. Every call also stops on the end-of-text
-    id and, for ChatML models, on ``<|im_end|>`` and ``<|im_start|>``. Not thread-safe: one call at a time.
+    ``top_p``, ``top_k`` (0 = off), ``repetition_penalty``, ``seed``, and ``constraint``: a
+    :class:`~qwen_agent.runtime.constraint.TokenConstraint` for a single prompt, or a list with one (or None)
+    per prompt, that masks the ids it does not allow (a constraint is stateful: use each one for one call).
+    Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
+    ``<|im_start|>``. Not thread-safe: one call at a time.
     """
 
     def __init__(
@@ -223,9 +227,10 @@ class QwenEngine:
         :meth:`open_batch`'s ``add``. Raises :class:`ConfigError` or :class:`GenerationError` (a prompt that
         leaves no room in the context) naming the problem."""
         self._check_prompt(prompt, 0)
+        [constraint] = _constraints(generation.pop("constraint", None), 1) or [None]
         params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
         budget = min(max_new, self.config.max_context - len(prompt))
-        return PromptRequest(list(prompt), budget, params, stop_strings, ids, generator)
+        return PromptRequest(list(prompt), budget, params, stop_strings, ids, generator, constraint)
 
     def open_batch(self, rows: int, capacity: int, runner: DecodeRunner | None = None) -> Generation:
         """An empty, open :class:`~qwen_agent.runtime.generate.Generation` over a cache of ``rows`` rows of
@@ -276,6 +281,7 @@ class QwenEngine:
         generation: dict[str, Any],
         max_batch: int | None = None,
     ) -> Generation:
+        constraints = _constraints(generation.pop("constraint", None), len(prompts))
         params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
         if not prompts:
             raise ConfigError("generate() needs at least one prompt")
@@ -302,6 +308,7 @@ class QwenEngine:
             stop_ids=ids,
             generator=generator,
             reused=reused,
+            constraints=constraints,
         )
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:
@@ -370,3 +377,18 @@ class QwenEngine:
     def _keep_cache(self, run: Generation) -> None:
         if len(run.prompts) == 1:
             self._cache, self._runner, self._cached_ids = run.cache, run.runner, run.fed[0]
+
+
+def _constraints(given: Any, prompts: int) -> list[TokenConstraint | None] | None:
+    """The ``constraint`` argument as one entry per prompt."""
+    if given is None:
+        return None
+    listed = [given] if isinstance(given, TokenConstraint) else list(given)
+    if len(listed) != prompts or not all(c is None or isinstance(c, TokenConstraint) for c in listed):
+        raise ConfigError(
+            f"constraint must be a TokenConstraint (fill_bitmask and accept) for a single prompt, or a list of "
+            f"{prompts} such constraints or None, one per prompt"
+        )
+    if len({id(c) for c in listed if c is not None}) != sum(c is not None for c in listed):
+        raise ConfigError("a constraint is stateful: give each prompt its own")
+    return listed

@@ -14,6 +14,14 @@ Stop rules, the same in every path (single, batched, streamed):
 - Streaming holds back any tail of the text that could still grow into a stop string, so no fragment such as
   ``Observ`` is ever yielded unless it turns out not to start a stop string; the deltas never split a character
   and always join to the final ``text``.
+- A **constraint** (:class:`~qwen_agent.runtime.constraint.TokenConstraint`, one per prompt or none) masks the
+  ids it does not allow before sampling, in the row's own logits only; the row accepts each token it receives.
+- Streaming holds back any tail of the text that could still grow into a stop string, so no fragment such as
+  ``Observ`` is ever yielded unless it turns out not to start a stop string; the deltas never split a character
+  and always join to the final ``text``.
+
+Sampling follows transformers' order and semantics: repetition penalty over prompt and generated ids (divide
+positive logits, multiply negative ones), then greedy argmax, or temperature, top-k (0 = off) and top-p.
 
 Sampling follows transformers' order and semantics: repetition penalty over prompt and generated ids (divide
 positive logits, multiply negative ones), then greedy argmax, or temperature, top-k (0 = off) and top-p.
@@ -31,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, GenerationError
+from .constraint import TokenConstraint, apply_bitmask, bitmask_words
 from .decode_runner import DecodeRunner
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
@@ -80,6 +89,7 @@ class PromptRequest:
     stop_strings: tuple[str, ...] = ()
     stop_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # masks what it does not allow before sampling
 
 
 @dataclass
@@ -207,6 +217,7 @@ class _Row:
     first_token_at: float = 0.0
     received: int = 0  # generated tokens read on the host
     fed: int = 0  # generated tokens whose keys and values are in the cache
+    constraint: TokenConstraint | None = None
 
     @property
     def slot(self) -> int:
@@ -237,6 +248,10 @@ class Generation:
     arrived meanwhile. Iteration ends when no prompt is left. ``keep=False`` forgets each prompt once it is done
     (no ``results``), so a batch that never drains does not grow. ``step_rows`` counts decode steps by the number
     of rows they decoded.
+
+    ``constraints`` (or a request's ``constraint``) gives each prompt its own
+    :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None); the mask of a step is filled on the host
+    while the device runs that step, and rows without one are not touched.
     """
 
     def __init__(
@@ -252,9 +267,13 @@ class Generation:
         generator: torch.Generator | None = None,
         reused: int = 0,
         keep: bool = True,
+        constraints: Sequence[TokenConstraint | None] | None = None,
     ) -> None:
         if reused and len(prompts) != 1:
             raise ValueError("a reused prefix needs a single prompt")
+        constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+        if len(constraints) != len(prompts):
+            raise ConfigError(f"{len(constraints)} constraints for {len(prompts)} prompts")
         self.runner, self.model, self.cache = runner, runner.model, runner.cache
         self.tokenizer, self.reused, self.keep = tokenizer, reused, keep
         self.requests: list[PromptRequest | None] = []  # by prompt index; None once done when not kept
@@ -265,10 +284,23 @@ class Generation:
         self.step_rows: Counter[int] = Counter()
         self._waiting: deque[int] = deque()
         self._cancelled: set[int] = set()
-        for prompt, budget in zip(prompts, max_new_tokens, strict=True):
+        # the allowed-id bitmask of each constrained row, filled on the host
+        self._bitmask = torch.empty(
+            self.cache.batch_size,
+            bitmask_words(self.model.config.vocab_size),
+            dtype=torch.int32,
+            pin_memory=self.cache.k.device.type == "cuda",
+        )
+        for prompt, budget, constraint in zip(prompts, max_new_tokens, constraints, strict=True):
             self.add(
                 PromptRequest(
-                    list(prompt), budget, params or SamplingParams(), stop_strings, stop_ids, generator
+                    list(prompt),
+                    budget,
+                    params or SamplingParams(),
+                    stop_strings,
+                    stop_ids,
+                    generator,
+                    constraint,
                 )
             )
 
@@ -348,15 +380,18 @@ class Generation:
                         "where bfloat16 does not)"
                     )
                 delta = self._receive(row, tokens[r])
+                if row.constraint is not None and row.text.finish_reason is None:
+                    self._accept(row, tokens[r])
                 if delta:
                     yield row.index, delta
                 if row.text.finish_reason is not None:
                     yield row.index, self._finish(r, row, done)
             if logits is not None and self._active:
                 batch = logits.shape[0]
+                self._finite[:batch] = _finite_rows(logits)  # before the mask's -inf
+                logits = self._constrain(logits, [r for r in self._active if r < batch])
                 picked = self._pick(logits, self._seen[:batch], list(range(batch)))
                 runner.tokens[:batch] = picked
-                self._finite[:batch] = _finite_rows(logits)
                 self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
             if self.on_step is not None:
                 self.on_step()
@@ -429,13 +464,40 @@ class Generation:
             seen.fill_(request.prompt[0])
             seen[: len(request.prompt)] = torch.tensor(request.prompt)
             text = _RowText(self.tokenizer, request.stop_strings, request.stop_ids)
-            self._active[r] = _Row(index, len(request.prompt), text, request.max_new_tokens, started)
+            row = _Row(index, len(request.prompt), text, request.max_new_tokens, started)
+            row.constraint = request.constraint
+            self._active[r] = row
+        self._finite[rows] = _finite_rows(logits).long()  # before the mask's -inf
+        logits = self._constrain(logits, [r for r, _ in group], [r for r, _ in group])
         first = self._pick(logits, self._seen[rows], [r for r, _ in group])
         self.runner.tokens[rows] = first
-        self._finite[rows] = _finite_rows(logits).long()
         self._seen[rows, lengths] = first
         self.runner.slots[rows] = lengths
         self._advancing[rows] = 1
+
+    def _constrain(self, logits: Tensor, rows: list[int], order: list[int] | None = None) -> Tensor:
+        """``logits`` with each constrained row's disallowed ids at -inf. Logits row ``i`` belongs to cache row
+        ``order[i]`` (by default cache row ``i``); ``rows`` are the cache rows to consider."""
+        constrained = [r for r in rows if self._active[r].constraint is not None]
+        if not constrained:
+            return logits
+        for r in constrained:
+            self._active[r].constraint.fill_bitmask(self._bitmask[r])
+        positions = [order.index(r) for r in constrained] if order is not None else constrained
+        masks = self._bitmask[constrained].to(logits.device, non_blocking=True)
+        if positions == list(range(logits.shape[0])):  # every row, in order: no gather and scatter
+            return apply_bitmask(logits, masks)
+        at = torch.tensor(positions, device=logits.device)
+        return logits.index_put((at,), apply_bitmask(logits[at], masks))
+
+    @staticmethod
+    def _accept(row: _Row, token: int) -> None:
+        if not row.constraint.accept(token):
+            raise GenerationError(
+                f"prompt {row.index}: generated token {row.received} (id {token}) is not allowed by the "
+                "prompt's constraint, which allowed it a step before (a constraint that allows no id at all, "
+                "or one that is not deterministic)"
+            )
 
     def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
         on_host[0].copy_(self.runner.tokens, non_blocking=copied is not None)

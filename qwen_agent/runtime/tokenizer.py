@@ -295,6 +295,11 @@ class QwenTokenizer:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding underneath (ranks, special tokens, pre-tokenizer), for grammar libraries."""
+        return self._encoding
+
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Token ids of ``text`` after NFC normalisation.
 

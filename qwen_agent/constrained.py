@@ -1,0 +1,272 @@
+"""Constrained ReAct decoding: a grammar built from the offered tools, applied as a token mask by the local model.
+
+With it the model can write only a valid ReAct step::
+
+    Thought: <one line of text>
+    Action: <an offered tool's name>
+    Action Input: <arguments>            (up to where "\\nObservation:" begins)
+
+or ``Thought: <one line>`` then ``Final Answer: <text>`` (ended by the end-of-turn id). The arguments of a JSON tool
+are a JSON object that matches the tool's ``parameters`` schema (with unknown top-level names ruled out, as
+:func:`~qwen_agent.tools.schema.validate_arguments` rules them out); those of a code tool (``args_format="code"``)
+are free code text, fenced or not, and for the ``react_demo`` wording, which asks for triple backticks, fenced.
+Free text never holds ``Observation:`` (the stop string would cut it) nor a line that starts with a ReAct marker
+inside code (the parser would end the Action Input there). Where the assistant turn already ends with
+``Thought:`` (after an Observation) the grammar starts at the thought's text; where it ends with
+``Final Answer:`` (the forced answer), at the answer's.
+
+The grammar is compiled by llguidance (the ``constrained`` extra: ``pip install 'qwen-react-agent[constrained]'``),
+which also computes the masks: it walks the vocabulary's byte trie against the grammar's lexer, a few hundred
+microseconds a token. The runtime sees only :class:`~qwen_agent.runtime.constraint.TokenConstraint`.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import ConfigError
+from .llm_protocol import LLM, ChatPrompt
+from .react import VARIANTS, Variant
+from .runtime.tokenizer import QwenTokenizer
+
+if TYPE_CHECKING:  # torch is imported only once a model runs
+    from torch import Tensor
+
+    from .runtime.constraint import TokenConstraint
+
+__all__ = ["ConstraintOptions", "react_grammar", "ReActConstraints", "constrain_llm", "require_llguidance"]
+
+Start = Literal["step", "thought", "answer"]
+_STARTS: tuple[Start, ...] = ("step", "thought", "answer")
+
+# a ReAct marker at the start of a line of code would end the Action Input for the parser
+_MARKER_LINE = r"\n[ \t]*(Thought|Action|Action Input|Final Answer)[ \t]*:"
+
+
+@dataclass(frozen=True)
+class ConstraintOptions:
+    """``max_text_chars`` bounds every free text (each Thought, the Final Answer, code, each JSON string) to that
+    many characters, so that even a model with random weights completes its steps; None leaves them free."""
+
+    max_text_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_text_chars is not None and self.max_text_chars < 1:
+            raise ConfigError(f"max_text_chars must be at least 1, got {self.max_text_chars}")
+
+
+def _tool_spec(tool: Any) -> tuple[str, str, dict[str, Any]]:
+    """(name, args_format, parameters schema) of a tool."""
+    name = getattr(tool, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"constrained decoding: {tool!r} has no name")
+    args_format = getattr(tool, "args_format", "json")
+    schema = getattr(tool, "schema", None)
+    if schema is None and callable(getattr(tool, "openai_function", None)):
+        schema = tool.openai_function().get("parameters")
+    if not isinstance(schema, dict):
+        raise ConfigError(
+            f"constrained decoding: tool {name!r} has no parameters JSON Schema (a .schema dict)"
+        )
+    return name, args_format, schema
+
+
+def _bounded_strings(schema: Any, limit: int) -> Any:
+    """``schema`` with ``maxLength`` (at most ``limit``) on every string."""
+    if isinstance(schema, list):
+        return [_bounded_strings(s, limit) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_strings(v, limit) for k, v in schema.items()}
+    types = schema.get("type")
+    if types == "string" or (isinstance(types, list) and "string" in types):
+        out["maxLength"] = min(schema.get("maxLength", limit), limit)
+    return out
+
+
+def _argument_schema(schema: dict[str, Any], options: ConstraintOptions) -> dict[str, Any]:
+    schema = {k: v for k, v in schema.items() if k not in ("title", "description")}
+    schema.setdefault("additionalProperties", False)  # as validate_arguments: no unknown top-level names
+    if options.max_text_chars is not None:
+        schema = _bounded_strings(schema, options.max_text_chars)
+    # the separators Qwen writes: {"a": 1, "b": 2}
+    return {
+        **schema,
+        "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "},
+    }
+
+
+_THOUGHT = r"[^\n]*\S[^\n]*"  # one line, not blank
+_ANSWER = r"\s*\S.*"  # any lines, not blank
+
+
+def _text(pattern: str, limit: int | None) -> str:
+    """A Lark token: text matching ``pattern``, at most ``limit`` characters, never containing the stop string."""
+    token = f"/(?s:{pattern})/ & ~/(?s:.*Observation:.*)/"
+    return token + (f" & /(?s:.{{1,{limit}}})/" if limit is not None else "")
+
+
+def react_grammar(
+    tools: Mapping[str, Any], variant: Variant, start: Start, options: ConstraintOptions
+) -> str:
+    """The Lark grammar (llguidance's dialect) of one ReAct step for ``tools`` (name -> tool), from ``start``:
+    ``"step"`` (a whole step), ``"thought"`` (after ``Thought:``) or ``"answer"`` (after ``Final Answer:``)."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown ReAct prompt variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    limit = options.max_text_chars
+    lines = [
+        {
+            "step": 'start: "Thought: " THOUGHT "\\n" decision',
+            "thought": 'start: THOUGHT "\\n" decision',
+            "answer": "start: ANSWER",
+        }[start],
+        "decision: action | final" if tools else "decision: final",
+        'final: "Final Answer: " ANSWER',
+        f"THOUGHT: {_text(_THOUGHT, limit)}",
+        f"ANSWER: {_text(_ANSWER, limit)}",
+    ]
+    calls = []
+    for i, tool in enumerate(tools.values()):
+        name, args_format, schema = _tool_spec(tool)
+        head = json.dumps(f"{name}\nAction Input: ")
+        if args_format == "code":
+            # one token up to and including the stop string, so the lexer never has to give text back
+            body = r"```[^\n`]*\n.*[^\s`].*\n```" if variant == "react_demo" else r"[\s`]*[^\s`].*"
+            bound = f" & /(?s:.{{1,{limit + 20}}})/" if limit is not None else ""
+            excluded = f"(?s:.*(Observation:|{_MARKER_LINE}).*\\nObservation:)"
+            lines.append(f"ARGS{i}: /(?s:{body}\\nObservation:)/ & ~/{excluded}/{bound}")
+            calls.append(f"{head} ARGS{i}")
+        else:
+            lines.append(f"args{i}: %json{json.dumps(_argument_schema(schema, options), ensure_ascii=False)}")
+            calls.append(f'{head} args{i} "\\nObservation:"')
+    if tools:
+        lines.append('action: "Action: " (' + " | ".join(calls) + ")")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llguidance behind the runtime's TokenConstraint
+
+
+def require_llguidance() -> Any:
+    try:
+        import llguidance
+    except ImportError:
+        raise ConfigError(
+            "constrained decoding needs the llguidance package: pip install 'qwen-react-agent[constrained]'"
+        ) from None
+    return llguidance
+
+
+# one llguidance tokenizer per (tokenizer, vocabulary size): building it walks the whole vocabulary (~0.5 s)
+_LL_TOKENIZERS: weakref.WeakKeyDictionary[QwenTokenizer, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def _ll_tokenizer(tokenizer: QwenTokenizer, vocab_size: int) -> Any:
+    built = _LL_TOKENIZERS.setdefault(tokenizer, {})
+    if vocab_size not in built:
+        encoding = tokenizer.encoding
+        built[vocab_size] = require_llguidance().LLTokenizer.from_tiktoken(
+            encoder=encoding._mergeable_ranks,
+            special_tokens=encoding._special_tokens,
+            pattern=encoding._pat_str,
+            eos_token=[tokenizer.im_end_id, tokenizer.eod_id],  # either ends the turn
+            n_vocab=vocab_size,
+        )
+    return built[vocab_size]
+
+
+class _MatcherConstraint:
+    """A :class:`~qwen_agent.runtime.constraint.TokenConstraint` over one llguidance matcher."""
+
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+
+    def fill_bitmask(self, bitmask: Tensor) -> None:
+        self._matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
+
+    def accept(self, token: int) -> bool:
+        return bool(self._matcher.consume_token(token))
+
+
+class ReActConstraints:
+    """Gives each model call a fresh constraint for the ReAct grammar of ``tools`` (name -> tool).
+
+    Compiles the grammar once per start (a whole step, after ``Thought:``, after ``Final Answer:``), the whole
+    step's at once; a tool whose schema llguidance cannot compile is a :class:`~qwen_agent.errors.ConfigError`
+    naming it. Call with a
+    :class:`~qwen_agent.llm_protocol.ChatPrompt` (or :meth:`for_prefix` with the assistant text so far).
+    """
+
+    def __init__(
+        self,
+        tokenizer: QwenTokenizer,
+        vocab_size: int,
+        tools: Mapping[str, Any],
+        variant: Variant = "react_prompt",
+        options: ConstraintOptions | None = None,
+    ) -> None:
+        self._llg = require_llguidance()
+        self._tools, self._variant = dict(tools), variant
+        self._options = options or ConstraintOptions()
+        self._tokenizer = _ll_tokenizer(tokenizer, vocab_size)
+        self._matchers: dict[Start, Any] = {}
+        self._matcher("step")  # compile errors surface here; the other starts compile when first needed
+
+    def _matcher(self, start: Start) -> Any:
+        if start not in self._matchers:
+            grammar = react_grammar(self._tools, self._variant, start, self._options)
+            matcher = self._llg.LLMatcher(self._tokenizer, grammar, log_level=0)
+            if matcher.is_error():
+                self._name_the_tool()
+                raise ConfigError(
+                    f"constrained decoding: the ReAct grammar does not compile: {matcher.get_error()}"
+                )
+            self._matchers[start] = matcher
+        return self._matchers[start]
+
+    def _name_the_tool(self) -> None:
+        """Raise a ConfigError naming the first tool whose parameters schema llguidance cannot compile."""
+        for name, tool in self._tools.items():
+            _, args_format, schema = _tool_spec(tool)
+            if args_format != "code":
+                args = json.dumps(_argument_schema(schema, self._options), ensure_ascii=False)
+                error = self._llg.LLMatcher.validate_grammar(f"start: %json{args}\n", self._tokenizer)
+                if error:
+                    raise ConfigError(
+                        f"constrained decoding: the parameters schema of tool {name!r}: {error}"
+                    )
+
+    def for_prefix(self, assistant_prefix: str) -> TokenConstraint:
+        """A constraint for a completion that continues ``assistant_prefix``."""
+        tail = assistant_prefix.rstrip(" ")
+        start: Start = "step"
+        if tail.endswith("Final Answer:"):
+            start = "answer"
+        elif tail.endswith("Thought:"):
+            start = "thought"
+        return _MatcherConstraint(self._matcher(start).deep_copy())
+
+    def __call__(self, prompt: ChatPrompt) -> TokenConstraint:
+        return self.for_prefix(prompt.assistant_prefix)
+
+
+def constrain_llm(
+    llm: LLM, tools: Mapping[str, Any], variant: Variant, options: ConstraintOptions | None = None
+) -> LLM:
+    """``llm`` decoding under the ReAct grammar of ``tools``: a local model only, since the mask is applied in
+    this process's decoding loop."""
+    with_constraint = getattr(llm, "with_constraint", None)
+    engine = getattr(llm, "engine", None)
+    if with_constraint is None or engine is None:
+        raise ConfigError(
+            f"constrained decoding masks tokens in this process's decoding loop, so it needs a LocalLLM; "
+            f"{type(llm).__name__} cannot do it (a server decodes by itself)"
+        )
+    return with_constraint(
+        ReActConstraints(engine.tokenizer, engine.config.vocab_size, tools, variant, options)
+    )
