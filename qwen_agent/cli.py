@@ -292,6 +292,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         idle_timeout=args.session_timeout,
         mcp=args.mcp,
+        max_batch=args.max_batch,
     )
     return 0
 
@@ -318,6 +319,12 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=1800.0,
         help="seconds after which an idle browser session and its kernel are closed",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=4,
+        help="a local model's generations decoded at once, across sessions (default: 4)",
     )
     p.set_defaults(func=_cmd_web)
 

@@ -293,27 +293,31 @@ class RecordingLLM:
 def test_browser_with_the_tiny_checkpoint_and_the_settings_panel(
     browser, serve, tiny_qwen_dir, tmp_path
 ) -> None:
-    from qwen_agent.llm import LocalLLM
     from qwen_agent.runtime.engine import load_model
-    from qwen_agent.serve.web_session import SharedLLM
+    from qwen_agent.serve.scheduled_llm import ScheduledLLM
+    from qwen_agent.serve.scheduler import Scheduler
 
-    backend = RecordingLLM(SharedLLM(LocalLLM(load_model(tiny_qwen_dir, device="cpu"))))
-    url = serve(lambda: backend, max_tokens=16)
-    context, page = _open(browser, url)
-    page.click("#qa-settings button")  # open the settings panel
-    page.locator("#qa-tools label", has_text="current_time").click()  # turn the tool off
-    page.locator("#qa-greedy label").click()
-    page.fill("#qa-system textarea", "You are a terse test assistant.")
-    _ask(page, "What time is it?")
-    _wait_turn_done(page)
-    assert backend.calls, "the model was never called"
-    prompt, sampling = backend.calls[0]
-    assert sampling.temperature == 0.0 and sampling.max_tokens == 16
-    assert prompt.system == "You are a terse test assistant."
-    assert "code_interpreter" in prompt.query and "current_time" not in prompt.query
-    assert page.locator("#qa-chat [data-testid=bot]").count() >= 1
-    page.screenshot(path=str(tmp_path / "web-tiny.png"), full_page=True)
-    context.close()
+    scheduler = Scheduler(load_model(tiny_qwen_dir, device="cpu"), max_batch=4)  # as `qwen-agent web` runs it
+    backend = RecordingLLM(ScheduledLLM(scheduler))
+    try:
+        url = serve(lambda: backend, max_tokens=16)
+        context, page = _open(browser, url)
+        page.click("#qa-settings button")  # open the settings panel
+        page.locator("#qa-tools label", has_text="current_time").click()  # turn the tool off
+        page.locator("#qa-greedy label").click()
+        page.fill("#qa-system textarea", "You are a terse test assistant.")
+        _ask(page, "What time is it?")
+        _wait_turn_done(page)
+        assert backend.calls, "the model was never called"
+        prompt, sampling = backend.calls[0]
+        assert sampling.temperature == 0.0 and sampling.max_tokens == 16
+        assert prompt.system == "You are a terse test assistant."
+        assert "code_interpreter" in prompt.query and "current_time" not in prompt.query
+        assert page.locator("#qa-chat [data-testid=bot]").count() >= 1
+        page.screenshot(path=str(tmp_path / "web-tiny.png"), full_page=True)
+        context.close()
+    finally:
+        scheduler.close()
 
 
 def test_browser_stop_ends_a_running_cell_and_backend_errors_show_in_the_chat(

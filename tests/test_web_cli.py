@@ -29,7 +29,10 @@ def test_web_serves_the_page_for_a_local_model(tiny_qwen_dir: Path, tmp_path: Pa
     log = open(tmp_path / "web.log", "wb")  # noqa: SIM115
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_agent.cli", "web", "--model", str(tiny_qwen_dir), "--port", str(port)],
+        [
+            *(sys.executable, "-m", "qwen_agent.cli", "web", "--model", str(tiny_qwen_dir)),
+            *("--port", str(port), "--max-batch", "2"),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -1,4 +1,4 @@
-"""The web UI's sessions without a browser: idle sessions are reaped with their kernels; shared backends."""
+"""The web UI's sessions without a browser: idle sessions are reaped with their kernels; turns and Stop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from qwen_agent.errors import ConfigError
 from qwen_agent.llm import ScriptedLLM
-from qwen_agent.serve.web_session import SessionPool, Settings, SharedLLM, TurnEnded, workspace_files
+from qwen_agent.serve.web_session import SessionPool, Settings, TurnEnded, workspace_files
 
 
 def _drain(events) -> list:
@@ -54,28 +54,6 @@ def test_a_turn_ends_with_its_reason_and_grows_the_history_only_on_an_answer() -
             session.start_turn("x", Settings(tools=("web_fetch",)))
     finally:
         pool.close_all()
-
-
-def test_a_shared_backend_runs_one_call_at_a_time() -> None:
-    active, most = [0], [0]
-
-    class Probe(ScriptedLLM):
-        def stream(self, prompt, *, stop=(), sampling=None):
-            active[0] += 1
-            most[0] = max(most[0], active[0])
-            time.sleep(0.05)
-            yield from super().stream(prompt, stop=stop, sampling=sampling)
-            active[0] -= 1
-
-    shared = SharedLLM(Probe(["Final Answer: a"] * 8))
-    from qwen_agent.llm_protocol import ChatPrompt
-
-    threads = [threading.Thread(target=lambda: list(shared.stream(ChatPrompt("q")))) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert most[0] == 1
 
 
 def test_workspace_listing_leaves_out_links_and_hidden_files(tmp_path: Path) -> None:

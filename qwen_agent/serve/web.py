@@ -45,7 +45,7 @@ from ..llm_protocol import LLM
 from ..runtime.chat_format import DEFAULT_SYSTEM
 from ..tools.base import extract_code
 from ..tools.registry import ToolRegistry, default_registry
-from .web_session import SessionPool, Settings, SharedLLM, TurnEnded, WebSession, workspace_files
+from .web_session import SessionPool, Settings, TurnEnded, WebSession, workspace_files
 
 __all__ = ["WebApp", "build_app", "launch", "TurnView"]
 
@@ -403,14 +403,17 @@ def launch(
     max_tokens: int = 512,
     idle_timeout: float = 1800.0,
     mcp: str | None = None,
+    max_batch: int = 4,
 ) -> None:
     """Serve the UI until interrupted. ``model`` is a local model directory (loaded once, shared by every
-    session, one generation at a time) or the URL of an OpenAI-compatible server (a client per session).
-    ``mcp`` is an ``mcpServers`` config: its servers start once, and their tools join the built-in ones (all
-    offered unless ``tools`` names some), shared by every session."""
+    session: their generations are decoded together, up to ``max_batch`` at a time) or the URL of an
+    OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
+    once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
+    session."""
     from ..llm import llm_from_spec
 
     registry = default_registry.select()  # the built-in tools' classes: each session makes its own instances
+    scheduler = None
     try:
         if mcp is not None:
             registry.add_mcp(mcp)
@@ -420,7 +423,12 @@ def launch(
             def new_llm() -> LLM:
                 return llm_from_spec(model, api_key=api_key, served_model=served_model)
         else:
-            shared = SharedLLM(llm_from_spec(model, device=device))
+            from ..runtime.engine import load_model
+            from .scheduled_llm import ScheduledLLM
+            from .scheduler import Scheduler
+
+            scheduler = Scheduler(load_model(model, device=device), max_batch=max_batch)
+            shared = ScheduledLLM(scheduler)
 
             def new_llm() -> LLM:
                 return shared
@@ -439,3 +447,5 @@ def launch(
             app.pool.close_all()
     finally:
         registry.close()  # stops the MCP servers
+        if scheduler is not None:
+            scheduler.close()

@@ -2,8 +2,9 @@
 
 Each browser session (a page load) gets a :class:`WebSession` from the :class:`SessionPool`: its own tool
 instances (so its own sandboxed kernel and workspace), its own conversation history and its own backend (or a
-shared one, see :class:`SharedLLM`). A turn runs in a worker thread that feeds agent events into a queue, so the
-Stop button, New chat, a closed tab and the idle reaper can always end it, whatever the page is doing.
+shared one that batches the sessions' calls, :class:`~qwen_agent.serve.scheduled_llm.ScheduledLLM`). A turn
+runs in a worker thread that feeds agent events into a queue, so the Stop button, New chat, a closed tab and
+the idle reaper can always end it, whatever the page is doing.
 """
 
 from __future__ import annotations
@@ -13,42 +14,19 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..agent import Agent, Event
 from ..errors import ConfigError
-from ..llm_protocol import LLM, ChatPrompt, Completion, Sampling
+from ..llm_protocol import LLM, Sampling
 from ..tools.registry import ToolRegistry, default_registry
 
-__all__ = ["SharedLLM", "Settings", "WebSession", "SessionPool", "TurnEnded", "workspace_files"]
+__all__ = ["Settings", "WebSession", "SessionPool", "TurnEnded", "workspace_files"]
 
 CODE_TOOL = "code_interpreter"
-
-
-class SharedLLM:
-    """One backend used by every session, one call at a time (the local engine is not thread-safe).
-
-    A plain lock, not an RLock: successive items of a stream may be pulled from different threads.
-    """
-
-    def __init__(self, llm: LLM):
-        self.llm = llm
-        self._lock = threading.Lock()
-
-    def complete(
-        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
-    ) -> Completion:
-        with self._lock:
-            return self.llm.complete(prompt, stop=stop, sampling=sampling)
-
-    def stream(
-        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
-    ) -> Iterator[str | Completion]:
-        with self._lock:
-            yield from self.llm.stream(prompt, stop=stop, sampling=sampling)
 
 
 @dataclass(frozen=True)
