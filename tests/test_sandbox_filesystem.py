@@ -375,22 +375,28 @@ def test_a_root_host_keeps_the_kernel_root_and_says_why_when_a_read_root_is_clos
         assert ci.execute("import os; print(os.getuid())").stdout == "0\n"
 
 
-def test_without_a_mount_namespace_a_hidden_installation_keeps_the_kernel_root(monkeypatch):
+@pytest.mark.parametrize("why", ["no namespace", "tmpfs refused"])
+def test_a_hidden_installation_that_cannot_be_shown_keeps_the_kernel_root(monkeypatch, why):
     if os.geteuid() != 0:
         pytest.skip("the host is not root")
     hidden = _unsearchable_dirs([Path(sys.base_prefix).resolve()])
     if not hidden:
         pytest.skip("the Python installation is readable by others here: the kernel runs as uid 65534 anyway")
-    monkeypatch.setattr(sandbox, "_probe_unshare", lambda _: ((), "turned off by the test"))
+    if why == "no namespace":
+        monkeypatch.setattr(sandbox, "_probe_unshare", lambda _: ((), "turned off by the test"))
+        expected = (
+            f"below {hidden[0]}, which an unprivileged uid cannot search, and no private mount namespace"
+        )
+    else:  # the remounts work but showing the installation does not (as a security module might refuse)
+        refused = f"launcher: cannot mount a tmpfs over {hidden[0]}: Permission denied"
+        monkeypatch.setattr(sandbox, "_probe_read_only_mounts", lambda _, show=(): refused if show else "")
+        expected = f"{hidden[0]} cannot be shown to an unprivileged uid: {refused}"
     with CodeInterpreter(timeout=30) as ci:
         info = ci.sandbox_info()
         assert info["separate_uid"] is None and info["shown_to_uid"] == []
-        assert any(
-            n.startswith("kernel runs as root:")
-            and f"below {hidden[0]}" in n
-            and "no private mount namespace" in n
-            for n in info["notes"]
-        ), info["notes"]
+        assert any(n.startswith("kernel runs as root:") and expected in n for n in info["notes"]), info[
+            "notes"
+        ]
         assert ci.execute("import os; print(os.getuid())").stdout == "0\n"
 
 
@@ -511,7 +517,7 @@ def test_where_mounts_cannot_be_made_read_only_the_layer_says_so_and_landlock_st
         pytest.skip("no namespaces here: the read-only mounts are off anyway")
     assert sandbox._probe_read_only_mounts(unshare) == "", "works on this machine"
     monkeypatch.setattr(
-        sandbox, "_probe_read_only_mounts", lambda _: "launcher: cannot make / read-only: EPERM"
+        sandbox, "_probe_read_only_mounts", lambda *_: "launcher: cannot make / read-only: EPERM"
     )
     with CodeInterpreter(timeout=30) as ci:
         info = ci.sandbox_info()

@@ -120,7 +120,10 @@ def show_hidden_paths(entries: list) -> None:
     _require_own_namespace()
     os.umask(0o022)
     # opened before any tmpfs covers them; bind-mounted from /proc/self/fd afterwards
-    fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for _, path, _ in entries]
+    try:
+        fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for _, path, _ in entries]
+    except OSError as exc:
+        sys.exit(f"launcher: cannot open {exc.filename} to show it to the sandbox uid: {exc.strerror}")
     for hidden in dict.fromkeys(hidden for hidden, _, _ in entries):
         err = _mount("tmpfs", hidden, MS_NOSUID | MS_NODEV, fstype="tmpfs", data="mode=0755,size=1m")
         if err:
@@ -198,6 +201,7 @@ def run_as_init(argv: list) -> None:
 
 def main() -> None:
     if sys.argv[1] == "--probe-mounts":  # run by the host once, inside the namespaces a kernel would get
+        show_hidden_paths(json.loads(sys.argv[2]))
         make_mounts_read_only([])
         return
     config = json.loads(sys.argv[1])

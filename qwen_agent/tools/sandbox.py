@@ -130,12 +130,13 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
     return tuple(flags), ""
 
 
-@functools.lru_cache(maxsize=4)
-def _probe_read_only_mounts(unshare: tuple[str, ...]) -> str:
-    """Why the launcher cannot make the mounts of a new namespace read-only here ("" when it can)."""
+@functools.lru_cache(maxsize=8)
+def _probe_read_only_mounts(unshare: tuple[str, ...], show: tuple[tuple[str, str, bool], ...] = ()) -> str:
+    """Why the launcher cannot make the mounts of a new namespace read-only here, after showing the ``show``
+    entries (see ``_launcher.show_hidden_paths``) when given ("" when it can)."""
     try:
         probe = subprocess.run(
-            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts"],
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts", json.dumps(show)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -436,7 +437,7 @@ def plan_sandbox(
     uid: int | None = None
     show_hidden = False
     if sandbox_uid == "auto" and os.geteuid() == 0:
-        uid, show_hidden, reason = _choose_uid(python, read_roots, read_only_mounts)
+        uid, show_hidden, reason = _choose_uid(python, read_roots, unshare if read_only_mounts else ())
         notes.append(reason)
     elif sandbox_uid not in (None, "auto"):
         uid = int(sandbox_uid)
@@ -474,9 +475,12 @@ def plan_sandbox(
     )
 
 
-def _choose_uid(python: str, read_roots: list[str] | None, can_mount: bool) -> tuple[int | None, bool, str]:
+def _choose_uid(
+    python: str, read_roots: list[str] | None, unshare: tuple[str, ...]
+) -> tuple[int | None, bool, str]:
     """For a root host: the kernel's uid (None: root), whether the launcher must show it hidden read roots, and a
-    note saying which case applies and why."""
+    note saying which case applies and why. ``unshare``: the namespaces the launcher may mount in (or none)."""
+    can_mount = bool(unshare)
     needed = [python, *python_installation(python), *(read_roots or [])]
     unreadable = [os.path.realpath(p) for p in needed if not _readable_by_others(p)]
     if not unreadable:  # a workspace below an unsearchable directory is still shown where mounts allow
@@ -491,6 +495,15 @@ def _choose_uid(python: str, read_roots: list[str] | None, can_mount: bool) -> t
             False,
             f"kernel runs as root: {unreadable[0]} lies below {hidden[0]}, which an unprivileged uid cannot "
             "search, and no private mount namespace (with the file-system layer on) can show it",
+        )
+    failure = _probe_read_only_mounts(
+        unshare, tuple((top, p, True) for top, p in _hidden_paths(read_roots or []))
+    )
+    if failure:
+        return (
+            None,
+            False,
+            f"kernel runs as root: {hidden[0]} cannot be shown to an unprivileged uid: {failure}",
         )
     return (
         NOBODY_UID,
