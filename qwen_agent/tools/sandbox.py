@@ -274,9 +274,8 @@ class SandboxPlan:
     landlock_abi: int
     read_only_mounts: bool
     notes: list[str] = field(default_factory=list)
-    show_hidden: bool = (
-        False  # the launcher bind-mounts roots below unsearchable directories back for the uid
-    )
+    # the launcher shows the uid the roots below directories it cannot search (see _launcher.show_hidden_paths)
+    show_hidden: bool = False
 
     def launcher_config(self, argv: list[str], write_roots: list[str]) -> dict[str, Any]:
         landlock = None
