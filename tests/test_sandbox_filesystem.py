@@ -299,6 +299,107 @@ def test_attacks_fail_as_an_unprivileged_user_too(tmp_path):
         shutil.rmtree(other, ignore_errors=True)
 
 
+# ---- a root host: the kernel runs as the sandbox uid --------------------------------------------------------
+
+
+def _needs_root_with_mount_namespace() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the host is not root: the kernel already runs as the host's unprivileged uid")
+    unshare = sandbox._probe_unshare(True)[0]
+    if not unshare or sandbox._probe_read_only_mounts(unshare):
+        pytest.skip("no private mount namespace here to show hidden paths in")
+
+
+def _unsearchable_dirs(paths: list[Path]) -> list[Path]:
+    """The outermost directory above each path that other uids cannot search."""
+    tops = ([p for p in reversed(path.parents) if os.stat(p).st_mode & 0o001 == 0][:1] for path in paths)
+    return sorted({top for found in tops for top in found})
+
+
+def _dir_state(paths: list[Path]) -> dict[Path, tuple[int, int, int, list[str]]]:
+    """Mode, owner, mtime and entries of each directory: what a chmod, chown or mount on the host would change."""
+    return {
+        p: (p.stat().st_mode, p.stat().st_uid, p.stat().st_mtime_ns, sorted(os.listdir(p))) for p in paths
+    }
+
+
+def _host_mounts() -> list[str]:
+    return sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_a_root_host_runs_the_kernel_as_the_sandbox_uid_with_hidden_paths_shown(tmp_path):
+    _needs_root_with_mount_namespace()
+    data, workdir = tmp_path / "data", tmp_path / "work"  # pytest's tmp_path lies below a 0700 directory
+    data.mkdir()
+    (data / "sales.csv").write_text("month,amount\n1,10\n2,32\n")
+    hidden = _unsearchable_dirs([Path(sys.base_prefix).resolve(), data])
+    assert hidden, "pytest's base temp dir (mode 0700) is not searchable by others"
+    before, mounts = _dir_state(hidden), _host_mounts()
+    with CodeInterpreter(timeout=60, workdir=workdir, read_paths=[data]) as ci:
+        info = ci.sandbox_info()
+        assert info["separate_uid"] == 65534 and info["shown_to_uid"] == [str(p) for p in hidden]
+        assert any(n.startswith("kernel runs as uid 65534;") for n in info["notes"]), info["notes"]
+        ci.upload(b"x\n5\n", "up.csv")
+        r = ci.execute(
+            textwrap.dedent(f"""
+            import os, numpy as np, pandas as pd, matplotlib.pyplot as plt
+            sales = pd.read_csv({str(data / "sales.csv")!r})
+            print(os.getuid(), os.getgid(), int(sales.amount.sum()), int(pd.read_csv("up.csv").x.sum()))
+            open("made.txt", "w").write("k")
+            plt.plot(sales.month, np.asarray(sales.amount)); plt.show()
+            """),
+            timeout=60,
+        )
+        assert r.stdout == "65534 65534 42 5\n" and len(r.images) == 1, r.to_observation()
+        assert (workdir / "made.txt").stat().st_uid == 65534 and r.images[0].stat().st_uid == 65534
+        # in the kernel's namespace a hidden directory holds only the roots shown (stat is not Landlock's)
+        (tmp_path / "beside.txt").write_text("not shown")
+        r = ci.execute(
+            f"print(os.path.lexists({str(tmp_path / 'beside.txt')!r}), os.path.lexists('made.txt'))"
+        )
+        assert r.stdout == "False True\n", r.to_observation()
+        r = ci.execute(f"open({str(data / 'new.csv')!r}, 'w')")
+        assert r.error is not None and "Read-only file system" in r.error.value, r.to_observation()
+        assert _host_mounts() == mounts, "a mount leaked into the host's namespace"
+    assert _dir_state(hidden) == before and sorted(p.name for p in data.iterdir()) == ["sales.csv"]
+
+
+def test_a_root_host_keeps_the_kernel_root_and_says_why_when_a_read_root_is_closed(tmp_path):
+    _needs_root_with_mount_namespace()
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    with CodeInterpreter(timeout=30, read_paths=[closed]) as ci:
+        info = ci.sandbox_info()
+        assert info["separate_uid"] is None and info["shown_to_uid"] == []
+        assert f"kernel runs as root: {closed} is not readable by an unprivileged uid" in info["notes"]
+        assert ci.execute("import os; print(os.getuid())").stdout == "0\n"
+
+
+@pytest.mark.parametrize("why", ["no namespace", "tmpfs refused"])
+def test_a_hidden_installation_that_cannot_be_shown_keeps_the_kernel_root(monkeypatch, why):
+    if os.geteuid() != 0:
+        pytest.skip("the host is not root")
+    hidden = _unsearchable_dirs([Path(sys.base_prefix).resolve()])
+    if not hidden:
+        pytest.skip("the Python installation is readable by others here: the kernel runs as uid 65534 anyway")
+    if why == "no namespace":
+        monkeypatch.setattr(sandbox, "_probe_unshare", lambda _: ((), "turned off by the test"))
+        expected = (
+            f"below {hidden[0]}, which an unprivileged uid cannot search, and no private mount namespace"
+        )
+    else:  # the remounts work but showing the installation does not (as a security module might refuse)
+        refused = f"launcher: cannot mount a tmpfs over {hidden[0]}: Permission denied"
+        monkeypatch.setattr(sandbox, "_probe_read_only_mounts", lambda _, show=(): refused if show else "")
+        expected = f"{hidden[0]} cannot be shown to an unprivileged uid: {refused}"
+    with CodeInterpreter(timeout=30) as ci:
+        info = ci.sandbox_info()
+        assert info["separate_uid"] is None and info["shown_to_uid"] == []
+        assert any(n.startswith("kernel runs as root:") and expected in n for n in info["notes"]), info[
+            "notes"
+        ]
+        assert ci.execute("import os; print(os.getuid())").stdout == "0\n"
+
+
 def test_read_roots_hold_no_home_or_checkout():
     roots = sandbox.plan_filesystem([], enabled=True, required=False)[0]
     repo = str(Path(__file__).resolve().parents[1])
@@ -416,7 +517,7 @@ def test_where_mounts_cannot_be_made_read_only_the_layer_says_so_and_landlock_st
         pytest.skip("no namespaces here: the read-only mounts are off anyway")
     assert sandbox._probe_read_only_mounts(unshare) == "", "works on this machine"
     monkeypatch.setattr(
-        sandbox, "_probe_read_only_mounts", lambda _: "launcher: cannot make / read-only: EPERM"
+        sandbox, "_probe_read_only_mounts", lambda *_: "launcher: cannot make / read-only: EPERM"
     )
     with CodeInterpreter(timeout=30) as ci:
         info = ci.sandbox_info()

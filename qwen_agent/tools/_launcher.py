@@ -4,7 +4,8 @@ Outer stage (child of the host): ask for SIGKILL when the host dies, join the pi
 limits, then exec ``unshare`` (new pid/net/mount namespaces) running the inner stage, or run the inner stage
 directly when no namespaces are used.
 
-Inner stage: ask for SIGKILL when the parent dies, make every mount of its namespace read-only but the workspace
+Inner stage: ask for SIGKILL when the parent dies, show the sandbox uid the roots it needs that lie below
+directories it cannot search (``/root``, mode 0700), make every mount of its namespace read-only but the workspace
 and runtime directory, drop to the sandbox uid if one is set, drop every capability (root in the kernel keeps
 uid 0 but no privilege over the host), confine the file system with Landlock (last, since Landlock forbids
 mounting), and exec the kernel.
@@ -55,14 +56,20 @@ def apply_limits(limits: dict) -> None:
         resource.setrlimit(LIMITS[name], (soft, hard))
 
 
-def drop_capabilities() -> None:
-    """Empty the bounding and ambient sets, then the effective, permitted and inheritable ones (capset to 0):
-    with all five empty, neither this process nor anything it execs (even as uid 0) holds a capability."""
+def drop_bounding_set() -> None:
+    """Empty the bounding set: needs CAP_SETPCAP, so it runs before a switch to the sandbox uid takes that away."""
     libc = ctypes.CDLL(None, use_errno=True)
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     for cap in range(last_cap + 1):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: then there is nothing to keep
+
+
+def drop_capabilities() -> None:
+    """Empty the bounding and ambient sets, then the effective, permitted and inheritable ones (capset to 0):
+    with all five empty, neither this process nor anything it execs (even as uid 0) holds a capability."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    drop_bounding_set()
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} triples, all zero
@@ -71,7 +78,7 @@ def drop_capabilities() -> None:
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_RELATIME = 1024, 2048, 4096, 1 << 21
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 21
 # statvfs f_flag bits -> mount flags that must be kept on a remount (a user namespace locks them)
 _KEPT_FLAGS = {
     2: MS_NOSUID,
@@ -83,10 +90,10 @@ _KEPT_FLAGS = {
 }
 
 
-def _mount(source, target: str, flags: int) -> int:
+def _mount(source, target: str, flags: int, fstype=None, data=None) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
-    src = source.encode() if source else None
-    if libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+    args = [arg.encode() if arg else None for arg in (source, target, fstype, data)]
+    if libc.mount(args[0], args[1], args[2], ctypes.c_ulong(flags), args[3]) != 0:
         return ctypes.get_errno()
     return 0
 
@@ -101,14 +108,46 @@ def _remount(target: str, read_only: bool) -> int:
     return _mount(None, target, flags)
 
 
+def _require_own_namespace() -> None:
+    if os.getpid() != 1:  # never the host's mounts: only as init of the namespaces unshare made
+        sys.exit("launcher: mounts are changed only inside a new pid and mount namespace")
+
+
+def show_hidden_paths(entries: list) -> None:
+    """Make each ``(hidden, path, read_only)`` entry reachable by any uid in this mount namespace only: a tmpfs of
+    mode 0755 over ``hidden`` (a directory other uids cannot search, e.g. /root), holding just ``path``,
+    bind-mounted back in place. Nothing on the host changes: no chmod, and unshare made the mounts private."""
+    _require_own_namespace()
+    os.umask(0o022)
+    # opened before any tmpfs covers them; bind-mounted from /proc/self/fd afterwards
+    try:
+        fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for _, path, _ in entries]
+    except OSError as exc:
+        sys.exit(f"launcher: cannot open {exc.filename} to show it to the sandbox uid: {exc.strerror}")
+    for hidden in dict.fromkeys(hidden for hidden, _, _ in entries):
+        err = _mount("tmpfs", hidden, MS_NOSUID | MS_NODEV, fstype="tmpfs", data="mode=0755,size=1m")
+        if err:
+            sys.exit(f"launcher: cannot mount a tmpfs over {hidden}: {os.strerror(err)}")
+    for (_, path, read_only), fd in zip(entries, fds, strict=True):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.lexists(path):  # nothing there yet unless an outer entry already holds it
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.mkdir(path)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        err = _mount(f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC) or (read_only and _remount(path, True))
+        if err:
+            sys.exit(f"launcher: cannot bind-mount {path} below the tmpfs: {os.strerror(err)}")
+        os.close(fd)
+
+
 def make_mounts_read_only(writable: list) -> None:
     """In the kernel's own mount namespace: every mount read-only except ``writable``, each bind-mounted on itself.
 
     Landlock already refuses writes outside; this also refuses what Landlock does not govern: chmod, chown,
     utime and extended attributes of files the kernel's uid owns. Mounts that cannot be remounted (other
     mounts over them) are left as they are; the root mount must succeed."""
-    if os.getpid() != 1:  # never the host's mounts: only as init of the namespaces unshare made
-        sys.exit("launcher: read-only mounts are made only inside a new pid and mount namespace")
+    _require_own_namespace()
     for path in writable:
         err = _mount(path, path, MS_BIND)
         if err:
@@ -162,6 +201,7 @@ def run_as_init(argv: list) -> None:
 
 def main() -> None:
     if sys.argv[1] == "--probe-mounts":  # run by the host once, inside the namespaces a kernel would get
+        show_hidden_paths(json.loads(sys.argv[2]))
         make_mounts_read_only([])
         return
     config = json.loads(sys.argv[1])
@@ -182,9 +222,13 @@ def main() -> None:
                 json.dumps(inner),
             ]
             os.execv(argv[0], argv)
+    if config.get("show_hidden"):
+        show_hidden_paths(config["show_hidden"])
     if config.get("read_only_mounts"):
         make_mounts_read_only(config["read_only_mounts"])
     if config.get("uid") is not None:
+        if config.get("drop_capabilities"):
+            drop_bounding_set()
         os.setgroups([])
         os.setgid(config["gid"])
         os.setuid(config["uid"])

@@ -8,7 +8,9 @@ Layers, each reported by :meth:`SandboxPlan.info`:
 - network namespace (``unshare --net``): only a down loopback, so no egress at all (ZMQ uses Unix sockets);
 - a pids cgroup capping the number of processes (a fork bomb stops there), or RLIMIT_NPROC where it counts;
 - resource limits: address space, CPU seconds, file size, open files, no core dumps;
-- a separate unprivileged uid when the host runs as root and the Python installation is readable by it;
+- a separate unprivileged uid when the host runs as root and the Python installation is readable by it, or can
+  be shown to it: a read root below a directory other uids cannot search (``/root``, mode 0700) is bind-mounted
+  back in place under a world-searchable tmpfs, in the kernel's mount namespace only (the host is not changed);
 - a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets;
 - no capabilities: root in the kernel keeps uid 0 but cannot load modules, mount, or override file permissions;
 - the file system (Landlock): reads only beneath the system, Python and granted roots, writes only in the
@@ -128,12 +130,13 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
     return tuple(flags), ""
 
 
-@functools.lru_cache(maxsize=4)
-def _probe_read_only_mounts(unshare: tuple[str, ...]) -> str:
-    """Why the launcher cannot make the mounts of a new namespace read-only here ("" when it can)."""
+@functools.lru_cache(maxsize=8)
+def _probe_read_only_mounts(unshare: tuple[str, ...], show: tuple[tuple[str, str, bool], ...] = ()) -> str:
+    """Why the launcher cannot make the mounts of a new namespace read-only here, after showing the ``show``
+    entries (see ``_launcher.show_hidden_paths``) when given ("" when it can)."""
     try:
         probe = subprocess.run(
-            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts"],
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts", json.dumps(show)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -143,26 +146,47 @@ def _probe_read_only_mounts(unshare: tuple[str, ...]) -> str:
     return "" if probe.returncode == 0 else probe.stderr.strip()[-200:] or f"status {probe.returncode}"
 
 
-def _readable_by_others(path: str) -> bool:
-    """Whether a process of another uid can reach ``path`` (every parent directory searchable by others)."""
-    p = Path(path).resolve()
-    for part in [p, *p.parents]:
+def _open_to_others(path: str) -> bool:
+    """Whether another uid may read ``path`` itself (and list it, for a directory), its parents aside."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    need = stat.S_IROTH | stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH
+    return mode & need == need
+
+
+def _hidden_ancestor(path: str) -> str | None:
+    """The outermost directory above ``path`` that other uids cannot search (e.g. ``/root``, mode 0700), if any."""
+    for parent in reversed(Path(path).parents):
         try:
-            mode = part.stat().st_mode
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                return str(parent)
         except OSError:
-            return False
-        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-            return False
-    return bool(p.stat().st_mode & stat.S_IROTH)
+            return None
+    return None
 
 
-def _uid_process_count(uid: int) -> int:
+def _readable_by_others(path: str) -> bool:
+    """Whether a process of another uid can reach and read ``path``."""
+    real = os.path.realpath(path)
+    return _hidden_ancestor(real) is None and _open_to_others(real)
+
+
+def _hidden_paths(paths: list[str]) -> list[tuple[str, str]]:
+    """``(hidden ancestor, path)`` for each path below a directory other uids cannot search, outermost first."""
+    found = [(_hidden_ancestor(p), p) for p in sorted(paths, key=len)]
+    return [(top, p) for top, p in found if top is not None]
+
+
+def _uid_task_count(uid: int) -> int:
+    """The threads of every process of ``uid``: what RLIMIT_NPROC counts (a dying kernel's threads included)."""
     count = 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
                 if os.stat(entry.path).st_uid == uid:
-                    count += 1
+                    count += len(os.listdir(f"{entry.path}/task"))
             except OSError:
                 pass
     return count
@@ -250,6 +274,8 @@ class SandboxPlan:
     landlock_abi: int
     read_only_mounts: bool
     notes: list[str] = field(default_factory=list)
+    # the launcher shows the uid the roots below directories it cannot search (see _launcher.show_hidden_paths)
+    show_hidden: bool = False
 
     def launcher_config(self, argv: list[str], write_roots: list[str]) -> dict[str, Any]:
         landlock = None
@@ -266,8 +292,18 @@ class SandboxPlan:
             "drop_capabilities": True,
             "landlock": landlock,
             "read_only_mounts": write_roots if self.read_only_mounts else None,
+            "show_hidden": self._hidden(write_roots),
             "argv": argv,
         }
+
+    def _hidden(self, write_roots: list[str]) -> list[tuple[str, str, bool]]:
+        """``(hidden ancestor, path, read-only)`` for the roots the launcher must show to the sandbox uid."""
+        if not self.show_hidden:
+            return []
+        writable = set(write_roots)
+        return [
+            (top, p, p not in writable) for top, p in _hidden_paths([*(self.read_roots or []), *write_roots])
+        ]
 
     def info(self, write_roots: list[str]) -> dict[str, Any]:
         active = self.read_roots is not None
@@ -285,6 +321,7 @@ class SandboxPlan:
             "pid_namespace": bool(self.unshare),
             "network_isolated": bool(self.unshare) and self.isolate_network,
             "separate_uid": self.uid,
+            "shown_to_uid": sorted({top for top, _, _ in self._hidden(write_roots)}),
             "pids_cgroup": str(self.cgroup) if self.cgroup else None,
             "process_limit": self.limits.max_processes if (self.cgroup or self.nproc_effective) else None,
             "rlimits": {k: v for k, v in self.rlimits.items() if k != "nproc"},
@@ -397,18 +434,13 @@ def plan_sandbox(
             )
 
     uid: int | None = None
-    if sandbox_uid == "auto":
-        if os.geteuid() == 0:
-            unreadable = [p for p in (python, *python_installation(python)) if not _readable_by_others(p)]
-            if not unreadable:
-                uid = NOBODY_UID
-            else:
-                notes.append(
-                    f"kernel runs as root: the Python installation ({os.path.realpath(unreadable[0])}) is not readable "
-                    "by an unprivileged uid"
-                )
-    elif sandbox_uid is not None:
+    show_hidden = False
+    if sandbox_uid == "auto" and os.geteuid() == 0:
+        uid, show_hidden, reason = _choose_uid(python, read_roots, unshare if read_only_mounts else ())
+        notes.append(reason)
+    elif sandbox_uid not in (None, "auto"):
         uid = int(sandbox_uid)
+        show_hidden = os.geteuid() == 0 and read_only_mounts
 
     cgroup = None
     if limits.max_processes is not None:
@@ -421,7 +453,7 @@ def plan_sandbox(
     nproc_effective = False
     if limits.max_processes is not None and effective_uid != 0:
         # RLIMIT_NPROC counts every process of the uid, so allow for those already running
-        rlimits["nproc"] = _uid_process_count(effective_uid) + limits.max_processes + 2
+        rlimits["nproc"] = _uid_task_count(effective_uid) + limits.max_processes + 2
         nproc_effective = True
     elif limits.max_processes is not None and cgroup is None:
         notes.append("process count not limited: RLIMIT_NPROC does not apply to root and no pids cgroup")
@@ -438,6 +470,45 @@ def plan_sandbox(
         abi,
         read_only_mounts,
         notes,
+        show_hidden,
+    )
+
+
+def _choose_uid(
+    python: str, read_roots: list[str] | None, unshare: tuple[str, ...]
+) -> tuple[int | None, bool, str]:
+    """For a root host: the kernel's uid (None: root), whether the launcher must show it hidden read roots, and a
+    note saying which case applies and why. ``unshare``: the namespaces the launcher may mount in (or none)."""
+    can_mount = bool(unshare)
+    needed = [python, *python_installation(python), *(read_roots or [])]
+    unreadable = [os.path.realpath(p) for p in needed if not _readable_by_others(p)]
+    if not unreadable:  # a workspace below an unsearchable directory is still shown where mounts allow
+        return NOBODY_UID, can_mount, f"kernel runs as uid {NOBODY_UID}"
+    closed = [p for p in unreadable if not _open_to_others(p)]
+    if closed:
+        return None, False, f"kernel runs as root: {closed[0]} is not readable by an unprivileged uid"
+    hidden = sorted({top for top, _ in _hidden_paths(unreadable)})
+    if not can_mount:
+        return (
+            None,
+            False,
+            f"kernel runs as root: {unreadable[0]} lies below {hidden[0]}, which an unprivileged uid cannot "
+            "search, and no private mount namespace (with the file-system layer on) can show it",
+        )
+    failure = _probe_read_only_mounts(
+        unshare, tuple((top, p, True) for top, p in _hidden_paths(read_roots or []))
+    )
+    if failure:
+        return (
+            None,
+            False,
+            f"kernel runs as root: {hidden[0]} cannot be shown to an unprivileged uid: {failure}",
+        )
+    return (
+        NOBODY_UID,
+        True,
+        f"kernel runs as uid {NOBODY_UID}; {', '.join(hidden)} (not searchable by it) is replaced in the kernel's "
+        "mount namespace only by a tmpfs holding the read roots below it, bind-mounted read-only",
     )
 
 
