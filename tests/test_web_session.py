@@ -95,3 +95,25 @@ def test_stop_ends_a_generation_at_its_next_piece_and_closes_the_backend_stream(
         assert not session.busy
     finally:
         pool.close_all()
+
+
+def test_an_upload_replaces_a_symlink_the_kernel_planted_and_never_writes_through_it(tmp_path: Path) -> None:
+    host_file = tmp_path / "host.txt"
+    host_file.write_text("host data\n")
+    upload = tmp_path / "data.csv"
+    upload.write_text("x\n1\n")
+    pool = SessionPool(lambda: ScriptedLLM([]), ["code_interpreter"])
+    try:
+        session = pool.get("tab")
+        session.upload([upload])  # starts the kernel
+        tool = session._code_tool()
+        planted = tool.start().run(
+            f"import os\nos.remove('data.csv')\nos.symlink({str(host_file)!r}, 'data.csv')"
+        )
+        assert planted.ok, planted.to_observation()
+        assert session.upload([upload]) == ["data.csv"]
+        assert host_file.read_text() == "host data\n"
+        placed = session.workspace / "data.csv"
+        assert not placed.is_symlink() and placed.read_text() == "x\n1\n"
+    finally:
+        pool.close_all()

@@ -9,9 +9,7 @@ the idle reaper can always end it, whatever the page is doing.
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -115,17 +113,13 @@ class WebSession:
         tool = self._code_tool()
         if tool is None:
             raise ConfigError("files can only be uploaded when the code_interpreter tool is enabled")
-        workdir = Path(tool.start().workdir)
-        owner = workdir.stat()
+        interpreter = tool.start()
         names = []
         for source in paths:
-            source = Path(source)
-            name = source.name.lstrip(".") or "upload"
-            target = workdir / name
-            shutil.copyfile(source, target)
-            target.chmod(0o644)
-            if os.geteuid() == 0:  # the kernel runs as the workspace's (unprivileged) owner
-                os.chown(target, owner.st_uid, owner.st_gid)
+            name = Path(source).name.lstrip(".") or "upload"
+            # the interpreter's upload writes a new file and renames it: a symlink the kernel's code left under
+            # that name is replaced, never written through
+            interpreter.upload(source, name)
             names.append(name)
         return names
 
