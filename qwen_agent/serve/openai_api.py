@@ -157,7 +157,8 @@ class _Handlers:
         ids = self.chatml.prompt_ids(request.prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
         stop = [*request.stop, *(body.stop_token_ids or [])]
-        constraint = self._constraint(body, request, tools or functions or [])
+        # compiling a grammar takes milliseconds (the vocabulary's walk, once, half a second): off the event loop
+        constraint = await asyncio.to_thread(self._constraint, body, request, tools or functions or [])
         prompt = self._prompt_request(ids, stop, body, max_tokens, constraint)
         started = time.perf_counter()
         calls = self._submit([prompt])
