@@ -17,28 +17,34 @@ inside code (the parser would end the Action Input there). Where the assistant t
 
 The grammar is compiled by llguidance (the ``constrained`` extra: ``pip install 'qwen-react-agent[constrained]'``),
 which also computes the masks: it walks the vocabulary's byte trie against the grammar's lexer, a few hundred
-microseconds a token. The runtime sees only :class:`~qwen_agent.runtime.constraint.TokenConstraint`.
+microseconds a token (through :class:`~qwen_agent.runtime.grammar.Grammar`, which also serves
+``engine.generate(..., json_schema=..., grammar=...)``).
 """
 
 from __future__ import annotations
 
 import json
-import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 from .llm_protocol import LLM, ChatPrompt
 from .react import VARIANTS, Variant
+from .runtime.grammar import COMPACT_JSON, Grammar, require_llguidance
 from .runtime.tokenizer import QwenTokenizer
 
-if TYPE_CHECKING:  # torch is imported only once a model runs
-    from torch import Tensor
-
+if TYPE_CHECKING:
     from .runtime.constraint import TokenConstraint
 
-__all__ = ["ConstraintOptions", "react_grammar", "ReActConstraints", "constrain_llm", "require_llguidance"]
+__all__ = [
+    "ConstraintOptions",
+    "react_grammar",
+    "ReActConstraints",
+    "strict_function_constraints",
+    "constrain_llm",
+    "require_llguidance",
+]
 
 Start = Literal["step", "thought", "answer"]
 _STARTS: tuple[Start, ...] = ("step", "thought", "answer")
@@ -93,11 +99,7 @@ def _argument_schema(schema: dict[str, Any], options: ConstraintOptions) -> dict
     schema.setdefault("additionalProperties", False)  # as validate_arguments: no unknown top-level names
     if options.max_text_chars is not None:
         schema = _bounded_strings(schema, options.max_text_chars)
-    # the separators Qwen writes: {"a": 1, "b": 2}
-    return {
-        **schema,
-        "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "},
-    }
+    return {**schema, "x-guidance": COMPACT_JSON}
 
 
 _THOUGHT = r"[^\n]*\S[^\n]*"  # one line, not blank
@@ -148,51 +150,6 @@ def react_grammar(
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# llguidance behind the runtime's TokenConstraint
-
-
-def require_llguidance() -> Any:
-    try:
-        import llguidance
-    except ImportError:
-        raise ConfigError(
-            "constrained decoding needs the llguidance package: pip install 'qwen-react-agent[constrained]'"
-        ) from None
-    return llguidance
-
-
-# one llguidance tokenizer per (tokenizer, vocabulary size): building it walks the whole vocabulary (~0.5 s)
-_LL_TOKENIZERS: weakref.WeakKeyDictionary[QwenTokenizer, dict[int, Any]] = weakref.WeakKeyDictionary()
-
-
-def _ll_tokenizer(tokenizer: QwenTokenizer, vocab_size: int) -> Any:
-    built = _LL_TOKENIZERS.setdefault(tokenizer, {})
-    if vocab_size not in built:
-        encoding = tokenizer.encoding
-        built[vocab_size] = require_llguidance().LLTokenizer.from_tiktoken(
-            encoder=encoding._mergeable_ranks,
-            special_tokens=encoding._special_tokens,
-            pattern=encoding._pat_str,
-            eos_token=[tokenizer.im_end_id, tokenizer.eod_id],  # either ends the turn
-            n_vocab=vocab_size,
-        )
-    return built[vocab_size]
-
-
-class _MatcherConstraint:
-    """A :class:`~qwen_agent.runtime.constraint.TokenConstraint` over one llguidance matcher."""
-
-    def __init__(self, matcher: Any) -> None:
-        self._matcher = matcher
-
-    def fill_bitmask(self, bitmask: Tensor) -> None:
-        self._matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
-
-    def accept(self, token: int) -> bool:
-        return bool(self._matcher.consume_token(token))
-
-
 class ReActConstraints:
     """Gives each model call a fresh constraint for the ReAct grammar of ``tools`` (name -> tool).
 
@@ -210,24 +167,24 @@ class ReActConstraints:
         variant: Variant = "react_prompt",
         options: ConstraintOptions | None = None,
     ) -> None:
-        self._llg = require_llguidance()
+        require_llguidance()
+        self._tokenizer, self._vocab_size = tokenizer, vocab_size
         self._tools, self._variant = dict(tools), variant
         self._options = options or ConstraintOptions()
-        self._tokenizer = _ll_tokenizer(tokenizer, vocab_size)
-        self._matchers: dict[Start, Any] = {}
-        self._matcher("step")  # compile errors surface here; the other starts compile when first needed
+        self._grammars: dict[Start, Grammar] = {}
+        self._grammar("step")  # compile errors surface here; the other starts compile when first needed
 
-    def _matcher(self, start: Start) -> Any:
-        if start not in self._matchers:
-            grammar = react_grammar(self._tools, self._variant, start, self._options)
-            matcher = self._llg.LLMatcher(self._tokenizer, grammar, log_level=0)
-            if matcher.is_error():
-                self._name_the_tool()
-                raise ConfigError(
-                    f"constrained decoding: the ReAct grammar does not compile: {matcher.get_error()}"
+    def _grammar(self, start: Start) -> Grammar:
+        if start not in self._grammars:
+            lark = react_grammar(self._tools, self._variant, start, self._options)
+            try:
+                self._grammars[start] = Grammar(
+                    self._tokenizer, self._vocab_size, lark, "constrained decoding: the ReAct grammar"
                 )
-            self._matchers[start] = matcher
-        return self._matchers[start]
+            except ConfigError:
+                self._name_the_tool()
+                raise
+        return self._grammars[start]
 
     def _name_the_tool(self) -> None:
         """Raise a ConfigError naming the first tool whose parameters schema llguidance cannot compile."""
@@ -235,11 +192,8 @@ class ReActConstraints:
             _, args_format, schema = _tool_spec(tool)
             if args_format != "code":
                 args = json.dumps(_argument_schema(schema, self._options), ensure_ascii=False)
-                error = self._llg.LLMatcher.validate_grammar(f"start: %json{args}\n", self._tokenizer)
-                if error:
-                    raise ConfigError(
-                        f"constrained decoding: the parameters schema of tool {name!r}: {error}"
-                    )
+                what = f"constrained decoding: the parameters schema of tool {name!r}"
+                Grammar(self._tokenizer, self._vocab_size, f"start: %json{args}\n", what)
 
     def for_prefix(self, assistant_prefix: str) -> TokenConstraint:
         """A constraint for a completion that continues ``assistant_prefix``."""
@@ -249,7 +203,7 @@ class ReActConstraints:
             start = "answer"
         elif tail.endswith("Thought:"):
             start = "thought"
-        return _MatcherConstraint(self._matcher(start).deep_copy())
+        return self._grammar(start).constraint()
 
     def __call__(self, prompt: ChatPrompt) -> TokenConstraint:
         return self.for_prefix(prompt.assistant_prefix)
@@ -270,3 +224,30 @@ def constrain_llm(
     return with_constraint(
         ReActConstraints(engine.tokenizer, engine.config.vocab_size, tools, variant, options)
     )
+
+
+@dataclass(frozen=True)
+class _Function:
+    name: str
+    schema: dict[str, Any]
+    args_format: str = "json"
+
+
+# what a function that is not strict may take: any JSON object
+_ANY_OBJECT = {"type": "object", "additionalProperties": True}
+
+
+def strict_function_constraints(
+    tokenizer: QwenTokenizer, vocab_size: int, functions: Sequence[Mapping[str, Any]]
+) -> ReActConstraints | None:
+    """The ReAct grammar (``openai_api`` wording) over OpenAI function specs when any of them is ``"strict":
+    true``: a strict function's arguments match its ``parameters``, the others' are any JSON object, and only
+    offered names can be called. None when no function is strict."""
+    if not any(spec.get("strict") is True for spec in functions):
+        return None
+    tools = {}
+    for spec in functions:
+        name = str(spec.get("name_for_model", spec.get("name")))
+        schema = spec.get("parameters") or {"type": "object", "properties": {}}
+        tools[name] = _Function(name, schema if spec.get("strict") is True else _ANY_OBJECT)
+    return ReActConstraints(tokenizer, vocab_size, tools, "openai_api")

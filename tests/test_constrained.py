@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 
+import jsonschema
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ from qwen_agent.llm_protocol import ChatPrompt, Sampling
 from qwen_agent.openai_client import OpenAICompatibleLLM
 from qwen_agent.react import STOP_WORDS, Action, FinalAnswer, parse_output
 from qwen_agent.runtime.constraint import apply_bitmask, bitmask_words
+from qwen_agent.runtime.grammar import Grammar
 from qwen_agent.tools.base import BaseTool
 
 pytest.importorskip("llguidance")
@@ -244,22 +247,17 @@ def test_greedy_identity_under_a_grammar_that_allows_the_free_output(engine):
     """A grammar of every text over the characters the model wrote when free: the mask rules out most of the
     vocabulary, but never the greedy pick, so the output is the same. (Where a grammar forces a literal,
     llguidance allows only its canonical tokenization, which is why the grammar here forces nothing.)"""
-    import llguidance
-
-    from qwen_agent.constrained import _ll_tokenizer, _MatcherConstraint
-
     prompts = [engine.tokenizer.encode(text) for text in ("Question: name a colour\n", "Thought:")]
     free = engine.generate(prompts, max_new_tokens=24, do_sample=False)
     constraints = []
     for result in free:
         chars = "".join(sorted(set(result.text)))
         grammar = "start: /[" + "".join(f"\\x{{{ord(ch):x}}}" for ch in chars) + "]*/\n"
-        tokenizer = _ll_tokenizer(engine.tokenizer, engine.config.vocab_size)
-        constraints.append(_MatcherConstraint(llguidance.LLMatcher(tokenizer, grammar, log_level=0)))
+        constraints.append(Grammar(engine.tokenizer, engine.config.vocab_size, grammar).constraint())
     constrained = engine.generate(prompts, max_new_tokens=24, do_sample=False, constraint=constraints)
     assert [r.token_ids for r in constrained] == [r.token_ids for r in free]
     bitmask = torch.zeros(bitmask_words(engine.config.vocab_size), dtype=torch.int32)
-    _MatcherConstraint(llguidance.LLMatcher(tokenizer, grammar, log_level=0)).fill_bitmask(bitmask)
+    Grammar(engine.tokenizer, engine.config.vocab_size, grammar).constraint().fill_bitmask(bitmask)
     allowed = sum(bin(word & 0xFFFFFFFF).count("1") for word in bitmask.tolist())
     assert allowed < engine.config.vocab_size // 2  # the mask did rule out most ids
 
@@ -352,3 +350,67 @@ def test_bench_prompt_constraints_on_shipped_prompts(engine):
     for index, job in enumerate(jobs):
         offered = {name: tools[name] for name in job["tools"]}
         check_step(gens[index], offered)
+
+
+# -- engine.generate(json_schema=..., grammar=...) ------------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "member": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "member"],
+    "additionalProperties": False,
+}
+
+
+def parses_as_person(text: str) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), PERSON)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def test_json_schema_output_always_validates_on_random_weights(engine):
+    prompts = [engine.tokenizer.encode(f"Person {i} as JSON:") for i in range(6)]
+    options = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=120)
+    for seed in range(3):
+        for result in engine.generate(prompts, json_schema=PERSON, seed=seed, **options):
+            assert result.finish_reason == "stop"  # the schema's end allows only the end-of-turn id
+            jsonschema.validate(json.loads(result.text), PERSON)
+    free = engine.generate(prompts, seed=0, **options)
+    assert not any(parses_as_person(r.text) for r in free)  # unconstrained, random weights write noise
+    streamed = "".join(engine.stream(prompts[0], json_schema=PERSON, seed=5, **options))
+    assert streamed == engine.last_result.text and parses_as_person(streamed)
+    done = dict(engine.generate_as_completed(prompts[:2], json_schema=PERSON, seed=6, **options))
+    assert all(parses_as_person(done[i].text) for i in (0, 1))
+
+
+def test_grammar_option_holds_output_to_a_lark_grammar(engine):
+    prompt = engine.tokenizer.encode("Answer yes or no:")
+    grammar = 'start: ("yes" | "no") "!" | NUMBER\nNUMBER: /[0-9]{3}/\n'
+    texts = {
+        engine.generate(prompt, grammar=grammar, do_sample=True, top_k=0, seed=seed, max_new_tokens=10).text
+        for seed in range(8)
+    }
+    assert texts and all(t in ("yes!", "no!") or (len(t) == 3 and t.isdigit()) for t in texts), texts
+
+
+def test_bad_json_schema_or_grammar_is_a_config_error_before_decoding(engine, monkeypatch):
+    prompt = engine.tokenizer.encode("x")
+    lookbehind = {"type": "string", "pattern": "(?<=a)b"}
+    with pytest.raises(ConfigError, match="(?s)json_schema does not compile: .*look-around"):
+        engine.generate(prompt, json_schema=lookbehind, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="json_schema must be a JSON Schema object"):
+        engine.request(prompt, json_schema="person", max_new_tokens=2)
+    with pytest.raises(ConfigError, match='(?s)grammar does not compile: .*unknown name: "foo"'):
+        engine.generate([prompt, prompt], grammar="start: foo\n", max_new_tokens=2)
+    with pytest.raises(ConfigError, match="only one of grammar, json_schema"):
+        engine.generate(prompt, json_schema=PERSON, grammar='start: "a"\n', max_new_tokens=2)
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(ConfigError, match="pip install 'qwen-react-agent\\[constrained\\]'"):
+        engine.generate(prompt, json_schema=PERSON, max_new_tokens=2)

@@ -19,6 +19,7 @@ import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from tiny_models import ScriptedModel
@@ -188,6 +189,80 @@ def test_tools_give_tool_calls_then_the_tool_result_gives_the_answer(tokenizer):
         assert legacy.choices[0].message.function_call.name == "get_weather"
 
 
+STRICT_WEATHER = {
+    "type": "function",
+    "function": {
+        **WEATHER_TOOL["function"],
+        "parameters": {**WEATHER_TOOL["function"]["parameters"], "additionalProperties": False},
+        "strict": True,
+    },
+}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "member"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_gives_json_matching_the_schema(client):
+    pytest.importorskip("llguidance")
+    messages = [{"role": "user", "content": "Describe a person."}]
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
+    for seed in range(3):  # random weights, sampled: only the mask keeps the reply valid
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            response_format=response_format,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+    chunks = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        response_format=response_format,
+        temperature=1.0,
+        seed=7,
+        max_tokens=120,
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_a_strict_tool_is_called_with_arguments_that_match_its_schema(tokenizer):
+    """The model writes an extra argument; under a strict tool the mask rules it out, so the call validates."""
+    pytest.importorskip("llguidance")
+    text = CALL_TEXT.replace('{"city": "Paris"}', '{"city": "Paris", "days": 3}')
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    schema = STRICT_WEATHER["function"]["parameters"]
+    with scripted_server(tokenizer, [text]) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        arguments = {}
+        for tool in (WEATHER_TOOL, STRICT_WEATHER):
+            reply = client.chat.completions.create(
+                model="scripted", messages=messages, tools=[tool], temperature=0
+            )
+            assert reply.choices[0].finish_reason == "tool_calls"
+            (call,) = reply.choices[0].message.tool_calls
+            assert call.function.name == "get_weather"
+            arguments[tool is STRICT_WEATHER] = json.loads(call.function.arguments)
+    assert arguments[False] == {"city": "Paris", "days": 3}  # as written
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(arguments[False], schema)
+    jsonschema.validate(arguments[True], schema)
+
+
 # -- LangChain and this package's clients -------------------------------------------------------------------
 
 
@@ -298,6 +373,10 @@ def post(server, path: str, body, key: str | None = KEY) -> httpx.Response:
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD = {
+    "type": "object",
+    "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}},
+}  # llguidance: no look-behind
 
 
 @pytest.mark.parametrize(
@@ -324,6 +403,30 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
         ({"model": "tiny", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
         ({"model": "tiny", "prompt": [151936 + 5]}, 400, "prompt"),
         ({"model": "tiny", "prompt": []}, 400, "prompt"),
+        ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+        (
+            {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            400,
+            "response_format.json_schema.schema",
+        ),
+        (
+            {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": BAD}}},
+            400,
+            "response_format.json_schema.schema",
+        ),
+        (
+            {**CHAT, "response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]},
+            400,
+            "response_format",
+        ),
+        (
+            {
+                **CHAT,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": BAD, "strict": True}}],
+            },
+            400,
+            "tools",
+        ),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors_naming_the_field(server, body, status, param):

@@ -37,6 +37,7 @@ from .config import GenerationConfig, QwenConfig, ntk_alpha
 from .constraint import TokenConstraint
 from .decode_runner import DecodeRunner
 from .generate import Generation, GenerationResult, PromptRequest, SamplingParams
+from .grammar import Grammar
 from .model import KVCache, Transformer
 from .tokenizer import QwenTokenizer
 
@@ -100,7 +101,10 @@ class QwenEngine:
     id sequences, which are matched as their decoded text), ``max_new_tokens``, ``do_sample``, ``temperature``,
     ``top_p``, ``top_k`` (0 = off), ``repetition_penalty``, ``seed``, and ``constraint``: a
     :class:`~qwen_agent.runtime.constraint.TokenConstraint` for a single prompt, or a list with one (or None)
-    per prompt, that masks the ids it does not allow (a constraint is stateful: use each one for one call).
+    per prompt, that masks the ids it does not allow (a constraint is stateful: use each one for one call);
+    or, instead, ``json_schema`` (a JSON Schema dict: every prompt's output is JSON text matching it) or
+    ``grammar`` (a Lark grammar in llguidance's dialect), compiled once per call into a fresh constraint per
+    prompt (:mod:`qwen_agent.runtime.grammar`; a schema or grammar that does not compile is a ConfigError).
     Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
     ``<|im_start|>``. Not thread-safe: one call at a time.
     """
@@ -227,7 +231,7 @@ class QwenEngine:
         :meth:`open_batch`'s ``add``. Raises :class:`ConfigError` or :class:`GenerationError` (a prompt that
         leaves no room in the context) naming the problem."""
         self._check_prompt(prompt, 0)
-        [constraint] = _constraints(generation.pop("constraint", None), 1) or [None]
+        [constraint] = self._constraints_from(generation, 1) or [None]
         params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
         budget = min(max_new, self.config.max_context - len(prompt))
         return PromptRequest(list(prompt), budget, params, stop_strings, ids, generator, constraint)
@@ -281,7 +285,7 @@ class QwenEngine:
         generation: dict[str, Any],
         max_batch: int | None = None,
     ) -> Generation:
-        constraints = _constraints(generation.pop("constraint", None), len(prompts))
+        constraints = self._constraints_from(generation, len(prompts))
         params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
         if not prompts:
             raise ConfigError("generate() needs at least one prompt")
@@ -310,6 +314,23 @@ class QwenEngine:
             reused=reused,
             constraints=constraints,
         )
+
+    def _constraints_from(
+        self, generation: dict[str, Any], prompts: int
+    ) -> list[TokenConstraint | None] | None:
+        """One constraint (or None) per prompt from the ``constraint``, ``json_schema`` or ``grammar``
+        argument, taken out of ``generation``."""
+        given = {k: generation.pop(k) for k in ("constraint", "json_schema", "grammar") if k in generation}
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise ConfigError(f"give only one of {', '.join(sorted(given))}")
+        if "constraint" in given or not given:
+            return _constraints(given.get("constraint"), prompts)
+        if "json_schema" in given:
+            compiled = Grammar.from_json_schema(self.tokenizer, self.config.vocab_size, given["json_schema"])
+        else:
+            compiled = Grammar(self.tokenizer, self.config.vocab_size, given["grammar"])
+        return [compiled.constraint() for _ in range(prompts)]
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:
         if not prompt or not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):

@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server over a local engine: ``create_app(engine)`` gives the FastAPI app.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (function calling through the
-ReAct prompt of :mod:`qwen_agent.fncall`, as Qwen's ``openai_api.py``), ``POST /v1/completions`` (text or token
-ids; text may contain ChatML control tokens, as on vLLM). Both stream as server-sent events ending ``data:
+ReAct prompt of :mod:`qwen_agent.fncall`, as Qwen's ``openai_api.py``; a ``"strict": true`` function is called
+with arguments that match its parameters schema, and ``response_format`` ``json_object``/``json_schema`` holds
+the reply to JSON, both by decoding under a grammar), ``POST /v1/completions`` (text or token ids; text may
+contain ChatML control tokens, as on vLLM). Both stream as server-sent events ending ``data:
 [DONE]``. The handlers only translate: requests become prompt ids and engine arguments, which go to the
 :class:`~qwen_agent.serve.scheduler.Scheduler`, whose one thread decodes concurrent requests in shared batches.
 Errors have OpenAI's JSON shape (see :mod:`qwen_agent.serve.schema`); each request logs one line.
@@ -27,11 +29,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..constrained import strict_function_constraints
 from ..errors import ConfigError, GenerationError
 from ..fncall import ChatStream, FunctionPrompt, build_prompt, completion_response
 from ..llm import LocalLLM, engine_options, local_completion
 from ..llm_protocol import Sampling
+from ..runtime.constraint import TokenConstraint
 from ..runtime.generate import GenerationResult, PromptRequest
+from ..runtime.grammar import Grammar
 from .scheduler import QueueFullError, Scheduler, Ticket
 from .schema import APIError, ChatCompletionRequest, CompletionRequest, error_body, refuse_unsupported
 
@@ -151,7 +156,10 @@ class _Handlers:
             raise APIError(400, str(exc), param=_param_of(str(exc), "messages")) from None
         ids = self.chatml.prompt_ids(request.prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        prompt = self._prompt_request(ids, [*request.stop, *(body.stop_token_ids or [])], body, max_tokens)
+        stop = [*request.stop, *(body.stop_token_ids or [])]
+        # compiling a grammar takes milliseconds (the vocabulary's walk, once, half a second): off the event loop
+        constraint = await asyncio.to_thread(self._constraint, body, request, tools or functions or [])
+        prompt = self._prompt_request(ids, stop, body, max_tokens, constraint)
         started = time.perf_counter()
         calls = self._submit([prompt])
         if body.stream:
@@ -183,6 +191,27 @@ class _Handlers:
         if include_usage:  # OpenAI sends usage in a chunk of its own, with no choices
             yield {**stream.chunk({}), "choices": [], "usage": usage}
         self._log(stream.id, [result], started)
+
+    def _constraint(
+        self, body: ChatCompletionRequest, request: FunctionPrompt, offered: list[dict[str, Any]]
+    ) -> TokenConstraint | None:
+        """The reply's constraint: JSON matching ``response_format``'s schema, or the ReAct grammar over the
+        offered functions when one is ``strict`` (its arguments then match its parameters schema)."""
+        schema = body.response_schema()
+        vocab_size = self.engine.config.vocab_size
+        if schema is not None:
+            what = "'response_format.json_schema.schema'"
+            try:
+                return Grammar.from_json_schema(self.engine.tokenizer, vocab_size, schema, what).constraint()
+            except ConfigError as exc:
+                raise APIError(400, str(exc), param="response_format.json_schema.schema") from None
+        specs = [spec.get("function", spec) for spec in offered]  # tools hold their function spec
+        try:
+            constraints = strict_function_constraints(self.engine.tokenizer, vocab_size, specs)
+        except ConfigError as exc:
+            param = "tools" if body.tools else "functions"
+            raise APIError(400, f"'{param}': {exc}", param=param) from None
+        return constraints(request.prompt) if constraints is not None else None
 
     # -- /v1/completions ---------------------------------------------------------------------------------
 
@@ -263,7 +292,12 @@ class _Handlers:
             )
 
     def _prompt_request(
-        self, ids: list[int], stop: Sequence[str | int], body: Any, max_tokens: int | None
+        self,
+        ids: list[int],
+        stop: Sequence[str | int],
+        body: Any,
+        max_tokens: int | None,
+        constraint: TokenConstraint | None = None,
     ) -> PromptRequest:
         temperature = body.temperature
         if temperature is not None and temperature < 0.01:
@@ -278,7 +312,9 @@ class _Handlers:
         )
         param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         try:
-            return self.engine.request(ids, stop=list(stop), **engine_options(sampling))
+            return self.engine.request(
+                ids, stop=list(stop), constraint=constraint, **engine_options(sampling)
+            )
         except GenerationError as exc:  # the prompt fills the context
             raise APIError(400, f"'{param}': {exc}", param=param, code="context_length_exceeded") from None
         except ConfigError as exc:

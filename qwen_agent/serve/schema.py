@@ -123,6 +123,30 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
 
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema ``response_format`` holds the reply to: None for text, any object for
+        ``json_object``, the given schema for ``json_schema`` (decoded under it, ``strict`` or not)."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind != "json_schema":
+            raise APIError(
+                400,
+                f"'response_format.type': expected 'text', 'json_object' or 'json_schema', got {kind!r}",
+                param="response_format.type",
+            )
+        spec = self.response_format.get("json_schema")  # type: ignore[union-attr]
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(
+                400,
+                "'response_format.json_schema.schema': a JSON Schema object is required",
+                param="response_format.json_schema.schema",
+            )
+        return schema
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -158,8 +182,12 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
         return
     if body.logprobs or body.top_logprobs:
         refuse("logprobs", "not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        refuse("response_format", "only {'type': 'text'} is supported")
+    if (
+        body.response_format
+        and body.response_format.get("type", "text") != "text"
+        and (body.tools or body.functions)
+    ):
+        refuse("response_format", "a JSON reply cannot be combined with 'tools' or 'functions' here")
     if body.tools and body.functions:
         refuse("functions", "give either 'tools' or 'functions', not both")
     if isinstance(body.tool_choice, dict) or body.tool_choice == "required":
