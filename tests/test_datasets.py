@@ -133,4 +133,4 @@ def test_outside_a_source_checkout_the_error_says_what_to_pass(monkeypatch, tmp_
     monkeypatch.setattr(bench, "DATA_DIR", tmp_path)
     with pytest.raises(BenchmarkError, match="only a source checkout has; pass --positive/--negative"):
         bench.shipped_path("tool_use_positive.jsonl")
-    assert bench._schemas_for(None) == {}  # scoring recorded files still works, without schema checks
+    assert bench.plugin_schemas(None) == {}  # scoring recorded files still works, without schema checks
