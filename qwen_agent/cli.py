@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import QwenAgentError
 
@@ -162,7 +162,12 @@ def _tool_registry(args: argparse.Namespace) -> ToolRegistry:
 
 
 def _cmd_mcp(args: argparse.Namespace) -> int:
-    from .serve.mcp_server import serve_http, serve_stdio
+    try:
+        from .serve.mcp_server import serve_http, serve_stdio
+    except ImportError as exc:
+        raise QwenAgentError(
+            f"qwen-agent mcp needs the [mcp] extra (pip install 'qwen-react-agent[mcp]'): {exc}"
+        ) from None
 
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     if args.http:
@@ -280,7 +285,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
         raise QwenAgentError(
             f"the web UI needs the [web] extra (pip install 'qwen-react-agent[web]'): {exc}"
         ) from None
-    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else None
+    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools is not None else None
     launch(
         args.model,
         tools=names,
@@ -316,7 +321,7 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=512, help="most tokens per model turn")
     p.add_argument(
         "--session-timeout",
-        type=float,
+        type=_number_at_least(float, 0, exclusive=True),
         default=1800.0,
         help="seconds after which an idle browser session and its kernel are closed",
     )
@@ -446,7 +451,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-batch", type=_positive_int, default=32, help="requests decoded at once (default: 32)"
     )
     p.add_argument(
-        "--max-queue", type=int, default=256, help="requests that may wait beyond a full batch before 503"
+        "--max-queue",
+        type=_number_at_least(int, 0),
+        default=256,
+        help="requests that may wait beyond a full batch before 503",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N or auto (default: a GPU when there is one)"
@@ -463,14 +471,25 @@ _CONSTRAINED_HELP = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number_at_least(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) no smaller than ``minimum`` (larger, if ``exclusive``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if value < minimum or (exclusive and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'above' if exclusive else 'at least'} {minimum}, got {value}"
+            )
+        return value
+
+    return parse
+
+
+_positive_int = _number_at_least(int, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,10 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tools", default=None, help="comma-separated built-in tool names (default: all; '' for none)"
     )
     p.add_argument("--mcp", default=None, metavar="CONFIG", help="also the tools of an mcpServers JSON file")
-    p.add_argument("--max-iterations", type=int, default=8, help="tool steps before a final answer is forced")
+    p.add_argument(
+        "--max-iterations", type=_positive_int, default=8, help="tool steps before a final answer is forced"
+    )
     p.add_argument("--variant", default="react_prompt", choices=["react_prompt", "react_demo", "openai_api"])
     p.add_argument("--system", default=None, help="system message (default: You are a helpful assistant.)")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per model turn")
+    p.add_argument("--max-tokens", type=_positive_int, default=512, help="most tokens per model turn")
     p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")

@@ -407,6 +407,8 @@ def test_bad_json_schema_or_grammar_is_a_config_error_before_decoding(engine, mo
         engine.generate(prompt, json_schema=lookbehind, max_new_tokens=2)
     with pytest.raises(ConfigError, match="json_schema must be a JSON Schema object"):
         engine.request(prompt, json_schema="person", max_new_tokens=2)
+    with pytest.raises(ConfigError, match="json_schema: x-guidance must be an object, got bool"):
+        engine.request(prompt, json_schema={**PERSON, "x-guidance": True}, max_new_tokens=2)
     with pytest.raises(ConfigError, match='(?s)grammar does not compile: .*unknown name: "foo"'):
         engine.generate([prompt, prompt], grammar="start: foo\n", max_new_tokens=2)
     with pytest.raises(ConfigError, match="only one of grammar, json_schema"):

@@ -42,7 +42,10 @@ def json_schema_grammar(schema: Any, what: str = "json_schema") -> str:
     ``x-guidance`` says otherwise)."""
     if not isinstance(schema, dict):
         raise ConfigError(f"{what} must be a JSON Schema object (a dict), got {type(schema).__name__}")
-    schema = {**schema, "x-guidance": {**COMPACT_JSON, **schema.get("x-guidance", {})}}
+    own = schema.get("x-guidance", {})
+    if not isinstance(own, dict):
+        raise ConfigError(f"{what}: x-guidance must be an object, got {type(own).__name__}")
+    schema = {**schema, "x-guidance": {**COMPACT_JSON, **own}}
     return f"start: %json{json.dumps(schema, ensure_ascii=False)}\n"
 
 

@@ -72,14 +72,6 @@ def build_server(
     return Server("qwen-agent", on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-def _check_names(source: ToolRegistry, names: Sequence[str]) -> None:
-    unknown = [name for name in names if name not in source]
-    if unknown:
-        raise ConfigError(
-            f"--tools: no tool named {unknown[0]!r}; available tools: {', '.join(source.names())}"
-        )
-
-
 def _description(tool: Any) -> str:
     if (
         tool.name == "code_interpreter"
@@ -105,8 +97,9 @@ def serve_stdio(tool_names: Sequence[str] = DEFAULT_TOOLS) -> None:
     """Serve over stdin/stdout until the client closes them."""
     from mcp.server.stdio import stdio_server
 
-    _check_names(default_registry, tool_names)
-    tools = default_registry.select(tool_names)
+    tools = default_registry.select(
+        tool_names
+    )  # an unknown name raises ToolNotFoundError listing the valid ones
     server = build_server(tool_names, shared=tools)
 
     async def main() -> None:

@@ -124,8 +124,18 @@ class Scheduler:
             if not self._take_inbox():
                 break
             self._run_batch()
+        # what waits, and what arrived after the shutdown was asked for, gets an error and leaves the count
+        while True:
+            try:
+                late = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if late is not None:
+                self._waiting.append(late)
         for ticket in self._waiting:
             self._emit(ticket, QwenAgentError("the server is shutting down"))
+            self._release(ticket)
+        self._waiting.clear()
 
     def _take_inbox(self) -> bool:
         """Move what arrived to ``_waiting``; False once shutdown was asked for."""

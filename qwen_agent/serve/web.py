@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -416,7 +417,8 @@ def launch(
     scheduler = None
     try:
         if mcp is not None:
-            registry.add_mcp(mcp)
+            for line in registry.add_mcp(mcp):  # tools renamed to avoid a clash
+                print(line, file=sys.stderr)
         names = _tool_names(tools, registry)  # before a model is loaded: a typo fails at once
         if model.startswith(("http://", "https://")):
 
