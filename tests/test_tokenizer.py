@@ -11,7 +11,7 @@ from qwen_agent import cli
 from qwen_agent.errors import TokenizerError, VocabError
 from qwen_agent.runtime import tokenizer as tokenizer_module
 from qwen_agent.runtime.tiny import write_tiny_checkpoint
-from qwen_agent.runtime.tokenizer import QwenTokenizer, unicode_to_byte
+from qwen_agent.runtime.tokenizer import IM_START, QwenTokenizer, unicode_to_byte
 
 # reference section 2.3, verified against the real vocabulary
 REFERENCE_IDS = {
@@ -165,6 +165,35 @@ def test_tokenizer_json_alone_gives_the_ids_of_vocab_json(tiny_qwen2_dir, tmp_pa
     assert from_json.encode(text) == from_vocab.encode(text)
     assert from_json.encode(text, allowed_special="all") == from_vocab.encode(text, allowed_special="all")
     assert from_json.special_tokens == from_vocab.special_tokens and len(from_json) == len(from_vocab)
+
+
+def test_added_tokens_listed_in_the_vocabulary_too_stay_control_tokens(tiny_qwen2_dir, tmp_path):
+    """Conversions such as GGUF -> transformers write every id, the added tokens and padding ones included,
+    into ``model.vocab``: the ids must not change, and the added tokens must not become mergeable pieces."""
+    one_file = write_tiny_checkpoint(tmp_path, "qwen2", num_layers=1, tokenizer_files="tokenizer.json")
+    path = one_file / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    added = {entry["content"]: entry["id"] for entry in data["added_tokens"]}
+    top = max(added.values())
+    vocab |= added | {
+        f"[PAD{i}]": i for i in range(top + 1, top + 9)
+    }  # padding ids up to the embedding's size
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    listed, plain = QwenTokenizer.from_pretrained(one_file), QwenTokenizer.from_pretrained(tiny_qwen2_dir)
+    text = "Hello <|im_start|> wörld\n\nObservation:\n<|im_end|>"
+    assert listed.encode(text) == plain.encode(text)
+    assert listed.encode(text, allowed_special="all") == plain.encode(text, allowed_special="all")
+    assert (
+        len(listed) == top + 9 and listed.decode([top + 8, added[IM_START]]) == f"[PAD{top + 8}]<|im_start|>"
+    )
+    assert not set(added.values()) & set(listed.encoding._mergeable_ranks.values())
+    pytest.importorskip("llguidance")
+    from qwen_agent.runtime.grammar import (
+        Grammar,
+    )  # it counts pieces and control tokens against the vocabulary
+
+    assert Grammar.from_json_schema(listed, len(listed), {"type": "object"}).constraint() is not None
 
 
 @pytest.fixture(scope="module")

@@ -173,14 +173,19 @@ def _read_json(path: Path) -> Any:
         raise VocabError(f"cannot read {path}: {exc}") from None
 
 
-def _qwen_specials(specials: dict[str, int], ranks: dict[bytes, int], where: Path) -> dict[str, int]:
-    """The added tokens, which must include ChatML's; Qwen's three after the vocabulary when none are listed."""
+def _qwen_specials(
+    specials: dict[str, int], ranks: dict[bytes, int], where: Path
+) -> tuple[dict[bytes, int], dict[str, int]]:
+    """The BPE ranks and the added tokens, which must include ChatML's (Qwen's three after the vocabulary when
+    none are listed). An added token the vocabulary lists too (some conversions, e.g. from GGUF, write every id
+    into it) is a control token only: it leaves the ranks, so byte-pair merges never produce it."""
     if not specials:
-        return {tok: len(ranks) + i for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
+        return ranks, {tok: len(ranks) + i for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))}
     missing = [tok for tok in (ENDOFTEXT, IM_START, IM_END) if tok not in specials]
     if missing:
         raise VocabError(f"{where}: the added tokens have no {missing[0]} (a Qwen chat vocabulary needs it)")
-    return specials
+    added = set(specials.values())
+    return {piece: rank for piece, rank in ranks.items() if rank not in added}, specials
 
 
 def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
@@ -207,7 +212,7 @@ def load_hf_vocab(directory: Path) -> tuple[dict[bytes, int], dict[str, int]]:
             specials = {entry["content"]: int(idx) for idx, entry in added.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise VocabError(f"{config_path}: malformed added_tokens_decoder ({exc})") from None
-    return ranks, _qwen_specials(specials, ranks, config_path)
+    return _qwen_specials(specials, ranks, config_path)
 
 
 def load_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
@@ -231,7 +236,7 @@ def load_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         specials = {entry["content"]: int(entry["id"]) for entry in data.get("added_tokens", [])}
     except (KeyError, TypeError, ValueError, AttributeError):
         raise VocabError(f"{path}: malformed added_tokens (each needs 'id' and 'content')") from None
-    return ranks, _qwen_specials(specials, ranks, path)
+    return _qwen_specials(specials, ranks, path)
 
 
 class QwenTokenizer:
@@ -250,7 +255,9 @@ class QwenTokenizer:
         )
         self.special_tokens: dict[str, int] = dict(special_tokens)
         self._special_by_id = {i: s for s, i in special_tokens.items()}
-        self._size = max(len(mergeable_ranks), max(special_tokens.values(), default=-1) + 1)
+        self._size = (
+            max(*mergeable_ranks.values(), *special_tokens.values(), -1) + 1
+        )  # ranks may skip added ids
         self.eod_id = special_tokens[ENDOFTEXT]
         self.im_start_id = special_tokens[IM_START]
         self.im_end_id = special_tokens[IM_END]
