@@ -118,6 +118,7 @@ class RunResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prefill_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the backend's prefix cache held
     seconds: float = 0.0
     llm_seconds: float = 0.0
     tool_seconds: float = 0.0
@@ -459,6 +460,7 @@ class _Run:
             prompt_tokens=total("prompt_tokens"),
             completion_tokens=total("completion_tokens"),
             prefill_tokens=total("prefill_tokens"),
+            cached_tokens=total("cached_tokens"),
             seconds=time.perf_counter() - self.started,
             llm_seconds=sum(c.seconds for c in self.completions),
             tool_seconds=sum(s.tool_seconds for s in self.steps),

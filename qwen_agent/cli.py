@@ -90,7 +90,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from .llm import Sampling, llm_from_spec
 
-    llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
+    llm = llm_from_spec(
+        args.model,
+        api_key=args.api_key,
+        served_model=args.served_model,
+        device=args.device,
+        kv_cache_gb=args.kv_cache_gb,
+    )
     tools = _tool_registry(args)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     agent = Agent(
@@ -135,7 +141,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 out.flush()
                 print(
                     f"[{r.stop_reason}; {len(r.steps)} model turns; {r.prompt_tokens} prompt / "
-                    f"{r.completion_tokens} completion / {r.prefill_tokens} prefilled tokens; {r.seconds:.1f} s]",
+                    f"{r.completion_tokens} completion tokens; {r.prefill_tokens} prefilled, {r.cached_tokens} cached; "
+                    f"{r.seconds:.1f} s]",
                     file=sys.stderr,
                 )
             out.flush()
@@ -206,6 +213,7 @@ def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         constrained=args.constrained,
         plugins=args.plugins,
+        kv_cache_gb=args.kv_cache_gb,
     )
     meta = {
         "constrained": args.constrained,
@@ -298,6 +306,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
         idle_timeout=args.session_timeout,
         mcp=args.mcp,
         max_batch=args.max_batch,
+        kv_cache_gb=args.kv_cache_gb,
     )
     return 0
 
@@ -331,6 +340,7 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="a local model's generations decoded at once, across sessions (default: 4)",
     )
+    _add_kv_cache_gb(p)
     p.set_defaults(func=_cmd_web)
 
 
@@ -364,6 +374,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--constrained", action="store_true", help=_CONSTRAINED_HELP)
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_kv_cache_gb(p)
     p.set_defaults(func=_cmd_bench_tool_use)
 
     p = bench_sub.add_parser("score", help="score recorded generations without a model")
@@ -425,7 +436,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .runtime.engine import load_model
     from .serve.openai_api import create_app
 
-    engine = load_model(args.model, device=args.device, dtype=args.dtype)
+    engine = load_model(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb)
     name = args.served_model_name or Path(args.model).name or "qwen"
     app = create_app(
         engine, model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue
@@ -462,6 +473,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
     )
+    _add_kv_cache_gb(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -490,6 +502,16 @@ def _number_at_least(kind: type, minimum: float, exclusive: bool = False) -> Cal
 
 
 _positive_int = _number_at_least(int, 1)
+
+
+def _add_kv_cache_gb(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache-gb",
+        type=_number_at_least(float, 0),
+        default=None,
+        help="a local model's prefix cache of KV blocks, in GiB (default: a quarter of the memory free after "
+        "loading, at most 16; 0: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -560,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
     p.add_argument("--constrained", action="store_true", help=_CONSTRAINED_HELP)
+    _add_kv_cache_gb(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")

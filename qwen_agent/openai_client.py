@@ -129,6 +129,7 @@ class OpenAICompatibleLLM:
             usage.get("prompt_tokens"),
             usage.get("completion_tokens"),
             seconds=time.perf_counter() - started,
+            **_cache_counts(usage),
         )
 
     def stream(
@@ -185,6 +186,7 @@ class OpenAICompatibleLLM:
             usage.get("prompt_tokens"),
             usage.get("completion_tokens"),
             seconds=time.perf_counter() - started,
+            **_cache_counts(usage),
         )
 
     # -- request building ------------------------------------------------------------------------------------
@@ -398,3 +400,14 @@ def _reason(exc: Exception) -> str:
 def _preview(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _cache_counts(usage: dict[str, Any]) -> dict[str, int]:
+    """``cached_tokens`` and ``prefill_tokens`` from a usage whose ``prompt_tokens_details`` (OpenAI's field)
+    says how many prompt tokens the server's prefix cache held; nothing where it does not."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(cached, int) or not isinstance(prompt, int):
+        return {}
+    return {"cached_tokens": cached, "prefill_tokens": prompt - cached}

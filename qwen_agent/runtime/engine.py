@@ -5,17 +5,16 @@
 >>> result = engine.generate(engine.tokenizer.encode(prompt, allowed_special="all"),
 ...                          stop=["Observation:"], do_sample=False)  # doctest: +SKIP
 
-**Prefix reuse.** For single-prompt calls the engine keeps the keys and values of the last sequence it ran
-(prompt plus generated tokens) and, on the next call, reuses the longest common token prefix: the ReAct loop,
-which re-sends prompt + previous output + Observation, prefills only the new tokens (``prefill_tokens`` shows
-how many ran). Reuse happens only when it gives the same result as prefilling the whole prompt afresh: with
-Qwen v1's dynamic NTK the cached keys were rotated with the alpha frozen at their prefill, so the cache is
-reused only if the new prompt's own alpha (:func:`qwen_agent.runtime.config.ntk_alpha` of its length) is the same;
-below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh. (The
-maths is the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any
-change of batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.)
-Batched calls use a cache of their own (``max_batch`` rows; prompts take turns in them) and leave the kept
-one alone. The kept cache also keeps its :class:`~qwen_agent.runtime.decode_runner.DecodeRunner`, so on a GPU the decode
+**Prefix reuse.** Every call (single, batched, streamed, and the server's open batches) shares one prefix cache of
+KV blocks (:mod:`qwen_agent.runtime.prefix_cache`): a prompt prefills only what follows its longest cached run of
+16-token blocks, so the ReAct loop, which re-sends prompt + previous output + Observation, prefills only the new
+tokens and at most one block more (``prefill_tokens`` and ``cached_tokens`` of each result; ``stats()`` for the
+totals). Blocks are keyed by every token up to them and by Qwen v1's dynamic-NTK alpha, so a prompt gets only keys
+a fresh prefill of it would compute; logN touches queries only, which are always computed afresh. (The maths is
+the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any change of
+batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.) ``kv_cache_gb`` bounds the pool
+(default: a quarter of the memory free after loading, at most 16 GiB; 0 turns the cache off). Single-prompt
+calls keep their cache row and its :class:`~qwen_agent.runtime.decode_runner.DecodeRunner`, so on a GPU the decode
 graphs captured for one ReAct step are replayed by the next.
 """
 
@@ -33,12 +32,13 @@ import torch
 from ..errors import CheckpointError, ConfigError, GenerationError
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
 from .checkpoint import load_checkpoint, resolve_model_dir
-from .config import GenerationConfig, QwenConfig, ntk_alpha
+from .config import GenerationConfig, QwenConfig
 from .constraint import TokenConstraint
 from .decode_runner import DecodeRunner
 from .generate import Generation, GenerationResult, PromptRequest, SamplingParams
 from .grammar import Grammar
 from .model import KVCache, Transformer
+from .prefix_cache import PrefixCache, default_budget_bytes
 from .tokenizer import QwenTokenizer
 
 __all__ = ["load_model", "QwenEngine"]
@@ -51,11 +51,14 @@ def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    *,
+    kv_cache_gb: float | None = None,
 ) -> QwenEngine:
     """Load a Qwen-7B-Chat (v1) or Qwen2-family model directory, or a Hub id, without running its code.
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``/None (a GPU when there is one).
     ``dtype``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or ``"auto"``/None (bf16 on a GPU that has it, fp32 on CPU).
+    ``kv_cache_gb``: the prefix cache's budget in GiB (None: a quarter of the memory then free, at most 16; 0: off).
     Raises :class:`~qwen_agent.errors.CheckpointError` naming the file and tensor when the directory is bad.
     """
     model_dir = resolve_model_dir(path)
@@ -66,7 +69,13 @@ def load_model(
             f"{model_dir}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary "
             f"has {model.config.vocab_size} rows"
         )
-    return QwenEngine(model, tokenizer, GenerationConfig.from_dir(model_dir), default_system(model_dir))
+    return QwenEngine(
+        model,
+        tokenizer,
+        GenerationConfig.from_dir(model_dir),
+        default_system(model_dir),
+        kv_cache_gb=kv_cache_gb,
+    )
 
 
 def default_system(model_dir: Path) -> str:
@@ -106,7 +115,8 @@ class QwenEngine:
     ``grammar`` (a Lark grammar in llguidance's dialect), compiled once per call into a fresh constraint per
     prompt (:mod:`qwen_agent.runtime.grammar`; a schema or grammar that does not compile is a ConfigError).
     Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
-    ``<|im_start|>``. Not thread-safe: one call at a time.
+    ``<|im_start|>``. Not thread-safe: one call at a time. ``kv_cache_gb`` sizes the prefix cache every call
+    shares (see the module docstring; None: the default share, 0: no prefix cache).
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class QwenEngine:
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
         fused_kernels: bool | None = None,
+        kv_cache_gb: float | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch  # prompts decoded at once by a batched generate()
@@ -128,15 +139,19 @@ class QwenEngine:
         self.config: QwenConfig = model.config
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system
-        self._cache: KVCache | None = None
         # the kept cache's decode step (its CUDA graphs stay captured)
         self._runner: DecodeRunner | None = None
-        self._cached_ids: list[int] = []  # the ids whose keys and values fill the kept cache's slots
+        self.prefix_cache = self._new_prefix_cache(kv_cache_gb)
         self.last_result: GenerationResult | None = None
 
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
+
+    def stats(self) -> dict[str, Any]:
+        """The prefix cache's counters (:meth:`~qwen_agent.runtime.prefix_cache.PrefixCache.stats`) under
+        ``prefix_cache``, or ``{"prefix_cache": None}`` when it is off."""
+        return {"prefix_cache": self.prefix_cache.stats() if self.prefix_cache is not None else None}
 
     # -- raw prompts -------------------------------------------------------------------------------------------
 
@@ -244,7 +259,7 @@ class QwenEngine:
         prompt once it is done, and leaves the engine's kept cache alone."""
         if runner is None or runner.cache.batch_size < rows or runner.cache.capacity < capacity:
             runner = self._new_runner(self._new_cache(rows, capacity))
-        return Generation(runner, self.tokenizer, keep=False)
+        return Generation(runner, self.tokenizer, keep=False, prefix_cache=self.prefix_cache)
 
     def _settings(
         self, stop: Sequence[StopSpec], generation: dict[str, Any]
@@ -299,11 +314,11 @@ class QwenEngine:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         needed = max(len(p) + budget for p, budget in zip(prompts, budgets, strict=True))
         if len(prompts) == 1:
-            cache, reused, runner = self._cache_for(list(prompts[0]), needed)
+            runner = self._kept_runner(needed)
         else:
-            cache, reused, runner = self._new_cache(min(len(prompts), max_batch), needed), 0, None
+            runner = self._new_runner(self._new_cache(min(len(prompts), max_batch), needed))
         return Generation(
-            runner or self._new_runner(cache),
+            runner,
             self.tokenizer,
             prompts,
             max_new_tokens=budgets,
@@ -311,8 +326,8 @@ class QwenEngine:
             stop_strings=stop_strings,
             stop_ids=ids,
             generator=generator,
-            reused=reused,
             constraints=constraints,
+            prefix_cache=self.prefix_cache,
         )
 
     def _constraints_from(
@@ -372,32 +387,26 @@ class QwenEngine:
     def _new_runner(self, cache: KVCache) -> DecodeRunner:
         return DecodeRunner(self.model, cache, graphs=self.cuda_graphs, fused=self.fused_kernels)
 
-    def _cache_for(self, prompt: list[int], needed: int) -> tuple[KVCache, int, DecodeRunner | None]:
-        """The kept cache (with its decode runner) and its reusable prefix, or a fresh cache; returns
-        ``(cache, reused slots, runner or None)``."""
-        old, runner, reused = self._cache, self._runner, 0
-        if old is not None:
-            limit = min(len(self._cached_ids), len(prompt) - 1)  # the last prompt token must run for logits
-            while reused < limit and self._cached_ids[reused] == prompt[reused]:
-                reused += 1
-            if (
-                self.config.use_dynamic_ntk
-                and ntk_alpha(len(prompt), self.config.seq_length) != old.ntk_alpha.item()
-            ):
-                reused = 0  # the cached keys were rotated with another alpha
-        self._cache = self._runner = None  # released before a new one is allocated
-        if old is not None and old.capacity >= needed:
-            return old, reused, runner  # big enough: its captured decode graphs stay valid too
-        cache = self._new_cache(1, needed)
-        if reused:
-            cache.k[..., :reused, :] = old.k[..., :reused, :]
-            cache.v[..., :reused, :] = old.v[..., :reused, :]
-            cache.ntk_alpha.copy_(old.ntk_alpha)
-        return cache, reused, None
+    def _kept_runner(self, needed: int) -> DecodeRunner:
+        """The single-prompt calls' runner, kept while its cache holds ``needed`` slots (its decode graphs stay
+        captured), else a new one."""
+        runner, self._runner = self._runner, None  # released before a new cache is allocated
+        if runner is None or runner.cache.capacity < needed:
+            runner = self._new_runner(self._new_cache(1, needed))
+        return runner
 
     def _keep_cache(self, run: Generation) -> None:
         if len(run.prompts) == 1:
-            self._cache, self._runner, self._cached_ids = run.cache, run.runner, run.fed[0]
+            self._runner = run.runner
+
+    def _new_prefix_cache(self, kv_cache_gb: float | None) -> PrefixCache | None:
+        if kv_cache_gb is not None and not (isinstance(kv_cache_gb, (int, float)) and kv_cache_gb >= 0):
+            raise ConfigError(f"kv_cache_gb must be a number >= 0 (0: no prefix cache), got {kv_cache_gb!r}")
+        budget = default_budget_bytes(self.device) if kv_cache_gb is None else int(kv_cache_gb * (1 << 30))
+        dtype = self.model.tok_embeddings.weight.dtype
+        if budget < PrefixCache.block_bytes(self.config, dtype):
+            return None
+        return PrefixCache(self.config, budget, dtype=dtype, device=self.device)
 
 
 def _constraints(given: Any, prompts: int) -> list[TokenConstraint | None] | None:

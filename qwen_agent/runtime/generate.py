@@ -41,6 +41,7 @@ from torch import Tensor
 from ..errors import ConfigError, GenerationError
 from .constraint import TokenConstraint, apply_bitmask, bitmask_words
 from .decode_runner import DecodeRunner
+from .prefix_cache import PrefixCache, PrefixLease
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
 
@@ -102,11 +103,10 @@ class GenerationResult:
     stop: str | int | None  # the stop string or stop id that ended it
     prompt_tokens: int
     completion_tokens: int
-    prefill_tokens: (
-        int  # prompt tokens run through the model (fewer than prompt_tokens when a prefix was reused)
-    )
+    prefill_tokens: int  # prompt tokens run through the model: prompt_tokens less cached_tokens
     prefill_seconds: float
     decode_seconds: float
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 # -- hot path ------------------------------------------------------------------------------------------------
@@ -218,6 +218,7 @@ class _Row:
     received: int = 0  # generated tokens read on the host
     fed: int = 0  # generated tokens whose keys and values are in the cache
     constraint: TokenConstraint | None = None
+    lease: PrefixLease | None = None  # its blocks in the prefix cache
 
     @property
     def slot(self) -> int:
@@ -239,8 +240,9 @@ class Generation:
 
     Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
     ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
-    prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
-    prompt, cache row 0 may already hold ``reused`` slots of the prompt's prefix.
+    prompt order (breaking out early leaves it empty). The runner brings the model and the cache.
+    ``prefix_cache``, when given, is shared with other generations: a prompt starts from its longest cached block
+    prefix, and rows give their full blocks back once their prompt is prefilled and when they finish.
 
     **Open batches** (a server's): :meth:`add` queues a :class:`PromptRequest` with its own sampling, stops and
     budget, before or during iteration, and :meth:`cancel` ends one early; ``on_step``, when set, is called
@@ -265,20 +267,16 @@ class Generation:
         stop_strings: tuple[str, ...] = (),
         stop_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
-        reused: int = 0,
         keep: bool = True,
         constraints: Sequence[TokenConstraint | None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
-        if reused and len(prompts) != 1:
-            raise ValueError("a reused prefix needs a single prompt")
         constraints = list(constraints) if constraints is not None else [None] * len(prompts)
         if len(constraints) != len(prompts):
             raise ConfigError(f"{len(constraints)} constraints for {len(prompts)} prompts")
         self.runner, self.model, self.cache = runner, runner.model, runner.cache
-        self.tokenizer, self.reused, self.keep = tokenizer, reused, keep
+        self.tokenizer, self.keep, self.prefix_cache = tokenizer, keep, prefix_cache
         self.requests: list[PromptRequest | None] = []  # by prompt index; None once done when not kept
-        # per prompt, when done: the ids whose keys and values are in its cache row
-        self.fed: list[list[int]] = []
         self.results: list[GenerationResult] = []
         self.on_step: Callable[[], None] | None = None
         self.step_rows: Counter[int] = Counter()
@@ -317,11 +315,7 @@ class Generation:
                 f"a prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new ones needs "
                 f"{needed} cache slots; this cache has {self.cache.capacity}"
             )
-        if self.reused and self.requests:
-            raise ConfigError("a generation that reuses a cached prefix takes a single prompt")
         self.requests.append(request)
-        if self.keep:
-            self.fed.append([])
         self._waiting.append(len(self.requests) - 1)
         return len(self.requests) - 1
 
@@ -354,6 +348,18 @@ class Generation:
         on_host = torch.empty(2, cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
         copied = torch.cuda.Event() if device.type == "cuda" else None
 
+        try:
+            yield from self._run(on_host, copied, done)
+        finally:  # a generation abandoned part-way gives its rows' blocks back
+            for row in self._active.values():
+                self._give_back(row)
+        if self.keep:
+            self.results = [done[i] for i in range(len(self.requests))]
+
+    def _run(
+        self, on_host: Tensor, copied: torch.cuda.Event | None, done: dict[int, GenerationResult]
+    ) -> Iterator[tuple[int, str | GenerationResult]]:
+        runner = self.runner
         yield from self._drop_cancelled(done)
         self._admit()
         self._copy_tokens(on_host, copied)
@@ -399,8 +405,6 @@ class Generation:
             self._admit()
             if self._active:
                 self._copy_tokens(on_host, copied)
-        if self.keep:
-            self.results = [done[i] for i in range(len(self.requests))]
 
     def _drop_cancelled(self, done: dict[int, GenerationResult]) -> Iterator[tuple[int, GenerationResult]]:
         """Results for waiting prompts that were cancelled before they started."""
@@ -433,14 +437,15 @@ class Generation:
     def _admit(self) -> None:
         """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
         ``runner.tokens``."""
-        wave = []
+        wave: list[tuple[int, int, PrefixLease | None]] = []
         while self._free and self._waiting:
-            wave.append((heapq.heappop(self._free), self._waiting.popleft()))
+            r, index = heapq.heappop(self._free), self._waiting.popleft()
+            wave.append((r, index, self._take_prefix(r, self.requests[index].prompt)))
         # they all join now, so their order does not matter: similar lengths side by side pad the least
-        wave.sort(key=lambda joining: len(self.requests[joining[1]].prompt))
-        group: list[tuple[int, int]] = []
+        wave.sort(key=lambda joining: len(self.requests[joining[1]].prompt) - _cached(joining[2]))
+        group: list[tuple[int, int, PrefixLease | None]] = []
         for joining in wave:
-            width = len(self.requests[joining[1]].prompt) - self.reused  # the longest so far (sorted wave)
+            width = len(self.requests[joining[1]].prompt) - _cached(joining[2])  # the longest so far
             if group and (len(group) + 1) * width > PREFILL_TOKENS:
                 self._prefill(group)
                 group = []
@@ -448,28 +453,34 @@ class Generation:
         if group:
             self._prefill(group)
 
-    def _prefill(self, group: list[tuple[int, int]]) -> None:
-        """One model call for ``group``'s (cache row, prompt index) pairs, right-padded to the longest."""
+    def _prefill(self, group: list[tuple[int, int, PrefixLease | None]]) -> None:
+        """One model call for ``group``'s (cache row, prompt index, lease) triples, each prompt after its cached
+        prefix, right-padded to the longest."""
         started, device = time.perf_counter(), self.cache.k.device
-        requests = [self.requests[index] for _, index in group]
-        new = [request.prompt[self.reused :] for request in requests]
+        requests = [self.requests[index] for _, index, _ in group]
+        starts = [_cached(lease) for _, _, lease in group]
+        new = [request.prompt[start:] for request, start in zip(requests, starts, strict=True)]
         width = max(map(len, new))
         ids = torch.tensor([part + [0] * (width - len(part)) for part in new], device=device)
-        rows = torch.tensor([r for r, _ in group], device=device)
+        rows = torch.tensor([r for r, _, _ in group], device=device)
         lengths = torch.tensor([len(request.prompt) for request in requests], device=device)
         with torch.no_grad():
-            logits = self.model.prefill(ids, lengths - self.reused, self.cache, rows, self.reused)
-        for (r, index), request in zip(group, requests, strict=True):
+            new_lengths = torch.tensor([len(part) for part in new], device=device)
+            logits = self.model.prefill(ids, new_lengths, self.cache, rows, starts)
+        for (r, index, lease), request in zip(group, requests, strict=True):
             seen = self._seen[r]
             seen.fill_(request.prompt[0])
             seen[: len(request.prompt)] = torch.tensor(request.prompt)
             text = _RowText(self.tokenizer, request.stop_strings, request.stop_ids)
             row = _Row(index, len(request.prompt), text, request.max_new_tokens, started)
-            row.constraint = request.constraint
+            row.constraint, row.lease = request.constraint, lease
             self._active[r] = row
+            if lease is not None:  # concurrent prompts with this prefix can take it from now on
+                self.prefix_cache.store(lease, request.prompt, self.cache, r)
         self._finite[rows] = _finite_rows(logits).long()  # before the mask's -inf
-        logits = self._constrain(logits, [r for r, _ in group], [r for r, _ in group])
-        first = self._pick(logits, self._seen[rows], [r for r, _ in group])
+        joined = [r for r, _, _ in group]
+        logits = self._constrain(logits, joined, joined)
+        first = self._pick(logits, self._seen[rows], joined)
         self.runner.tokens[rows] = first
         self._seen[rows, lengths] = first
         self.runner.slots[rows] = lengths
@@ -520,8 +531,10 @@ class Generation:
         self._advancing[r] = 0
         self.runner.slots[r] = 0
         prompt = self.requests[row.index].prompt
-        if self.keep:
-            self.fed[row.index] = prompt + row.text.token_ids[: row.fed]
+        cached = _cached(row.lease)
+        if row.lease is not None:  # every id whose keys and values are in the row
+            self.prefix_cache.store(row.lease, prompt + row.text.token_ids[: row.fed], self.cache, r)
+        self._give_back(row)
         first_token_at = row.first_token_at or time.perf_counter()
         result = GenerationResult(
             text=row.text.text,
@@ -530,11 +543,23 @@ class Generation:
             stop=row.text.stop,
             prompt_tokens=len(prompt),
             completion_tokens=len(row.text.token_ids),
-            prefill_tokens=len(prompt) - self.reused,
+            prefill_tokens=len(prompt) - cached,
             prefill_seconds=first_token_at - row.started,
             decode_seconds=time.perf_counter() - first_token_at,
+            cached_tokens=cached,
         )
         return self._done(row.index, result, done)
+
+    def _take_prefix(self, r: int, prompt: list[int]) -> PrefixLease | None:
+        """Cache row ``r`` starts with ``prompt``'s longest cached block prefix (None: no prefix cache)."""
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.admit(prompt, self.cache, r)
+
+    def _give_back(self, row: _Row) -> None:
+        if row.lease is not None:
+            self.prefix_cache.release(row.lease)
+            row.lease = None
 
     def _done(
         self, index: int, result: GenerationResult, done: dict[int, GenerationResult]
@@ -545,3 +570,7 @@ class Generation:
         else:
             self.requests[index] = None  # let a long-lived batch forget what it finished
         return result
+
+
+def _cached(lease: PrefixLease | None) -> int:
+    return lease.cached if lease is not None else 0

@@ -77,7 +77,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "scheduler": scheduler.stats()}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "scheduler": scheduler.stats(),
+            "prefix_cache": engine.stats()["prefix_cache"],  # None when off
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
@@ -418,10 +423,15 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
-def _usage(results: Sequence[GenerationResult]) -> dict[str, int]:
+def _usage(results: Sequence[GenerationResult]) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in results)},
+    }
 
 
 class BackgroundServer:

@@ -405,9 +405,11 @@ def launch(
     idle_timeout: float = 1800.0,
     mcp: str | None = None,
     max_batch: int = 4,
+    kv_cache_gb: float | None = None,
 ) -> None:
     """Serve the UI until interrupted. ``model`` is a local model directory (loaded once, shared by every
-    session: their generations are decoded together, up to ``max_batch`` at a time) or the URL of an
+    session: their generations are decoded together, up to ``max_batch`` at a time, over one prefix cache of
+    ``kv_cache_gb``; see :func:`~qwen_agent.runtime.engine.load_model`) or the URL of an
     OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
     once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
     session."""
@@ -429,7 +431,8 @@ def launch(
             from .scheduled_llm import ScheduledLLM
             from .scheduler import Scheduler
 
-            scheduler = Scheduler(load_model(model, device=device), max_batch=max_batch)
+            engine = load_model(model, device=device, kv_cache_gb=kv_cache_gb)
+            scheduler = Scheduler(engine, max_batch=max_batch)
             shared = ScheduledLLM(scheduler)
 
             def new_llm() -> LLM:
