@@ -233,11 +233,18 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "max_tokens": args.max_tokens,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every scenario, so a long run that is cut short keeps what it measured
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+
     if "agent" in only:
         engine = load_model(args.model, device="cpu")
         report["agent_in_process"] = run_agent(LocalLLM(engine), CITIES[0], args.max_tokens)
         report["agent_in_process"]["prefix_cache"] = engine.stats()["prefix_cache"]
         del engine
+        save()
     for label, budget in (("on", None), ("off", 0)):
         if not only & {"agent", "concurrent", "chat"}:
             break
@@ -245,18 +252,20 @@ def main() -> None:
         try:
             if "agent" in only:
                 report[f"agent_server_{label}"] = run_agent(server.llm(), CITIES[0], args.max_tokens)
+                save()
             if "chat" in only:
                 report[f"chat_{label}"] = chat_turns(server, 4, args.max_tokens)
+                save()
             if "concurrent" in only:
                 report[f"concurrent_{label}"] = concurrent_agents(server, args.agents, args.max_tokens)
             report[f"health_{label}"] = server.health()
+            save()
         finally:
             server.close()
     if "bench" in only:
         for label, budget in (("on", None), ("off", 0)):
             report[f"bench_{label}"] = bench_tool_use(args.model, budget, args.bench_limit, args.max_tokens)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+            save()
     print_table(report)
     print(f"\nwrote {args.out}")
 
