@@ -269,15 +269,16 @@ class Transformer(nn.Module):
         # logN scales only positions past seq_length; short of it (a chat prompt, as a rule) it multiplies by 1
         logn = self.config.use_logn_attn and last_start + S > self.config.seq_length
         q_scale = self._logn_scale(positions) if logn else None
+        kv_len = 0
         if isinstance(start, Tensor):
-            # [B, 1, S, T]: each row's queries see its own slots up to themselves
-            mask, is_causal = (
-                (torch.arange(last_start + S, device=device) <= positions[:, :, None])[:, None],
-                False,
-            )
+            # [B, 1, S, T]: each row's queries see its own slots up to themselves; padding can run past the
+            # cache's end (its keys go to the last slot), a prompt cannot
+            kv_len = min(last_start + S, cache.capacity)
+            mask = (torch.arange(kv_len, device=device) <= positions[:, :, None])[:, None]
+            is_causal = False
         else:
             mask, is_causal = self._mask(start, S, device)
-        ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows, kv_len=last_start + S)
+        ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows, kv_len=kv_len)
         return self._layers(ids, ctx)
 
     def decode_step(
