@@ -129,6 +129,26 @@ def test_kv_cache_gb_zero_turns_the_cache_off_and_bad_values_are_config_errors(t
         QwenEngine(engine.model, engine.tokenizer, kv_cache_gb=-1)
 
 
+def test_rows_that_end_early_or_never_start_give_their_blocks_back(tiny_qwen_dir, monkeypatch):
+    engine = load_model(tiny_qwen_dir, device="cpu", kv_cache_gb=0.01)
+    prompt = list(range(100, 150))
+    engine.generate(prompt, max_new_tokens=2)
+    stream = engine.stream(prompt + [1], max_new_tokens=20, do_sample=False)
+    next(stream)
+    assert engine.stats()["prefix_cache"]["blocks_referenced"] == 3  # the streaming row holds them
+    stream.close()  # abandoned part-way
+    assert engine.stats()["prefix_cache"]["blocks_referenced"] == 0
+
+    def failing_prefill(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.model, "prefill", failing_prefill)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.generate([prompt + [2], prompt + [3]], max_new_tokens=2)
+    stats = engine.stats()["prefix_cache"]
+    assert stats["hits"] == 3 and stats["blocks_referenced"] == 0
+
+
 # -- greedy outputs with the cache on and off ------------------------------------------------------------------
 
 

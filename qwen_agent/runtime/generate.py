@@ -444,14 +444,20 @@ class Generation:
         # they all join now, so their order does not matter: similar lengths side by side pad the least
         wave.sort(key=lambda joining: len(self.requests[joining[1]].prompt) - _cached(joining[2]))
         group: list[tuple[int, int, PrefixLease | None]] = []
-        for joining in wave:
-            width = len(self.requests[joining[1]].prompt) - _cached(joining[2])  # the longest so far
-            if group and (len(group) + 1) * width > PREFILL_TOKENS:
+        try:
+            for joining in wave:
+                width = len(self.requests[joining[1]].prompt) - _cached(joining[2])  # the longest so far
+                if group and (len(group) + 1) * width > PREFILL_TOKENS:
+                    self._prefill(group)
+                    group = []
+                group.append(joining)
+            if group:
                 self._prefill(group)
-                group = []
-            group.append(joining)
-        if group:
-            self._prefill(group)
+        except BaseException:  # a failed prefill: the blocks of the rows that never started go back
+            for r, _, lease in wave:
+                if lease is not None and r not in self._active:
+                    self.prefix_cache.release(lease)
+            raise
 
     def _prefill(self, group: list[tuple[int, int, PrefixLease | None]]) -> None:
         """One model call for ``group``'s (cache row, prompt index, lease) triples, each prompt after its cached
