@@ -6,14 +6,15 @@ Scenarios (greedy, so every run writes the same text; the tool is scripted, so e
 - ``agent``: a 3-step ReAct agent (two tool calls, then the answer; ``max_iterations=2`` forces the third step to
   answer) in process (:class:`~qwen_agent.llm.LocalLLM`) and over a ``qwen-agent serve`` subprocess
   (:class:`~qwen_agent.openai_client.OpenAICompatibleLLM`, the cached count read from
-  ``usage.prompt_tokens_details.cached_tokens``): prefilled and cached tokens per step, and wall time. The goal:
-  each later step prefills only its new tokens plus at most one 16-token block, and the server run is within
-  1.15x of the in-process one.
+  ``usage.prompt_tokens_details.cached_tokens``): prefilled and cached tokens per step, and wall time, the two
+  alternating ``--pairs`` times (pair i asks about city i on both, so both caches are equally warm; pair 0 is
+  cold); then once over a server with the cache off. The goal: each later step prefills only its new tokens plus
+  at most one 16-token block, and the server run is within 1.15x of the in-process one.
 - ``concurrent``: 8 such agents at once over the server (different cities, the same tools).
 - ``chat``: a 4-turn chat over the server's /v1/chat/completions, each turn re-sending the conversation.
 - ``bench``: ``qwen-agent bench tool-use --limit N`` throughput (prompts of the benchmark per second).
 
-Each server scenario runs against a server started with the cache on and one with ``--kv-cache-gb 0``.
+The chat and concurrent scenarios run against a fresh server with the cache on and one with ``--kv-cache-gb 0``.
 Prints a table and writes benchmarks/results/prefix_cache.json.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/prefix_cache.py --model /work/models/qwen2.5-coder-0.5b
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--max-tokens", type=int, default=48, help="per agent step / chat turn")
     parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=2, help="in-process / server agent runs, alternately")
     parser.add_argument("--bench-limit", type=int, default=4, help="jobs of each tool-use set")
     parser.add_argument("--only", default="agent,concurrent,chat,bench")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/prefix_cache.json"))
@@ -240,18 +242,34 @@ def main() -> None:
         out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
     if "agent" in only:
+        # in process and over a fresh server (cache on), alternately, so both see the same machine load; pair i
+        # asks about city i on both, so their caches are equally warm (pair 0: both cold)
         engine = load_model(args.model, device="cpu")
-        report["agent_in_process"] = run_agent(LocalLLM(engine), CITIES[0], args.max_tokens)
-        report["agent_in_process"]["prefix_cache"] = engine.stats()["prefix_cache"]
+        server = Server(args.model, None, max_batch=8)
+        pairs = []
+        try:
+            for i in range(args.pairs):
+                local = run_agent(LocalLLM(engine), CITIES[i], args.max_tokens)
+                remote = run_agent(server.llm(), CITIES[i], args.max_tokens)
+                pairs.append({"city": CITIES[i], "in_process": local, "server": remote})
+                report["agent_pairs"] = pairs
+                save()
+            report["agent_in_process"], report["agent_server_on"] = pairs[0]["in_process"], pairs[0]["server"]
+            report["agent_cache_in_process"] = engine.stats()["prefix_cache"]
+            report["agent_cache_server"] = server.health()["prefix_cache"]
+        finally:
+            server.close()
         del engine
         save()
     for label, budget in (("on", None), ("off", 0)):
-        if not only & {"agent", "concurrent", "chat"}:
-            break
+        if not only & {"agent", "concurrent", "chat"} or (
+            label == "on" and not only & {"concurrent", "chat"}
+        ):
+            continue
         server = Server(args.model, budget, max_batch=max(8, args.agents))
         try:
-            if "agent" in only:
-                report[f"agent_server_{label}"] = run_agent(server.llm(), CITIES[0], args.max_tokens)
+            if "agent" in only and label == "off":
+                report["agent_server_off"] = run_agent(server.llm(), CITIES[0], args.max_tokens)
                 save()
             if "chat" in only:
                 report[f"chat_{label}"] = chat_turns(server, 4, args.max_tokens)
@@ -279,9 +297,9 @@ def print_table(report: dict[str, Any]) -> None:
             run = report[key]
             steps = "  ".join(f"{s['prefilled']}/{s['prompt']} ({s['cached']} cached)" for s in run["steps"])
             print(f"{key:18} {run['seconds']:7.1f} s  prefilled/prompt per step: {steps}")
-    if "agent_in_process" in report and "agent_server_on" in report:
-        ratio = report["agent_server_on"]["seconds"] / report["agent_in_process"]["seconds"]
-        print(f"{'':18} server (cache on) / in process: {ratio:.2f}x")
+    for pair in report.get("agent_pairs", []):
+        local, remote = pair["in_process"]["seconds"], pair["server"]["seconds"]
+        print(f"{pair['city']:18} in process {local:6.1f} s, server {remote:6.1f} s: {remote / local:.2f}x")
     for key in ("concurrent_on", "concurrent_off"):
         if key in report:
             r = report[key]
