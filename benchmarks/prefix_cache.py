@@ -12,7 +12,9 @@ Scenarios (greedy, so every run writes the same text; the tool is scripted, so e
   at most one 16-token block, and the server run is within 1.15x of the in-process one.
 - ``concurrent``: 8 such agents at once over the server (different cities, the same tools).
 - ``chat``: a 4-turn chat over the server's /v1/chat/completions, each turn re-sending the conversation.
-- ``bench``: ``qwen-agent bench tool-use --limit N`` throughput (prompts of the benchmark per second).
+- ``bench``: ``qwen-agent bench tool-use --limit N --batch-size B`` throughput (jobs per second), cache on and
+  off. Prompts admitted in the same wave are all prefilled before any of them is stored, so they share nothing;
+  ``B`` below the number of jobs lets the later waves reuse the ReAct instructions every prompt starts with.
 
 The chat and concurrent scenarios run against a fresh server with the cache on and one with ``--kv-cache-gb 0``.
 Prints a table and writes benchmarks/results/prefix_cache.json.
@@ -184,7 +186,9 @@ def concurrent_agents(server: Server, n: int, max_tokens: int) -> dict[str, Any]
     }
 
 
-def bench_tool_use(model: str, kv_cache_gb: float | None, limit: int, max_new_tokens: int) -> dict[str, Any]:
+def bench_tool_use(
+    model: str, kv_cache_gb: float | None, limit: int, batch: int, max_new_tokens: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         command = [
             sys.executable,
@@ -197,7 +201,15 @@ def bench_tool_use(model: str, kv_cache_gb: float | None, limit: int, max_new_to
             "--device",
             "cpu",
         ]
-        command += ["--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--out", out, "-q"]
+        command += [
+            "--limit",
+            str(limit),
+            "--batch-size",
+            str(batch),
+            "--max-new-tokens",
+            str(max_new_tokens),
+        ]
+        command += ["--out", out, "-q"]
         if kv_cache_gb is not None:
             command += ["--kv-cache-gb", str(kv_cache_gb)]
         started = time.perf_counter()
@@ -222,7 +234,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="per agent step / chat turn")
     parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=2, help="in-process / server agent runs, alternately")
-    parser.add_argument("--bench-limit", type=int, default=4, help="jobs of each tool-use set")
+    parser.add_argument("--bench-limit", type=int, default=3, help="jobs of each tool-use set")
+    parser.add_argument(
+        "--bench-batch",
+        type=int,
+        default=2,
+        help="prompts decoded at once; fewer than the jobs, as prompts admitted together cannot share blocks yet",
+    )
     parser.add_argument("--only", default="agent,concurrent,chat,bench")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/prefix_cache.json"))
     args = parser.parse_args()
@@ -282,7 +300,9 @@ def main() -> None:
             server.close()
     if "bench" in only:
         for label, budget in (("on", None), ("off", 0)):
-            report[f"bench_{label}"] = bench_tool_use(args.model, budget, args.bench_limit, args.max_tokens)
+            report[f"bench_{label}"] = bench_tool_use(
+                args.model, budget, args.bench_limit, args.bench_batch, args.max_tokens
+            )
             save()
     print_table(report)
     print(f"\nwrote {args.out}")

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,35 +85,40 @@ def scripted_engine(tokenizer, *pieces: list[str | list[int]]) -> QwenEngine:
             ids += tokenizer.encode(part) if isinstance(part, str) else part
         scripts.append(ids + [IM_END])
     engine = QwenEngine(ScriptedModel(scripts), tokenizer, GenerationConfig(max_new_tokens=200))
-    engine.prompts = []  # the prompt ids of every call, in order
+    engine.prompts = []  # the prompt ids of every request, in order
+    submit = engine.submit
 
-    def recording(call):
-        def recorded(prompt, **kwargs):
-            engine.prompts.append(list(prompt))
-            return call(prompt, **kwargs)
+    def recorded(request, on_event=None):
+        engine.prompts.append(list(request.prompt))
+        return submit(request, on_event)
 
-        return recorded
-
-    engine.generate, engine.stream = recording(engine.generate), recording(engine.stream)
+    engine.submit = recorded
     return engine
 
 
 class CountingEngine:
-    """Counts the real engine's generate/stream calls and the prompts each got; the calls go through unchanged."""
+    """Counts the requests LocalLLM hands the real engine: ("generate", n) for a batch of n run together,
+    ("stream", 1) for a single one; the calls go through unchanged."""
 
     def __init__(self, engine: QwenEngine) -> None:
         self.calls: list[tuple[str, int]] = []
-        generate, stream = engine.generate, engine.stream
+        as_completed, submit = engine.as_completed, engine.submit
+        batched = threading.local()
 
-        def counted_generate(prompt, **kwargs):
-            self.calls.append(("generate", len(prompt) if not isinstance(prompt[0], int) else 1))
-            return generate(prompt, **kwargs)
+        def counted_as_completed(requests, max_batch=None):
+            self.calls.append(("generate", len(requests)))
+            batched.inside = True
+            try:
+                yield from as_completed(requests, max_batch)
+            finally:
+                batched.inside = False
 
-        def counted_stream(prompt, **kwargs):
-            self.calls.append(("stream", 1))
-            return stream(prompt, **kwargs)
+        def counted_submit(request, on_event=None):
+            if not getattr(batched, "inside", False):
+                self.calls.append(("stream", 1))
+            return submit(request, on_event)
 
-        engine.generate, engine.stream = counted_generate, counted_stream
+        engine.as_completed, engine.submit = counted_as_completed, counted_submit
 
 
 class TokenRecorder(BaseCallbackHandler):
@@ -145,6 +151,7 @@ def test_import_qwen_agent_does_not_import_langchain():
 def test_missing_langchain_names_the_extra():
     code = """
 import sys
+import threading
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in ('langchain_core', 'langchain', 'langchain_classic'):
@@ -228,13 +235,13 @@ def test_batch_is_one_engine_call_with_the_same_results(tiny_engine, tiny_llm):
         assert asyncio.run(tiny_llm.abatch(prompts)) == singles
         assert counter.calls[-1] == ("generate", 4) and len(counter.calls) == 3
     finally:
-        del tiny_engine.generate, tiny_engine.stream  # back to the class methods
+        del tiny_engine.as_completed, tiny_engine.submit  # back to the class methods
 
 
 def test_concurrent_async_calls_are_serialised_on_the_engine(tiny_engine, tiny_llm):
     prompts = ["Tell me a story.", "What is 2+2?", "Name three colours."]
     expected = [tiny_llm.invoke(p) for p in prompts]
-    # a second adapter with its own LocalLLM over the same engine shares the engine's lock
+    # a second adapter with its own LocalLLM over the same engine: both go to the engine's scheduler
     other = QwenLLM(backend=LocalLLM(tiny_engine), temperature=0, max_tokens=24)
 
     async def run():
@@ -259,7 +266,7 @@ def test_classic_agent_runs_and_stops_over_the_tiny_model(tiny_engine, tiny_llm)
     try:
         result = executor.invoke({"input": "What is 2+40?"})
     finally:
-        del tiny_engine.generate, tiny_engine.stream
+        del tiny_engine.as_completed, tiny_engine.submit
     assert result["output"] == "Agent stopped due to iteration limit or time limit."
     assert counter.calls == [("stream", 1), ("stream", 1)]  # AgentExecutor drives the model through _stream
 
@@ -549,7 +556,7 @@ def test_create_agent_runs_and_ends_over_the_tiny_model(tiny_engine):
         model = ChatQwen(backend=LocalLLM(tiny_engine), temperature=0, max_tokens=16)
         result = create_agent(model, [get_weather]).invoke({"messages": [HumanMessage("Weather in Paris?")]})
     finally:
-        del tiny_engine.generate, tiny_engine.stream
+        del tiny_engine.as_completed, tiny_engine.submit
     # random weights write no Action: the reply is a final answer and the run ends after one model call
     assert len(counter.calls) == 1
     last = result["messages"][-1]

@@ -133,10 +133,11 @@ def test_rows_that_end_early_or_never_start_give_their_blocks_back(tiny_qwen_dir
     engine = load_model(tiny_qwen_dir, device="cpu", kv_cache_gb=0.01)
     prompt = list(range(100, 150))
     engine.generate(prompt, max_new_tokens=2)
-    stream = engine.stream(prompt + [1], max_new_tokens=20, do_sample=False)
-    next(stream)
-    assert engine.stats()["prefix_cache"]["blocks_referenced"] == 3  # the streaming row holds them
-    stream.close()  # abandoned part-way
+    handle = engine.stream(prompt + [1], max_new_tokens=200, do_sample=False)
+    deltas = iter(handle)
+    next(deltas)
+    deltas.close()  # abandoned part-way: the request is aborted
+    assert handle.wait().cached_tokens == 48
     assert engine.stats()["prefix_cache"]["blocks_referenced"] == 0
 
     def failing_prefill(*args, **kwargs):
@@ -190,9 +191,10 @@ def test_greedy_ids_are_the_same_with_the_cache_on_and_off(checkpoints, name):
     assert [r.token_ids for r in together] == [r.token_ids for r in off.generate(batch, **GREEDY)]
     assert [r.cached_tokens for r in together[:4]] == [len(second_prompt) // 16 * 16] * 4
     third_prompt = batch[2] + together[2].token_ids + tok.encode("\nObservation: rain\nThought:")
-    streamed = "".join(on.stream(third_prompt, **GREEDY))
-    assert on.last_result.cached_tokens > 0
-    assert streamed == off.generate(third_prompt, **GREEDY).text
-    assert on.last_result.token_ids == off.last_result.token_ids
+    handle = on.stream(third_prompt, **GREEDY)
+    streamed = "".join(handle)
+    alone = off.generate(third_prompt, **GREEDY)
+    assert handle.result.cached_tokens > 0
+    assert (streamed, handle.result.token_ids) == (alone.text, alone.token_ids)
     if name != "qwen2":  # seq_length 48: the later prompts have alpha 3, the first alpha 1
         assert len(first_prompt) < 48 < len(second_prompt) and len(third_prompt) <= 96

@@ -416,7 +416,7 @@ def launch(
     from ..llm import llm_from_spec
 
     registry = default_registry.select()  # the built-in tools' classes: each session makes its own instances
-    scheduler = None
+    engine = None
     try:
         if mcp is not None:
             for line in registry.add_mcp(mcp):  # tools renamed to avoid a clash
@@ -427,13 +427,12 @@ def launch(
             def new_llm() -> LLM:
                 return llm_from_spec(model, api_key=api_key, served_model=served_model)
         else:
+            from ..llm import LocalLLM
             from ..runtime.engine import load_model
-            from .scheduled_llm import ScheduledLLM
-            from .scheduler import Scheduler
 
             engine = load_model(model, device=device, kv_cache_gb=kv_cache_gb)
-            scheduler = Scheduler(engine, max_batch=max_batch)
-            shared = ScheduledLLM(scheduler)
+            engine.scheduler.configure(max_batch=max_batch)
+            shared = LocalLLM(engine)  # every session's calls go to the engine's one scheduler
 
             def new_llm() -> LLM:
                 return shared
@@ -452,5 +451,5 @@ def launch(
             app.pool.close_all()
     finally:
         registry.close()  # stops the MCP servers
-        if scheduler is not None:
-            scheduler.close()
+        if engine is not None:
+            engine.close()
