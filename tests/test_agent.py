@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -733,4 +734,4 @@ def test_run_command_with_a_local_checkpoint(tiny_checkpoint, capsys):
     )
     out, err = capsys.readouterr()
     assert code == 0 and out.startswith("\n--- step 1\n")
-    assert "prompt /" in err and "prefilled tokens" in err
+    assert "prompt /" in err and re.search(r"\d+ prefilled, \d+ cached", err)
