@@ -24,10 +24,11 @@ Backends here
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,13 +56,15 @@ class ScriptedLLM:
 
     Each output is cut at the stop strings as a real backend would; ``apply_stop=False`` replays it whole, like
     a server that ignores ``stop``. Every call's prompt and stop list is kept in ``calls``. ``stream`` yields
-    each output in pieces of ``chunk_size`` characters.
+    each output in pieces of ``chunk_size`` characters; ``astream`` does the same on an event loop, letting other
+    tasks run between pieces. ``context_window`` plays the backend's context size for the agent's budget.
     """
 
     outputs: Sequence[str]
     apply_stop: bool = True
     chunk_size: int = 3
     calls: list[tuple[ChatPrompt, tuple[str, ...]]] = field(default_factory=list)
+    context_window: int | None = None
 
     def complete(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
@@ -80,6 +83,13 @@ class ScriptedLLM:
         for i in range(0, len(text), self.chunk_size):
             yield text[i : i + self.chunk_size]
         yield completion
+
+    async def astream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> AsyncIterator[str | Completion]:
+        for item in self.stream(prompt, stop=stop, sampling=sampling):
+            yield item
+            await asyncio.sleep(0)
 
     def _next(self, prompt: ChatPrompt, stop: Sequence[str]) -> str:
         if len(self.calls) >= len(self.outputs):
@@ -143,6 +153,11 @@ class LocalLLM:
         self.tokenizer = engine.tokenizer
         configured = getattr(getattr(engine, "generation_config", None), "max_window_size", None)
         self.max_window_size = max_window_size or configured or DEFAULT_MAX_WINDOW_SIZE
+
+    @property
+    def context_window(self) -> int:
+        """The longest sequence the model runs, prompt and reply together (the agent budgets to it)."""
+        return self.engine.config.max_context
 
     def prompt_ids(self, prompt: ChatPrompt) -> list[int]:
         from .runtime.chat_format import make_context

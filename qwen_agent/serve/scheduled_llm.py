@@ -6,20 +6,27 @@ builds the same prompt ids and engine arguments, submits them to the scheduler a
 ``stream`` is one row of a shared batch. A consumer that stops reading a stream (closes the generator) cancels
 its request, so the row is freed at the next decode step.
 
+``astream`` is the same on an event loop: the scheduler's thread hands each event to the loop
+(``loop.call_soon_threadsafe``), so any number of tasks share the batches without a thread each, and a cancelled
+task frees its row at the next decode step. :meth:`ScheduledLLM._submit` is the one place that speaks to the
+scheduler.
+
 >>> llm = ScheduledLLM(Scheduler(load_model("/models/Qwen-7B-Chat"), max_batch=8))   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 from ..errors import LLMError
 from ..llm import LocalLLM, engine_options, local_completion
 from ..llm_protocol import ChatPrompt, Completion, Sampling
 from ..runtime.generate import GenerationResult, PromptRequest
-from .scheduler import Event, Scheduler
+from .scheduler import Event, Scheduler, Ticket
 
 __all__ = ["ScheduledLLM"]
 
@@ -50,24 +57,63 @@ class ScheduledLLM:
                 return item
         raise AssertionError("stream() always ends with its Completion")  # pragma: no cover
 
+    @property
+    def tokenizer(self) -> Any:
+        return self.chatml.tokenizer
+
+    @property
+    def context_window(self) -> int:
+        return self.chatml.context_window
+
+    def _submit(
+        self,
+        prompt: ChatPrompt,
+        stop: Sequence[str],
+        sampling: Sampling | None,
+        on_event: Callable[[Event], None],
+    ) -> Ticket:
+        return self.scheduler.submit(self.request(prompt, stop=stop, sampling=sampling), on_event)
+
+    @staticmethod
+    def _item(event: Event, started: float) -> str | Completion:
+        """A scheduler event as a stream item (the Completion last); a failed batch raises LLMError."""
+        if isinstance(event, BaseException):
+            raise LLMError(f"the local model failed: {type(event).__name__}: {event}") from event
+        if isinstance(event, GenerationResult):
+            return local_completion(event, time.perf_counter() - started)
+        return event
+
     def stream(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:
         started = time.perf_counter()
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        ticket = self.scheduler.submit(self.request(prompt, stop=stop, sampling=sampling), events.put)
+        ticket = self._submit(prompt, stop, sampling, events.put)
         finished = False
         try:
-            while True:
+            while not finished:
                 event = events.get()
-                if isinstance(event, BaseException):
-                    finished = True
-                    raise LLMError(f"the local model failed: {type(event).__name__}: {event}") from event
-                if isinstance(event, GenerationResult):
-                    finished = True
-                    yield local_completion(event, time.perf_counter() - started)
-                    return
-                yield event
+                finished = not isinstance(event, str)
+                yield self._item(event, started)
         finally:
             if not finished:  # the consumer stopped reading: free the row
+                self.scheduler.cancel(ticket)
+
+    async def astream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> AsyncIterator[str | Completion]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        ticket = self._submit(
+            prompt, stop, sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        )
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = not isinstance(event, str)
+                yield self._item(event, started)
+        finally:
+            if not finished:  # cancelled, or the consumer stopped reading: free the row at the next step
                 self.scheduler.cancel(ticket)
