@@ -11,6 +11,7 @@ The agent uses :meth:`BaseTool.invoke`, which never raises: bad arguments and fa
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import traceback
@@ -29,6 +30,7 @@ ErrorKind = Literal["invalid_arguments", "tool_error"]
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
 _MAX_TRACEBACK_CHARS = 1500
+_FRAMEWORK_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
 
 
 @dataclass
@@ -269,7 +271,11 @@ class BaseTool:
 
 def _short_traceback(exc: BaseException) -> str:
     """The exception line plus the innermost frames, capped so it fits an Observation."""
-    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    # the tool's own frames: those of this package and of asyncio say nothing to the model, and differ between
+    # invoke and ainvoke
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_FRAMEWORK_DIRS)
+    ][-3:]
     lines = [f'  File "{f.filename}", line {f.lineno}, in {f.name}' for f in frames]
     text = "\n".join(["Traceback (most recent call last):", *lines, f"{type(exc).__name__}: {exc}"])
     return text if len(text) <= _MAX_TRACEBACK_CHARS else "..." + text[-_MAX_TRACEBACK_CHARS:]
