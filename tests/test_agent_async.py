@@ -465,3 +465,36 @@ def test_step_started_carries_the_budget():
     assert started[0].context_window == 4096 and 0 < started[0].prompt_tokens < 4096
     assert not [e for e in events if isinstance(e, (BudgetEvent,))]
     assert [e for e in events if isinstance(e, ObservationEvent)] == []
+
+
+# ------------------------------------------------------------------------------------------------------- README
+
+
+def test_readme_fastapi_example_streams_events_and_keeps_the_conversation():
+    import json
+    import re
+
+    from qwen_agent.serve.openai_api import BackgroundServer
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- fastapi-example:start -->")
+    code = re.search(r"```python\n(.*?)^```", readme[start:], re.S | re.M).group(1)
+    namespace = {"__name__": "readme_fastapi"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    with BackgroundServer(namespace["app"]) as server:
+        events = []
+        with httpx.stream(
+            "GET", server.url + "/chat/c1", params={"q": "Weather in Paris?"}, timeout=30
+        ) as reply:
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "step_started" and kinds[-1] == "final_answer"
+    assert {"action", "observation", "thought_delta", "answer_delta"} <= set(kinds)
+    observation = next(e for e in events if e["type"] == "observation")
+    assert observation["observation"] == "Sunny, 25 C in Paris."
+    assert events[-1]["answer"] == "Sunny, 25 C."
+    saved = namespace["Conversation"].from_json(namespace["conversations"]["c1"])
+    assert saved.history == [("Weather in Paris?", events[-1]["result"]["transcript"])]

@@ -95,7 +95,7 @@ def test_a_conversation_resumed_in_a_new_process_sends_byte_identical_prompts(tm
 
 
 def test_results_and_events_round_trip_as_json():
-    llm = ScriptedLLM(['Thought: x\nAction: nope\nAction Input: {}\nObservation:', " ok\nFinal Answer: 42"])
+    llm = ScriptedLLM(["Thought: x\nAction: nope\nAction Input: {}\nObservation:", " ok\nFinal Answer: 42"])
     events = list(Agent(llm, {"t": _Echo()}).stream("Q?"))
     result = events[-1].result
     assert result_from_json(result_to_json(result)) == result
