@@ -46,25 +46,31 @@ async def astream_llm(
             await stream.aclose()
         return
     lock = _locks.setdefault(llm, threading.Lock())
-    items: Iterator[str | Completion] = iter(())
+    while not lock.acquire(blocking=False):  # polled on the loop: a cancelled waiter leaves nothing behind
+        await asyncio.sleep(0.005)
+    items: Iterator[str | Completion] | None = None
 
-    def open_and_next() -> Any:
+    def step() -> Any:  # on a worker thread: open the stream on the first call, then read one item
         nonlocal items
-        lock.acquire()
-        items = iter(llm.stream(prompt, stop=stop, sampling=sampling))
+        if items is None:
+            items = iter(llm.stream(prompt, stop=stop, sampling=sampling))
         return next(items, _DONE)
 
+    pending: asyncio.Future[Any] | None = None
     try:
-        item = await asyncio.to_thread(open_and_next)
-        while item is not _DONE:
+        while True:
+            pending = asyncio.ensure_future(asyncio.to_thread(step))
+            item = await asyncio.shield(pending)  # cancelled: the worker still finishes its token
+            if item is _DONE:
+                break
             yield item
-            item = await asyncio.to_thread(next, items, _DONE)
     finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending})  # a generator cannot be closed while a thread runs it
         close = getattr(items, "close", None)
-        if lock.locked():
-            if close is not None:
-                await asyncio.to_thread(close)
-            lock.release()
+        if close is not None:
+            await asyncio.to_thread(close)
+        lock.release()
 
 
 async def ainvoke_tool(tool: Any, raw_arguments: str) -> Any:

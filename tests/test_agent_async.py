@@ -498,3 +498,41 @@ def test_readme_fastapi_example_streams_events_and_keeps_the_conversation():
     assert events[-1]["answer"] == "Sunny, 25 C."
     saved = namespace["Conversation"].from_json(namespace["conversations"]["c1"])
     assert saved.history == [("Weather in Paris?", events[-1]["result"]["transcript"])]
+
+
+class SyncOnly:
+    """A backend with only the sync ``stream`` (as LocalLLM): arun reads it on a worker thread, one call at a
+    time; it records how many of its streams were open at once."""
+
+    def __init__(self, outputs: list[str]):
+        self.script = ScriptedLLM(outputs)
+        self.open = self.most_open = 0
+
+    def stream(self, prompt, *, stop=(), sampling=None):
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            for item in self.script.stream(prompt, stop=stop, sampling=sampling):
+                time.sleep(0.002)
+                yield item
+        finally:
+            self.open -= 1
+
+
+def test_a_backend_without_astream_runs_one_call_at_a_time_on_a_worker_thread():
+    backend = SyncOnly([WEATHER_CALL, FINAL] * 8)
+    agent = Agent(backend, [get_weather])
+
+    async def main():
+        return await asyncio.gather(*(agent.arun(f"Weather {i}?") for i in range(8)))
+
+    results = asyncio.run(main())
+    assert [r.answer for r in results] == ["Sunny in Paris."] * 8
+    assert backend.most_open == 1 and backend.open == 0
+
+    # a deadline mid-stream: the worker finishes its token, the stream is closed, the next call may start
+    slow = SyncOnly(["Thought: " + "word " * 2000 + "\nFinal Answer: done", FINAL])
+    agent = Agent(slow, [get_weather])
+    result = asyncio.run(agent.arun("Long?", timeout=0.3))
+    assert result.stop_reason == "cancelled" and slow.open == 0
+    assert asyncio.run(agent.arun("Again?")).answer == "Sunny in Paris."
