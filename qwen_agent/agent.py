@@ -31,12 +31,26 @@ import json
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .budget import ContextBudget, Fit
 from .constrained import ConstraintOptions, constrain_llm
 from .errors import ConfigError, LLMError
+from .events import (
+    ActionEvent,
+    AnswerDelta,
+    BudgetEvent,
+    ErrorEvent,
+    Event,
+    FinalAnswerEvent,
+    ObservationEvent,
+    RunResult,
+    Step,
+    StepStarted,
+    StopReason,
+    ThoughtDelta,
+)
 from .llm import cut_completion
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
@@ -79,10 +93,6 @@ _ANSWER_MARKER = "Final Answer:"
 NO_ANSWER = "I could not find an answer within the allowed number of steps."
 CONTEXT_FULL = "I could not finish: the conversation no longer fits the model's context."
 
-# final_answer: the model answered; max_iterations: the forced final turn answered; context: the prompt could not
-# fit the context any more; cancelled: the run was stopped from outside (a deadline)
-StopReason = Literal["final_answer", "max_iterations", "context", "cancelled"]
-
 
 class ToolLike(Protocol):
     """What the agent needs from a tool (``qwen_agent.tools.BaseTool`` provides it)."""
@@ -92,133 +102,6 @@ class ToolLike(Protocol):
     def tool_desc(self, variant: str) -> str: ...
 
     def invoke(self, raw_arguments: str) -> Any: ...  # -> an object with .observation, .ok and .error
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-
-@dataclass
-class Step:
-    """One model turn of the loop and what came of it."""
-
-    index: int
-    thought: str
-    action: str | None = None
-    raw_arguments: str | None = None
-    arguments: Any = None
-    observation: str | None = None
-    ok: bool = True  # False when the step ended in an error observation
-    problems: tuple[Problem, ...] = ()
-    output: str = ""  # what the model wrote (after stop handling)
-    completion: Completion | None = None
-    tool_seconds: float = 0.0
-
-
-@dataclass
-class RunResult:
-    """The outcome of :meth:`Agent.run`.
-
-    ``stop_reason`` is ``"final_answer"``, ``"max_iterations"`` (the answer then comes from the forced final
-    turn), ``"context"`` (the prompt no longer fits the context: the answer says so) or ``"cancelled"`` (stopped
-    at a deadline; the answer is empty and ``history`` leaves this turn out). ``transcript`` is the whole
-    assistant turn; ``history`` is the conversation to pass to the next run. Token counts add up every model call
-    (``None`` parts, from backends that do not report them, count as 0). ``context_window`` is the budget's
-    context (None: unknown, no budget) and ``dropped_turns`` how many of the oldest earlier turns were left out
-    of the prompt to fit it. :mod:`qwen_agent.conversation` stores results and histories as JSON.
-    """
-
-    query: str
-    answer: str
-    steps: list[Step]
-    stop_reason: StopReason
-    transcript: str
-    history: list[tuple[str, str]]
-    llm_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_tokens: int = 0
-    seconds: float = 0.0
-    llm_seconds: float = 0.0
-    tool_seconds: float = 0.0
-    context_window: int | None = None
-    dropped_turns: int = 0
-
-
-# ------------------------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True)
-class Event:
-    type: ClassVar[str] = "event"
-
-
-@dataclass(frozen=True)
-class StepStarted(Event):
-    type: ClassVar[str] = "step_started"
-    index: int
-    forced: bool = False  # the forced final-answer turn after the budget ran out
-    prompt_tokens: int | None = None  # the step's prompt, as the budget counts it (None: no budget)
-    context_window: int | None = None
-
-
-@dataclass(frozen=True)
-class ThoughtDelta(Event):
-    type: ClassVar[str] = "thought_delta"
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ActionEvent(Event):
-    type: ClassVar[str] = "action"
-    index: int
-    tool: str
-    raw_arguments: str
-    arguments: Any
-
-
-@dataclass(frozen=True)
-class ObservationEvent(Event):
-    type: ClassVar[str] = "observation"
-    index: int
-    observation: str
-    ok: bool
-
-
-@dataclass(frozen=True)
-class AnswerDelta(Event):
-    type: ClassVar[str] = "answer_delta"
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ErrorEvent(Event):
-    """A recoverable problem in a step; ``kind`` is a :class:`Problem` value, ``"tool_error"`` or
-    ``"repeated_action"``."""
-
-    type: ClassVar[str] = "error"
-    index: int
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class BudgetEvent(Event):
-    """The context budget or a deadline changed the run: ``kind`` is ``"observation_shortened"``,
-    ``"history_trimmed"``, ``"context_full"`` (the run ends with ``stop_reason="context"``) or ``"cancelled"``."""
-
-    type: ClassVar[str] = "budget"
-    index: int
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class FinalAnswerEvent(Event):
-    type: ClassVar[str] = "final_answer"
-    answer: str
-    result: RunResult = field(repr=False)
 
 
 # ------------------------------------------------------------------------------------------------ the agent
@@ -421,12 +304,10 @@ class Agent:
                 finally:
                     if items is not None:
                         await items.aclose()
-        except TimeoutError:
-            if not deadline.expired():
-                raise
         except BaseException as exc:
-            run.trace.abort(exc)
-            raise
+            if not (isinstance(exc, TimeoutError) and deadline.expired()):
+                run.trace.abort(exc)
+                raise
         for event in run.cancelled(f"the run was stopped at its deadline of {timeout:g} s"):
             yield event
 

@@ -14,6 +14,7 @@ OpenTelemetry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -197,7 +198,8 @@ class RunTrace:
 
     def abort(self, exc: BaseException) -> None:
         """End the open spans with the error that ended the run."""
-        error = type(exc).__name__
+        # a consumer that stopped reading, or a cancelled task: the run was cancelled, not broken
+        error = "cancelled" if isinstance(exc, GeneratorExit | asyncio.CancelledError) else type(exc).__name__
         for span in (self._child, self._run):
             self._close(span, {"error.type": error}, f"{error}: {exc}")
         self._child = self._run = None
