@@ -96,7 +96,7 @@ class Deadline:
     async def __aenter__(self) -> Deadline:
         if self.seconds is not None:
             self._when = asyncio.get_running_loop().time() + self.seconds
-            self._timeout = asyncio.timeout(self._when)
+            self._timeout = asyncio.timeout_at(self._when)
             await self._timeout.__aenter__()
         return self
 

@@ -536,3 +536,24 @@ def test_a_backend_without_astream_runs_one_call_at_a_time_on_a_worker_thread():
     result = asyncio.run(agent.arun("Long?", timeout=0.3))
     assert result.stop_reason == "cancelled" and slow.open == 0
     assert asyncio.run(agent.arun("Again?")).answer == "Sunny in Paris."
+
+
+def test_a_deadline_fires_at_an_await_and_never_while_paused():
+    from qwen_agent.aio import Deadline
+
+    async def main():
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with Deadline(0.2):
+                await asyncio.sleep(5)
+        assert time.monotonic() - started < 1.0
+        deadline = Deadline(0.1)
+        with pytest.raises(TimeoutError):
+            async with deadline:
+                with deadline.paused():  # the caller's code, between two events: never interrupted
+                    await asyncio.sleep(0.3)
+                assert not deadline.expired()
+                await asyncio.sleep(5)  # already past: it fires here, at once
+        assert deadline.expired() and time.monotonic() - started < 2.0
+
+    asyncio.run(main())
