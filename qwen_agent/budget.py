@@ -115,10 +115,9 @@ class ContextBudget:
         else:
             total = fixed + kept_tokens
         if total + reply > window:
-            reason = (
-                f"the prompt needs {total} tokens and its reply at least {reply} more, but the context holds "
-                f"{window}, even with all {len(turns)} earlier turns left out"
-            )
+            reason = f"the prompt needs {total} tokens and its reply at least {reply} more, but the context holds {window}"
+            if turns:
+                reason += f", even with all {len(turns)} earlier turns left out"
             return Fit(None, sampling, total, window, dropped, reason)
         if total + max_tokens > window:  # a shorter reply rather than a prompt the backend refuses
             sampling = replace(sampling or Sampling(), max_tokens=window - total)
