@@ -51,7 +51,6 @@ from .events import (
     StopReason,
     ThoughtDelta,
 )
-from .llm import cut_completion
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
@@ -69,7 +68,6 @@ from .react import (
     render_observation,
 )
 from .runtime.chat_format import DEFAULT_SYSTEM
-from .runtime.stops import StopScanner
 from .tracing import SpanRecord, Tracing
 
 __all__ = [
@@ -409,8 +407,7 @@ class _Run:
         chat), so all of it is the answer."""
         answer_marker = _ANSWER_MARKER if answer_only else ""
         sections = SectionStreamer(answer_marker)
-        # cut here too: a backend that returns the stop word (or what follows it) must not reach the transcript
-        scanner = StopScanner(STOP_WORDS)
+        # the backend cuts at the stop words (the LLM protocol's contract)
         self.trace.model_started(fit.prompt, fit.sampling)
         item = yield _ModelCall(fit.prompt, fit.sampling)
         while not isinstance(item, Completion):  # read to its end, so the backend can finish its bookkeeping
@@ -418,12 +415,9 @@ class _Run:
                 raise LLMError(
                     f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion"
                 )
-            if text := scanner.feed(item):
-                yield from self._deltas(index, sections.feed(text))
+            yield from self._deltas(index, sections.feed(item))
             item = yield _NEXT_ITEM
-        if held := scanner.finish():
-            yield from self._deltas(index, sections.feed(held))
-        completion = cut_completion(item, STOP_WORDS)
+        completion = item
         self.trace.model_finished(completion)
         self.completions.append(completion)
         # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does

@@ -1,8 +1,8 @@
 """What :meth:`Agent.astream <qwen_agent.agent.Agent.astream>` awaits: backends and tools on the caller's loop.
 
-A backend with ``astream`` (``ScriptedLLM``, ``OpenAICompatibleLLM`` over httpx, ``ScheduledLLM`` on the
+A backend with ``astream`` (``ScriptedLLM``, ``OpenAICompatibleLLM`` over httpx, ``LocalLLM`` on the
 engine's scheduler) is awaited directly: no thread per call. A backend with only the sync ``stream`` is read on a
-worker thread, one call at a time per backend (a local engine is not thread-safe). A tool with ``ainvoke``
+worker thread, one call at a time per backend (nothing says it is thread-safe). A tool with ``ainvoke``
 (every :class:`~qwen_agent.tools.BaseTool`: ``async def`` tools are awaited, MCP calls are awaited on the
 connection's loop, blocking tools run on a worker thread) is awaited; any other tool's ``invoke`` runs on a
 worker thread.

@@ -58,15 +58,19 @@ def population(city: str) -> str:
 
 
 def without_times(result: RunResult) -> RunResult:
+    """The result without timings, and without ``prefill_tokens``: the second of two runs on one engine finds
+    the first one's prompt in the cache, whichever API runs it."""
     steps = [
         dataclasses.replace(
             s,
             tool_seconds=0.0,
-            completion=s.completion and dataclasses.replace(s.completion, seconds=0.0),
+            completion=s.completion and dataclasses.replace(s.completion, seconds=0.0, prefill_tokens=0),
         )
         for s in result.steps
     ]
-    return dataclasses.replace(result, steps=steps, seconds=0.0, llm_seconds=0.0, tool_seconds=0.0)
+    return dataclasses.replace(
+        result, steps=steps, seconds=0.0, llm_seconds=0.0, tool_seconds=0.0, prefill_tokens=0
+    )
 
 
 def comparable(events: list) -> list:
@@ -118,15 +122,6 @@ def tiny_engine(tmp_path_factory):
     return load_model(path, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def scheduler(tiny_engine):
-    from qwen_agent.serve.scheduler import Scheduler
-
-    scheduler = Scheduler(tiny_engine, max_batch=64, min_cache_tokens=512)
-    yield scheduler
-    scheduler.close()
-
-
 TINY_SAMPLING = Sampling(max_tokens=10, temperature=0)
 
 
@@ -138,16 +133,10 @@ def idle_stats(scheduler) -> dict:
     return scheduler.stats()
 
 
-@pytest.mark.parametrize("backends", ["local-then-scheduled", "scheduled-both"])
-def test_sync_and_async_give_the_same_events_and_results_on_the_tiny_checkpoint(
-    tiny_engine, scheduler, backends
-):
-    from qwen_agent.serve.scheduled_llm import ScheduledLLM
-
-    sync_llm = LocalLLM(tiny_engine) if backends == "local-then-scheduled" else ScheduledLLM(scheduler)
+def test_sync_and_async_give_the_same_events_and_results_on_the_tiny_checkpoint(tiny_engine):
     options = {"max_iterations": 2, "sampling": TINY_SAMPLING}
-    sync_events = list(Agent(sync_llm, [get_weather], **options).stream("What is the weather?"))
-    async_agent = Agent(ScheduledLLM(scheduler), [get_weather], **options)
+    sync_events = list(Agent(LocalLLM(tiny_engine), [get_weather], **options).stream("What is the weather?"))
+    async_agent = Agent(LocalLLM(tiny_engine), [get_weather], **options)
     async_events = asyncio.run(collect(async_agent, "What is the weather?"))
     assert comparable(sync_events) == comparable(async_events)
     result = async_events[-1].result
@@ -157,10 +146,10 @@ def test_sync_and_async_give_the_same_events_and_results_on_the_tiny_checkpoint(
 # --------------------------------------------------------------------------------------------- many runs, one loop
 
 
-def test_64_concurrent_runs_on_the_local_engine_share_batches(tiny_engine, scheduler):
-    from qwen_agent.serve.scheduled_llm import ScheduledLLM
-
-    agent = Agent(ScheduledLLM(scheduler), [get_weather], max_iterations=1, sampling=TINY_SAMPLING)
+def test_64_concurrent_runs_on_the_local_engine_share_batches(tiny_engine):
+    scheduler = tiny_engine.scheduler
+    scheduler.configure(max_batch=64)
+    agent = Agent(LocalLLM(tiny_engine), [get_weather], max_iterations=1, sampling=TINY_SAMPLING)
     before = scheduler.stats()
 
     async def main():
@@ -282,15 +271,13 @@ class _NeverEnds:
 
 def test_a_deadline_stops_generation_at_the_next_token(tiny_engine):
     from qwen_agent.runtime.engine import QwenEngine
-    from qwen_agent.serve.scheduled_llm import ScheduledLLM
-    from qwen_agent.serve.scheduler import Scheduler
 
     tok = tiny_engine.tokenizer
     model = _NeverEnds(tiny_engine.model, [tok.im_end_id, tok.im_start_id, tok.eod_id])
-    engine = QwenEngine(model, tok, tiny_engine.generation_config, tiny_engine.default_system)
-    scheduler = Scheduler(engine, max_batch=4, min_cache_tokens=512)
+    engine = QwenEngine(model, tok, tiny_engine.generation_config, tiny_engine.default_system, max_batch=4)
+    scheduler = engine.scheduler
     try:
-        agent = Agent(ScheduledLLM(scheduler), sampling=Sampling(max_tokens=4000, temperature=0))
+        agent = Agent(LocalLLM(engine), sampling=Sampling(max_tokens=4000, temperature=0))
         events = []
 
         async def main():
@@ -307,7 +294,7 @@ def test_a_deadline_stops_generation_at_the_next_token(tiny_engine):
         stats = idle_stats(scheduler)
         assert stats["in_flight"] == 0 and stats["cancelled"] == 1
     finally:
-        scheduler.close()
+        engine.close()
 
 
 def code(source: str) -> str:
