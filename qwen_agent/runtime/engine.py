@@ -91,6 +91,8 @@ class Engine(Protocol):
         self, requests: Sequence[PromptRequest], max_batch: int | None = None
     ) -> Iterator[tuple[int, GenerationResult]]: ...
 
+    def stats(self) -> dict[str, Any]: ...  # {"prefix_cache": its counters, or None when off}
+
 
 def load_model(
     path: str | os.PathLike[str],
