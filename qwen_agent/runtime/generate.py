@@ -407,13 +407,17 @@ class Generation:
 
     def _admit(self) -> None:
         """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
-        ``runner.tokens``. A prompt takes the free row that holds the longest usable prefix of it, if any."""
+        ``runner.tokens``. A prompt takes the lowest free row (rows stay packed, so a step spans few); when a
+        free row keeps a usable prefix of it, those slots are copied over first and only the rest is prefilled."""
         fresh, reusing = [], []
         while self._free and self._waiting:
             index, request = self._waiting.popleft()
-            r, reused = self._row_for(request.prompt)
-            self._free.remove(r)
-            heapq.heapify(self._free)
+            r = heapq.heappop(self._free)
+            source, reused = self._kept_prefix(request.prompt, [r, *self._free])
+            if reused and source != r:
+                for kv in (self.cache.k, self.cache.v):
+                    kv[:, r, :, :reused] = kv[:, source, :, :reused]
+                self.cache.ntk_alpha[r] = self.cache.ntk_alpha[source]
             self._kept[r] = _Kept()
             (reusing if reused else fresh).append((r, index, request, reused))
         for joining in reusing:  # each from its own slot: one call apiece
@@ -430,27 +434,20 @@ class Generation:
         if group:
             self._prefill(group)
 
-    def _row_for(self, prompt: tuple[int, ...]) -> tuple[int, int]:
-        """The free row for ``prompt`` and how many of its slots it reuses: the longest kept prefix whose NTK
-        alpha is the prompt's own, else the lowest free row (one that keeps nothing, if there is one)."""
-        alpha = self._alpha(len(prompt))
-        best, reused = -1, 0
-        for r in sorted(self._free):
+    def _kept_prefix(self, prompt: tuple[int, ...], rows: list[int]) -> tuple[int, int]:
+        """The row among ``rows`` that keeps the longest prefix of ``prompt`` with the prompt's own NTK alpha,
+        and that prefix's length (0: none). The prompt's last id always runs, for its logits."""
+        alpha, best, reused = self._alpha(len(prompt)), -1, 0
+        for r in rows:
             kept = self._kept[r]
             if kept.alpha != alpha:
                 continue
-            limit, common = (
-                min(len(kept.ids), len(prompt) - 1),
-                0,
-            )  # the last prompt token must run for logits
+            limit, common = min(len(kept.ids), len(prompt) - 1), 0
             while common < limit and kept.ids[common] == prompt[common]:
                 common += 1
             if common > reused:
                 best, reused = r, common
-        if reused:
-            return best, reused
-        empty = [r for r in self._free if not self._kept[r].ids]
-        return (min(empty) if empty else self._free[0]), 0
+        return best, reused
 
     def _alpha(self, length: int) -> int:
         if not self.config.use_dynamic_ntk:
