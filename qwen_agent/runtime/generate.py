@@ -219,7 +219,8 @@ class Generation:
     is how many rows its last step decoded.
 
     **Prefix reuse.** A free row keeps the keys and values of the last sequence it ran (prompt and generated
-    tokens); a prompt that starts with part of it takes that row and prefills only the rest, when that gives
+    tokens); a prompt that starts with part of it gets those slots (copied into its own row, the lowest free
+    one, when another row keeps them) and prefills only the rest, when that gives
     the same result as prefilling the whole prompt afresh: with Qwen v1's dynamic NTK the kept keys were
     rotated with the alpha frozen at their prefill, so they are reused only if the new prompt's own alpha
     (:func:`~qwen_agent.runtime.config.ntk_alpha` of its length) is the same; below ``seq_length`` it always is.
