@@ -298,6 +298,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
         idle_timeout=args.session_timeout,
         mcp=args.mcp,
         max_batch=args.max_batch,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return 0
 
@@ -331,6 +332,7 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="a local model's generations decoded at once, across sessions (default: 4)",
     )
+    _add_service_options(p)
     p.set_defaults(func=_cmd_web)
 
 
@@ -423,16 +425,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .runtime.engine import load_model
+    from .serve.lifecycle import GracefulServer
+    from .serve.limits import ServerLimits
     from .serve.openai_api import create_app
 
-    engine = load_model(args.model, device=args.device, dtype=args.dtype)
     name = args.served_model_name or Path(args.model).name or "qwen"
+    limits = ServerLimits(
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_prompt_tokens=args.max_prompt_tokens,
+        request_timeout=args.request_timeout,
+    )
     app = create_app(
-        engine, model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue
+        load=lambda: load_model(args.model, device=args.device, dtype=args.dtype),
+        model_name=name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        limits=limits,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    print(
+        f"serving {name!r} on http://{args.host}:{args.port}/v1 (loading the model: /health answers 503 until "
+        "it is ready)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+    GracefulServer(config, app.state.lifecycle, args.shutdown_timeout).run()
+    if app.state.lifecycle.load_error is not None:
+        raise QwenAgentError(f"the model failed to load: {app.state.lifecycle.load_error}")
     return 0
 
 
@@ -462,7 +483,35 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
     )
+    _add_service_options(p)
+    p.add_argument(
+        "--max-body-mb",
+        type=_number_at_least(float, 0, exclusive=True),
+        default=32.0,
+        help="largest request body in MiB; larger ones get 413 unread (default: 32)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=_positive_int,
+        default=None,
+        help="longest prompt in tokens; longer ones get 400 (default: what the context holds)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_number_at_least(float, 0, exclusive=True),
+        default=None,
+        help="seconds a request may run; then it is aborted (504, or a stream's finish_reason 'abort')",
+    )
     p.set_defaults(func=_cmd_serve)
+
+
+def _add_service_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_number_at_least(float, 0),
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds requests in flight may run on before they are aborted (default: 30)",
+    )
 
 
 _CONSTRAINED_HELP = (

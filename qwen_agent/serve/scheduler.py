@@ -93,12 +93,17 @@ class Scheduler:
         ticket.cancelled = True
 
     def stats(self) -> dict[str, Any]:
-        """Requests in flight and finished (``cancelled`` of them dropped by their client), batches run, and
-        decode steps by the number of rows they decoded."""
+        """Requests in flight (``running`` in the open batch, the others ``waiting``) and finished
+        (``cancelled`` of them dropped by their client), batches run, decode steps by the number of rows they
+        decoded, and whether the scheduler's thread is ``alive``."""
         with self._lock:
             steps = dict(sorted(self._step_rows.items()))
+            running = len(self._live)  # the scheduler thread's dict: its size is read without a lock
             return {
+                "alive": self._thread.is_alive(),
                 "in_flight": self._in_flight,
+                "running": running,
+                "waiting": max(0, self._in_flight - running),
                 "completed": self._completed,
                 "cancelled": self._cancelled,
                 "batches": self._batches,
