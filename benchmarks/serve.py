@@ -7,9 +7,12 @@ with httpx: for each N in ``--clients``, all N at once, then the same N one afte
 completion tokens/s, time to first token (first content chunk) p50/p95, the speed-up of concurrent over
 sequential, and the largest batch the scheduler decoded. Then a load test: ``--load`` concurrent clients, every
 one of which must finish with a complete answer. Prints a table and writes benchmarks/results/serve.json.
+``--metrics both`` runs it all twice on the same engine, without ``/metrics`` and then with it, and prints the
+ratio of their throughputs (the metrics' cost).
 
     PYTHONPATH=$PWD python benchmarks/serve.py                       # tiny random weights, CPU
     PYTHONPATH=$PWD python benchmarks/serve.py --model /models/Qwen-7B-Chat --device cuda
+    PYTHONPATH=$PWD python benchmarks/serve.py --metrics both --clients 1,8 --load 16
 """
 
 from __future__ import annotations
@@ -80,6 +83,30 @@ async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool) -
     }
 
 
+def measure(engine, args: argparse.Namespace, metrics: bool) -> tuple[list[dict], dict, dict]:
+    """The runs for each client count, the load test and the scheduler's stats, on a fresh app over ``engine``."""
+    app = create_app(engine, model_name="bench", max_batch=args.max_batch, metrics=metrics)
+    with BackgroundServer(app) as server:
+        asyncio.run(run(server.url, ["warm-up"], 4, concurrent=False))
+        rows = []
+        for n in (int(c) for c in args.clients.split(",")):
+            prompts = [f"Request {i}: write a short note about the number {i}." for i in range(n)]
+            for concurrent in (True, False):
+                before = app.state.scheduler.stats()["max_rows"]
+                row = asyncio.run(run(server.url, prompts, args.max_tokens, concurrent))
+                row |= {
+                    "clients": n,
+                    "mode": "concurrent" if concurrent else "sequential",
+                    "metrics": metrics,
+                }
+                row["max_rows"] = app.state.scheduler.stats()["max_rows"] if concurrent else before
+                rows.append(row)
+        load_prompts = [f"Load {i}: count to {i % 10 + 3}." for i in range(args.load)]
+        load = asyncio.run(run(server.url, load_prompts, args.max_tokens, concurrent=True))
+        scheduler = app.state.scheduler.stats()
+    return rows, load, scheduler
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: a tiny random checkpoint)")
@@ -89,6 +116,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--metrics", choices=("on", "off", "both"), default="on", help="serve /metrics (both: off, then on)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,21 +126,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=8192)
         engine = load_model(model, device=args.device)
-        app = create_app(engine, model_name="bench", max_batch=args.max_batch)
-        with BackgroundServer(app) as server:
-            asyncio.run(run(server.url, ["warm-up"], 4, concurrent=False))
-            rows = []
-            for n in (int(c) for c in args.clients.split(",")):
-                prompts = [f"Request {i}: write a short note about the number {i}." for i in range(n)]
-                for concurrent in (True, False):
-                    before = app.state.scheduler.stats()["max_rows"]
-                    row = asyncio.run(run(server.url, prompts, args.max_tokens, concurrent))
-                    row |= {"clients": n, "mode": "concurrent" if concurrent else "sequential"}
-                    row["max_rows"] = app.state.scheduler.stats()["max_rows"] if concurrent else before
-                    rows.append(row)
-            load_prompts = [f"Load {i}: count to {i % 10 + 3}." for i in range(args.load)]
-            load = asyncio.run(run(server.url, load_prompts, args.max_tokens, concurrent=True))
-            scheduler = app.state.scheduler.stats()
+        settings = {"on": [True], "off": [False], "both": [False, True]}[args.metrics]
+        measured = {metrics: measure(engine, args, metrics) for metrics in settings}
+    rows, load, scheduler = measured[settings[-1]]
+    if args.metrics == "both":
+        print("with /metrics against without, tokens/s:")
+        for off, on in zip(measured[False][0], rows, strict=True):
+            ratio = on["tokens_per_s"] / off["tokens_per_s"]
+            print(f"  {on['clients']:>3} clients {on['mode']:>10}: {ratio:.3f}x")
 
     print(
         f"{'clients':>7} {'mode':>10} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9}"
@@ -134,10 +157,13 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
+        "metrics": args.metrics,
         "runs": rows,
         "load": load,
         "scheduler": scheduler,
     }
+    if args.metrics == "both":
+        result["without_metrics"] = {"runs": measured[False][0], "load": measured[False][1]}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
