@@ -7,12 +7,13 @@ with httpx: for each N in ``--clients``, all N at once, then the same N one afte
 completion tokens/s, time to first token (first content chunk) p50/p95, the speed-up of concurrent over
 sequential, and the largest batch the scheduler decoded. Then a load test: ``--load`` concurrent clients, every
 one of which must finish with a complete answer. Prints a table and writes benchmarks/results/serve.json.
-``--metrics both`` runs it all twice on the same engine, without ``/metrics`` and then with it, and prints the
-ratio of their throughputs (the metrics' cost).
+``--metrics both`` runs it all without ``/metrics`` and with it, alternating, ``--repeat`` times each on the same
+engine, and prints the ratio of their median throughputs, and what the metrics add to each streamed delta
+(``RequestTrace.event`` timed alone: the only per-token work they do).
 
     PYTHONPATH=$PWD python benchmarks/serve.py                       # tiny random weights, CPU
     PYTHONPATH=$PWD python benchmarks/serve.py --model /models/Qwen-7B-Chat --device cuda
-    PYTHONPATH=$PWD python benchmarks/serve.py --metrics both --clients 1,8 --load 16
+    PYTHONPATH=$PWD python benchmarks/serve.py --metrics both --repeat 3 --clients 1,8,32 --load 32
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from qwen_agent.runtime.engine import load_model
 from qwen_agent.runtime.tiny import write_tiny_checkpoint
+from qwen_agent.serve.metrics import ServerMetrics
 from qwen_agent.serve.openai_api import BackgroundServer, create_app
 
 
@@ -83,6 +85,15 @@ async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool) -
     }
 
 
+def seconds_per_traced_delta(deltas: int = 200_000) -> float:
+    """What the metrics add to each streamed delta: one ``RequestTrace.event`` (a histogram observation)."""
+    trace = ServerMetrics(lambda: None).trace(1)
+    started = time.perf_counter()
+    for _ in range(deltas):
+        trace.event(0, "x")
+    return (time.perf_counter() - started) / deltas
+
+
 def measure(engine, args: argparse.Namespace, metrics: bool) -> tuple[list[dict], dict, dict]:
     """The runs for each client count, the load test and the scheduler's stats, on a fresh app over ``engine``."""
     app = create_app(engine, model_name="bench", max_batch=args.max_batch, metrics=metrics)
@@ -117,8 +128,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--metrics", choices=("on", "off", "both"), default="on", help="serve /metrics (both: off, then on)"
+        "--metrics", choices=("on", "off", "both"), default="on", help="serve /metrics (both: off and on)"
     )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each setting with --metrics both")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,14 +138,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=8192)
         engine = load_model(model, device=args.device)
-        settings = {"on": [True], "off": [False], "both": [False, True]}[args.metrics]
-        measured = {metrics: measure(engine, args, metrics) for metrics in settings}
-    rows, load, scheduler = measured[settings[-1]]
+        settings = {"on": [True], "off": [False], "both": [False, True] * args.repeat}[args.metrics]
+        measured: dict[bool, list] = {False: [], True: []}
+        for metrics in settings:  # alternating, so a change in the machine's load hits both alike
+            measured[metrics].append(measure(engine, args, metrics))
+    rows, load, scheduler = measured[settings[-1]][-1]
     if args.metrics == "both":
-        print("with /metrics against without, tokens/s:")
-        for off, on in zip(measured[False][0], rows, strict=True):
-            ratio = on["tokens_per_s"] / off["tokens_per_s"]
-            print(f"  {on['clients']:>3} clients {on['mode']:>10}: {ratio:.3f}x")
+        print(f"with /metrics against without, median tokens/s of {args.repeat} runs each:")
+        for i, row in enumerate(rows):
+            off = statistics.median(runs[i]["tokens_per_s"] for runs, _, _ in measured[False])
+            on = statistics.median(runs[i]["tokens_per_s"] for runs, _, _ in measured[True])
+            print(
+                f"  {row['clients']:>3} clients {row['mode']:>10}: {off:8.1f} off {on:8.1f} on  {on / off:.3f}x"
+            )
+        per_delta = seconds_per_traced_delta()
+        per_token = 1 / rows[1]["tokens_per_s"]  # one client alone: a decode step per token
+        print(
+            f"metrics per streamed delta: {per_delta * 1e6:.1f} us, against {per_token * 1e3:.1f} ms a token "
+            f"for one client alone ({per_delta / per_token:.4%})"
+        )
 
     print(
         f"{'clients':>7} {'mode':>10} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9}"
@@ -163,7 +186,12 @@ def main() -> None:
         "scheduler": scheduler,
     }
     if args.metrics == "both":
-        result["without_metrics"] = {"runs": measured[False][0], "load": measured[False][1]}
+        result["alternating"] = {
+            "repeat": args.repeat,
+            "without_metrics": [runs for runs, _, _ in measured[False]],
+            "with_metrics": [runs for runs, _, _ in measured[True]],
+            "seconds_per_traced_delta": seconds_per_traced_delta(),
+        }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -60,8 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise QwenAgentError("serve needs FastAPI and uvicorn: pip install 'qwen-react-agent[serve]'")
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QwenAgentError(
+            f"serve needs {', '.join(missing)} (the [serve] extra): pip install 'qwen-react-agent[serve]'"
+        )
     import logging
     from pathlib import Path
 

@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import error_body
+from .schema import APIError, error_body
 
-__all__ = ["ServerLimits", "BodyLimit"]
+__all__ = ["ServerLimits", "BodyLimit", "generation_budget"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,44 @@ class ServerLimits:
     max_body_bytes: int = 32 * 1024 * 1024
     max_prompt_tokens: int | None = None
     request_timeout: float | None = None
+
+
+def generation_budget(
+    prompt: int,
+    max_tokens: int | None,
+    *,
+    limits: ServerLimits,
+    context: int,
+    default: int,
+    where: tuple[str, str],
+) -> int:
+    """The generation budget of a prompt of ``prompt`` tokens, or a 400 ``context_length_exceeded`` before any
+    work when the prompt is over ``--max-prompt-tokens`` or the prompt plus ``max_tokens`` over the context (as
+    OpenAI and vLLM answer; a prompt that fills the context alone the engine refuses). ``where`` names the
+    prompt's field and the budget's (``messages``, ``max_completion_tokens``)."""
+    param, field = where
+    limit = limits.max_prompt_tokens
+    if limit is not None and prompt > limit:
+        raise APIError(
+            400,
+            f"'{param}': the prompt has {prompt} tokens; this server takes at most {limit} (--max-prompt-tokens)",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and prompt < context < prompt + max_tokens:
+        raise APIError(
+            400,
+            f"'{field}': {max_tokens} tokens after a prompt of {prompt} exceed the model's context of "
+            f"{context} tokens; ask for at most {context - prompt}",
+            param=field,
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None:
+        return max_tokens
+    # Absent, vLLM's default is what the context leaves. The scheduler's batch cache is contiguous and sized for
+    # its longest budget, so that default would reserve the whole context for every row: until a KV-block cache
+    # lands, the checkpoint's default stays, within what the context leaves.
+    return max(1, min(default, context - prompt))
 
 
 class _TooLarge(Exception):

@@ -38,7 +38,7 @@ from ..runtime.constraint import TokenConstraint
 from ..runtime.generate import GenerationResult, PromptRequest
 from ..runtime.grammar import Grammar
 from .lifecycle import GracefulServer, Lifecycle, RequestAborted
-from .limits import BodyLimit, ServerLimits
+from .limits import BodyLimit, ServerLimits, generation_budget
 from .metrics import RequestCounter, RequestTrace, ServerMetrics
 from .scheduler import QueueFullError, Scheduler, Ticket
 from .schema import APIError, ChatCompletionRequest, CompletionRequest, error_body, refuse_unsupported
@@ -66,7 +66,7 @@ def create_app(
     ``max_batch`` rows decode at once; ``max_queue`` more may wait, beyond which requests get 503. ``metrics``:
     serve ``/metrics`` (Prometheus text)."""
     if (engine is None) == (load is None):
-        raise ConfigError("create_app needs an engine or a load function, not both")
+        raise ConfigError("create_app needs either an engine or a load function")
     life, limits = Lifecycle(model_name), limits or ServerLimits()
     meters = ServerMetrics(lambda: life.stats()) if metrics else None
 
@@ -359,7 +359,15 @@ class _Handlers:
         constraint: TokenConstraint | None = None,
     ) -> PromptRequest:
         param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-        max_tokens = self._check_lengths(len(ids), max_tokens, body, param)
+        chat = isinstance(body, ChatCompletionRequest)
+        max_tokens = generation_budget(
+            len(ids),
+            max_tokens,
+            limits=self.limits,
+            context=self.engine.config.max_context,
+            default=self.engine.generation_config.max_new_tokens,
+            where=(param, "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"),
+        )
         temperature = body.temperature
         if temperature is not None and temperature < 0.01:
             temperature = 0.0  # greedy, as Qwen's openai_api.py takes such temperatures
@@ -379,36 +387,6 @@ class _Handlers:
             raise APIError(400, f"'{param}': {exc}", param=param, code="context_length_exceeded") from None
         except ConfigError as exc:
             raise APIError(400, str(exc), param=_param_of(str(exc), param)) from None
-
-    def _check_lengths(self, prompt: int, max_tokens: int | None, body: Any, param: str) -> int:
-        """The generation budget of a prompt of ``prompt`` tokens; a 400 ``context_length_exceeded`` at once
-        when the prompt is over ``--max-prompt-tokens`` or the prompt plus ``max_tokens`` over the context (as
-        OpenAI and vLLM answer; a prompt that fills the context alone is refused by the engine)."""
-        context, limit = self.engine.config.max_context, self.limits.max_prompt_tokens
-        if limit is not None and prompt > limit:
-            raise APIError(
-                400,
-                f"'{param}': the prompt has {prompt} tokens; this server takes at most {limit} "
-                "(--max-prompt-tokens)",
-                param=param,
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None and prompt < context < prompt + max_tokens:
-            chat = isinstance(body, ChatCompletionRequest)
-            field = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-            raise APIError(
-                400,
-                f"'{field}': {max_tokens} tokens after a prompt of {prompt} exceed the model's context of "
-                f"{context} tokens; ask for at most {context - prompt}",
-                param=field,
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None:
-            return max_tokens
-        # Absent, vLLM's default is what the context leaves. The scheduler's batch cache is contiguous and sized
-        # for its longest budget, so that default would reserve the whole context for every row: until the
-        # KV-block cache lands, the checkpoint's max_new_tokens stays the default, within what the context leaves.
-        return max(1, min(self.engine.generation_config.max_new_tokens, context - prompt))
 
     def _submit(self, requests: list[PromptRequest]) -> _Calls:
         if self.life.aborted is not None:  # shutting down: nothing new starts
