@@ -7,8 +7,8 @@ with httpx: for each N in ``--clients``, all N at once, then the same N one afte
 completion tokens/s, time to first token (first content chunk) p50/p95, the speed-up of concurrent over
 sequential, and the largest batch the scheduler decoded. Then a load test: ``--load`` concurrent clients, every
 one of which must finish with a complete answer. Prints a table and writes benchmarks/results/serve.json.
-``--metrics both`` runs it all without ``/metrics`` and with it, alternating, ``--repeat`` times each on the same
-engine, and prints the ratio of their median throughputs, and what the metrics add to each streamed delta
+``--metrics both`` runs it all without ``/metrics`` and with it, alternating, ``--repeat`` times each (a fresh
+engine for each app, which closes its scheduler), and prints the ratio of their median throughputs, and what the metrics add to each streamed delta
 (``RequestTrace.event`` timed alone: the only per-token work they do).
 
     PYTHONPATH=$PWD python benchmarks/serve.py                       # tiny random weights, CPU
@@ -94,8 +94,9 @@ def seconds_per_traced_delta(deltas: int = 200_000) -> float:
     return (time.perf_counter() - started) / deltas
 
 
-def measure(engine, args: argparse.Namespace, metrics: bool) -> tuple[list[dict], dict, dict]:
-    """The runs for each client count, the load test and the scheduler's stats, on a fresh app over ``engine``."""
+def measure(model: str, args: argparse.Namespace, metrics: bool) -> tuple[list[dict], dict, dict]:
+    """The runs for each client count, the load test and the scheduler's stats, on an app over ``model``."""
+    engine = load_model(model, device=args.device)
     app = create_app(engine, model_name="bench", max_batch=args.max_batch, metrics=metrics)
     with BackgroundServer(app) as server:
         asyncio.run(run(server.url, ["warm-up"], 4, concurrent=False))
@@ -137,11 +138,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or write_tiny_checkpoint(Path(tmp) / "tiny", seq_length=8192)
-        engine = load_model(model, device=args.device)
         settings = {"on": [True], "off": [False], "both": [False, True] * args.repeat}[args.metrics]
         measured: dict[bool, list] = {False: [], True: []}
         for metrics in settings:  # alternating, so a change in the machine's load hits both alike
-            measured[metrics].append(measure(engine, args, metrics))
+            measured[metrics].append(measure(model, args, metrics))
     rows, load, scheduler = measured[settings[-1]][-1]
     if args.metrics == "both":
         print(f"with /metrics against without, median tokens/s of {args.repeat} runs each:")
@@ -174,7 +174,7 @@ def main() -> None:
         f"in {load['seconds']:.2f} s; largest decode batch {scheduler['max_rows']} rows"
     )
     result = {
-        "device": str(engine.device),
+        "device": args.device,
         "model": args.model or "tiny random checkpoint (write_tiny_checkpoint)",
         "machine": platform.platform(),
         "torch_threads": torch.get_num_threads(),

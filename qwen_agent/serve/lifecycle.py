@@ -1,8 +1,9 @@
 """The server's life: the model loaded behind an open socket, readiness, and a graceful shutdown.
 
 ``qwen-agent serve`` listens at once and loads the model on a thread meanwhile: ``/health`` answers 503
-(``"status": "loading"``) and ``/v1`` requests 503 until it is loaded, then 200 while the scheduler's thread
-lives (503 again if it stops). An orchestrator's readiness probe can so tell "starting" from "down".
+(``"status": "loading"``) and ``/v1`` requests 503 until it is loaded, then 200 while the scheduler is alive
+(not closed, and a live thread for what is in flight; 503 ``"down"`` otherwise). An orchestrator's readiness
+probe can so tell "starting" from "down".
 
 On SIGTERM or SIGINT (:class:`GracefulServer`): the listening socket closes (no new connections), requests in
 flight run on for ``shutdown_timeout`` seconds, then the ones left are aborted (:meth:`Lifecycle.abort_all`): a
@@ -85,7 +86,7 @@ class Lifecycle:
         return self.handlers
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """``/health``'s status and body: 200 only when the model is loaded and the scheduler's thread alive."""
+        """``/health``'s status and body: 200 only when the model is loaded and the scheduler alive."""
         body: dict[str, Any] = {"model": self.model_name}
         if self.handlers is None:
             return 503, {
@@ -95,7 +96,7 @@ class Lifecycle:
             }
         stats = self.stats()
         if not stats["alive"]:
-            return 503, {**body, "status": "down", "reason": "the scheduler thread has stopped"}
+            return 503, {**body, "status": "down", "reason": "the scheduler has stopped"}
         return 200, {**body, "status": "ok", "scheduler": stats}
 
     def _not_ready(self) -> str:

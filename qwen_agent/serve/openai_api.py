@@ -6,7 +6,7 @@ with arguments that match its parameters schema, and ``response_format`` ``json_
 the reply to JSON, both by decoding under a grammar), ``POST /v1/completions`` (text or token ids; text may
 contain ChatML control tokens, as on vLLM). Both stream as server-sent events ending ``data:
 [DONE]``. The handlers only translate: requests become prompt ids and engine arguments, which go to the
-:class:`~qwen_agent.serve.scheduler.Scheduler`, whose one thread decodes concurrent requests in shared batches.
+:class:`~qwen_agent.runtime.scheduler.Scheduler`, whose one thread decodes concurrent requests in shared batches.
 Errors have OpenAI's JSON shape (see :mod:`qwen_agent.serve.schema`); each request logs one line.
 """
 
@@ -32,15 +32,15 @@ from starlette.exceptions import HTTPException
 from ..constrained import strict_function_constraints
 from ..errors import ConfigError, GenerationError
 from ..fncall import ChatStream, FunctionPrompt, build_prompt, completion_response
-from ..llm import LocalLLM, engine_options, local_completion
-from ..llm_protocol import Sampling
+from ..llm import LocalLLM, local_completion
 from ..runtime.constraint import TokenConstraint
+from ..runtime.engine import Engine
 from ..runtime.generate import GenerationResult, PromptRequest
 from ..runtime.grammar import Grammar
+from ..runtime.scheduler import Handle, QueueFullError, Scheduler
 from .lifecycle import GracefulServer, Lifecycle, RequestAborted
 from .limits import BodyLimit, ServerLimits, generation_budget
 from .metrics import RequestCounter, RequestTrace, ServerMetrics
-from .scheduler import QueueFullError, Scheduler, Ticket
 from .schema import APIError, ChatCompletionRequest, CompletionRequest, error_body, refuse_unsupported
 
 __all__ = ["create_app", "BackgroundServer"]
@@ -49,7 +49,7 @@ log = logging.getLogger("qwen_agent.serve")
 
 
 def create_app(
-    engine: Any = None,
+    engine: Engine | None = None,
     *,
     load: Callable[[], Any] | None = None,
     model_name: str = "qwen",
@@ -59,19 +59,20 @@ def create_app(
     limits: ServerLimits | None = None,
     metrics: bool = True,
 ) -> FastAPI:
-    """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`, which the app's
-    scheduler thread then owns: do not call it elsewhere while the app runs), or over what ``load()`` returns:
-    the app then answers at once and loads the engine on a thread, with 503 until it is ready (see
-    :mod:`qwen_agent.serve.lifecycle`). ``api_key``: the bearer token required on ``/v1`` (None: none).
-    ``max_batch`` rows decode at once; ``max_queue`` more may wait, beyond which requests get 503. ``metrics``:
-    serve ``/metrics`` (Prometheus text)."""
+    """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`), whose scheduler
+    decodes the requests (the app closes it on shutdown), or over what ``load()`` returns: the app then answers
+    at once and loads the engine on a thread, with 503 until it is ready (see :mod:`qwen_agent.serve.lifecycle`).
+    ``api_key``: the bearer token required on ``/v1`` (None: none). ``max_batch`` rows decode at once;
+    ``max_queue`` more may wait, beyond which requests get 503. ``limits``: see
+    :class:`~qwen_agent.serve.limits.ServerLimits`. ``metrics``: serve ``/metrics`` (Prometheus text)."""
     if (engine is None) == (load is None):
         raise ConfigError("create_app needs either an engine or a load function")
     life, limits = Lifecycle(model_name), limits or ServerLimits()
     meters = ServerMetrics(lambda: life.stats()) if metrics else None
 
-    def start(engine: Any) -> tuple[_Handlers, Callable[[], dict[str, Any]]]:
-        scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+    def start(engine: Engine) -> tuple[_Handlers, Callable[[], dict[str, Any]]]:
+        scheduler = engine.scheduler
+        scheduler.configure(max_batch=max_batch, max_queue=max_queue)
         return _Handlers(engine, scheduler, model_name, life, limits, meters), scheduler.stats
 
     if engine is not None:
@@ -173,7 +174,7 @@ class _Handlers:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         scheduler: Scheduler,
         model_name: str,
         life: Lifecycle,
@@ -182,7 +183,7 @@ class _Handlers:
     ) -> None:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.life, self.limits, self.metrics = life, limits, metrics
-        self.chatml = LocalLLM(engine)  # builds prompt ids only; the scheduler runs the engine
+        self.chatml = LocalLLM(engine)  # builds prompt ids
         self.started = int(time.time())
 
     # -- /v1/chat/completions ----------------------------------------------------------------------------
@@ -371,17 +372,18 @@ class _Handlers:
         temperature = body.temperature
         if temperature is not None and temperature < 0.01:
             temperature = 0.0  # greedy, as Qwen's openai_api.py takes such temperatures
-        sampling = Sampling(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-        )
         try:
             return self.engine.request(
-                ids, stop=list(stop), constraint=constraint, **engine_options(sampling)
+                ids,
+                stop=list(stop),
+                constraint=constraint,
+                max_new_tokens=max_tokens,
+                do_sample=False if temperature == 0 else None,
+                temperature=temperature or None,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
             )
         except GenerationError as exc:  # the prompt fills the context
             raise APIError(400, f"'{param}': {exc}", param=param, code="context_length_exceeded") from None
@@ -430,7 +432,7 @@ class _Calls:
     ) -> None:
         self.scheduler, self.loop, self.life, self.trace = scheduler, loop, life, trace
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self.tickets: list[Ticket] = []
+        self.tickets: list[Handle] = []
         self.timer: asyncio.TimerHandle | None = None
 
     def submit(self, request: PromptRequest) -> None:
@@ -439,11 +441,11 @@ class _Calls:
         def on_event(event: Any) -> None:  # on the scheduler thread
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-        self.tickets.append(self.scheduler.submit(request, on_event))
+        self.tickets.append(self.scheduler.add(request, on_event))
 
     def cancel(self) -> None:
         for ticket in self.tickets:
-            self.scheduler.cancel(ticket)
+            self.scheduler.abort(ticket)
 
     def abort(self, error: RequestAborted) -> None:
         """End the request with ``error`` (on the event loop)."""

@@ -436,15 +436,15 @@ def launch(
     max_batch: int = 4,
     shutdown_timeout: float = 30.0,
 ) -> None:
-    """Serve the UI until SIGTERM or SIGINT (then shut down as :meth:`WebApp.serve_until_signalled` does). ``model`` is a local model directory (loaded once, shared by every
-    session: their generations are decoded together, up to ``max_batch`` at a time) or the URL of an
-    OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
+    """Serve the UI until SIGTERM or SIGINT (then shut down as :meth:`WebApp.serve_until_signalled` does).
+    ``model`` is a local model directory (loaded once, shared by every session: their generations are decoded
+    together, up to ``max_batch`` at a time) or the URL of an OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
     once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
     session."""
     from ..llm import llm_from_spec
 
     registry = default_registry.select()  # the built-in tools' classes: each session makes its own instances
-    scheduler = None
+    engine = None
     try:
         if mcp is not None:
             for line in registry.add_mcp(mcp):  # tools renamed to avoid a clash
@@ -455,12 +455,12 @@ def launch(
             def new_llm() -> LLM:
                 return llm_from_spec(model, api_key=api_key, served_model=served_model)
         else:
+            from ..llm import LocalLLM
             from ..runtime.engine import load_model
-            from .scheduled_llm import ScheduledLLM
-            from .scheduler import Scheduler
 
-            scheduler = Scheduler(load_model(model, device=device), max_batch=max_batch)
-            shared = ScheduledLLM(scheduler)
+            engine = load_model(model, device=device)
+            engine.scheduler.configure(max_batch=max_batch)
+            shared = LocalLLM(engine)  # every session's calls go to the engine's one scheduler
 
             def new_llm() -> LLM:
                 return shared
@@ -476,5 +476,5 @@ def launch(
         app.serve_until_signalled(host, port, shutdown_timeout)
     finally:
         registry.close()  # stops the MCP servers
-        if scheduler is not None:
-            scheduler.close()
+        if engine is not None:
+            engine.close()
