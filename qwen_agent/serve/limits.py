@@ -60,9 +60,9 @@ def generation_budget(
         )
     if max_tokens is not None:
         return max_tokens
-    # Absent, vLLM's default is what the context leaves. The scheduler's batch cache is contiguous and sized for
-    # its longest budget, so that default would reserve the whole context for every row: until a KV-block cache
-    # lands, the checkpoint's default stays, within what the context leaves.
+    # Absent, vLLM's default is what the context leaves. The scheduler's cache rows all hold as many slots as its
+    # longest request, within a budget of slots, so that default would decode such requests one at a time: until
+    # a KV-block cache lands, the checkpoint's default stays, within what the context leaves.
     return max(1, min(default, context - prompt))
 
 
