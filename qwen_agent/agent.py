@@ -30,7 +30,6 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from .constrained import ConstraintOptions, constrain_llm
 from .errors import ConfigError, LLMError
-from .llm import cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
@@ -327,10 +326,8 @@ class _Run:
         answer_marker = _ANSWER_MARKER if answer_only else ""
         sections = SectionStreamer(answer_marker)
         completion = None
-        # cut here too: a backend that returns the stop word (or what follows it) must not reach the transcript
-        items = cut_stream(
-            self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling), STOP_WORDS
-        )
+        # the backend cuts at the stop words (the LLM protocol's contract)
+        items = self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling)
         for item in items:  # read to its end, so that the backend can finish its own bookkeeping
             if isinstance(item, Completion):
                 completion = item

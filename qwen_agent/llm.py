@@ -28,8 +28,8 @@ import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import LLMError, QwenAgentError
@@ -51,8 +51,6 @@ __all__ = [
     "ScriptedLLM",
     "LocalLLM",
     "llm_from_spec",
-    "cut_completion",
-    "cut_stream",
 ]
 
 
@@ -93,35 +91,6 @@ class ScriptedLLM:
             raise LLMError(f"ScriptedLLM: the script has only {len(self.outputs)} outputs and all were used")
         self.calls.append((prompt, tuple(stop)))
         return self.outputs[len(self.calls) - 1]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stop strings enforced on the caller's side: a backend may not cut (a server that ignores ``stop``), or may cut
-# only some of them; callers that promise cut text run every completion and stream through these.
-
-
-def cut_completion(completion: Completion, stop: Sequence[str]) -> Completion:
-    """``completion`` cut before the first of ``stop`` (unchanged when the backend already cut it)."""
-    text, stopped = cut_at_stop(completion.text, stop)
-    if stopped is None:
-        return completion
-    return replace(completion, text=text, stop=stopped, finish_reason="stop")
-
-
-def cut_stream(items: Iterable[str | Completion], stop: Sequence[str]) -> Iterator[str | Completion]:
-    """A backend's stream cut before the first of ``stop``: no delta reaches past it or holds a piece of it, and
-    the deltas still join to the Completion's text (as the backend's own do). The stream is read to its end."""
-    scanner = StopScanner(stop)
-    for item in items:
-        if isinstance(item, Completion):
-            if held := scanner.finish():
-                yield held
-            yield cut_completion(item, stop)
-        elif text := scanner.feed(item):
-            yield text
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class LocalLLM:
