@@ -208,10 +208,15 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         """Requests in flight (``waiting`` for a row and ``running`` in one) and finished (``cancelled`` of them
-        aborted), caches allocated (``batches``), and decode steps by the number of rows they decoded."""
+        aborted), caches allocated (``batches``), decode steps by the number of rows they decoded, and whether
+        it is ``alive``: not closed, and (when threaded) a live thread for whatever is in flight."""
         with self._lock:
             steps = dict(sorted(self._step_rows.items()))
+            thread_ok = (
+                not self._threaded or self._in_flight == 0 or bool(self._thread and self._thread.is_alive())
+            )
             return {
+                "alive": not self._closed and thread_ok,
                 "in_flight": self._in_flight,
                 "waiting": self._in_flight - len(self._live),
                 "running": len(self._live),

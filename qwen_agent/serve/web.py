@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -368,6 +370,33 @@ class WebApp:
             server_name=host, server_port=port, share=False, css=_CSS, footer_links=[], **options
         )
 
+    def serve_until_signalled(self, host: str, port: int, shutdown_timeout: float = 30.0) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting connections, let running
+        turns go on for ``shutdown_timeout`` seconds, stop the rest (their chats end as Stop ends them), close
+        the server and every session's kernel. Returns normally, so the process exits 0."""
+        signalled = threading.Event()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, lambda *_: signalled.set()) for sig in handled}
+        try:
+            self.launch(host, port, prevent_thread_lock=True)
+            server = self.blocks.server
+            while not signalled.wait(0.5):
+                if not server.thread.is_alive():
+                    break
+            print(f"shutting down: running turns get {shutdown_timeout:g} s to finish", file=sys.stderr)
+            # uvicorn stops listening now and waits for open connections, at most this long
+            server.config.timeout_graceful_shutdown = shutdown_timeout + 2.0
+            server.should_exit = True
+            stopped = self.pool.drain(shutdown_timeout)
+            if stopped:
+                print(f"stopped {stopped} running turn(s)", file=sys.stderr)
+            # a turn's handler polls its events every 0.5 s: let the pages get their last update
+            time.sleep(1.0)
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+            self.close()
+
     def close(self) -> None:
         """Close the server and every session's kernel."""
         self.blocks.close()
@@ -405,10 +434,11 @@ def launch(
     idle_timeout: float = 1800.0,
     mcp: str | None = None,
     max_batch: int = 4,
+    shutdown_timeout: float = 30.0,
 ) -> None:
-    """Serve the UI until interrupted. ``model`` is a local model directory (loaded once, shared by every
-    session: their generations are decoded together, up to ``max_batch`` at a time) or the URL of an
-    OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
+    """Serve the UI until SIGTERM or SIGINT (then shut down as :meth:`WebApp.serve_until_signalled` does).
+    ``model`` is a local model directory (loaded once, shared by every session: their generations are decoded
+    together, up to ``max_batch`` at a time) or the URL of an OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
     once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
     session."""
     from ..llm import llm_from_spec
@@ -443,10 +473,7 @@ def launch(
             max_tokens=max_tokens,
             idle_timeout=idle_timeout,
         )
-        try:
-            app.launch(host, port)
-        finally:
-            app.pool.close_all()
+        app.serve_until_signalled(host, port, shutdown_timeout)
     finally:
         registry.close()  # stops the MCP servers
         if engine is not None:

@@ -271,6 +271,23 @@ class SessionPool:
             self.close(key)
         return len(idle)
 
+    def drain(self, timeout: float) -> int:
+        """Let running turns go on for up to ``timeout`` seconds, then stop the ones left (the server is
+        shutting down); returns how many were stopped."""
+        deadline = time.monotonic() + timeout
+        while self._busy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        running = self._busy()
+        for session in running:
+            session.stop()
+        for session in running:  # a stopped turn ends at its next token or once its cell is interrupted
+            session.stop(wait=max(0.0, 5.0 - (time.monotonic() - deadline)))
+        return len(running)
+
+    def _busy(self) -> list[WebSession]:
+        with self._lock:
+            return [s for s in self._sessions.values() if s.busy]
+
     def _reap_loop(self, every: float) -> None:
         while not self._closed.wait(every):
             self.reap()
