@@ -119,7 +119,7 @@ def create_app(
     async def models() -> dict[str, Any]:
         handlers = life.require_handlers()
         card = {"id": model_name, "object": "model", "created": handlers.started, "owned_by": "qwen-agent"}
-        card["max_model_len"] = handlers.engine.config.max_context  # vLLM's field: clients budget prompts to it
+        card["max_model_len"] = handlers.engine.config.max_context  # vLLM's field, for clients' budgets
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
