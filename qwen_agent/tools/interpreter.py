@@ -16,9 +16,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -37,6 +35,7 @@ from .sandbox import (
     remove_private_temp_dir,
     remove_stale_temp_dirs,
 )
+from .workspace import Workspace
 
 __all__ = ["CodeInterpreter", "ExecutionResult", "ExecutionError", "Executor"]
 
@@ -61,7 +60,8 @@ class ExecutionError:
 
 @dataclass
 class ExecutionResult:
-    """Everything one cell produced. ``images`` are PNG files in the workspace."""
+    """Everything one cell produced. ``images`` are the host's own copies of the PNG figures, in a directory the
+    kernel cannot reach (a copy of each is also put in the workspace for the code)."""
 
     stdout: str = ""
     stderr: str = ""
@@ -191,11 +191,15 @@ def _close_kernel(holder: dict[str, Any]) -> None:
         kernel.close()
 
 
-def _release(holder: dict[str, Any], temp_workdir: Path | None) -> None:
+def _release(holder: dict[str, Any], temp_workdir: Path | None, host_dir: Path) -> None:
     """Everything close() frees; also run at garbage collection and interpreter exit."""
     _close_kernel(holder)
+    workspace = holder.pop("workspace", None)
+    if workspace is not None:
+        workspace.close()
     if temp_workdir is not None:
         remove_private_temp_dir(temp_workdir)
+    remove_private_temp_dir(host_dir)
 
 
 class CodeInterpreter:
@@ -268,13 +272,15 @@ class CodeInterpreter:
         owns_workdir = workdir is None
         self.workdir = (private_temp_dir("work") if workdir is None else Path(workdir)).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # figures, downloads and kernel logs: host-owned, 0700, outside anything the kernel can reach
+        self.host_dir = private_temp_dir("host")
         self._figures = 0
         self._closed = False
         self._lock = threading.RLock()  # one cell at a time; reset/close wait for a running cell
-        self._holder: dict[str, Any] = {}
+        self._holder: dict[str, Any] = {"workspace": Workspace(self.workdir)}
         # closes the kernel when the interpreter is garbage-collected or at interpreter exit
         self._finalizer = weakref.finalize(
-            self, _release, self._holder, self.workdir if owns_workdir else None
+            self, _release, self._holder, self.workdir if owns_workdir else None, self.host_dir
         )
         self._launch()
 
@@ -289,10 +295,16 @@ class CodeInterpreter:
             require_isolation=self.require_isolation,
             python=self.python,
         )
+        self.workspace.owner = plan.uid
         if plan.uid is not None:
-            shutil.chown(self.workdir, plan.uid, plan.uid)
+            os.fchown(self.workspace.fd, plan.uid, plan.uid)
         self._plan = plan
-        self._holder["kernel"] = KernelProcess(self.workdir, plan, self.env)
+        self._holder["kernel"] = KernelProcess(self.workdir, plan, self.env, self.host_dir)
+
+    @property
+    def workspace(self) -> Workspace:
+        """The workspace as the host handles it: by directory descriptor, never following the kernel's links."""
+        return self._holder["workspace"]
 
     @property
     def _kernel(self) -> KernelProcess:
@@ -432,20 +444,19 @@ class CodeInterpreter:
         return cell.result(start, restarted=True, state_lost=True)
 
     def _save_png(self, b64: str) -> Path:
-        """Write a figure under a fresh name. The kernel controls the workspace, so never follow or overwrite a
-        name it made (a planted ``fig-002.png`` symlink to a host file is skipped, not written through)."""
+        """Keep a figure in the host-only directory (what callers show or send on) and put a copy for the code
+        in the workspace under a fresh name, never replacing or following a name the kernel made."""
         data = base64.b64decode(b64)
-        while True:
-            self._figures += 1
-            path = self.workdir / f"fig-{self._figures:03d}.png"
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            self._give_to_kernel(path)
-            return path
+        self._figures += 1
+        path = self.host_dir / f"fig-{self._figures:03d}.png"
+        path.write_bytes(data)
+        try:
+            while not self.workspace.write_bytes(path.name, data, replace=False):
+                self._figures += 1
+                path = path.rename(self.host_dir / f"fig-{self._figures:03d}.png")
+        except OSError:
+            pass  # a full or vanished workspace: the host's copy is what counts
+        return path
 
     def upload(self, source: str | Path | bytes, name: str | None = None) -> Path:
         """Copy a file (a host path, or bytes) into the workspace as ``name`` (default: the source's file name),
@@ -459,29 +470,26 @@ class CodeInterpreter:
             raise ConfigError(f"CodeInterpreter.upload: name must be a plain file name, got {name!r}")
         if not isinstance(source, bytes) and not Path(source).is_file():
             raise ConfigError(f"CodeInterpreter.upload: {str(source)!r} is not a file")
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
         with self._lock:
-            # a new file then a rename: a symlink the kernel left under ``name`` is replaced, never followed
-            fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".upload-")
             try:
-                with os.fdopen(fd, "wb") as out:
-                    if isinstance(source, bytes):
-                        out.write(source)
-                    else:
-                        with open(source, "rb") as src:
-                            shutil.copyfileobj(src, out)
-                os.chmod(tmp, 0o644)
-                self._give_to_kernel(Path(tmp))
-                os.replace(tmp, self.workdir / name)
+                self.workspace.write_bytes(name, data)
             except OSError as exc:
-                Path(tmp).unlink(missing_ok=True)
                 raise InterpreterError(
                     f"CodeInterpreter.upload: cannot write {name!r} into the workspace: {exc}"
                 ) from exc
             return self.workdir / name
 
-    def _give_to_kernel(self, path: Path) -> None:
-        if self._plan.uid is not None:
-            os.chown(path, self._plan.uid, self._plan.uid)
+    def export_files(self) -> list[Path]:
+        """Host-owned copies of the workspace's regular files (hidden names and links left out), in a directory
+        the kernel cannot reach: what a UI may hand out, since the kernel can swap any workspace name."""
+        with self._lock:
+            out = self.host_dir / "files"
+            if out.exists():
+                remove_private_temp_dir(out)
+            out.mkdir(mode=0o700)
+            copies = [self.workspace.copy_out(rel, out) for rel in self.workspace.files()]
+            return [p for p in copies if p is not None]
 
     def call(self, args: str | dict[str, Any]) -> str:
         """Run the code in ``args`` (``{"code": ...}``, a fenced block or raw code) and return the Observation."""

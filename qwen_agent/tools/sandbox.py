@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, SandboxError
-from . import _landlock
+from . import _landlock, _seccomp
+from .workspace import remove_tree
 
 __all__ = [
     "SandboxLimits",
@@ -118,16 +119,19 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
     flags = [exe]
     if os.geteuid() != 0:
         flags += ["--user", "--map-root-user"]
-    flags += ["--pid", "--fork", "--kill-child", "--mount-proc"]
+    flags += ["--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
     if isolate_network:
         flags.append("--net")
-    try:
-        probe = subprocess.run([*flags, "true"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return (), f"unshare failed: {exc}"
-    if probe.returncode != 0:
-        return (), f"namespaces not permitted here: {probe.stderr.strip()[:200]}"
-    return tuple(flags), ""
+    reason = ""
+    for extra in (["--cgroup"], []):  # a cgroup namespace where the kernel has them
+        try:
+            probe = subprocess.run([*flags, *extra, "true"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return (), f"unshare failed: {exc}"
+        if probe.returncode == 0:
+            return tuple(flags + extra), ""
+        reason = reason or probe.stderr.strip()[:200]
+    return (), f"namespaces not permitted here: {reason}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,6 +141,22 @@ def _probe_read_only_mounts(unshare: tuple[str, ...], show: tuple[tuple[str, str
     try:
         probe = subprocess.run(
             [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts", json.dumps(show)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if probe.returncode == 0 else probe.stderr.strip()[-200:] or f"status {probe.returncode}"
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_new_root(unshare: tuple[str, ...], read_roots: tuple[str, ...]) -> str:
+    """Why the launcher cannot build a kernel root of only ``read_roots`` here ("" when it can)."""
+    spec = {"read": list(read_roots), "write": [], "devices": list(DEVICES), "cwd": "/"}
+    try:
+        probe = subprocess.run(
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-root", json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -274,6 +294,10 @@ class SandboxPlan:
     landlock_abi: int
     read_only_mounts: bool
     notes: list[str] = field(default_factory=list)
+    new_root: bool = (
+        False  # the kernel's root holds only the read and write roots (see _launcher.enter_new_root)
+    )
+    seccomp: bool = False
     # the launcher shows the uid the roots below directories it cannot search (see _launcher.show_hidden_paths)
     show_hidden: bool = False
 
@@ -293,12 +317,23 @@ class SandboxPlan:
             "landlock": landlock,
             "read_only_mounts": write_roots if self.read_only_mounts else None,
             "show_hidden": self._hidden(write_roots),
+            "new_root": {
+                "read": self.read_roots,
+                "write": write_roots,
+                "devices": list(DEVICES),
+                "cwd": write_roots[0],
+            }
+            if self.new_root
+            else None,
+            "proc_sys_read_only": bool(self.unshare),
+            "no_new_privs": True,
+            "seccomp": self.seccomp,
             "argv": argv,
         }
 
     def _hidden(self, write_roots: list[str]) -> list[tuple[str, str, bool]]:
         """``(hidden ancestor, path, read-only)`` for the roots the launcher must show to the sandbox uid."""
-        if not self.show_hidden:
+        if not self.show_hidden or self.new_root:  # a new root's own directories are searchable by any uid
             return []
         writable = set(write_roots)
         return [
@@ -319,6 +354,13 @@ class SandboxPlan:
             "process_group": True,
             "parent_death_signal": True,
             "pid_namespace": bool(self.unshare),
+            "ipc_namespace": bool(self.unshare),
+            "uts_namespace": bool(self.unshare),
+            "cgroup_namespace": "--cgroup" in self.unshare,
+            "private_root": self.new_root,
+            "seccomp": sorted(_seccomp.DENIED) if self.seccomp else None,
+            "no_new_privs": True,
+            "proc_sys_read_only": bool(self.unshare) or self.read_roots is not None,
             "network_isolated": bool(self.unshare) and self.isolate_network,
             "separate_uid": self.uid,
             "shown_to_uid": sorted({top for top, _, _ in self._hidden(write_roots)}),
@@ -433,6 +475,32 @@ def plan_sandbox(
                 f"mounts not made read-only (chmod/utime of the kernel user's files possible): {reason}"
             )
 
+    new_root = False
+    if read_roots is not None and unshare:
+        reason = _probe_new_root(unshare, tuple(read_roots))
+        new_root = not reason
+        if reason:
+            notes.append(f"no private root (host paths outside the read roots stay in view): {reason}")
+    elif not unshare:
+        notes.append("no private root: it needs the mount namespace that unshare gives")
+    if not _seccomp.SUPPORTED:
+        notes.append(f"no seccomp filter: none written for {os.uname().machine}")
+    if require_isolation:
+        missing = [
+            name
+            for name, ok in (
+                ("pid/ipc/uts/mount namespaces", bool(unshare)),
+                ("private root", new_root),
+                ("seccomp filter", _seccomp.SUPPORTED),
+            )
+            if not ok
+        ]
+        if missing:
+            raise SandboxError(
+                f"CodeInterpreter: require_isolation=True but these layers are unavailable: {', '.join(missing)}"
+                f" ({'; '.join(notes)})"
+            )
+
     uid: int | None = None
     show_hidden = False
     if sandbox_uid == "auto" and os.geteuid() == 0:
@@ -470,7 +538,9 @@ def plan_sandbox(
         abi,
         read_only_mounts,
         notes,
-        show_hidden,
+        show_hidden=show_hidden,
+        new_root=new_root,
+        seccomp=_seccomp.SUPPORTED,
     )
 
 
@@ -554,15 +624,17 @@ def private_temp_dir(kind: str) -> Path:
 
 
 def remove_private_temp_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    _marker(path).unlink(missing_ok=True)
+    """Remove the directory whatever modes the kernel set inside; its marker only once it is gone, so the stale
+    sweep of a later host retries what could not be removed now."""
+    if remove_tree(path):
+        _marker(path).unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=1)
 def remove_stale_temp_dirs() -> None:
-    """Delete the workspaces and kernel runtime dirs of hosts that died without cleaning up (SIGKILL)."""
+    """Delete the workspaces, kernel runtime dirs and host-only dirs of hosts that died without cleaning up."""
     for marker in Path(tempfile.gettempdir()).glob("qa-*-*-*.owner"):
-        if marker.name.split("-")[1] not in ("work", "kernel"):
+        if marker.name.split("-")[1] not in ("work", "kernel", "host"):
             continue
         try:
             gone = _owner_gone(json.loads(marker.read_text()))
@@ -592,6 +664,10 @@ def kernel_env(
         "JUPYTER_RUNTIME_DIR": str(runtime / "jupyter"),
         "JUPYTER_DATA_DIR": str(runtime / "jupyter"),
         "PYTHONDONTWRITEBYTECODE": "1",
+        # nothing from the cwd (the workspace) on sys.path before the kernel's own start-up has run, and no user
+        # site directory (below HOME, the workspace): a planted ipykernel_launcher.py or usercustomize.py is inert
+        "PYTHONSAFEPATH": "1",
+        "PYTHONNOUSERSITE": "1",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         "OPENBLAS_NUM_THREADS": "1",  # thread pools reserve address space against RLIMIT_AS
         "OMP_NUM_THREADS": "1",
