@@ -14,6 +14,7 @@ import ctypes
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -26,6 +27,7 @@ import pytest
 from qwen_agent.errors import InterpreterError
 from qwen_agent.serve.web_session import WebSession
 from qwen_agent.tools import CodeInterpreter, _landlock
+from qwen_agent.tools.kernel import _SPAWNER
 
 pytestmark = pytest.mark.skipif(
     _landlock.abi_version()[0] < 1, reason=f"no Landlock here: {_landlock.abi_version()[1]}"
@@ -334,11 +336,18 @@ def test_the_hosts_session_keyring_is_out_of_reach(host):
     add_key, keyctl = 248, 250
     session_keyring, keyctl_unlink = -3, 9
     description = f"qa-test-{uuid.uuid4().hex[:8]}".encode()
-    key = libc.syscall(
-        add_key, b"user", description, host.secret_text.encode(), len(host.secret_text), session_keyring
-    )
+
+    def add() -> tuple[int, int]:
+        made = libc.syscall(
+            add_key, b"user", description, secret, len(secret), ctypes.c_long(session_keyring)
+        )
+        return made, ctypes.get_errno()
+
+    secret = host.secret_text.encode()
+    # kernels are started from this thread, and a session keyring is a thread's credential: add it there
+    key, err = _SPAWNER.submit(add).result()
     if key < 0:
-        pytest.skip(f"cannot add a key to this host's session keyring: {os.strerror(ctypes.get_errno())}")
+        pytest.skip(f"cannot add a key to this host's session keyring: {os.strerror(err)}")
     try:
         with CodeInterpreter(timeout=30) as ci:
             obs = ok(
@@ -356,7 +365,7 @@ def test_the_hosts_session_keyring_is_out_of_reach(host):
         assert "search: -1 direct: -1 read: b''" in obs, obs
         host.assert_unchanged(obs)
     finally:
-        libc.syscall(keyctl, keyctl_unlink, key, session_keyring)
+        _SPAWNER.submit(libc.syscall, keyctl, keyctl_unlink, key, ctypes.c_long(session_keyring)).result()
 
 
 # ---- class 5: defence in depth whatever layer is off ----------------------------------------------------------
@@ -410,3 +419,47 @@ def test_close_removes_everything_whatever_modes_the_kernel_set():
     ci.close()
     leftovers = [p for p in dirs if os.path.lexists(p) or os.path.lexists(f"{p}.owner")]
     assert not leftovers
+
+
+# ---- the same attacks with an unprivileged host ---------------------------------------------------------------
+
+
+def test_the_attacks_hold_as_an_unprivileged_host(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("already running as a non-root user: the tests above are the non-root run")
+    if not shutil.which("setpriv") or not shutil.which("unshare"):
+        pytest.skip("setpriv(1) or unshare(1) is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    # an installation below a private directory (/root, mode 0700) is shown to uid 65534 by a tmpfs over that
+    # directory with the installation bind-mounted back, in a mount namespace of this test only
+    script = ["set -e"]
+    for i, path in enumerate(dict.fromkeys(Path(p).resolve() for p in (sys.base_prefix, sys.prefix, repo))):
+        blocked = [p for p in [path, *path.parents] if os.stat(p).st_mode & 0o005 != 0o005]
+        if not blocked:
+            continue
+        top = blocked[-1]
+        if top == Path("/"):
+            pytest.skip(f"{path} is not reachable by an unprivileged uid")
+        child, stash = top / path.relative_to(top).parts[0], tmp_path / f"stash{i}"
+        stash.mkdir()
+        script += [
+            f"mount --bind '{child}' '{stash}'",
+            f"mountpoint -q '{top}' && [ -e '{top}/.qa-shown' ] || "
+            f"{{ mount -t tmpfs -o mode=755 tmpfs '{top}'; touch '{top}/.qa-shown'; }}",
+            f"mkdir -p '{child}'",
+            f"mount --bind '{stash}' '{child}'",
+        ]
+    script.append(
+        f"cd '{repo}' && exec setpriv --reuid=65534 --regid=65534 --clear-groups "
+        f"{sys.executable} -m pytest -q -p no:randomly -p no:cacheprovider '{Path(__file__).resolve()}' "
+        "-k 'not unprivileged_host'"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": os.environ["PATH"], "TMPDIR": "/tmp", "HOME": "/tmp", "PYTHONPATH": str(repo)},
+    )
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "skipped" not in proc.stdout, proc.stdout[-2000:]
