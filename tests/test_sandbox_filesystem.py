@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qwen_agent.errors import ConfigError, SandboxError
-from qwen_agent.tools import CodeInterpreter, _landlock, sandbox
+from qwen_agent.tools import CodeInterpreter, _landlock, sandbox, workspace
 
 pytestmark = pytest.mark.skipif(
     _landlock.abi_version()[0] < 1, reason=f"no Landlock here: {_landlock.abi_version()[1]}"
@@ -462,7 +462,7 @@ def test_upload_copies_into_the_workspace_without_following_the_kernels_symlinks
 def test_only_directories_whose_owner_is_provably_gone_are_swept():
     dead = subprocess.Popen(["true"])
     dead.wait()
-    made = {label: sandbox.private_temp_dir("work") for label in ("dead", "other_ns", "rebooted", "alive")}
+    made = {label: workspace.private_temp_dir("work") for label in ("dead", "other_ns", "rebooted", "alive")}
     unmarked = Path(tempfile.mkdtemp(prefix=f"qa-work-{dead.pid}-"))  # no marker: not provably this package's
     try:
         for label, path in made.items():
@@ -478,13 +478,13 @@ def test_only_directories_whose_owner_is_provably_gone_are_swept():
             elif label == "rebooted":
                 identity["boot_id"] = "00000000-0000-0000-0000-000000000000"
             marker.write_text(json.dumps(identity))
-        sandbox.remove_stale_temp_dirs.__wrapped__()
+        workspace.remove_stale_temp_dirs.__wrapped__()
         left = {label for label, path in made.items() if path.exists()}
         assert left == {"other_ns", "alive"} and unmarked.exists()
         assert not made["dead"].with_name(made["dead"].name + ".owner").exists()
     finally:
         for path in [*made.values(), unmarked]:
-            sandbox.remove_private_temp_dir(path)
+            workspace.remove_private_temp_dir(path)
 
 
 @pytest.mark.skipif(_landlock.abi_version()[0] < 6, reason="signal scoping needs Landlock ABI 6")

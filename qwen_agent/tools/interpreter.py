@@ -27,15 +27,13 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError, InterpreterError
 from .kernel import KernelProcess
-from .sandbox import (
-    SandboxLimits,
-    plan_sandbox,
+from .sandbox import SandboxConfig, SandboxLimits
+from .workspace import (
+    Workspace,
     private_temp_dir,
-    python_installation,
     remove_private_temp_dir,
     remove_stale_temp_dirs,
 )
-from .workspace import Workspace
 
 __all__ = ["CodeInterpreter", "ExecutionResult", "ExecutionError", "Executor"]
 
@@ -178,13 +176,6 @@ class _Cell:
         )
 
 
-def _existing_path(path: str | Path, label: str) -> str:
-    resolved = Path(path).resolve()
-    if not resolved.exists():
-        raise ConfigError(f"CodeInterpreter: {label} entry {str(path)!r} does not exist")
-    return str(resolved)
-
-
 def _close_kernel(holder: dict[str, Any]) -> None:
     kernel = holder.pop("kernel", None)
     if kernel is not None:
@@ -256,18 +247,17 @@ class CodeInterpreter:
         self.timeout = timeout
         self.grace = grace
         self.max_output_chars = max_output_chars
-        self.limits = limits or SandboxLimits()
-        self.network = network
-        self.sandbox_uid = sandbox_uid
-        self.filesystem = filesystem
-        self.read_paths = [_existing_path(p, "read_paths") for p in read_paths]
-        self.require_isolation = require_isolation
-        self.python = sys.executable if python is None else str(python)
-        if python is not None and not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
-            raise ConfigError(f"CodeInterpreter: python {self.python!r} is not an executable file")
-        python_installation(self.python)  # fails here, naming the interpreter, if it cannot run a kernel
-        self.env = env
         self.startup_timeout = startup_timeout
+        self.config = SandboxConfig(
+            limits=limits or SandboxLimits(),
+            network=network,
+            sandbox_uid=sandbox_uid,
+            filesystem=filesystem,
+            read_paths=tuple(read_paths),
+            require_isolation=require_isolation,
+            python=sys.executable if python is None else str(python),
+            env=env,
+        )
         remove_stale_temp_dirs()
         owns_workdir = workdir is None
         self.workdir = (private_temp_dir("work") if workdir is None else Path(workdir)).resolve()
@@ -286,20 +276,12 @@ class CodeInterpreter:
 
     # ---- kernel lifecycle -------------------------------------------------------------------------------
     def _launch(self) -> None:
-        plan = plan_sandbox(
-            self.limits,
-            network=self.network,
-            sandbox_uid=self.sandbox_uid,
-            filesystem=self.filesystem,
-            read_paths=self.read_paths,
-            require_isolation=self.require_isolation,
-            python=self.python,
-        )
+        plan = self.config.plan()
         self.workspace.owner = plan.uid
         if plan.uid is not None:
             os.fchown(self.workspace.fd, plan.uid, plan.uid)
         self._plan = plan
-        self._holder["kernel"] = KernelProcess(self.workdir, plan, self.env, self.host_dir)
+        self._holder["kernel"] = KernelProcess(self.workdir, plan, self.config.env, self.host_dir)
 
     @property
     def workspace(self) -> Workspace:

@@ -22,7 +22,8 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
 from ..errors import InterpreterError
-from .sandbox import LAUNCHER, SandboxPlan, kernel_env, private_temp_dir, remove_private_temp_dir
+from .sandbox import LAUNCHER, SandboxPlan, kernel_env
+from .workspace import private_temp_dir, remove_private_temp_dir
 
 __all__ = ["KernelProcess"]
 

@@ -27,7 +27,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,18 +35,15 @@ from typing import Any
 
 from ..errors import ConfigError, SandboxError
 from . import _landlock, _seccomp
-from .workspace import remove_tree
 
 __all__ = [
+    "SandboxConfig",
     "SandboxLimits",
     "SandboxPlan",
     "plan_sandbox",
     "plan_filesystem",
     "python_installation",
     "kernel_env",
-    "private_temp_dir",
-    "remove_private_temp_dir",
-    "remove_stale_temp_dirs",
 ]
 
 NOBODY_UID = 65534
@@ -444,6 +440,48 @@ def _outermost(paths: list[str]) -> list[str]:
     return sorted(kept, key=paths.index)
 
 
+@dataclass(frozen=True)
+class SandboxConfig:
+    """The sandbox settings of one interpreter, checked once; :meth:`plan` works out the layers for each kernel.
+
+    Field meanings are those of :class:`~qwen_agent.tools.CodeInterpreter`'s arguments of the same names."""
+
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    network: bool = False
+    sandbox_uid: int | str | None = "auto"
+    filesystem: bool = True
+    read_paths: tuple[str, ...] = ()
+    require_isolation: bool = False
+    python: str = sys.executable
+    env: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read_paths", tuple(_existing(p) for p in self.read_paths))
+        python = str(self.python)
+        if python != sys.executable and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise ConfigError(f"CodeInterpreter: python {python!r} is not an executable file")
+        object.__setattr__(self, "python", python)
+        python_installation(python)  # fails here, naming the interpreter, if it cannot run a kernel
+
+    def plan(self) -> SandboxPlan:
+        return plan_sandbox(
+            self.limits,
+            network=self.network,
+            sandbox_uid=self.sandbox_uid,
+            filesystem=self.filesystem,
+            read_paths=list(self.read_paths),
+            require_isolation=self.require_isolation,
+            python=self.python,
+        )
+
+
+def _existing(path: str | Path) -> str:
+    resolved = Path(path).resolve()
+    if not resolved.exists():
+        raise ConfigError(f"CodeInterpreter: read_paths entry {str(path)!r} does not exist")
+    return str(resolved)
+
+
 def plan_sandbox(
     limits: SandboxLimits,
     *,
@@ -580,68 +618,6 @@ def _choose_uid(
         f"kernel runs as uid {NOBODY_UID}; {', '.join(hidden)} (not searchable by it) is replaced in the kernel's "
         "mount namespace only by a tmpfs holding the read roots below it, bind-mounted read-only",
     )
-
-
-def _owner_identity(pid: int) -> dict[str, Any] | None:
-    """What tells this process apart from any later one with the same pid: boot, pid namespace, start time."""
-    try:
-        return {
-            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-            "pid_ns": os.readlink("/proc/self/ns/pid"),
-            "pid": pid,
-            "start": Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19],
-        }
-    except (OSError, IndexError):
-        return None
-
-
-def _owner_gone(marker: dict[str, Any]) -> bool:
-    """True only when the marker's process provably no longer runs (another boot, or the same pid namespace and
-    no process with that pid and start time); a process in another pid namespace cannot be checked, so it is not."""
-    here = _owner_identity(os.getpid())
-    if here is None:
-        return False
-    if marker.get("boot_id") != here["boot_id"]:
-        return True
-    if marker.get("pid_ns") != here["pid_ns"]:
-        return False
-    now = _owner_identity(int(marker["pid"]))
-    return now is None or now["start"] != marker.get("start")
-
-
-def _marker(path: Path) -> Path:
-    return path.with_name(path.name + ".owner")
-
-
-def private_temp_dir(kind: str) -> Path:
-    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir, with an owner marker beside it (outside,
-    where the kernel cannot write) that lets a later host remove it once this process is provably gone."""
-    path = Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
-    identity = _owner_identity(os.getpid())
-    if identity is not None:
-        _marker(path).write_text(json.dumps(identity))
-    return path
-
-
-def remove_private_temp_dir(path: Path) -> None:
-    """Remove the directory whatever modes the kernel set inside; its marker only once it is gone, so the stale
-    sweep of a later host retries what could not be removed now."""
-    if remove_tree(path):
-        _marker(path).unlink(missing_ok=True)
-
-
-@functools.lru_cache(maxsize=1)
-def remove_stale_temp_dirs() -> None:
-    """Delete the workspaces, kernel runtime dirs and host-only dirs of hosts that died without cleaning up."""
-    for marker in Path(tempfile.gettempdir()).glob("qa-*-*-*.owner"):
-        if marker.name.split("-")[1] not in ("work", "kernel", "host"):
-            continue
-        try:
-            gone = _owner_gone(json.loads(marker.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a marker this package wrote
-        if gone:
-            remove_private_temp_dir(marker.with_name(marker.name[: -len(".owner")]))
 
 
 def kernel_env(

@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import json
 import os
 import shutil
 import stat
+import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Workspace", "remove_tree"]
+__all__ = [
+    "Workspace",
+    "remove_tree",
+    "private_temp_dir",
+    "remove_private_temp_dir",
+    "remove_stale_temp_dirs",
+]
 
 _SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
@@ -222,3 +232,68 @@ def remove_tree(path: Path) -> bool:
         os.close(fd)
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.lexists(path)
+
+
+# ---- private temporary directories, and the sweep of those a killed host left ---------------------------------
+
+
+def _owner_identity(pid: int) -> dict[str, Any] | None:
+    """What tells this process apart from any later one with the same pid: boot, pid namespace, start time."""
+    try:
+        return {
+            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid_ns": os.readlink("/proc/self/ns/pid"),
+            "pid": pid,
+            "start": Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19],
+        }
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_gone(marker: dict[str, Any]) -> bool:
+    """True only when the marker's process provably no longer runs (another boot, or the same pid namespace and
+    no process with that pid and start time); a process in another pid namespace cannot be checked, so it is not."""
+    here = _owner_identity(os.getpid())
+    if here is None:
+        return False
+    if marker.get("boot_id") != here["boot_id"]:
+        return True
+    if marker.get("pid_ns") != here["pid_ns"]:
+        return False
+    now = _owner_identity(int(marker["pid"]))
+    return now is None or now["start"] != marker.get("start")
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".owner")
+
+
+def private_temp_dir(kind: str) -> Path:
+    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir, with an owner marker beside it (outside,
+    where the kernel cannot write) that lets a later host remove it once this process is provably gone."""
+    path = Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
+    identity = _owner_identity(os.getpid())
+    if identity is not None:
+        _marker(path).write_text(json.dumps(identity))
+    return path
+
+
+def remove_private_temp_dir(path: Path) -> None:
+    """Remove the directory whatever modes the kernel set inside; its marker only once it is gone, so the stale
+    sweep of a later host retries what could not be removed now."""
+    if remove_tree(path):
+        _marker(path).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def remove_stale_temp_dirs() -> None:
+    """Delete the workspaces, kernel runtime dirs and host-only dirs of hosts that died without cleaning up."""
+    for marker in Path(tempfile.gettempdir()).glob("qa-*-*-*.owner"):
+        if marker.name.split("-")[1] not in ("work", "kernel", "host"):
+            continue
+        try:
+            gone = _owner_gone(json.loads(marker.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a marker this package wrote
+        if gone:
+            remove_private_temp_dir(marker.with_name(marker.name[: -len(".owner")]))
