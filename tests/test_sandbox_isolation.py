@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen_agent.errors import InterpreterError
+from qwen_agent.errors import InterpreterError, SandboxError
 from qwen_agent.serve.web_session import WebSession
-from qwen_agent.tools import CodeInterpreter, _landlock
+from qwen_agent.tools import CodeInterpreter, _landlock, sandbox, workspace
 from qwen_agent.tools.kernel import _SPAWNER
 
 pytestmark = pytest.mark.skipif(
@@ -463,3 +463,30 @@ def test_the_attacks_hold_as_an_unprivileged_host(tmp_path):
     )
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_sweep_removes_what_a_killed_host_left_whatever_modes_the_kernel_set():
+    code = (
+        "import sys\nfrom qwen_agent.tools import CodeInterpreter\nci = CodeInterpreter(timeout=30)\n"
+        "r = ci.execute(\"import os\\nos.makedirs('a/b'); os.chmod('a/b', 0); os.chmod('a', 0)\")\n"
+        "assert r.ok, r.to_observation()\n"
+        "print(ci.workdir, ci.host_dir, ci._kernel.runtime, flush=True)\nsys.stdin.read()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    ) as host:
+        dirs = [Path(p) for p in host.stdout.readline().split()]
+        host.kill()  # no close(), no finalizer: the host is gone
+    assert len(dirs) == 3 and all(p.exists() for p in dirs)
+    workspace.remove_stale_temp_dirs.__wrapped__()
+    assert not [p for p in dirs if os.path.lexists(p) or os.path.lexists(f"{p}.owner")]
+
+
+def test_require_isolation_refuses_when_a_layer_is_missing(monkeypatch):
+    monkeypatch.setattr(sandbox, "_probe_new_root", lambda *_: "launcher: pivot_root failed: EPERM")
+    with pytest.raises(SandboxError, match="private root"):
+        CodeInterpreter(require_isolation=True)
+    monkeypatch.setattr(sandbox._seccomp, "SUPPORTED", False)
+    with pytest.raises(SandboxError, match="seccomp filter"):
+        CodeInterpreter(require_isolation=True)

@@ -66,8 +66,10 @@ def test_workspace_listing_leaves_out_links_and_hidden_files(tmp_path: Path) -> 
     workspace = Workspace(tmp_path)
     assert workspace.files() == ["out.txt", "sub/deep.csv"]
     export = tmp_path.parent / "export"
-    assert workspace.copy_out("sub/deep.csv", export) == export / "sub" / "deep.csv"
-    assert workspace.copy_out("link", export) is None  # a link is never followed, even when asked for
+    assert workspace.export(export) == [export / "out.txt", export / "sub" / "deep.csv"]
+    (tmp_path / "out.txt").unlink()
+    (tmp_path / "out.txt").symlink_to("/etc/hostname")  # swapped for a link: neither listed nor followed
+    assert workspace.export(export) == [export / "sub" / "deep.csv"]
     workspace.close()
 
 

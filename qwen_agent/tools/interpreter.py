@@ -267,6 +267,7 @@ class CodeInterpreter:
         self._figures = 0
         self._closed = False
         self._lock = threading.RLock()  # one cell at a time; reset/close wait for a running cell
+        self._export_lock = threading.Lock()
         self._holder: dict[str, Any] = {"workspace": Workspace(self.workdir)}
         # closes the kernel when the interpreter is garbage-collected or at interpreter exit
         self._finalizer = weakref.finalize(
@@ -465,13 +466,10 @@ class CodeInterpreter:
     def export_files(self) -> list[Path]:
         """Host-owned copies of the workspace's regular files (hidden names and links left out), in a directory
         the kernel cannot reach: what a UI may hand out, since the kernel can swap any workspace name."""
-        with self._lock:
+        with self._export_lock:  # not the cell lock: a UI lists files while a cell runs
             out = self.host_dir / "files"
-            if out.exists():
-                remove_private_temp_dir(out)
-            out.mkdir(mode=0o700)
-            copies = [self.workspace.copy_out(rel, out) for rel in self.workspace.files()]
-            return [p for p in copies if p is not None]
+            out.mkdir(mode=0o700, exist_ok=True)
+            return self.workspace.export(out)
 
     def call(self, args: str | dict[str, Any]) -> str:
         """Run the code in ``args`` (``{"code": ...}``, a fenced block or raw code) and return the Observation."""

@@ -101,19 +101,12 @@ class Workspace:
         self.path = Path(path)
         self.owner = owner
         self.fd = os.open(self.path, _DIR_FLAGS)
+        self._exported: dict[str, tuple[int, int, int]] = {}  # relative path -> (inode, size, mtime) copied
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def read_bytes(self, relpath: str, limit: int | None = None) -> bytes:
-        """The content of a regular file (not a link, a fifo or a device) beneath the workspace."""
-        fd = open_beneath(self.fd, relpath, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", relpath)
-            return f.read() if limit is None else f.read(limit)
 
     def write_bytes(self, name: str, data: bytes, *, replace: bool = True) -> bool:
         """Put ``data`` under ``name`` (a plain file name), mode 0644 and given to the owner, via a new file and
@@ -166,26 +159,41 @@ class Workspace:
                 elif entry.is_file(follow_symlinks=False):
                     found.append(prefix + entry.name)
 
-        dup = os.dup(self.fd)  # scandir closes nothing, but rewinds; a duplicate keeps self.fd's offset alone
         try:
-            walk(dup, "")
+            top = os.open(".", _DIR_FLAGS, dir_fd=self.fd)  # its own offset: listings never share one
+        except OSError:
+            return []
+        try:
+            walk(top, "")
+        except OSError:
+            pass  # a directory the code made unreadable: what was found so far
         finally:
-            os.close(dup)
+            os.close(top)
         return found
 
-    def copy_out(self, relpath: str, dest_dir: Path) -> Path | None:
-        """A host-owned copy of a workspace file under ``dest_dir`` (same relative path); None when it is not a
-        regular file any more."""
-        try:
-            data = self.read_bytes(relpath)
-        except (OSError, ValueError):
-            return None
-        target = dest_dir / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        return target
+    def export(self, dest: Path) -> list[Path]:
+        """Host-owned copies of :meth:`files` under ``dest`` (same relative paths), each read through a descriptor
+        opened here; a file is copied again only when its inode, size or mtime changed since the last export."""
+        copies = []
+        for relpath in self.files():
+            try:
+                fd = open_beneath(self.fd, relpath, os.O_RDONLY | os.O_NONBLOCK)
+            except (OSError, ValueError):
+                continue  # swapped for a link (or gone) since the listing
+            with os.fdopen(fd, "rb") as src:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                target, key = dest / relpath, (info.st_ino, info.st_size, info.st_mtime_ns)
+                if self._exported.get(relpath) != key or not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+                    with open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    os.replace(tmp, target)
+                    self._exported[relpath] = key
+            copies.append(target)
+        return copies
 
 
 def _unlock_tree(dir_fd: int) -> None:
