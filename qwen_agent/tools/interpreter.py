@@ -208,7 +208,8 @@ class CodeInterpreter:
         filesystem: confine the kernel's file access (Landlock): reads beneath the system, Python and
             ``read_paths`` roots, writes in the workspace only. Off when False or where Landlock is missing.
         read_paths: files or directories the kernel may read in place (read-only), e.g. a data directory.
-        require_isolation: raise :class:`SandboxError` instead of running with the file system unconfined.
+        require_isolation: raise :class:`SandboxError` instead of running without the file-system layer, the
+            namespaces, the private root or the seccomp filter.
         python: the kernel's Python interpreter (it needs ipykernel); its installation joins the read roots.
         env: extra environment variables for the kernel (the host's environment is never passed on).
         startup_timeout: how long a kernel may take to start.

@@ -12,7 +12,12 @@ Layers, each reported by :meth:`SandboxPlan.info`:
   be shown to it: a read root below a directory other uids cannot search (``/root``, mode 0700) is bind-mounted
   back in place under a world-searchable tmpfs, in the kernel's mount namespace only (the host is not changed);
 - a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets;
-- no capabilities: root in the kernel keeps uid 0 but cannot load modules, mount, or override file permissions;
+- no capabilities and ``no_new_privs``, always: root in the kernel keeps uid 0 but cannot load modules, mount, or
+  override file permissions; ``/proc/sys`` read-only in any namespace the kernel has;
+- IPC, UTS and (where the kernel has them) cgroup namespaces: no host SysV IPC by key, no renaming the host;
+- a private root (``_launcher.enter_new_root``): only the read roots, the workspace and runtime dir, ``/proc``, a
+  minimal ``/dev`` and an empty ``/tmp`` are in the kernel's view; other kernels and host sockets are not;
+- a seccomp filter (``_seccomp``): keyring, ptrace, userfaultfd, mounts, namespaces, TIOCSTI and more refused;
 - the file system (Landlock): reads only beneath the system, Python and granted roots, writes only in the
   workspace and the kernel's private directory.
 """
