@@ -490,3 +490,21 @@ def test_require_isolation_refuses_when_a_layer_is_missing(monkeypatch):
     monkeypatch.setattr(sandbox._seccomp, "SUPPORTED", False)
     with pytest.raises(SandboxError, match="seccomp filter"):
         CodeInterpreter(require_isolation=True)
+
+
+def test_the_kernel_log_and_the_hosts_copies_are_out_of_the_kernels_reach(host):
+    with CodeInterpreter(timeout=30) as ci:
+        ok(ci, "import matplotlib.pyplot as plt; plt.plot([1]); plt.show()")
+        targets = [ci._kernel._log_path, ci.host_dir / "fig-001.png", ci.host_dir]
+        obs = ok(
+            ci,
+            "import os\nfor t in "
+            + repr([str(t) for t in targets])
+            + ":\n    try:\n        os.unlink(t) if os.path.isfile(t) else os.listdir(t); print('reached', t)\n"
+            "    except OSError as exc:\n        print(type(exc).__name__)\n"
+            + f"    try:\n        os.symlink({str(host.secret)!r}, t + '.x'); print('planted', t)\n"
+            "    except OSError as exc:\n        print(type(exc).__name__)",
+        )
+        assert "reached" not in obs and "planted" not in obs, obs
+        assert all(t.exists() for t in targets)
+        host.assert_unchanged(obs)

@@ -370,19 +370,23 @@ STEP_SWAP = (
     "Thought: I will write a report and a chart.\nAction: code_interpreter\nAction Input:\n```py\n"
     "import os, threading, time\nimport matplotlib.pyplot as plt\n"
     "open('report.txt', 'w').write('numbers')\nplt.plot([1, 2, 3]); plt.show()\n"
+    "done = threading.Event()\n"
     "def swap():\n"
-    "    end = time.monotonic() + 2.5  # then the files stay, for the last update to list\n"
-    "    while time.monotonic() < end:\n"
+    "    while not done.is_set():\n"
     "        for name in [n for n in os.listdir('.') if n.endswith(('.txt', '.png'))]:\n"
     "            data = open(name, 'rb').read() if not os.path.islink(name) else None\n"
     "            if data is None:\n                continue\n"
     "            os.unlink(name); os.symlink(SECRET_PATH, name); time.sleep(0.002)\n"
     "            os.unlink(name); open(name, 'wb').write(data)\n"
     "        time.sleep(0.001)\n"
-    "threading.Thread(target=swap, daemon=True).start()\n```\nObservation:"
+    "swapper = threading.Thread(target=swap, daemon=True)\nswapper.start()\n```\nObservation:"
 )
 STEP_AGAIN = (
     "Thought: Once more.\nAction: code_interpreter\nAction Input:\n```py\nimport time; time.sleep(1); print('ok')\n"
+    "```\nObservation:"
+)
+STEP_STOP = (  # the files stay from here on, for the last update to list
+    "Thought: Enough.\nAction: code_interpreter\nAction Input:\n```py\ndone.set(); swapper.join(); print('ok')\n"
     "```\nObservation:"
 )
 FINAL_SWAP = "Thought: I now know the final answer.\nFinal Answer: Done."
@@ -397,7 +401,7 @@ def test_the_browser_gets_host_copies_of_workspace_files_and_figures(browser, se
     secret.write_text(secret_text)
     secret.chmod(0o600)
     step = STEP_SWAP.replace("SECRET_PATH", repr(str(secret)))
-    url = serve(lambda: SlowLLM([step, STEP_AGAIN, STEP_AGAIN, FINAL_SWAP], delay=0.01))
+    url = serve(lambda: SlowLLM([step, STEP_AGAIN, STEP_AGAIN, STEP_STOP, FINAL_SWAP], delay=0.01))
     try:
         context, page = _open(browser, url)
         _ask(page, "Write a report")

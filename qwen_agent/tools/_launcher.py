@@ -4,11 +4,12 @@ Outer stage (child of the host): ask for SIGKILL when the host dies, join the pi
 limits, then exec ``unshare`` (new pid/net/mount namespaces) running the inner stage, or run the inner stage
 directly when no namespaces are used.
 
-Inner stage: ask for SIGKILL when the parent dies, show the sandbox uid the roots it needs that lie below
-directories it cannot search (``/root``, mode 0700), make every mount of its namespace read-only but the workspace
-and runtime directory, drop to the sandbox uid if one is set, drop every capability (root in the kernel keeps
-uid 0 but no privilege over the host), confine the file system with Landlock (last, since Landlock forbids
-mounting), and exec the kernel.
+Inner stage: ask for SIGKILL when the parent dies; pivot into a private root holding only the read roots, the
+workspace and runtime directory (or, where that cannot be had, show the sandbox uid the roots below directories
+it cannot search and make every other mount read-only); make ``/proc/sys`` read-only; drop to the sandbox uid if
+one is set, drop every capability (root in the kernel keeps uid 0 but no privilege over the host), confine the
+file system with Landlock (after the mounts, since Landlock forbids mounting), set ``no_new_privs`` and install
+the seccomp filter (last: it refuses mounts), and exec the kernel.
 As pid 1 of a new pid namespace it instead forks the kernel and stays as a minimal init that reaps orphans and
 exits with the kernel's status; when it dies the kernel of the namespace kills every process left in it.
 
@@ -179,8 +180,8 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 def enter_new_root(spec: dict) -> None:
     """Make a root of only what the kernel needs and pivot into it: a tmpfs holding each read root bind-mounted
-    read-only at its own path, the workspace and runtime dir writable, a fresh /proc of this pid namespace's, a /dev
-    of the listed device nodes, an empty /tmp. Nothing else of the host is in view: no /run, /var/run, home dirs,
+    read-only at its own path, the workspace and runtime dir writable, the /proc of this pid namespace, a /dev of
+    the listed device nodes, an empty /tmp. Nothing else of the host is in view: no /run, /var/run, home dirs,
     host sockets or other kernels' dirs. Every directory the tmpfs adds is 0755, so the sandbox uid reaches roots
     that lie below a directory it could not search (``/root``) without anything being shown beside them."""
     _require_own_namespace()
@@ -283,9 +284,7 @@ def main() -> None:
         show_hidden_paths(json.loads(sys.argv[2]))
         make_mounts_read_only([])
         return
-    if (
-        sys.argv[1] == "--probe-root"
-    ):  # the same, for a new root: it must hold the read roots and nothing else
+    if sys.argv[1] == "--probe-root":  # the same for a private root: the read roots and nothing else
         enter_new_root(json.loads(sys.argv[2]))
         proc_sys_read_only()
         if os.path.exists("/run") or os.path.exists("/etc/shadow") or not os.path.exists("/usr"):

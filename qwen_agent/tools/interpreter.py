@@ -288,7 +288,10 @@ class CodeInterpreter:
     @property
     def workspace(self) -> Workspace:
         """The workspace as the host handles it: by directory descriptor, never following the kernel's links."""
-        return self._holder["workspace"]
+        workspace = self._holder.get("workspace")
+        if workspace is None:
+            raise InterpreterError("this CodeInterpreter is closed")
+        return workspace
 
     @property
     def _kernel(self) -> KernelProcess:
@@ -320,7 +323,7 @@ class CodeInterpreter:
 
     def close(self) -> None:
         """Kill the kernel and everything it started; remove the workspace if it was a temporary one."""
-        with self._lock:
+        with self._lock, self._export_lock:
             if self._closed:
                 return
             self._closed = True
@@ -468,6 +471,8 @@ class CodeInterpreter:
         """Host-owned copies of the workspace's regular files (hidden names and links left out), in a directory
         the kernel cannot reach: what a UI may hand out, since the kernel can swap any workspace name."""
         with self._export_lock:  # not the cell lock: a UI lists files while a cell runs
+            if self._closed:
+                return []
             out = self.host_dir / "files"
             out.mkdir(mode=0o700, exist_ok=True)
             return self.workspace.export(out)
