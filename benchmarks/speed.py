@@ -50,7 +50,7 @@ from qwen_agent.errors import QwenAgentError  # noqa: E402
 from qwen_agent.runtime.checkpoint import load_checkpoint, resolve_device, resolve_dtype, to_transformers  # noqa: E402
 from qwen_agent.runtime.config import CONFIGS, QwenConfig  # noqa: E402
 from qwen_agent.runtime.decode_runner import DecodeRunner  # noqa: E402
-from qwen_agent.runtime.generate import Generation, SamplingParams  # noqa: E402
+from qwen_agent.runtime.generate import GenerationResult, PromptRequest, SamplingParams, generate_all  # noqa: E402
 from qwen_agent.runtime.gptq import GPTQConfig, quantize_model  # noqa: E402
 from qwen_agent.runtime.model import KVCache, Transformer  # noqa: E402
 from qwen_agent.runtime.tokenizer import QwenTokenizer  # noqa: E402
@@ -181,27 +181,21 @@ def new_runner(model: Transformer, rows: int, slots: int, **options: bool) -> De
 
 def ours_run(
     runner: DecodeRunner, tokenizer: QwenTokenizer, prompts: list[list[int]], new_tokens: int
-) -> tuple[float, Generation]:
-    """Greedy generation of exactly ``new_tokens`` per prompt (no stop ids); returns (seconds, the run). A runner
-    used before keeps its cache (and on a GPU its captured graphs), as the engine keeps them between calls."""
-    run = Generation(
-        runner,
-        tokenizer,
-        prompts,
-        max_new_tokens=[new_tokens] * len(prompts),
-        params=SamplingParams(),
-    )
+) -> tuple[float, list[GenerationResult]]:
+    """Greedy generation of exactly ``new_tokens`` per prompt (no stop ids); returns (seconds, the results). A
+    runner used before keeps its cache (and on a GPU its captured graphs), as the engine keeps them between
+    calls."""
+    requests = [PromptRequest(p, new_tokens, SamplingParams()) for p in prompts]
     _sync(runner.cache.k.device)
     start = time.perf_counter()
-    for _ in run:
-        pass
+    results = generate_all(runner, tokenizer, requests)
     _sync(runner.cache.k.device)
-    return time.perf_counter() - start, run
+    return time.perf_counter() - start, results
 
 
 def ours_generate(runner: DecodeRunner, tokenizer: QwenTokenizer, n: int) -> tuple[float, list[int]]:
-    seconds, run = ours_run(runner, tokenizer, [[tokenizer.eod_id]], n)
-    return seconds, run.results[0].token_ids
+    seconds, results = ours_run(runner, tokenizer, [[tokenizer.eod_id]], n)
+    return seconds, results[0].token_ids
 
 
 def random_prompts(count: int, length: int, seed: int, vocab: int) -> list[list[int]]:
@@ -212,13 +206,12 @@ def random_prompts(count: int, length: int, seed: int, vocab: int) -> list[list[
 def ready_to_decode(model: Transformer, tokenizer: QwenTokenizer) -> dict:
     """Seconds from the weights on the device to the first decoded token of a 16-token prompt, the first thing
     the process runs: kernel compilation (from Triton's on-disk cache when it holds them), graph capture."""
-    seconds, first = ours_run(
-        new_runner(model, 1, 18), tokenizer, random_prompts(1, 16, 1, model.config.vocab_size), 2
-    )
+    runner = new_runner(model, 1, 18)
+    seconds, _ = ours_run(runner, tokenizer, random_prompts(1, 16, 1, model.config.vocab_size), 2)
     return {
         "ready_s": seconds,
-        "ready_capture_s": first.runner.capture_seconds,
-        "graphs": first.runner.graphs,
+        "ready_capture_s": runner.capture_seconds,
+        "graphs": runner.graphs,
     }
 
 
@@ -230,9 +223,7 @@ def serving(model: Transformer, tokenizer: QwenTokenizer, args: argparse.Namespa
             tokenizer,
             random_prompts(1, args.ttft_prompt, 2 + k, vocab),
             1,
-        )[1]
-        .results[0]
-        .prefill_seconds
+        )[1][0].prefill_seconds
         for k in range(args.rounds + 1)
     ][1:]  # the first call sets up the prefill kernels for this length
     batches = []

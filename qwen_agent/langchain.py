@@ -20,8 +20,6 @@ Needs the ``[langchain]`` extra; ``import qwen_agent`` never imports LangChain.
 from __future__ import annotations
 
 import json
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields, replace
 from typing import Any
@@ -152,29 +150,6 @@ class _QwenSettings(BaseModel):
         }
 
 
-# -- one call at a time per backend -----------------------------------------------------------------------------
-
-_locks: dict[int, threading.Lock] = {}  # id(backend) -> lock, dropped when the backend is collected
-_locks_guard = threading.Lock()
-
-
-def _lock(backend: Any) -> threading.Lock:
-    """The local engine is not thread-safe and LangChain's async paths run calls in worker threads: one lock
-    per engine (per backend for others), shared by every adapter over it."""
-    target = getattr(backend, "engine", backend)
-    with _locks_guard:
-        key = id(target)
-        if key not in _locks:
-            _locks[key] = threading.Lock()
-            weakref.finalize(target, _locks.pop, key, None)
-        return _locks[key]
-
-
-def _locked_stream(backend: Any, items: Callable[[], Iterator[Any]]) -> Iterator[Any]:
-    with _lock(backend):
-        yield from items()
-
-
 def _usage(completion: Completion) -> dict[str, int]:
     counts = {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
     return {key: value for key, value in counts.items() if value is not None}
@@ -210,12 +185,11 @@ class QwenLLM(_QwenSettings, LangChainLLM):
     ) -> list[Completion]:
         chat_prompts = [self._chat_prompt(p) for p in prompts]
         stops, sampling = self._stops(stop), self._sampling(overrides)
-        with _lock(self.backend):
-            batch = getattr(self.backend, "complete_batch", None)
-            if batch is not None and chat_prompts:
-                completions = batch(chat_prompts, stop=stops, sampling=sampling)
-            else:
-                completions = [self.backend.complete(p, stop=stops, sampling=sampling) for p in chat_prompts]
+        batch = getattr(self.backend, "complete_batch", None)
+        if batch is not None and chat_prompts:
+            completions = batch(chat_prompts, stop=stops, sampling=sampling)
+        else:
+            completions = [self.backend.complete(p, stop=stops, sampling=sampling) for p in chat_prompts]
         # cut here as well: a backend (a server that ignores `stop`) may not have
         return [cut_completion(c, stops) for c in completions]
 
@@ -263,11 +237,7 @@ class QwenLLM(_QwenSettings, LangChainLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         chat_prompt, stops, sampling = self._chat_prompt(prompt), self._stops(stop), self._sampling(kwargs)
-        items = _locked_stream(
-            self.backend,
-            lambda: cut_stream(self.backend.stream(chat_prompt, stop=stops, sampling=sampling), stops),
-        )
-        for item in items:
+        for item in cut_stream(self.backend.stream(chat_prompt, stop=stops, sampling=sampling), stops):
             if isinstance(item, Completion):
                 yield GenerationChunk(text="", generation_info=_info(item))
                 continue
@@ -355,8 +325,7 @@ class ChatQwen(_QwenSettings, BaseChatModel):
     ) -> ChatResult:
         openai_messages, tools, stops, sampling = self._request(messages, stop, kwargs)
         request = build_prompt(openai_messages, tools=tools, stop=stops)
-        with _lock(self.backend):
-            completion = self.backend.complete(request.prompt, stop=request.stop, sampling=sampling)
+        completion = self.backend.complete(request.prompt, stop=request.stop, sampling=sampling)
         completion = cut_completion(completion, request.stop)
         reply, finish = response_message(completion.text, request)
         if finish == "stop" and completion.finish_reason == "length":
@@ -380,16 +349,8 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         openai_messages, tools, stops, sampling = self._request(messages, stop, kwargs)
-        chunks = _locked_stream(
-            self.backend,
-            lambda: chat_completion_stream(
-                self.backend,
-                openai_messages,
-                tools=tools,
-                stop=stops,
-                sampling=sampling,
-                model=self.model_name,
-            ),
+        chunks = chat_completion_stream(
+            self.backend, openai_messages, tools=tools, stop=stops, sampling=sampling, model=self.model_name
         )
         for chunk in chunks:
             choice = chunk["choices"][0]

@@ -24,16 +24,23 @@ Backends here
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .errors import LLMError
+from .errors import LLMError, QwenAgentError
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .runtime.stops import StopScanner, cut_at_stop
+
+if TYPE_CHECKING:  # the runtime (torch) loads only when a local model is used
+    from .runtime.constraint import TokenConstraint
+    from .runtime.engine import Engine
+    from .runtime.generate import GenerationResult
+    from .runtime.request import PromptRequest
 
 __all__ = [
     "ChatPrompt",
@@ -53,8 +60,8 @@ __all__ = [
 class ScriptedLLM:
     """Replays recorded model outputs, one per call, for tests and demos.
 
-    Each output is cut at the stop strings as a real backend would; ``apply_stop=False`` replays it whole, like
-    a server that ignores ``stop``. Every call's prompt and stop list is kept in ``calls``. ``stream`` yields
+    Each output is cut at the stop strings, as the protocol asks of every backend; ``apply_stop=False`` replays
+    it whole, a misbehaving backend for tests of what that breaks. Every call's prompt and stop list is kept in ``calls``. ``stream`` yields
     each output in pieces of ``chunk_size`` characters.
     """
 
@@ -118,12 +125,13 @@ def cut_stream(items: Iterable[str | Completion], stop: Sequence[str]) -> Iterat
 
 
 class LocalLLM:
-    """A model loaded in this process (:func:`qwen_agent.runtime.engine.load_model`).
+    """A model loaded in this process (:func:`qwen_agent.runtime.engine.load_model`), safe to share between
+    threads: every call is one request to the engine's scheduler, decoded alongside whatever else it runs.
 
-    The prompt ids are built piece-wise with :func:`~qwen_agent.runtime.chat_format.make_context` and the assistant
-    prefix is appended as plain text, so neither user text nor tool output can become a control token. The
-    engine keeps the KV cache of its previous call, so when the agent re-sends the same conversation with a
-    longer assistant prefix only the new tokens are encoded (``Completion.prefill_tokens``).
+    The prompt ids are built piece-wise (:func:`~qwen_agent.runtime.chat_format.chatml_ids`), so neither user
+    text nor tool output can become a control token. The engine's cache rows keep the keys and values of their
+    last sequence, so when the agent re-sends the same conversation with a longer assistant prefix only the new
+    tokens are encoded (``Completion.prefill_tokens``). Stop strings are cut by the engine.
 
     ``constraint`` (see :meth:`with_constraint`) gives each call a token constraint for its prompt: the engine
     then masks every id the constraint does not allow (:mod:`qwen_agent.constrained` builds ReAct ones).
@@ -131,91 +139,89 @@ class LocalLLM:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         *,
         max_window_size: int | None = None,
-        constraint: Callable[[ChatPrompt], Any] | None = None,
+        constraint: Callable[[ChatPrompt], TokenConstraint | None] | None = None,
     ):
-        from .runtime.chat_format import DEFAULT_MAX_WINDOW_SIZE
-
         self.engine = engine
         self.constraint = constraint
         self.tokenizer = engine.tokenizer
-        configured = getattr(getattr(engine, "generation_config", None), "max_window_size", None)
-        self.max_window_size = max_window_size or configured or DEFAULT_MAX_WINDOW_SIZE
+        self.max_window_size = max_window_size or engine.generation_config.max_window_size
 
     def prompt_ids(self, prompt: ChatPrompt) -> list[int]:
-        from .runtime.chat_format import make_context
+        from .runtime.chat_format import chatml_ids
 
-        _, ids = make_context(
-            self.tokenizer,
-            prompt.query,
-            list(prompt.history),
-            prompt.system,
-            max_window_size=self.max_window_size,
-        )
-        return ids + self.tokenizer.encode(prompt.assistant_prefix)
+        return chatml_ids(self.tokenizer, prompt, self.max_window_size)
 
-    def with_constraint(self, constraint: Callable[[ChatPrompt], Any] | None) -> LocalLLM:
-        """The same model (and KV cache) with ``constraint``: called with each prompt, it returns a fresh
+    def with_constraint(self, constraint: Callable[[ChatPrompt], TokenConstraint | None] | None) -> LocalLLM:
+        """The same model with ``constraint``: called with each prompt, it returns a fresh
         :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None) for that call."""
         constrained = copy.copy(self)
         constrained.constraint = constraint
         return constrained
 
-    def _options(self, prompts: Sequence[ChatPrompt], sampling: Sampling | None) -> dict[str, Any]:
-        options = engine_options(sampling)
-        if self.constraint is not None:
-            made = [self.constraint(p) for p in prompts]
-            options["constraint"] = made if len(prompts) > 1 else made[0]
-        return options
+    def request(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> PromptRequest:
+        """The one request a call makes: the prompt's ids, ``sampling`` (``temperature=0``: greedy; a setting
+        left None takes the checkpoint's default), ``stop`` and this backend's constraint."""
+        sampling = sampling or Sampling()
+        greedy = sampling.temperature == 0
+        return self.engine.request(
+            self.prompt_ids(prompt),
+            stop=tuple(stop),
+            constraint=self.constraint(prompt) if self.constraint is not None else None,
+            max_new_tokens=sampling.max_tokens,
+            do_sample=False if greedy else None,
+            temperature=None if greedy else sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
+        )
 
     def complete(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Completion:
         started = time.perf_counter()
-        result = self.engine.generate(
-            self.prompt_ids(prompt), stop=tuple(stop), **self._options([prompt], sampling)
-        )
+        with _engine_errors():
+            result = self.engine.submit(self.request(prompt, stop=stop, sampling=sampling)).wait()
         return local_completion(result, time.perf_counter() - started)
 
     def complete_batch(
         self, prompts: Sequence[ChatPrompt], *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> list[Completion]:
-        """Complete several prompts in one batched engine pass (``seconds`` is the time of the whole pass)."""
-        if not prompts:
-            return []
+        """Complete several prompts decoded together (``seconds`` is the time of the whole batch)."""
         started = time.perf_counter()
-        ids = [self.prompt_ids(p) for p in prompts]
-        results = self.engine.generate(ids, stop=tuple(stop), **self._options(prompts, sampling))
-        return [local_completion(r, time.perf_counter() - started) for r in results]
+        requests = [self.request(p, stop=stop, sampling=sampling) for p in prompts]
+        with _engine_errors():
+            results = dict(self.engine.as_completed(requests))
+        return [local_completion(results[i], time.perf_counter() - started) for i in range(len(requests))]
 
     def stream(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:
         started = time.perf_counter()
-        yield from self.engine.stream(
-            self.prompt_ids(prompt), stop=tuple(stop), **self._options([prompt], sampling)
-        )
-        # the engine keeps the full result of the stream it just finished
-        yield local_completion(self.engine.last_result, time.perf_counter() - started)
+        handle = self.engine.submit(self.request(prompt, stop=stop, sampling=sampling))
+        with _engine_errors():
+            yield from handle  # leaving early aborts the request
+        yield local_completion(handle.result, time.perf_counter() - started)
 
 
-def engine_options(sampling: Sampling | None) -> dict[str, Any]:
-    """The engine's generation arguments for ``sampling`` (``temperature=0``: greedy)."""
-    sampling = sampling or Sampling()
-    options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens}
-    if sampling.temperature == 0:
-        options["do_sample"] = False
-    elif sampling.temperature is not None:
-        options["temperature"] = sampling.temperature
-    for key in ("top_p", "top_k", "repetition_penalty", "seed"):
-        if getattr(sampling, key) is not None:
-            options[key] = getattr(sampling, key)
-    return options
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[None]:
+    """What failed on the engine's thread (a model error, no memory) as an :class:`LLMError`; the package's own
+    errors (a bad setting) pass as they are."""
+    try:
+        yield
+    except QwenAgentError:
+        raise
+    except Exception as exc:
+        raise LLMError(f"the local model failed: {type(exc).__name__}: {exc}") from exc
 
 
-def local_completion(result: Any, seconds: float) -> Completion:
+def local_completion(result: GenerationResult, seconds: float) -> Completion:
     """A :class:`Completion` from the engine's ``GenerationResult``."""
     finish = "length" if result.finish_reason == "length" else "stop"
     stopped = result.stop if isinstance(result.stop, str) else None  # an end-of-turn id is not a stop string

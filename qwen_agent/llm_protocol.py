@@ -10,8 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .runtime.chat_format import DEFAULT_SYSTEM
-from .runtime.tokenizer import IM_END, IM_START
+from .runtime.chatml import DEFAULT_SYSTEM, IM_END, IM_START
 
 __all__ = ["ChatPrompt", "Sampling", "Completion", "LLM"]
 

@@ -118,7 +118,7 @@ class OpenAICompatibleLLM:
         )
         if not isinstance(text, str):
             raise LLMProtocolError(f"{self.base_url}{path}: the first choice has no text: {_preview(data)}")
-        # servers that ignore `stop` (or ignore part of it) are cut here too
+        # the one cut for remote backends: servers that ignore `stop` (or part of it) are cut here
         text, stopped = cut_at_stop(text, stop)
         usage = data.get("usage") or {}
         finish = "length" if choice.get("finish_reason") == "length" and stopped is None else "stop"
@@ -208,16 +208,13 @@ class OpenAICompatibleLLM:
             if prompt.assistant_prefix:
                 body.update(continue_final_message=True, add_generation_prompt=False)
             return "/chat/completions", body
-        body["prompt"] = self._prompt_ids(prompt) if self.tokenizer is not None else prompt.to_chatml()
+        if self.tokenizer is None:
+            body["prompt"] = prompt.to_chatml()
+        else:
+            from .runtime.chat_format import chatml_ids
+
+            body["prompt"] = chatml_ids(self.tokenizer, prompt, max_window_size=1 << 30)  # the server windows
         return "/completions", body
-
-    def _prompt_ids(self, prompt: ChatPrompt) -> list[int]:
-        from .runtime.chat_format import make_context
-
-        _, ids = make_context(
-            self.tokenizer, prompt.query, list(prompt.history), prompt.system, max_window_size=1 << 30
-        )
-        return ids + self.tokenizer.encode(prompt.assistant_prefix)
 
     def _delta_text(self, choice: dict[str, Any]) -> str:
         text = (

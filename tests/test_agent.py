@@ -656,6 +656,9 @@ def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
         " I now know the final answer.\nFinal Answer: 10100",
     ]
     seen: list[tuple[list[int], list[int]]] = []  # (prompt ids, generated ids) of every call
+    handles = []  # every request's handle, which holds its result
+    submit = engine.submit
+    engine.submit = lambda request, on_event=None: handles.append(submit(request, on_event)) or handles[-1]
 
     class Recording(LocalLLM):
         def stream(self, prompt, *, stop=(), sampling=None):
@@ -663,7 +666,7 @@ def test_local_engine_reuses_the_kv_cache_across_steps(tiny_engine, real_tools):
             ids = self.prompt_ids(prompt)
             for item in super().stream(prompt, stop=stop, sampling=sampling):
                 if not isinstance(item, str):
-                    seen.append((ids, engine.last_result.token_ids))
+                    seen.append((ids, handles[-1].result.token_ids))
                 yield item
 
     from qwen_agent.llm import Sampling

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,12 +88,15 @@ def test_react_continuation_prefills_only_the_new_tokens(engine):
     assert second.prefill_tokens == len(follow) - cached < len(follow)
     assert second.prompt_tokens == len(follow)
     assert second.token_ids == fresh(engine).generate(follow, **GREEDY).token_ids
-    # a batched call in between leaves the kept cache alone
-    engine.generate([prompt, prompt[:3]], **GREEDY)
     again = follow + second.token_ids[:-1] + tok.encode(" ok")
     assert engine.generate(again, **GREEDY).prefill_tokens == len(again) - (
         len(follow) + len(second.token_ids) - 1
     )
+    # a batched call in between takes free rows, the one that keeps `prompt` first: reuse shrinks, not results
+    engine.generate([prompt, prompt[:3]], **GREEDY)
+    result = engine.generate(again, **GREEDY)
+    assert result.prefill_tokens < len(again)
+    assert result.token_ids == fresh(engine).generate(again, **GREEDY).token_ids
 
 
 def test_prefix_is_not_reused_when_the_ntk_alpha_would_differ(engine):
@@ -275,3 +279,45 @@ def test_cuda_auto_dtype_generation(tmp_path):
     # a fresh engine: with the kept cache the prompt would run in another shape, rounding differently in bf16
     assert "".join(fresh(gpu).stream(prompt, do_sample=False, max_new_tokens=16)) == result.text
     assert result.completion_tokens == 16 or result.finish_reason == "stop"
+
+
+def test_16_threads_streaming_on_one_engine_each_get_their_own_results(engine):
+    """Each thread's stream carries its own result, read after every thread has finished streaming (a result
+    kept on the engine, as ``engine.last_result`` was, would be the same for all: the same test reading
+    ``engine.last_result`` in place of ``stream.result`` fails on the code before the scheduler), equal to what
+    its prompt gets alone; the streams decode together in shared steps. Then the same through LocalLLM."""
+    from qwen_agent.llm import LocalLLM
+    from qwen_agent.llm_protocol import ChatPrompt, Completion, Sampling
+
+    llm, sampling = LocalLLM(engine), Sampling(max_tokens=12, temperature=0)
+    prompts = [ChatPrompt(f"Question {i}: what is {i} times {i + 3}?") for i in range(16)]
+    alone_llm = LocalLLM(fresh(engine))
+    alone = [alone_llm.complete(p, sampling=sampling) for p in prompts]
+    assert len({c.text for c in alone}) > 8  # the prompts' answers differ
+    start, finished = threading.Barrier(16), threading.Barrier(16, timeout=120)
+    streamed, listed = [None] * 16, [None] * 16
+
+    def run(i: int) -> None:
+        ids = llm.prompt_ids(prompts[i])
+        start.wait()
+        stream = engine.stream(ids, max_new_tokens=12, do_sample=False)
+        text = "".join(stream)
+        finished.wait()
+        streamed[i] = (text, stream.result)
+        items = list(llm.stream(prompts[i], sampling=sampling))
+        listed[i] = ("".join(x for x in items if isinstance(x, str)), items[-1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for (text, result), (joined, completion), want in zip(streamed, listed, alone, strict=True):
+        assert text == result.text == want.text and result.completion_tokens == want.completion_tokens
+        assert isinstance(completion, Completion)
+        assert joined == completion.text == want.text
+        assert (completion.prompt_tokens, completion.completion_tokens) == (
+            want.prompt_tokens,
+            want.completion_tokens,
+        )
+    assert engine.scheduler.stats()["max_rows"] > 1  # they shared decode steps

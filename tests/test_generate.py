@@ -22,8 +22,16 @@ from qwen_agent.errors import ConfigError, GenerationError
 from qwen_agent.runtime.checkpoint import to_transformers
 from qwen_agent.runtime.config import GenerationConfig
 from qwen_agent.runtime.engine import QwenEngine
-from qwen_agent.runtime.generate import GenerationResult, SamplingParams, next_token, process_logits, sample
+from qwen_agent.runtime.generate import (
+    GenerationResult,
+    PromptRequest,
+    SamplingParams,
+    next_token,
+    process_logits,
+    sample,
+)
 from qwen_agent.runtime.model import Transformer
+from qwen_agent.runtime.scheduler import Scheduler
 from qwen_agent.runtime.tokenizer import QwenTokenizer
 
 OBSERVATION_COLON = [37763, 367, 25]  # "Observation:"
@@ -118,8 +126,9 @@ def test_stream_equals_non_stream(engine, tokenizer, sampling):
     kwargs = dict(do_sample=sampling, top_p=0.9, top_k=0, temperature=1.3, seed=7, stop=["e", "a "])
     for _ in range(3):
         result = engine.generate(prompt, **kwargs)
-        assert "".join(engine.stream(prompt, **kwargs)) == result.text
-        assert engine.last_result.token_ids == result.token_ids
+        stream = engine.stream(prompt, **kwargs)
+        assert "".join(stream) == result.text
+        assert stream.result.token_ids == result.token_ids
         kwargs["seed"] += 1
 
 
@@ -183,7 +192,8 @@ def test_prompts_joining_together_share_prefill_calls(engine, tokenizer, monkeyp
 
     monkeypatch.setattr(engine.model, "prefill", recording_prefill)
     monkeypatch.setattr(qwen_agent.runtime.generate, "PREFILL_TOKENS", budget)
-    together = engine.generate(prompts, max_new_tokens=6, do_sample=False)
+    fresh = QwenEngine(engine.model, tokenizer, engine.generation_config)  # no row keeps these prompts yet
+    together = fresh.generate(prompts, max_new_tokens=6, do_sample=False)
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert sorted(n for _, lengths in calls for n in lengths) == sorted(map(len, prompts))
     for (rows, width), lengths in calls:
@@ -198,10 +208,9 @@ def test_as_completed_yields_short_completions_first(tokenizer):
     order = list(engine.generate_as_completed([[1], [2], [3]], max_batch=3))
     assert [i for i, _ in order] == [1, 2, 0]
     assert [len(r.token_ids) for _, r in order] == [3, 10, 21]
-    engine.cuda_graphs = True
+    graphs = QwenEngine(ScriptedModel(scripts), tokenizer, cuda_graphs=True)
     with pytest.raises(ConfigError, match="cuda_graphs=True needs a CUDA device; the model is on cpu"):
-        engine.generate([1])
-    engine.cuda_graphs = None
+        graphs.generate([1])
     for bad in (0, "4"):
         with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
             engine.generate([[1], [2]], max_batch=bad)
@@ -354,8 +363,9 @@ def test_generation_stops_at_the_models_context(tiny_model, tokenizer):
     assert (result.completion_tokens, result.finish_reason) == (10, "length")
 
 
-def test_a_freed_row_stays_at_slot_zero_while_the_others_decode(tiny_model, tokenizer):
-    """A finished row's slot does not advance with the rest (the fused attention reads a row up to its slot)."""
+def test_a_freed_row_stays_put_after_what_it_keeps_while_the_others_decode(tiny_model, tokenizer):
+    """A finished row's slot does not advance with the rest: it stays at the slot after the ids it keeps, so
+    the steps that span it never overwrite them (the fused attention reads a row up to its slot)."""
     from qwen_agent.runtime.decode_runner import DecodeRunner
     from qwen_agent.runtime.generate import Generation
     from qwen_agent.runtime.model import KVCache
@@ -363,20 +373,28 @@ def test_a_freed_row_stays_at_slot_zero_while_the_others_decode(tiny_model, toke
     runner = DecodeRunner(tiny_model, KVCache(tiny_model.config, 2, 64, dtype=torch.float32, device="cpu"))
     runner.slots.fill_(50)  # left over from an earlier generation on the same runner
     prompts = [tokenizer.encode("Hi"), tokenizer.encode("Hello there")]
-    run = Generation(runner, tokenizer, prompts, max_new_tokens=[2, 12], params=SamplingParams())
-    first_done, slots_after = False, []
-    for index, event in run:
-        if first_done and index == 1 and isinstance(event, str):  # a text delta: prompt 1 still runs
+    run = Generation(runner, tokenizer)
+    for prompt, budget in zip(prompts, [2, 12], strict=True):
+        run.add(PromptRequest(prompt, budget, SamplingParams()))
+    first_done, slots_after, kept = False, [], None
+    while not run.idle:
+        events = run.step()
+        done = {index for index, event in events if isinstance(event, GenerationResult)}
+        if first_done and 1 not in done:  # prompt 1 still runs
             slots_after.append(runner.slots.tolist())
-        first_done = first_done or (index == 0 and not isinstance(event, str))
+        if 0 in done:
+            slot = int(runner.slots[0])
+            first_done, kept = True, runner.cache.k[:, 0, :, :slot].clone()
     assert len(slots_after) >= 3, "prompt 1 should go on decoding after prompt 0 finished"
-    assert all(slots[0] == 0 for slots in slots_after)
+    assert len(prompts[0]) < slot <= len(prompts[0]) + 2  # the prompt and the tokens fed after it
+    assert all(slots[0] == slot for slots in slots_after)
     assert slots_after[-1][1] > slots_after[0][1]
+    assert torch.equal(runner.cache.k[:, 0, :, :slot], kept)
 
 
-def test_an_open_batch_takes_prompts_mid_run_each_with_its_own_settings_and_cancels(engine, tokenizer):
-    """engine.open_batch: prompts added while others decode, each with its own stops, budget and sampling
-    (greedy or seeded), get what they get alone; a cancelled one frees its row and ends "cancelled"."""
+def test_the_scheduler_takes_requests_mid_run_each_with_its_own_settings_and_aborts(engine, tokenizer):
+    """Scheduler.add / step / abort: requests added while others decode, each with its own stops, budget and
+    sampling (greedy or seeded), get what they get alone; an aborted one frees its row and ends "cancelled"."""
     settings = [
         ("Hi", {"max_new_tokens": 15, "stop": ["e"], "do_sample": False}),
         ("A longer prompt with more tokens", {"max_new_tokens": 9, "do_sample": False}),
@@ -387,28 +405,31 @@ def test_an_open_batch_takes_prompts_mid_run_each_with_its_own_settings_and_canc
     alone = [engine.generate(ids, **options) for ids, options in requests]
     endless = engine.request(tokenizer.encode("cancel me"), max_new_tokens=200, do_sample=False)
 
-    batch = engine.open_batch(rows=3, capacity=256)
-    indexes = [batch.add(engine.request(*requests[0][:1], **requests[0][1])), batch.add(endless)]
+    scheduler = Scheduler(engine.model, tokenizer, max_batch=3, thread=False)
+    handles = [scheduler.add(engine.request(requests[0][0], **requests[0][1])), scheduler.add(endless)]
     later = iter(requests[1:])
-    steps = 0
-
-    def on_step() -> None:  # one more prompt at each of the first steps, then cancel the endless one
-        nonlocal steps
+    results, steps = {}, 0
+    while not scheduler.idle:
+        for handle, event in scheduler.step():
+            if isinstance(event, GenerationResult):
+                results[handle] = event
         steps += 1
-        for ids, options in later:
-            indexes.append(batch.add(engine.request(ids, **options)))
+        for (
+            ids,
+            options,
+        ) in later:  # one more request after each of the first steps, then abort the endless one
+            handles.append(scheduler.add(engine.request(ids, **options)))
             break
         if steps == 6:
-            batch.cancel(indexes[1])
-
-    batch.on_step = on_step
-    results = {index: event for index, event in batch if isinstance(event, GenerationResult)}
-    assert results[indexes[1]].finish_reason == "cancelled"
-    assert 0 < results[indexes[1]].completion_tokens < 200
-    for index, want in zip(indexes[:1] + indexes[2:], alone, strict=True):
-        got = results[index]
+            scheduler.abort(handles[1])
+    assert results[handles[1]].finish_reason == "cancelled" and handles[1].result is results[handles[1]]
+    assert 0 < results[handles[1]].completion_tokens < 200
+    for handle, want in zip(handles[:1] + handles[2:], alone, strict=True):
+        got = results[handle]
         assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
-    assert max(batch.step_rows) == 3  # rows were shared
-    assert batch.results == []  # an open batch keeps nothing once done
-    with pytest.raises(ConfigError, match="cache slots"):
-        batch.add(engine.request(tokenizer.encode("too long"), max_new_tokens=300))
+        assert handle.result is got
+    stats = scheduler.stats()
+    assert stats["max_rows"] == 3 and stats["in_flight"] == 0  # rows were shared; nothing is left
+    assert (stats["completed"], stats["cancelled"]) == (5, 1)
+    with pytest.raises(GenerationError, match="context holds"):
+        scheduler.add(PromptRequest(tokenizer.encode("too long"), engine.config.max_context))

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,21 +88,28 @@ def scripted_engine(tokenizer, *pieces: list[str | list[int]]) -> QwenEngine:
 
 
 class CountingEngine:
-    """Counts the real engine's generate/stream calls and the prompts each got; the calls go through unchanged."""
+    """Counts the requests LocalLLM hands the real engine: ("generate", n) for a batch of n run together,
+    ("stream", 1) for a single one; the calls go through unchanged."""
 
     def __init__(self, engine: QwenEngine) -> None:
         self.calls: list[tuple[str, int]] = []
-        generate, stream = engine.generate, engine.stream
+        as_completed, submit = engine.as_completed, engine.submit
+        batched = threading.local()
 
-        def counted_generate(prompt, **kwargs):
-            self.calls.append(("generate", len(prompt) if not isinstance(prompt[0], int) else 1))
-            return generate(prompt, **kwargs)
+        def counted_as_completed(requests, max_batch=None):
+            self.calls.append(("generate", len(requests)))
+            batched.inside = True
+            try:
+                yield from as_completed(requests, max_batch)
+            finally:
+                batched.inside = False
 
-        def counted_stream(prompt, **kwargs):
-            self.calls.append(("stream", 1))
-            return stream(prompt, **kwargs)
+        def counted_submit(request, on_event=None):
+            if not getattr(batched, "inside", False):
+                self.calls.append(("stream", 1))
+            return submit(request, on_event)
 
-        engine.generate, engine.stream = counted_generate, counted_stream
+        engine.as_completed, engine.submit = counted_as_completed, counted_submit
 
 
 class TokenRecorder(BaseCallbackHandler):
@@ -134,6 +142,7 @@ def test_import_qwen_agent_does_not_import_langchain():
 def test_missing_langchain_names_the_extra():
     code = """
 import sys
+import threading
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in ('langchain_core', 'langchain', 'langchain_classic'):
@@ -217,13 +226,13 @@ def test_batch_is_one_engine_call_with_the_same_results(tiny_engine, tiny_llm):
         assert asyncio.run(tiny_llm.abatch(prompts)) == singles
         assert counter.calls[-1] == ("generate", 4) and len(counter.calls) == 3
     finally:
-        del tiny_engine.generate, tiny_engine.stream  # back to the class methods
+        del tiny_engine.as_completed, tiny_engine.submit  # back to the class methods
 
 
 def test_concurrent_async_calls_are_serialised_on_the_engine(tiny_engine, tiny_llm):
     prompts = ["Tell me a story.", "What is 2+2?", "Name three colours."]
     expected = [tiny_llm.invoke(p) for p in prompts]
-    # a second adapter with its own LocalLLM over the same engine shares the engine's lock
+    # a second adapter with its own LocalLLM over the same engine: both go to the engine's scheduler
     other = QwenLLM(backend=LocalLLM(tiny_engine), temperature=0, max_tokens=24)
 
     async def run():
@@ -248,7 +257,7 @@ def test_classic_agent_runs_and_stops_over_the_tiny_model(tiny_engine, tiny_llm)
     try:
         result = executor.invoke({"input": "What is 2+40?"})
     finally:
-        del tiny_engine.generate, tiny_engine.stream
+        del tiny_engine.as_completed, tiny_engine.submit
     assert result["output"] == "Agent stopped due to iteration limit or time limit."
     assert counter.calls == [("stream", 1), ("stream", 1)]  # AgentExecutor drives the model through _stream
 
@@ -349,7 +358,8 @@ def test_classic_agent_multi_step_over_the_engine(tokenizer, observation):
     assert (action.tool, action.tool_input, observation_text) == ("add", '{"a": 2, "b": 40}', "42")
     assert "Observ" not in action.log and "invented" not in "".join(recorder.tokens)
     # the second prompt carries the real observation; the model's invented one never reached it
-    second_prompt = tokenizer.decode(engine._cached_ids)
+    [kept] = [row.ids for row in engine.scheduler._batch._kept if row.ids]  # the one row the calls used
+    second_prompt = tokenizer.decode(list(kept))
     assert '\nAction Input: {"a": 2, "b": 40}\nObservation: 42\nThought: ' in second_prompt
     assert "invented" not in second_prompt
 
@@ -529,7 +539,8 @@ def test_create_agent_over_the_engine_stops_before_an_invented_observation(token
     assert call.tool_calls[0]["args"] == {"city": "Paris"}
     assert tool_message.content == "Sunny, 25 C in Paris"
     assert answer.content == "Sunny."
-    assert "invented" not in tokenizer.decode(engine._cached_ids)
+    kept = engine.scheduler._batch._kept  # what the cache rows hold after the run
+    assert not any("invented" in tokenizer.decode(list(row.ids)) for row in kept)
 
 
 def test_create_agent_runs_and_ends_over_the_tiny_model(tiny_engine):
@@ -538,7 +549,7 @@ def test_create_agent_runs_and_ends_over_the_tiny_model(tiny_engine):
         model = ChatQwen(backend=LocalLLM(tiny_engine), temperature=0, max_tokens=16)
         result = create_agent(model, [get_weather]).invoke({"messages": [HumanMessage("Weather in Paris?")]})
     finally:
-        del tiny_engine.generate, tiny_engine.stream
+        del tiny_engine.as_completed, tiny_engine.submit
     # random weights write no Action: the reply is a final answer and the run ends after one model call
     assert len(counter.calls) == 1
     last = result["messages"][-1]

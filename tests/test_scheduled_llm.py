@@ -1,6 +1,6 @@
-"""The scheduler-backed LLM the web UI shares between sessions, on a real engine: the tiny checkpoint (greedy
-results must equal ``engine.generate`` on a second copy of it), or the engine driving ``ScriptedModel`` where a
-generation must run until it is stopped."""
+"""The LocalLLM the web UI shares between sessions, whose calls the engine's scheduler decodes together, on a real
+engine: the tiny checkpoint (greedy results must equal ``engine.generate`` on a second copy of it), or the
+engine driving ``ScriptedModel`` where a generation must run until it is stopped."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import time
 import pytest
 from tiny_models import ScriptedModel
 
-from qwen_agent.llm import LocalLLM, engine_options
+from qwen_agent.llm import LocalLLM
 from qwen_agent.llm_protocol import ChatPrompt, Sampling
 from qwen_agent.runtime.config import GenerationConfig
 from qwen_agent.runtime.engine import QwenEngine, load_model
-from qwen_agent.serve.scheduled_llm import ScheduledLLM
-from qwen_agent.serve.scheduler import Scheduler
 from qwen_agent.serve.web_session import SessionPool, Settings, TurnEnded
 
 
@@ -50,27 +48,29 @@ class Recording:
 
 @pytest.fixture
 def endless(tokenizer):
-    """A scheduler whose model writes "Thought: a", then " a" for as long as it is let."""
-    engine = QwenEngine(ScriptedModel([tokenizer.encode("Thought: a")]), tokenizer, GenerationConfig())
-    scheduler = Scheduler(engine, max_batch=2, min_cache_tokens=64)
-    yield scheduler
-    scheduler.close()
+    """An engine whose model writes "Thought: a", then " a" for as long as it is let."""
+    engine = QwenEngine(
+        ScriptedModel([tokenizer.encode("Thought: a")]), tokenizer, GenerationConfig(), max_batch=2
+    )
+    yield engine
+    engine.close()
 
 
 def test_sessions_turns_are_decoded_in_shared_batches_with_the_greedy_results_they_get_alone(
     tiny_qwen_dir,
 ) -> None:
     engine, reference = load_model(tiny_qwen_dir, device="cpu"), load_model(tiny_qwen_dir, device="cpu")
-    # the first batch opens once every session has submitted, so that all of them start in it
-    gate, open_batch = threading.Event(), engine.open_batch
+    engine.scheduler.configure(max_batch=4)
+    scheduler = engine.scheduler
+    # the first prefill waits until every session has submitted, so that all of them decode together
+    gate, prefill = threading.Event(), engine.model.prefill
 
-    def gated_open_batch(*args, **kwargs):
+    def gated_prefill(*args, **kwargs):
         assert gate.wait(60)
-        return open_batch(*args, **kwargs)
+        return prefill(*args, **kwargs)
 
-    engine.open_batch = gated_open_batch
-    scheduler = Scheduler(engine, max_batch=4)
-    shared = Recording(ScheduledLLM(scheduler))
+    engine.model.prefill = gated_prefill
+    shared = Recording(LocalLLM(engine))
     pool = SessionPool(lambda: shared, ["current_time"])
     try:
         settings = Settings(tools=(), greedy=True, max_tokens=12, max_steps=1)
@@ -84,36 +84,36 @@ def test_sessions_turns_are_decoded_in_shared_batches_with_the_greedy_results_th
         stats = scheduler.stats()
         assert stats["max_rows"] == 4 and stats["step_rows"][4] > 0, stats
         assert len(shared.calls) >= 4
-        chatml = LocalLLM(reference)
+        alone_llm = LocalLLM(reference)
         for prompt, stop, sampling, completion in shared.calls:
-            alone = reference.generate(chatml.prompt_ids(prompt), stop=stop, **engine_options(sampling))
+            alone = reference.submit(alone_llm.request(prompt, stop=stop, sampling=sampling)).wait()
             assert (completion.text, completion.completion_tokens) == (alone.text, alone.completion_tokens)
     finally:
         pool.close_all()
-        scheduler.close()
+        engine.close()
 
 
 def test_closing_a_stream_cancels_its_row_and_the_next_call_is_served(endless) -> None:
-    llm = ScheduledLLM(endless)
+    llm = LocalLLM(endless)
     stream = llm.stream(ChatPrompt("go on"), sampling=Sampling(max_tokens=5000))
     assert next(stream) == "Thought"
     stream.close()
-    _wait_for(lambda: endless.stats()["cancelled"] == 1, "the cancelled row")
-    assert endless.stats()["in_flight"] == 0
+    _wait_for(lambda: endless.scheduler.stats()["cancelled"] == 1, "the cancelled row")
+    assert endless.scheduler.stats()["in_flight"] == 0
     completion = llm.complete(ChatPrompt("again"), sampling=Sampling(max_tokens=4))
     assert (completion.text, completion.finish_reason) == ("Thought: a a", "length")  # " a" repeats
 
 
 def test_stop_in_a_session_cancels_its_row(endless) -> None:
-    pool = SessionPool(lambda: ScheduledLLM(endless), ["current_time"])
+    pool = SessionPool(lambda: LocalLLM(endless), ["current_time"])
     try:
         session = pool.get("tab")
         events = session.start_turn("go on forever", Settings(tools=("current_time",), max_tokens=5000))
         events.get(timeout=60)  # decoding
         session.stop()
         assert _drain(events)[-1] == TurnEnded("stopped")
-        _wait_for(lambda: endless.stats()["cancelled"] == 1, "the cancelled row")
-        assert endless.stats()["in_flight"] == 0
+        _wait_for(lambda: endless.scheduler.stats()["cancelled"] == 1, "the cancelled row")
+        assert endless.scheduler.stats()["in_flight"] == 0
     finally:
         pool.close_all()
 
@@ -126,8 +126,8 @@ def test_an_engine_error_ends_the_turn_with_the_error_the_chat_shows(tiny_qwen_d
         raise RuntimeError("CUDA out of memory")
 
     engine.model.prefill = failing_prefill
-    scheduler = Scheduler(engine, max_batch=2)
-    pool = SessionPool(lambda: ScheduledLLM(scheduler), ["current_time"])
+    scheduler = engine.scheduler
+    pool = SessionPool(lambda: LocalLLM(engine), ["current_time"])
     try:
         session = pool.get("tab")
         ended = _drain(session.start_turn("hi", Settings(tools=(), max_tokens=4)))[-1]
@@ -139,4 +139,4 @@ def test_an_engine_error_ends_the_turn_with_the_error_the_chat_shows(tiny_qwen_d
         assert _drain(session.start_turn("hi", Settings(tools=(), max_tokens=4)))[-1] == TurnEnded("done")
     finally:
         pool.close_all()
-        scheduler.close()
+        engine.close()

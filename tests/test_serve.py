@@ -32,7 +32,6 @@ from qwen_agent.openai_client import OpenAICompatibleLLM
 from qwen_agent.runtime.config import GenerationConfig
 from qwen_agent.runtime.engine import QwenEngine, load_model
 from qwen_agent.serve.openai_api import BackgroundServer, create_app
-from qwen_agent.serve.scheduler import Scheduler
 
 KEY = "sk-test-key"
 WEATHER_TOOL = {
@@ -523,39 +522,58 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(tokenizer):
         assert (stats(server)["cancelled"], stats(server)["in_flight"]) == (1, 0)
 
 
-def test_the_scheduler_runs_a_request_too_big_for_the_open_batch_in_the_next_one(tokenizer):
-    """A request whose prompt and budget do not fit the running batch's cache waits for it to drain, then opens
-    the next batch; the engine is only ever called from the scheduler's thread."""
-    engine = QwenEngine(ScriptedModel([tokenizer.encode("a")]), tokenizer, GenerationConfig())
+def _wait(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_request_too_big_for_the_open_cache_joins_it_at_the_next_step_by_growing_it(tokenizer):
+    """A request whose prompt and budget do not fit the running batch's cache joins at once: the cache grows,
+    the running row keeps its place. Past the cache budget it waits at the head of the queue, nothing behind it
+    overtakes it, and it runs once the batch drains. Only the scheduler's thread calls the model."""
+    engine = QwenEngine(ScriptedModel([tokenizer.encode("a")]), tokenizer, GenerationConfig(), max_batch=2)
+    scheduler = engine.scheduler
     callers = set()
     real_prefill = engine.model.prefill
 
     def recording_prefill(*args, **kwargs):
-        callers.add(threading.get_ident())
+        callers.add(threading.current_thread().name)
         return real_prefill(*args, **kwargs)
 
     engine.model.prefill = recording_prefill
-    scheduler = Scheduler(engine, max_batch=2, min_cache_tokens=64)
-    events: dict[str, list] = {"small": [], "big": []}
-    done = {name: threading.Event() for name in events}
+    small = engine.stream([100] * 10, max_new_tokens=40, stop=["zzz"])
+    _wait(lambda: scheduler.stats()["running"] == 1)  # decoding in a cache of 256 slots
+    big = engine.stream([100] * 10, max_new_tokens=400)
+    assert (small.wait().completion_tokens, small.wait().finish_reason) == (40, "length")
+    assert (big.wait().completion_tokens, big.wait().text) == (400, "a" * 400)
+    stats = scheduler.stats()
+    assert stats["batches"] == 2 and stats["step_rows"][2] > 0  # grown, and both decoded in shared steps
+    assert callers == {"qwen-agent-scheduler"}
 
-    def collect(name):
+    scheduler.configure(cache_tokens=512)  # two rows of 256 slots, or one up to the whole context
+    order = []
+
+    def submit(name, max_new_tokens):
         def on_event(event):
-            events[name].append(event)
             if not isinstance(event, str):
-                done[name].set()
+                order.append(name)
 
-        return on_event
+        return engine.submit(engine.request([100] * 10, max_new_tokens=max_new_tokens), on_event)
 
-    scheduler.submit(engine.request([100] * 10, max_new_tokens=40, stop=["zzz"]), collect("small"))
-    while not events["small"]:  # decoding in a cache of 256 slots (64 rounded up)
-        time.sleep(0.01)
-    scheduler.submit(engine.request([100] * 10, max_new_tokens=400), collect("big"))
-    assert done["small"].wait(60) and done["big"].wait(60)
-    first, second = events["small"][-1], events["big"][-1]
-    assert (first.completion_tokens, first.finish_reason) == (40, "length")
-    assert (second.completion_tokens, second.finish_reason) == (400, "length")
-    assert second.text == "a" * 400
-    assert scheduler.stats()["batches"] == 2 and scheduler.stats()["in_flight"] == 0
-    assert callers == {scheduler._thread.ident}
-    scheduler.close()
+    first = submit("first", 200)
+    _wait(lambda: scheduler.stats()["running"] == 1)
+    huge = submit("huge", 1000)  # needs 1,024 slots: more than the budget while `first` runs
+    behind = submit("behind", 5)  # would fit beside `first`, but may not overtake `huge`
+    assert (
+        huge.wait().completion_tokens,
+        behind.wait().completion_tokens,
+        first.wait().completion_tokens,
+    ) == (
+        1000,
+        5,
+        200,
+    )
+    assert order == ["first", "huge", "behind"] and scheduler.stats()["in_flight"] == 0
+    engine.close()

@@ -296,12 +296,12 @@ class RecordingLLM:
 def test_browser_with_the_tiny_checkpoint_and_the_settings_panel(
     browser, serve, tiny_qwen_dir, tmp_path
 ) -> None:
+    from qwen_agent.llm import LocalLLM
     from qwen_agent.runtime.engine import load_model
-    from qwen_agent.serve.scheduled_llm import ScheduledLLM
-    from qwen_agent.serve.scheduler import Scheduler
 
-    scheduler = Scheduler(load_model(tiny_qwen_dir, device="cpu"), max_batch=4)  # as `qwen-agent web` runs it
-    backend = RecordingLLM(ScheduledLLM(scheduler))
+    engine = load_model(tiny_qwen_dir, device="cpu")  # as `qwen-agent web` runs it: one LocalLLM, shared
+    engine.scheduler.configure(max_batch=4)
+    backend = RecordingLLM(LocalLLM(engine))
     try:
         url = serve(lambda: backend, max_tokens=16)
         context, page = _open(browser, url)
@@ -320,7 +320,7 @@ def test_browser_with_the_tiny_checkpoint_and_the_settings_panel(
         page.screenshot(path=str(tmp_path / "web-tiny.png"), full_page=True)
         context.close()
     finally:
-        scheduler.close()
+        engine.close()
 
 
 def test_browser_stop_ends_a_running_cell_and_backend_errors_show_in_the_chat(

@@ -17,7 +17,7 @@ from torch import nn
 
 from qwen_agent.runtime.config import CONFIGS
 from qwen_agent.runtime.decode_runner import DecodeRunner
-from qwen_agent.runtime.generate import Generation, SamplingParams
+from qwen_agent.runtime.generate import PromptRequest, SamplingParams, generate_all
 from qwen_agent.runtime.model import KVCache, Transformer
 from qwen_agent.runtime.tokenizer import QwenTokenizer
 
@@ -51,12 +51,8 @@ def greedy_token_ids(
     runner: DecodeRunner, tokenizer: QwenTokenizer, prompts: list[list[int]], new_tokens: int
 ) -> list[list[int]]:
     """Each prompt's greedy ids through ``runner``, rows joining and leaving as its cache allows."""
-    run = Generation(
-        runner, tokenizer, prompts, max_new_tokens=[new_tokens] * len(prompts), params=SamplingParams()
-    )
-    for _ in run:
-        pass
-    return [r.token_ids for r in run.results]
+    requests = [PromptRequest(p, new_tokens, SamplingParams()) for p in prompts]
+    return [r.token_ids for r in generate_all(runner, tokenizer, requests)]
 
 
 class ScriptedModel(nn.Module):

@@ -23,13 +23,16 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
 from ..errors import BenchmarkError, ConfigError
 from ..llm_protocol import ChatPrompt, Sampling
 from ..react import STOP_WORDS
 from ..tools.base import BaseTool
+
+if TYPE_CHECKING:
+    from ..runtime.engine import Engine
 
 __all__ = [
     "DATA_DIR",
@@ -216,13 +219,13 @@ class PromptConstraints:
 
 
 class EngineGenerator:
-    """A local :class:`~qwen_agent.runtime.engine.QwenEngine`: prompts built by ``make_context`` (system = the model's
+    """A local :class:`~qwen_agent.runtime.engine.QwenEngine`: prompts built by ``chatml_ids`` (system = the model's
     default), decoded ``batch_size`` at a time; a finished prompt's place goes to the next at once.
     ``constraints`` (a :class:`PromptConstraints`) decodes each prompt under its ReAct grammar."""
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         *,
         batch_size: int = 8,
         max_new_tokens: int | None = None,
@@ -254,17 +257,11 @@ class EngineGenerator:
         }
 
     def _ids(self, prompt: str) -> list[int]:
-        from ..runtime.chat_format import make_context
+        from ..runtime.chat_format import chatml_ids
 
         config = self.engine.generation_config
-        _, ids = make_context(
-            self.engine.tokenizer,
-            prompt,
-            system=self.engine.default_system,
-            max_window_size=config.max_window_size,
-            chat_format=config.chat_format,
-        )
-        return ids
+        chat = ChatPrompt(prompt, system=self.engine.default_system)
+        return chatml_ids(self.engine.tokenizer, chat, config.max_window_size, config.chat_format)
 
     def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]:
         constraint = [self.constraints(p) for p in prompts] if self.constraints is not None else None

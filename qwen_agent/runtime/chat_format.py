@@ -9,16 +9,22 @@ encodes differently alone than after ``"user"`` in one string, and the model was
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 from ..errors import ConfigError
-from .tokenizer import IM_END, IM_START, QwenTokenizer
+from .chatml import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, IM_END, IM_START
+from .tokenizer import QwenTokenizer
 
-__all__ = ["DEFAULT_SYSTEM", "DEFAULT_MAX_WINDOW_SIZE", "make_context", "stop_ids", "History"]
+__all__ = [
+    "DEFAULT_SYSTEM",
+    "DEFAULT_MAX_WINDOW_SIZE",
+    "make_context",
+    "chatml_ids",
+    "stop_ids",
+    "History",
+    "Conversation",
+]
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
-# make_context's own default; checkpoints override it through generation_config.max_window_size.
-DEFAULT_MAX_WINDOW_SIZE = 6144
 NEWLINE = 198  # "\n" between ChatML turns
 
 History = Sequence[tuple[str, str]]
@@ -80,6 +86,33 @@ def make_context(
         f"{IM_START}{system_text}{IM_END}{kept_text}\n{IM_START}{query_text}{IM_END}\n{IM_START}assistant\n"
     )
     return text, ids
+
+
+class Conversation(Protocol):
+    """What :func:`chatml_ids` reads of a prompt (:class:`qwen_agent.llm_protocol.ChatPrompt` is one)."""
+
+    @property
+    def query(self) -> str: ...
+    @property
+    def history(self) -> History: ...
+    @property
+    def system(self) -> str: ...
+    @property
+    def assistant_prefix(self) -> str: ...
+
+
+def chatml_ids(
+    tokenizer: QwenTokenizer,
+    prompt: Conversation,
+    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+    chat_format: ChatFormat = "chatml",
+) -> list[int]:
+    """The ids of ``prompt``: :func:`make_context` of its turns, then the unfinished assistant turn
+    (``assistant_prefix``) as plain text, so neither user text nor tool output can become a control token."""
+    _, ids = make_context(
+        tokenizer, prompt.query, list(prompt.history), prompt.system, max_window_size, chat_format
+    )
+    return ids + tokenizer.encode(prompt.assistant_prefix)
 
 
 def stop_ids(tokenizer: QwenTokenizer, chat_format: ChatFormat = "chatml") -> list[list[int]]:

@@ -5,46 +5,88 @@
 >>> result = engine.generate(engine.tokenizer.encode(prompt, allowed_special="all"),
 ...                          stop=["Observation:"], do_sample=False)  # doctest: +SKIP
 
-**Prefix reuse.** For single-prompt calls the engine keeps the keys and values of the last sequence it ran
-(prompt plus generated tokens) and, on the next call, reuses the longest common token prefix: the ReAct loop,
-which re-sends prompt + previous output + Observation, prefills only the new tokens (``prefill_tokens`` shows
-how many ran). Reuse happens only when it gives the same result as prefilling the whole prompt afresh: with
-Qwen v1's dynamic NTK the cached keys were rotated with the alpha frozen at their prefill, so the cache is
-reused only if the new prompt's own alpha (:func:`qwen_agent.runtime.config.ntk_alpha` of its length) is the same;
-below ``seq_length`` it always is. LogN scaling touches queries only, which are always computed afresh. (The
-maths is the same; the floating-point rounding of a shorter prefill can differ in the last bits, as with any
-change of batch shape, which in bf16 can occasionally flip a near-tie in greedy decoding.)
-Batched calls use a cache of their own (``max_batch`` rows; prompts take turns in them) and leave the kept
-one alone. The kept cache also keeps its :class:`~qwen_agent.runtime.decode_runner.DecodeRunner`, so on a GPU the decode
-graphs captured for one ReAct step are replayed by the next.
+Every call becomes :class:`~qwen_agent.runtime.request.PromptRequest` s handed to the engine's one
+:class:`~qwen_agent.runtime.scheduler.Scheduler`, whose thread alone runs the model: calls from many threads
+decode together in shared steps, and each result comes back with its own request (a :class:`Handle`), so the
+engine is safe to share.
+
+**Prefix reuse.** A cache row keeps the keys and values of the last sequence it ran (prompt plus generated
+tokens), and a later prompt that starts with them prefills only the rest: the ReAct loop, which re-sends
+prompt + previous output + Observation, prefills only the new tokens (``prefill_tokens`` shows how many ran).
+Reuse happens only when it gives the same result as prefilling the whole prompt afresh (see
+:class:`~qwen_agent.runtime.generate.Generation` for Qwen v1's dynamic NTK). (The maths is the same; the
+floating-point rounding of a shorter prefill can differ in the last bits, as with any change of batch shape,
+which in bf16 can occasionally flip a near-tie in greedy decoding.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import torch
 
 from ..errors import CheckpointError, ConfigError, GenerationError
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
 from .checkpoint import load_checkpoint, resolve_model_dir
-from .config import GenerationConfig, QwenConfig, ntk_alpha
+from .config import GenerationConfig, QwenConfig
 from .constraint import TokenConstraint
-from .decode_runner import DecodeRunner
-from .generate import Generation, GenerationResult, PromptRequest, SamplingParams
+from .generate import GenerationResult
 from .grammar import Grammar
-from .model import KVCache, Transformer
+from .model import Transformer
+from .request import PromptRequest, SamplingParams
+from .scheduler import Event, Handle, Scheduler
 from .tokenizer import QwenTokenizer
 
-__all__ = ["load_model", "QwenEngine"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["load_model", "QwenEngine", "Engine", "Options", "Handle"]
 
 StopSpec = str | int | Sequence[int]
-_CACHE_STEP = 256  # cache capacity grows in steps of this many slots
+
+
+class Options(TypedDict, total=False):
+    """Generation settings a call may give; each left out comes from the checkpoint's ``generation_config``."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int  # 0 = off
+    repetition_penalty: float
+    seed: int
+
+
+class Engine(Protocol):
+    """What the layers above (backends, servers, adapters) use of a local engine: its parts, one way to make a
+    request, and one way to run it."""
+
+    tokenizer: QwenTokenizer
+    config: QwenConfig
+    generation_config: GenerationConfig
+    default_system: str
+    scheduler: Scheduler
+
+    def request(
+        self,
+        prompt: Sequence[int],
+        *,
+        stop: Sequence[StopSpec] = (),
+        constraint: TokenConstraint | None = None,
+        **options: Unpack[Options],
+    ) -> PromptRequest: ...
+
+    def submit(self, request: PromptRequest, on_event: Callable[[Event], None] | None = None) -> Handle: ...
+
+    def as_completed(
+        self, requests: Sequence[PromptRequest], max_batch: int | None = None
+    ) -> Iterator[tuple[int, GenerationResult]]: ...
 
 
 def load_model(
@@ -97,16 +139,15 @@ def default_system(model_dir: Path) -> str:
 class QwenEngine:
     """A loaded model with its tokenizer and defaults: ``chat``, ``chat_stream``, ``generate``, ``stream``.
 
-    Generation keyword arguments (all optional, defaults from ``generation_config``): ``stop`` (strings, ids, or
-    id sequences, which are matched as their decoded text), ``max_new_tokens``, ``do_sample``, ``temperature``,
-    ``top_p``, ``top_k`` (0 = off), ``repetition_penalty``, ``seed``, and ``constraint``: a
+    Generation settings (all optional, defaults from ``generation_config``) are :class:`Options`; besides them
+    ``stop`` (strings, ids, or id sequences, which are matched as their decoded text) and ``constraint``: a
     :class:`~qwen_agent.runtime.constraint.TokenConstraint` for a single prompt, or a list with one (or None)
     per prompt, that masks the ids it does not allow (a constraint is stateful: use each one for one call);
     or, instead, ``json_schema`` (a JSON Schema dict: every prompt's output is JSON text matching it) or
     ``grammar`` (a Lark grammar in llguidance's dialect), compiled once per call into a fresh constraint per
     prompt (:mod:`qwen_agent.runtime.grammar`; a schema or grammar that does not compile is a ConfigError).
     Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
-    ``<|im_start|>``. Not thread-safe: one call at a time.
+    ``<|im_start|>``. Safe to call from many threads at once: every call goes to ``scheduler``.
     """
 
     def __init__(
@@ -121,22 +162,22 @@ class QwenEngine:
         fused_kernels: bool | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch = max_batch  # prompts decoded at once by a batched generate()
-        self.cuda_graphs = cuda_graphs  # None: replay the decode step as CUDA graphs on a GPU; False: never
-        # None: the Triton decode kernels on a GPU when Triton is installed; False: never
-        self.fused_kernels = fused_kernels
         self.config: QwenConfig = model.config
         self.generation_config = generation_config or GenerationConfig()
         self.default_system = system
-        self._cache: KVCache | None = None
-        # the kept cache's decode step (its CUDA graphs stay captured)
-        self._runner: DecodeRunner | None = None
-        self._cached_ids: list[int] = []  # the ids whose keys and values fill the kept cache's slots
-        self.last_result: GenerationResult | None = None
+        # cuda_graphs None: replay the decode step as CUDA graphs on a GPU; fused_kernels None: the Triton decode
+        # kernels on a GPU when Triton is installed; False: never
+        self.scheduler = Scheduler(
+            model, tokenizer, max_batch=max_batch, cuda_graphs=cuda_graphs, fused_kernels=fused_kernels
+        )
 
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
+
+    def close(self) -> None:
+        """Stop the scheduler; calls still running get an error, later ones raise."""
+        self.scheduler.close()
 
     # -- raw prompts -------------------------------------------------------------------------------------------
 
@@ -146,18 +187,21 @@ class QwenEngine:
         *,
         stop: Sequence[StopSpec] = (),
         max_batch: int | None = None,
-        **generation: Any,
+        constraint: TokenConstraint | Sequence[TokenConstraint | None] | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        grammar: str | None = None,
+        **options: Unpack[Options],
     ) -> GenerationResult | list[GenerationResult]:
         """Complete a prompt of token ids, or a list of prompts (decoded together, at most ``max_batch`` at a
         time; greedy results identical to generating each alone). Returns a
         :class:`~qwen_agent.runtime.generate.GenerationResult` or a list of them in prompt order."""
         batched = bool(prompt) and isinstance(prompt[0], Sequence) and not isinstance(prompt[0], str)
-        run = self._start(list(prompt) if batched else [prompt], stop, generation, max_batch)
-        for _ in run:
-            pass
-        self._keep_cache(run)
-        self.last_result = run.results[-1]
-        return run.results if batched else run.results[0]
+        prompts = list(prompt) if batched else [prompt]
+        requests = self._requests(prompts, stop, options, constraint, json_schema, grammar)
+        if not batched:
+            return self.submit(requests[0]).wait()
+        results = dict(self.as_completed(requests, max_batch))
+        return [results[i] for i in range(len(requests))]
 
     def generate_as_completed(
         self,
@@ -165,40 +209,114 @@ class QwenEngine:
         *,
         stop: Sequence[StopSpec] = (),
         max_batch: int | None = None,
-        **generation: Any,
+        constraint: Sequence[TokenConstraint | None] | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        grammar: str | None = None,
+        **options: Unpack[Options],
     ) -> Iterator[tuple[int, GenerationResult]]:
         """Like ``generate(prompts)``, but yield ``(index, result)`` as each prompt finishes: with more prompts
         than ``max_batch``, a finished prompt's place goes to the next waiting one at once."""
-        run = self._start(list(prompts), stop, generation, max_batch)
-        for index, event in run:
-            if isinstance(event, GenerationResult):
-                self.last_result = event
-                yield index, event
+        requests = self._requests(list(prompts), stop, options, constraint, json_schema, grammar)
+        yield from self.as_completed(requests, max_batch)
 
     def stream(
-        self, prompt: Sequence[int], *, stop: Sequence[StopSpec] = (), **generation: Any
-    ) -> Iterator[str]:
-        """Yield text deltas of one completion; they join to ``generate(...).text``. When the stream is
-        exhausted, ``last_result`` holds the full result."""
-        run = self._start([prompt], stop, generation)
-        for _, event in run:
-            if isinstance(event, str):
-                yield event
-        self._keep_cache(run)
-        self.last_result = run.results[0]
+        self,
+        prompt: Sequence[int],
+        *,
+        stop: Sequence[StopSpec] = (),
+        constraint: TokenConstraint | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        grammar: str | None = None,
+        **options: Unpack[Options],
+    ) -> Handle:
+        """Start one completion; iterate the returned :class:`~qwen_agent.runtime.scheduler.Handle` for its text
+        deltas, which join to ``generate(...).text``. Once they end, its ``result`` holds the full result."""
+        [request] = self._requests([prompt], stop, options, constraint, json_schema, grammar)
+        return self.submit(request)
+
+    def request(
+        self,
+        prompt: Sequence[int],
+        *,
+        stop: Sequence[StopSpec] = (),
+        constraint: TokenConstraint | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        grammar: str | None = None,
+        **options: Unpack[Options],
+    ) -> PromptRequest:
+        """The request :meth:`stream` would submit, to hand to :meth:`submit`. Raises :class:`ConfigError` or
+        :class:`GenerationError` (a prompt that leaves no room in the context) naming the problem."""
+        return self._requests([prompt], stop, options, constraint, json_schema, grammar)[0]
+
+    def submit(self, request: PromptRequest, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Hand ``request`` to the scheduler; its :class:`~qwen_agent.runtime.scheduler.Handle` (see
+        :meth:`Scheduler.add <qwen_agent.runtime.scheduler.Scheduler.add>` for ``on_event``)."""
+        return self.scheduler.add(request, on_event)
+
+    def as_completed(
+        self, requests: Sequence[PromptRequest], max_batch: int | None = None
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        """Run ``requests``, at most ``max_batch`` (default: the scheduler's) in flight, the next submitted as
+        each one finishes; yield ``(index, result)`` in the order they finish. Leaving early aborts the rest."""
+        max_batch = self.scheduler.max_batch if max_batch is None else max_batch
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        finished: queue.SimpleQueue[tuple[int, Event]] = queue.SimpleQueue()
+        handles: dict[int, Handle] = {}
+
+        def submit(index: int) -> None:
+            def on_event(event: Event) -> None:
+                if not isinstance(event, str):
+                    finished.put((index, event))
+
+            handles[index] = self.submit(requests[index], on_event)
+
+        following = min(max_batch, len(requests))
+        try:
+            for index in range(following):
+                submit(index)
+            for _ in requests:
+                index, event = finished.get()
+                del handles[index]
+                if isinstance(event, BaseException):
+                    raise event
+                if following < len(requests):
+                    submit(following)
+                    following += 1
+                yield index, event
+        finally:
+            for handle in handles.values():  # the caller stopped early: free their rows
+                self.scheduler.abort(handle)
 
     # -- chat --------------------------------------------------------------------------------------------------
 
     def chat(
-        self, query: str, history: History | None = None, system: str | None = None, **generation: Any
+        self,
+        query: str,
+        history: History | None = None,
+        system: str | None = None,
+        *,
+        stop: Sequence[StopSpec] = (),
+        max_window_size: int | None = None,
+        **options: Unpack[Options],
     ) -> tuple[str, list[tuple[str, str]]]:
         """Answer ``query`` after ``history`` (``(query, response)`` pairs) as Qwen's ``model.chat`` does:
         ChatML context, stop at ``<|im_end|>``, the reply stripped. Returns ``(response, new history)``."""
-        response = "".join(self.chat_stream(query, history, system, **generation))
+        deltas = self.chat_stream(
+            query, history, system, stop=stop, max_window_size=max_window_size, **options
+        )
+        response = "".join(deltas)
         return response, [*map(tuple, history or ()), (query, response)]
 
     def chat_stream(
-        self, query: str, history: History | None = None, system: str | None = None, **generation: Any
+        self,
+        query: str,
+        history: History | None = None,
+        system: str | None = None,
+        *,
+        stop: Sequence[StopSpec] = (),
+        max_window_size: int | None = None,
+        **options: Unpack[Options],
     ) -> Iterator[str]:
         """Yield the reply of :meth:`chat` as text deltas (leading and trailing whitespace left out)."""
         chat_format = self.generation_config.chat_format
@@ -207,12 +325,12 @@ class QwenEngine:
             query,
             history,
             self.default_system if system is None else system,
-            max_window_size=generation.pop("max_window_size", self.generation_config.max_window_size),
+            max_window_size=max_window_size or self.generation_config.max_window_size,
             chat_format=chat_format,
         )
-        stop = [*generation.pop("stop", ()), *stop_ids(self.tokenizer, chat_format)]
+        stop = [*stop, *stop_ids(self.tokenizer, chat_format)]
         pending, started = "", False
-        for delta in self.stream(ids, stop=stop, **generation):
+        for delta in self.stream(ids, stop=stop, **options):
             if not started:
                 delta = delta.lstrip()
                 started = bool(delta)
@@ -224,44 +342,25 @@ class QwenEngine:
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def request(
-        self, prompt: Sequence[int], *, stop: Sequence[StopSpec] = (), **generation: Any
-    ) -> PromptRequest:
-        """Check ``prompt`` and the generation arguments (as :meth:`generate` takes them) and bundle them for
-        :meth:`open_batch`'s ``add``. Raises :class:`ConfigError` or :class:`GenerationError` (a prompt that
-        leaves no room in the context) naming the problem."""
-        self._check_prompt(prompt, 0)
-        [constraint] = self._constraints_from(generation, 1) or [None]
-        params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
-        budget = min(max_new, self.config.max_context - len(prompt))
-        return PromptRequest(list(prompt), budget, params, stop_strings, ids, generator, constraint)
-
-    def open_batch(self, rows: int, capacity: int, runner: DecodeRunner | None = None) -> Generation:
-        """An empty, open :class:`~qwen_agent.runtime.generate.Generation` over a cache of ``rows`` rows of
-        ``capacity`` slots (rounded up as the engine's own caches are), for a caller that adds prompts as they
-        arrive (``add(engine.request(...))``) and iterates it from one thread. ``runner``, the ``runner`` of an
-        earlier open batch whose cache is big enough, is reused with its CUDA graphs. The batch forgets each
-        prompt once it is done, and leaves the engine's kept cache alone."""
-        if runner is None or runner.cache.batch_size < rows or runner.cache.capacity < capacity:
-            runner = self._new_runner(self._new_cache(rows, capacity))
-        return Generation(runner, self.tokenizer, keep=False)
-
-    def _settings(
-        self, stop: Sequence[StopSpec], generation: dict[str, Any]
-    ) -> tuple[SamplingParams, int, tuple[str, ...], frozenset[int], torch.Generator | None]:
-        unknown = set(generation) - {
-            "max_new_tokens",
-            "do_sample",
-            "temperature",
-            "top_p",
-            "top_k",
-            "repetition_penalty",
-            "seed",
-        }
+    def _requests(
+        self,
+        prompts: list[Sequence[int]],
+        stop: Sequence[StopSpec],
+        options: Options,
+        constraint: TokenConstraint | Sequence[TokenConstraint | None] | None,
+        json_schema: dict[str, Any] | str | None,
+        grammar: str | None,
+    ) -> list[PromptRequest]:
+        """Check the prompts and settings of one call and make its requests, one per prompt."""
+        if not prompts:
+            raise ConfigError("generate() needs at least one prompt")
+        for i, p in enumerate(prompts):
+            self._check_prompt(p, i)
+        constraints = self._constraints(len(prompts), constraint, json_schema, grammar)
+        unknown = set(options) - set(Options.__annotations__)
         if unknown:
             raise ConfigError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-        defaults = self.generation_config
-        chosen = {k: v for k, v in generation.items() if v is not None}
+        defaults, chosen = self.generation_config, {k: v for k, v in options.items() if v is not None}
         params = SamplingParams(
             do_sample=chosen.get("do_sample", defaults.do_sample),
             temperature=float(chosen.get("temperature", defaults.temperature)),
@@ -276,60 +375,39 @@ class QwenEngine:
         generator = None
         if "seed" in chosen:
             generator = torch.Generator(self.device).manual_seed(int(chosen["seed"]))
-        return params, max_new, stop_strings, ids, generator
+        return [
+            PromptRequest(
+                tuple(p),
+                # never past the context the model defines; a row that hits it ends with finish_reason "length"
+                min(max_new, self.config.max_context - len(p)),
+                params,
+                stop_strings,
+                ids,
+                constraint=c,
+                generator=generator,
+            )
+            for p, c in zip(prompts, constraints, strict=True)
+        ]
 
-    def _start(
+    def _constraints(
         self,
-        prompts: list[Sequence[int]],
-        stop: Sequence[StopSpec],
-        generation: dict[str, Any],
-        max_batch: int | None = None,
-    ) -> Generation:
-        constraints = self._constraints_from(generation, len(prompts))
-        params, max_new, stop_strings, ids, generator = self._settings(stop, generation)
-        if not prompts:
-            raise ConfigError("generate() needs at least one prompt")
-        for i, p in enumerate(prompts):
-            self._check_prompt(p, i)
-        # never past the context the model defines; a row that hits it ends with finish_reason "length"
-        budgets = [min(max_new, self.config.max_context - len(p)) for p in prompts]
-
-        max_batch = self.max_batch if max_batch is None else max_batch
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        needed = max(len(p) + budget for p, budget in zip(prompts, budgets, strict=True))
-        if len(prompts) == 1:
-            cache, reused, runner = self._cache_for(list(prompts[0]), needed)
-        else:
-            cache, reused, runner = self._new_cache(min(len(prompts), max_batch), needed), 0, None
-        return Generation(
-            runner or self._new_runner(cache),
-            self.tokenizer,
-            prompts,
-            max_new_tokens=budgets,
-            params=params,
-            stop_strings=stop_strings,
-            stop_ids=ids,
-            generator=generator,
-            reused=reused,
-            constraints=constraints,
-        )
-
-    def _constraints_from(
-        self, generation: dict[str, Any], prompts: int
-    ) -> list[TokenConstraint | None] | None:
+        prompts: int,
+        given: TokenConstraint | Sequence[TokenConstraint | None] | None,
+        json_schema: dict[str, Any] | str | None,
+        grammar: str | None,
+    ) -> list[TokenConstraint | None]:
         """One constraint (or None) per prompt from the ``constraint``, ``json_schema`` or ``grammar``
-        argument, taken out of ``generation``."""
-        given = {k: generation.pop(k) for k in ("constraint", "json_schema", "grammar") if k in generation}
-        given = {k: v for k, v in given.items() if v is not None}
-        if len(given) > 1:
-            raise ConfigError(f"give only one of {', '.join(sorted(given))}")
-        if "constraint" in given or not given:
-            return _constraints(given.get("constraint"), prompts)
-        if "json_schema" in given:
-            compiled = Grammar.from_json_schema(self.tokenizer, self.config.vocab_size, given["json_schema"])
+        argument."""
+        named = {"constraint": given, "json_schema": json_schema, "grammar": grammar}
+        named = {k: v for k, v in named.items() if v is not None}
+        if len(named) > 1:
+            raise ConfigError(f"give only one of {', '.join(sorted(named))}")
+        if json_schema is not None:
+            compiled = Grammar.from_json_schema(self.tokenizer, self.config.vocab_size, json_schema)
+        elif grammar is not None:
+            compiled = Grammar(self.tokenizer, self.config.vocab_size, grammar)
         else:
-            compiled = Grammar(self.tokenizer, self.config.vocab_size, given["grammar"])
+            return _constraints(given, prompts)
         return [compiled.constraint() for _ in range(prompts)]
 
     def _check_prompt(self, prompt: Sequence[int], index: int) -> None:
@@ -364,46 +442,11 @@ class QwenEngine:
                 strings.append(self.tokenizer.decode(list(item)))
         return tuple(dict.fromkeys(strings)), frozenset(ids)
 
-    def _new_cache(self, batch: int, needed: int) -> KVCache:
-        capacity = min(-(-needed // _CACHE_STEP) * _CACHE_STEP, self.config.max_context)
-        dtype = self.model.tok_embeddings.weight.dtype
-        return KVCache(self.config, batch, capacity, dtype=dtype, device=self.device)
 
-    def _new_runner(self, cache: KVCache) -> DecodeRunner:
-        return DecodeRunner(self.model, cache, graphs=self.cuda_graphs, fused=self.fused_kernels)
-
-    def _cache_for(self, prompt: list[int], needed: int) -> tuple[KVCache, int, DecodeRunner | None]:
-        """The kept cache (with its decode runner) and its reusable prefix, or a fresh cache; returns
-        ``(cache, reused slots, runner or None)``."""
-        old, runner, reused = self._cache, self._runner, 0
-        if old is not None:
-            limit = min(len(self._cached_ids), len(prompt) - 1)  # the last prompt token must run for logits
-            while reused < limit and self._cached_ids[reused] == prompt[reused]:
-                reused += 1
-            if (
-                self.config.use_dynamic_ntk
-                and ntk_alpha(len(prompt), self.config.seq_length) != old.ntk_alpha.item()
-            ):
-                reused = 0  # the cached keys were rotated with another alpha
-        self._cache = self._runner = None  # released before a new one is allocated
-        if old is not None and old.capacity >= needed:
-            return old, reused, runner  # big enough: its captured decode graphs stay valid too
-        cache = self._new_cache(1, needed)
-        if reused:
-            cache.k[..., :reused, :] = old.k[..., :reused, :]
-            cache.v[..., :reused, :] = old.v[..., :reused, :]
-            cache.ntk_alpha.copy_(old.ntk_alpha)
-        return cache, reused, None
-
-    def _keep_cache(self, run: Generation) -> None:
-        if len(run.prompts) == 1:
-            self._cache, self._runner, self._cached_ids = run.cache, run.runner, run.fed[0]
-
-
-def _constraints(given: Any, prompts: int) -> list[TokenConstraint | None] | None:
+def _constraints(given: Any, prompts: int) -> list[TokenConstraint | None]:
     """The ``constraint`` argument as one entry per prompt."""
     if given is None:
-        return None
+        return [None] * prompts
     listed = [given] if isinstance(given, TokenConstraint) else list(given)
     if len(listed) != prompts or not all(c is None or isinstance(c, TokenConstraint) for c in listed):
         raise ConfigError(

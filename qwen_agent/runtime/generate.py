@@ -16,12 +16,6 @@ Stop rules, the same in every path (single, batched, streamed):
   and always join to the final ``text``.
 - A **constraint** (:class:`~qwen_agent.runtime.constraint.TokenConstraint`, one per prompt or none) masks the
   ids it does not allow before sampling, in the row's own logits only; the row accepts each token it receives.
-- Streaming holds back any tail of the text that could still grow into a stop string, so no fragment such as
-  ``Observ`` is ever yielded unless it turns out not to start a stop string; the deltas never split a character
-  and always join to the final ``text``.
-
-Sampling follows transformers' order and semantics: repetition penalty over prompt and generated ids (divide
-positive logits, multiply negative ones), then greedy argmax, or temperature, top-k (0 = off) and top-p.
 
 Sampling follows transformers' order and semantics: repetition penalty over prompt and generated ids (divide
 positive logits, multiply negative ones), then greedy argmax, or temperature, top-k (0 = off) and top-p.
@@ -31,16 +25,18 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, GenerationError
-from .constraint import TokenConstraint, apply_bitmask, bitmask_words
+from .config import ntk_alpha
+from .constraint import apply_bitmask, bitmask_words
 from .decode_runner import DecodeRunner
+from .request import PromptRequest, SamplingParams
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
 
@@ -53,43 +49,12 @@ __all__ = [
     "SamplingParams",
     "PromptRequest",
     "Generation",
+    "Event",
+    "generate_all",
     "next_token",
     "process_logits",
     "sample",
 ]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-
-@dataclass
-class PromptRequest:
-    """One prompt and how to complete it: at most ``max_new_tokens`` (the cache must hold the prompt and
-    them), its sampling, its stops and its random generator (None: torch's global one)."""
-
-    prompt: list[int]
-    max_new_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    stop_strings: tuple[str, ...] = ()
-    stop_ids: frozenset[int] = frozenset()
-    generator: torch.Generator | None = None
-    constraint: TokenConstraint | None = None  # masks what it does not allow before sampling
 
 
 @dataclass
@@ -209,125 +174,134 @@ class _RowText:
 class _Row:
     """A prompt being generated in a cache row."""
 
-    index: int  # of the prompt
-    prompt_len: int
+    index: int  # of the prompt in its batch
+    request: PromptRequest
     text: _RowText
-    budget: int  # max new tokens
+    reused: int  # prompt slots the row already held (a kept prefix)
     started: float  # when its prefill began
     first_token_at: float = 0.0
     received: int = 0  # generated tokens read on the host
     fed: int = 0  # generated tokens whose keys and values are in the cache
-    constraint: TokenConstraint | None = None
 
     @property
     def slot(self) -> int:
         """The cache slot the row's newest token goes to (on the device: ``runner.slots``)."""
-        return self.prompt_len + self.fed
+        return len(self.request.prompt) + self.fed
+
+
+@dataclass
+class _Kept:
+    """What a free cache row still holds: the keys and values of ``ids``, rotated with NTK ``alpha``."""
+
+    ids: tuple[int, ...] = ()
+    alpha: int = 1
+
+
+Event = tuple[int, "str | GenerationResult"]  # (prompt index, a text delta or the prompt's result)
 
 
 class Generation:
-    """Generate for many prompts, at most ``cache.batch_size`` at a time; iterate for events.
+    """An open batch over one cache: :meth:`add` requests at any time, :meth:`step` for their events.
 
     Prompts that join at once are prefilled together into free cache rows (right-padded, up to
     ``PREFILL_TOKENS`` padded tokens a call), then the rows decode together, one token per row per step
     (:class:`~qwen_agent.runtime.decode_runner.DecodeRunner`: fixed shapes, CUDA graphs on a GPU). A row that finishes
     frees its cache row for the next waiting prompt, so sequences join and leave the batch as they go; each
-    prompt gets what it would get alone. The host reads a step's tokens while the device already runs the
-    next step, so the device never waits for Python; a finished row costs that one extra step. Logits that are
+    prompt gets what it would get alone. The host reads a step's tokens while the device already runs that step's
+    decode, so the device never waits for Python; a finished row costs that one extra step. Logits that are
     not finite (NaN or infinite: broken weights, or a float16 overflow) raise :class:`GenerationError` naming the
     prompt; the check travels to the host with the tokens, so it does not wait either.
 
-    Iteration yields ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done,
-    ``(index, result)`` with its :class:`GenerationResult`. After iteration ends, ``results`` holds them in
-    prompt order (breaking out early leaves it empty). The runner brings the model and the cache; with a single
-    prompt, cache row 0 may already hold ``reused`` slots of the prompt's prefix.
+    Each :meth:`step` admits what waits into free rows, runs one decode step and returns its events:
+    ``(index, delta)`` for each text delta of prompt ``index`` and, when the prompt is done, ``(index, result)``
+    with its :class:`GenerationResult`, after which the batch forgets it. :meth:`cancel` ends a prompt at the
+    next step. One thread drives a batch (the :class:`~qwen_agent.runtime.scheduler.Scheduler`'s); ``last_step_rows``
+    is how many rows its last step decoded.
 
-    **Open batches** (a server's): :meth:`add` queues a :class:`PromptRequest` with its own sampling, stops and
-    budget, before or during iteration, and :meth:`cancel` ends one early; ``on_step``, when set, is called
-    once per decode step just before waiting prompts are admitted, which is where a scheduler adds what
-    arrived meanwhile. Iteration ends when no prompt is left. ``keep=False`` forgets each prompt once it is done
-    (no ``results``), so a batch that never drains does not grow. ``step_rows`` counts decode steps by the number
-    of rows they decoded.
+    **Prefix reuse.** A free row keeps the keys and values of the last sequence it ran (prompt and generated
+    tokens); a prompt that starts with part of it takes that row and prefills only the rest, when that gives
+    the same result as prefilling the whole prompt afresh: with Qwen v1's dynamic NTK the kept keys were
+    rotated with the alpha frozen at their prefill, so they are reused only if the new prompt's own alpha
+    (:func:`~qwen_agent.runtime.config.ntk_alpha` of its length) is the same; below ``seq_length`` it always is.
+    LogN scaling touches queries only, which are always computed afresh.
 
-    ``constraints`` (or a request's ``constraint``) gives each prompt its own
-    :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None); the mask of a step is filled on the host
-    while the device runs that step, and rows without one are not touched.
+    A request's :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None) masks its row's logits; the
+    mask of a step is filled on the host while the device runs that step, and rows without one are not touched.
     """
 
-    def __init__(
-        self,
-        runner: DecodeRunner,
-        tokenizer: QwenTokenizer,
-        prompts: Sequence[Sequence[int]] = (),
-        *,
-        max_new_tokens: Sequence[int] = (),
-        params: SamplingParams | None = None,
-        stop_strings: tuple[str, ...] = (),
-        stop_ids: frozenset[int] = frozenset(),
-        generator: torch.Generator | None = None,
-        reused: int = 0,
-        keep: bool = True,
-        constraints: Sequence[TokenConstraint | None] | None = None,
-    ) -> None:
-        if reused and len(prompts) != 1:
-            raise ValueError("a reused prefix needs a single prompt")
-        constraints = list(constraints) if constraints is not None else [None] * len(prompts)
-        if len(constraints) != len(prompts):
-            raise ConfigError(f"{len(constraints)} constraints for {len(prompts)} prompts")
-        self.runner, self.model, self.cache = runner, runner.model, runner.cache
-        self.tokenizer, self.reused, self.keep = tokenizer, reused, keep
-        self.requests: list[PromptRequest | None] = []  # by prompt index; None once done when not kept
-        # per prompt, when done: the ids whose keys and values are in its cache row
-        self.fed: list[list[int]] = []
-        self.results: list[GenerationResult] = []
-        self.on_step: Callable[[], None] | None = None
-        self.step_rows: Counter[int] = Counter()
-        self._waiting: deque[int] = deque()
+    def __init__(self, runner: DecodeRunner, tokenizer: QwenTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.model, self.config = runner.model, runner.model.config
+        self._waiting: deque[tuple[int, PromptRequest]] = deque()
         self._cancelled: set[int] = set()
+        self._active: dict[int, _Row] = {}  # cache row -> its prompt
+        self._added = 0
+        self.last_step_rows = 0
+        self._use(runner)
+
+    def _use(self, runner: DecodeRunner) -> None:
+        """Take ``runner`` and its cache, carrying over every row's state from the ones used so far."""
+        cache, device, old = runner.cache, runner.cache.k.device, getattr(self, "runner", None)
+        rows, capacity = cache.batch_size, cache.capacity
+        kept = getattr(self, "_kept", [])
+        # per cache row, the ids the repetition penalty sees: the prompt, the generated ids at their slots, and
+        # the prompt's first id in every other column (a repeat changes nothing)
+        seen = torch.zeros(rows, capacity, dtype=torch.long, device=device)
+        # 1 for a row in use: a step advances only those rows' slots; a free row stays at the slot after what it
+        # keeps (0 for an empty one), so a step that spans it writes there and keeps the rest intact
+        advancing = torch.zeros(rows, dtype=torch.long, device=device)
+        # 1 for a row whose last logits were all finite; read on the host with the tokens
+        finite = torch.ones(rows, dtype=torch.long, device=device)
+        runner.slots.zero_()
+        if old is not None:
+            was, slots = old.cache, old.cache.capacity
+            for name in ("k", "v"):
+                getattr(cache, name)[:, : was.batch_size, :, :slots] = getattr(was, name)
+            cache.ntk_alpha[: was.batch_size] = was.ntk_alpha
+            for r, row in self._active.items():
+                seen[r].fill_(row.request.prompt[0])
+            seen[: was.batch_size, :slots] = self._seen
+            advancing[: was.batch_size] = self._advancing
+            finite[: was.batch_size] = self._finite
+            runner.tokens[: was.batch_size] = old.tokens
+            runner.slots[: was.batch_size] = old.slots
+        self.runner, self.cache = runner, cache
+        self._seen, self._advancing, self._finite = seen, advancing, finite
+        self._kept = kept + [_Kept() for _ in range(rows - len(kept))]
+        self._free = [r for r in range(rows) if r not in self._active]  # a heap: the lowest free row first
+        heapq.heapify(self._free)
+        pinned = device.type == "cuda"
         # the allowed-id bitmask of each constrained row, filled on the host
         self._bitmask = torch.empty(
-            self.cache.batch_size,
-            bitmask_words(self.model.config.vocab_size),
-            dtype=torch.int32,
-            pin_memory=self.cache.k.device.type == "cuda",
+            rows, bitmask_words(self.config.vocab_size), dtype=torch.int32, pin_memory=pinned
         )
-        for prompt, budget, constraint in zip(prompts, max_new_tokens, constraints, strict=True):
-            self.add(
-                PromptRequest(
-                    list(prompt),
-                    budget,
-                    params or SamplingParams(),
-                    stop_strings,
-                    stop_ids,
-                    generator,
-                    constraint,
-                )
-            )
+        # each step's tokens and finite flags, copied while the device runs the step
+        self._on_host = torch.empty(2, rows, dtype=torch.long, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None
 
-    @property
-    def prompts(self) -> list[list[int] | None]:
-        return [r.prompt if r is not None else None for r in self.requests]
+    def resize(self, runner: DecodeRunner) -> None:
+        """Move to ``runner``'s cache, at least as many rows of at least as many slots as the current one, between
+        steps: live rows keep their place, their keys and values, and what free rows keep."""
+        if runner.cache.batch_size < self.cache.batch_size or runner.cache.capacity < self.cache.capacity:
+            raise ValueError("a batch's cache only grows")
+        self._use(runner)
+
+    # -- the batch's users -------------------------------------------------------------------------------------
 
     def add(self, request: PromptRequest) -> int:
-        """Queue ``request``; returns its prompt index. Call before iterating or between events, from the
-        thread that iterates."""
-        needed = len(request.prompt) + request.max_new_tokens
-        if needed > self.cache.capacity:
+        """Queue ``request``; returns its prompt index (0, 1, ... in the order added)."""
+        if request.slots > self.cache.capacity:
             raise ConfigError(
                 f"a prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new ones needs "
-                f"{needed} cache slots; this cache has {self.cache.capacity}"
+                f"{request.slots} cache slots; this cache has {self.cache.capacity}"
             )
-        if self.reused and self.requests:
-            raise ConfigError("a generation that reuses a cached prefix takes a single prompt")
-        self.requests.append(request)
-        if self.keep:
-            self.fed.append([])
-        self._waiting.append(len(self.requests) - 1)
-        return len(self.requests) - 1
+        self._added += 1
+        self._waiting.append((self._added - 1, request))
+        return self._added - 1
 
     def cancel(self, index: int) -> None:
         """End prompt ``index`` at the next step: a waiting prompt never starts, a decoding one frees its row;
-        its result (``finish_reason="cancelled"``, the text so far) is yielded as usual."""
+        its result (``finish_reason="cancelled"``, the text so far) is an event of that step as usual."""
         self._cancelled.add(index)
 
     @property
@@ -335,80 +309,81 @@ class Generation:
         """How many prompts hold a cache row now."""
         return len(self._active)
 
-    def __iter__(self) -> Iterator[tuple[int, str | GenerationResult]]:
-        cache, runner = self.cache, self.runner
-        device = cache.k.device
-        # per cache row, the ids the repetition penalty sees: the prompt, the generated ids at their slots, and
-        # the prompt's first id in every other column (a repeat changes nothing)
-        self._seen = torch.zeros(cache.batch_size, cache.capacity, dtype=torch.long, device=device)
-        self._free = list(range(cache.batch_size))  # a heap: the lowest free row first keeps rows packed
-        self._active: dict[int, _Row] = {}  # cache row -> its prompt
-        # 1 for a row in use: a step advances only those rows' slots; a free row stays at slot 0, so the fused
-        # attention, which reads each row's slots up to its own, does next to nothing for it
-        self._advancing = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
-        runner.slots.zero_()
-        # 1 for a row whose last logits were all finite; read on the host with the tokens
-        self._finite = torch.ones(cache.batch_size, dtype=torch.long, device=device)
-        done: dict[int, GenerationResult] = {}
-        # each step's tokens and finite flags, copied while the device runs the next step
-        on_host = torch.empty(2, cache.batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
-        copied = torch.cuda.Event() if device.type == "cuda" else None
+    @property
+    def queued(self) -> int:
+        """How many prompts were added and wait for the next step to start."""
+        return len(self._waiting)
 
-        yield from self._drop_cancelled(done)
+    @property
+    def free_rows(self) -> int:
+        """Rows a prompt added now would start in at the next step."""
+        return len(self._free) - len(self._waiting)
+
+    @property
+    def rows_in_use(self) -> int:
+        """One past the highest row a prompt holds (0 when none does)."""
+        return max(self._active, default=-1) + 1
+
+    @property
+    def idle(self) -> bool:
+        return not self._active and not self._waiting
+
+    def step(self) -> list[Event]:
+        """Admit what waits, run one decode step for every live row, and return the events it produced."""
+        runner, events = self.runner, self._drop_cancelled()
         self._admit()
-        self._copy_tokens(on_host, copied)
-        while self._active:
-            # launch the next step before reading the tokens it consumes; the copy was queued ahead of it
-            logits = None
-            if any(row.received + 1 < row.budget for row in self._active.values()):  # a token to feed
-                logits = runner(max(self._active) + 1, max(row.slot for row in self._active.values()) + 1)
-                runner.slots.add_(self._advancing)
-                self.step_rows[len(self._active)] += 1
-                for row in self._active.values():
-                    row.fed += 1
-            if copied is not None:
-                copied.synchronize()
-            tokens, finite = on_host.tolist()
-            for r, row in list(self._active.items()):
-                if row.index in self._cancelled:
-                    yield row.index, self._finish(r, row, done, "cancelled")
-                    continue
-                if not finite[r]:
-                    raise GenerationError(
-                        f"prompt {row.index}: the model's logits for generated token {row.received + 1} are not "
-                        "finite (NaN or infinite): broken weights, or a dtype that overflows (float16 does "
-                        "where bfloat16 does not)"
-                    )
-                delta = self._receive(row, tokens[r])
-                if row.constraint is not None and row.text.finish_reason is None:
-                    self._accept(row, tokens[r])
-                if delta:
-                    yield row.index, delta
-                if row.text.finish_reason is not None:
-                    yield row.index, self._finish(r, row, done)
-            if logits is not None and self._active:
-                batch = logits.shape[0]
-                self._finite[:batch] = _finite_rows(logits)  # before the mask's -inf
-                logits = self._constrain(logits, [r for r in self._active if r < batch])
-                picked = self._pick(logits, self._seen[:batch], list(range(batch)))
-                runner.tokens[:batch] = picked
-                self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
-            if self.on_step is not None:
-                self.on_step()
-            yield from self._drop_cancelled(done)
-            self._admit()
-            if self._active:
-                self._copy_tokens(on_host, copied)
-        if self.keep:
-            self.results = [done[i] for i in range(len(self.requests))]
+        self.last_step_rows = 0
+        if not self._active:
+            return events
+        self._copy_tokens()
+        # launch the step before reading the tokens it consumes; the copy was queued ahead of it
+        logits = None
+        if any(row.received + 1 < row.request.max_new_tokens for row in self._active.values()):  # one to feed
+            logits = runner(max(self._active) + 1, max(row.slot for row in self._active.values()) + 1)
+            runner.slots.add_(self._advancing)
+            self.last_step_rows = len(self._active)
+            for row in self._active.values():
+                row.fed += 1
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens, finite = self._on_host.tolist()
+        for r, row in list(self._active.items()):
+            if row.index in self._cancelled:
+                events.append((row.index, self._finish(r, row, "cancelled")))
+                continue
+            if not finite[r]:
+                raise GenerationError(
+                    f"prompt {row.index}: the model's logits for generated token {row.received + 1} are not "
+                    "finite (NaN or infinite): broken weights, or a dtype that overflows (float16 does "
+                    "where bfloat16 does not)"
+                )
+            delta = self._receive(row, tokens[r])
+            if row.request.constraint is not None and row.text.finish_reason is None:
+                self._accept(row, tokens[r])
+            if delta:
+                events.append((row.index, delta))
+            if row.text.finish_reason is not None:
+                events.append((row.index, self._finish(r, row)))
+        if logits is not None and self._active:
+            batch = logits.shape[0]
+            self._finite[:batch] = _finite_rows(logits)  # before the mask's -inf
+            logits = self._constrain(logits, [r for r in self._active if r < batch])
+            picked = self._pick(logits, self._seen[:batch], list(range(batch)))
+            runner.tokens[:batch] = picked
+            self._seen[:batch].scatter_(1, runner.slots[:batch, None], picked[:, None])
+        return events
 
-    def _drop_cancelled(self, done: dict[int, GenerationResult]) -> Iterator[tuple[int, GenerationResult]]:
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> list[Event]:
         """Results for waiting prompts that were cancelled before they started."""
-        for index in [i for i in self._waiting if i in self._cancelled]:
-            self._waiting.remove(index)
-            request = self.requests[index]
+        events: list[Event] = []
+        for index, request in [w for w in self._waiting if w[0] in self._cancelled]:
+            self._waiting.remove((index, request))
+            self._cancelled.discard(index)
             result = GenerationResult("", [], "cancelled", None, len(request.prompt), 0, 0, 0.0, 0.0)
-            yield index, self._done(index, result, done)
+            events.append((index, result))
+        return events
 
     def _pick(self, logits: Tensor, seen: Tensor, rows: list[int]) -> Tensor:
         """The next id of each cache row in ``rows`` from its ``logits`` [len(rows), V] and ``seen`` ids, by its
@@ -416,7 +391,7 @@ class Generation:
         groups: dict[tuple, tuple[PromptRequest, list[int]]] = {}
         for i, r in enumerate(rows):
             if r in self._active:
-                request = self.requests[self._active[r].index]
+                request = self._active[r].request
                 # greedy rows do not draw from their generator, so they all go together
                 key = (request.params, id(request.generator) if request.params.do_sample else None)
                 groups.setdefault(key, (request, []))[1].append(i)
@@ -432,15 +407,22 @@ class Generation:
 
     def _admit(self) -> None:
         """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
-        ``runner.tokens``."""
-        wave = []
+        ``runner.tokens``. A prompt takes the free row that holds the longest usable prefix of it, if any."""
+        fresh, reusing = [], []
         while self._free and self._waiting:
-            wave.append((heapq.heappop(self._free), self._waiting.popleft()))
+            index, request = self._waiting.popleft()
+            r, reused = self._row_for(request.prompt)
+            self._free.remove(r)
+            heapq.heapify(self._free)
+            self._kept[r] = _Kept()
+            (reusing if reused else fresh).append((r, index, request, reused))
+        for joining in reusing:  # each from its own slot: one call apiece
+            self._prefill([joining])
         # they all join now, so their order does not matter: similar lengths side by side pad the least
-        wave.sort(key=lambda joining: len(self.requests[joining[1]].prompt))
-        group: list[tuple[int, int]] = []
-        for joining in wave:
-            width = len(self.requests[joining[1]].prompt) - self.reused  # the longest so far (sorted wave)
+        fresh.sort(key=lambda joining: len(joining[2].prompt))
+        group: list[tuple[int, int, PromptRequest, int]] = []
+        for joining in fresh:
+            width = len(joining[2].prompt)  # the longest so far (sorted)
             if group and (len(group) + 1) * width > PREFILL_TOKENS:
                 self._prefill(group)
                 group = []
@@ -448,28 +430,54 @@ class Generation:
         if group:
             self._prefill(group)
 
-    def _prefill(self, group: list[tuple[int, int]]) -> None:
-        """One model call for ``group``'s (cache row, prompt index) pairs, right-padded to the longest."""
+    def _row_for(self, prompt: tuple[int, ...]) -> tuple[int, int]:
+        """The free row for ``prompt`` and how many of its slots it reuses: the longest kept prefix whose NTK
+        alpha is the prompt's own, else the lowest free row (one that keeps nothing, if there is one)."""
+        alpha = self._alpha(len(prompt))
+        best, reused = -1, 0
+        for r in sorted(self._free):
+            kept = self._kept[r]
+            if kept.alpha != alpha:
+                continue
+            limit, common = (
+                min(len(kept.ids), len(prompt) - 1),
+                0,
+            )  # the last prompt token must run for logits
+            while common < limit and kept.ids[common] == prompt[common]:
+                common += 1
+            if common > reused:
+                best, reused = r, common
+        if reused:
+            return best, reused
+        empty = [r for r in self._free if not self._kept[r].ids]
+        return (min(empty) if empty else self._free[0]), 0
+
+    def _alpha(self, length: int) -> int:
+        if not self.config.use_dynamic_ntk:
+            return 1
+        return ntk_alpha(length, self.config.seq_length)
+
+    def _prefill(self, group: list[tuple[int, int, PromptRequest, int]]) -> None:
+        """One model call for ``group``'s (cache row, prompt index, request, reused slots), right-padded to the
+        longest; every member of a group with reused slots reuses the same number."""
         started, device = time.perf_counter(), self.cache.k.device
-        requests = [self.requests[index] for _, index in group]
-        new = [request.prompt[self.reused :] for request in requests]
+        reused = group[0][3]
+        new = [list(request.prompt[reused:]) for _, _, request, _ in group]
         width = max(map(len, new))
         ids = torch.tensor([part + [0] * (width - len(part)) for part in new], device=device)
-        rows = torch.tensor([r for r, _ in group], device=device)
-        lengths = torch.tensor([len(request.prompt) for request in requests], device=device)
+        rows = torch.tensor([r for r, *_ in group], device=device)
+        lengths = torch.tensor([len(request.prompt) for _, _, request, _ in group], device=device)
         with torch.no_grad():
-            logits = self.model.prefill(ids, lengths - self.reused, self.cache, rows, self.reused)
-        for (r, index), request in zip(group, requests, strict=True):
+            logits = self.model.prefill(ids, lengths - reused, self.cache, rows, reused)
+        for r, index, request, _ in group:
             seen = self._seen[r]
             seen.fill_(request.prompt[0])
             seen[: len(request.prompt)] = torch.tensor(request.prompt)
             text = _RowText(self.tokenizer, request.stop_strings, request.stop_ids)
-            row = _Row(index, len(request.prompt), text, request.max_new_tokens, started)
-            row.constraint = request.constraint
-            self._active[r] = row
+            self._active[r] = _Row(index, request, text, reused, started)
         self._finite[rows] = _finite_rows(logits).long()  # before the mask's -inf
-        logits = self._constrain(logits, [r for r, _ in group], [r for r, _ in group])
-        first = self._pick(logits, self._seen[rows], [r for r, _ in group])
+        logits = self._constrain(logits, [r for r, *_ in group], [r for r, *_ in group])
+        first = self._pick(logits, self._seen[rows], [r for r, *_ in group])
         self.runner.tokens[rows] = first
         self._seen[rows, lengths] = first
         self.runner.slots[rows] = lengths
@@ -478,11 +486,11 @@ class Generation:
     def _constrain(self, logits: Tensor, rows: list[int], order: list[int] | None = None) -> Tensor:
         """``logits`` with each constrained row's disallowed ids at -inf. Logits row ``i`` belongs to cache row
         ``order[i]`` (by default cache row ``i``); ``rows`` are the cache rows to consider."""
-        constrained = [r for r in rows if self._active[r].constraint is not None]
+        constrained = [r for r in rows if self._active[r].request.constraint is not None]
         if not constrained:
             return logits
         for r in constrained:
-            self._active[r].constraint.fill_bitmask(self._bitmask[r])
+            self._active[r].request.constraint.fill_bitmask(self._bitmask[r])
         positions = [order.index(r) for r in constrained] if order is not None else constrained
         masks = self._bitmask[constrained].to(logits.device, non_blocking=True)
         if positions == list(range(logits.shape[0])):  # every row, in order: no gather and scatter
@@ -492,56 +500,63 @@ class Generation:
 
     @staticmethod
     def _accept(row: _Row, token: int) -> None:
-        if not row.constraint.accept(token):
+        if not row.request.constraint.accept(token):
             raise GenerationError(
                 f"prompt {row.index}: generated token {row.received} (id {token}) is not allowed by the "
                 "prompt's constraint, which allowed it a step before (a constraint that allows no id at all, "
                 "or one that is not deterministic)"
             )
 
-    def _copy_tokens(self, on_host: Tensor, copied: torch.cuda.Event | None) -> None:
-        on_host[0].copy_(self.runner.tokens, non_blocking=copied is not None)
-        on_host[1].copy_(self._finite, non_blocking=copied is not None)
-        if copied is not None:
-            copied.record()
+    def _copy_tokens(self) -> None:
+        non_blocking = self._copied is not None
+        self._on_host[0].copy_(self.runner.tokens, non_blocking=non_blocking)
+        self._on_host[1].copy_(self._finite, non_blocking=non_blocking)
+        if self._copied is not None:
+            self._copied.record()
 
     @staticmethod
     def _receive(row: _Row, token: int) -> str:
         if row.received == 0:
             row.first_token_at = time.perf_counter()
         row.received += 1
-        return row.text.add(token, last=row.received >= row.budget)
+        return row.text.add(token, last=row.received >= row.request.max_new_tokens)
 
-    def _finish(
-        self, r: int, row: _Row, done: dict[int, GenerationResult], reason: str | None = None
-    ) -> GenerationResult:
+    def _finish(self, r: int, row: _Row, reason: str | None = None) -> GenerationResult:
         del self._active[r]
         heapq.heappush(self._free, r)
+        self._cancelled.discard(row.index)
+        prompt = row.request.prompt
+        # the ids whose keys and values the row now holds, for a later prompt that starts with them (a reused
+        # prefix had the prompt's own alpha, or it would not have been reused); the slot after them takes what
+        # decode steps write for the row while it is free
+        kept = (prompt + tuple(row.text.token_ids[: row.fed]))[: self.cache.capacity - 1]
+        self._kept[r] = _Kept(kept, self._alpha(len(prompt)))
         self._advancing[r] = 0
-        self.runner.slots[r] = 0
-        prompt = self.requests[row.index].prompt
-        if self.keep:
-            self.fed[row.index] = prompt + row.text.token_ids[: row.fed]
+        self.runner.slots[r] = len(kept)
         first_token_at = row.first_token_at or time.perf_counter()
-        result = GenerationResult(
+        return GenerationResult(
             text=row.text.text,
             token_ids=row.text.token_ids,
             finish_reason=reason or row.text.finish_reason or "length",
             stop=row.text.stop,
             prompt_tokens=len(prompt),
             completion_tokens=len(row.text.token_ids),
-            prefill_tokens=len(prompt) - self.reused,
+            prefill_tokens=len(prompt) - row.reused,
             prefill_seconds=first_token_at - row.started,
             decode_seconds=time.perf_counter() - first_token_at,
         )
-        return self._done(row.index, result, done)
 
-    def _done(
-        self, index: int, result: GenerationResult, done: dict[int, GenerationResult]
-    ) -> GenerationResult:
-        self._cancelled.discard(index)
-        if self.keep:
-            done[index] = result
-        else:
-            self.requests[index] = None  # let a long-lived batch forget what it finished
-        return result
+
+def generate_all(
+    runner: DecodeRunner, tokenizer: QwenTokenizer, requests: Sequence[PromptRequest]
+) -> list[GenerationResult]:
+    """Every request's result, in order, from one batch over ``runner`` (rows join and leave as it allows)."""
+    batch = Generation(runner, tokenizer)
+    for request in requests:
+        batch.add(request)
+    results: dict[int, GenerationResult] = {}
+    while not batch.idle:
+        for index, event in batch.step():
+            if isinstance(event, GenerationResult):
+                results[index] = event
+    return [results[i] for i in range(len(requests))]

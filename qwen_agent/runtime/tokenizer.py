@@ -35,14 +35,12 @@ import regex
 import tiktoken
 
 from ..errors import TokenizerError, VocabError
+from .chatml import ENDOFTEXT, IM_END, IM_START
 
 __all__ = ["QwenTokenizer", "IncrementalDecoder", "PAT_STR", "ENDOFTEXT", "IM_START", "IM_END"]
 
 # The pre-tokenizer of every Qwen generation: cl100k-like, but digits are split one by one.
 PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 # Qwen v1's special tokens follow the 151,643 ranks: endoftext, im_start, im_end, then 205 reserved extras.
 QWEN_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in range(205)))
 

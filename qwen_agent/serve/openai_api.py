@@ -6,7 +6,7 @@ with arguments that match its parameters schema, and ``response_format`` ``json_
 the reply to JSON, both by decoding under a grammar), ``POST /v1/completions`` (text or token ids; text may
 contain ChatML control tokens, as on vLLM). Both stream as server-sent events ending ``data:
 [DONE]``. The handlers only translate: requests become prompt ids and engine arguments, which go to the
-:class:`~qwen_agent.serve.scheduler.Scheduler`, whose one thread decodes concurrent requests in shared batches.
+:class:`~qwen_agent.runtime.scheduler.Scheduler`, whose one thread decodes concurrent requests in shared batches.
 Errors have OpenAI's JSON shape (see :mod:`qwen_agent.serve.schema`); each request logs one line.
 """
 
@@ -32,12 +32,12 @@ from starlette.exceptions import HTTPException
 from ..constrained import strict_function_constraints
 from ..errors import ConfigError, GenerationError
 from ..fncall import ChatStream, FunctionPrompt, build_prompt, completion_response
-from ..llm import LocalLLM, engine_options, local_completion
-from ..llm_protocol import Sampling
+from ..llm import LocalLLM, local_completion
 from ..runtime.constraint import TokenConstraint
+from ..runtime.engine import Engine
 from ..runtime.generate import GenerationResult, PromptRequest
 from ..runtime.grammar import Grammar
-from .scheduler import QueueFullError, Scheduler, Ticket
+from ..runtime.scheduler import Handle, QueueFullError, Scheduler
 from .schema import APIError, ChatCompletionRequest, CompletionRequest, error_body, refuse_unsupported
 
 __all__ = ["create_app", "BackgroundServer"]
@@ -46,18 +46,19 @@ log = logging.getLogger("qwen_agent.serve")
 
 
 def create_app(
-    engine: Any,
+    engine: Engine,
     *,
     model_name: str = "qwen",
     api_key: str | None = None,
     max_batch: int = 32,
     max_queue: int = 256,
 ) -> FastAPI:
-    """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`, which the app's
-    scheduler thread then owns: do not call it elsewhere while the app runs). ``api_key``: the bearer token
-    required on ``/v1`` (None: none). ``max_batch`` rows decode at once; ``max_queue`` more may wait, beyond
-    which requests get 503."""
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+    """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`), whose scheduler
+    decodes the requests; the app closes it on shutdown. ``api_key``: the bearer token required on ``/v1``
+    (None: none). ``max_batch`` rows decode at once; ``max_queue`` more may wait, beyond which requests get
+    503."""
+    scheduler = engine.scheduler
+    scheduler.configure(max_batch=max_batch, max_queue=max_queue)
     api = _Handlers(engine, scheduler, model_name)
 
     @asynccontextmanager
@@ -135,9 +136,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 class _Handlers:
     """Translate requests to prompt ids and engine arguments, and the engine's events to OpenAI objects."""
 
-    def __init__(self, engine: Any, scheduler: Scheduler, model_name: str) -> None:
+    def __init__(self, engine: Engine, scheduler: Scheduler, model_name: str) -> None:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
-        self.chatml = LocalLLM(engine)  # builds prompt ids only; the scheduler runs the engine
+        self.chatml = LocalLLM(engine)  # builds prompt ids
         self.started = int(time.time())
 
     # -- /v1/chat/completions ----------------------------------------------------------------------------
@@ -302,18 +303,19 @@ class _Handlers:
         temperature = body.temperature
         if temperature is not None and temperature < 0.01:
             temperature = 0.0  # greedy, as Qwen's openai_api.py takes such temperatures
-        sampling = Sampling(
-            max_tokens=max_tokens or self.engine.generation_config.max_new_tokens,
-            temperature=temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-        )
         param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         try:
             return self.engine.request(
-                ids, stop=list(stop), constraint=constraint, **engine_options(sampling)
+                ids,
+                stop=list(stop),
+                constraint=constraint,
+                max_new_tokens=max_tokens or self.engine.generation_config.max_new_tokens,
+                do_sample=False if temperature == 0 else None,
+                temperature=temperature or None,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
             )
         except GenerationError as exc:  # the prompt fills the context
             raise APIError(400, f"'{param}': {exc}", param=param, code="context_length_exceeded") from None
@@ -349,7 +351,7 @@ class _Calls:
     def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
         self.scheduler, self.loop = scheduler, loop
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self.tickets: list[Ticket] = []
+        self.tickets: list[Handle] = []
 
     def submit(self, request: PromptRequest) -> None:
         index = len(self.tickets)
@@ -357,11 +359,11 @@ class _Calls:
         def on_event(event: Any) -> None:  # on the scheduler thread
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-        self.tickets.append(self.scheduler.submit(request, on_event))
+        self.tickets.append(self.scheduler.add(request, on_event))
 
     def cancel(self) -> None:
         for ticket in self.tickets:
-            self.scheduler.cancel(ticket)
+            self.scheduler.abort(ticket)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, str | GenerationResult]]:
         pending = len(self.tickets)

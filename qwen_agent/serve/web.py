@@ -414,7 +414,7 @@ def launch(
     from ..llm import llm_from_spec
 
     registry = default_registry.select()  # the built-in tools' classes: each session makes its own instances
-    scheduler = None
+    engine = None
     try:
         if mcp is not None:
             for line in registry.add_mcp(mcp):  # tools renamed to avoid a clash
@@ -425,12 +425,12 @@ def launch(
             def new_llm() -> LLM:
                 return llm_from_spec(model, api_key=api_key, served_model=served_model)
         else:
+            from ..llm import LocalLLM
             from ..runtime.engine import load_model
-            from .scheduled_llm import ScheduledLLM
-            from .scheduler import Scheduler
 
-            scheduler = Scheduler(load_model(model, device=device), max_batch=max_batch)
-            shared = ScheduledLLM(scheduler)
+            engine = load_model(model, device=device)
+            engine.scheduler.configure(max_batch=max_batch)
+            shared = LocalLLM(engine)  # every session's calls go to the engine's one scheduler
 
             def new_llm() -> LLM:
                 return shared
@@ -449,5 +449,5 @@ def launch(
             app.pool.close_all()
     finally:
         registry.close()  # stops the MCP servers
-        if scheduler is not None:
-            scheduler.close()
+        if engine is not None:
+            engine.close()

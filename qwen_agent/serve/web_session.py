@@ -2,7 +2,7 @@
 
 Each browser session (a page load) gets a :class:`WebSession` from the :class:`SessionPool`: its own tool
 instances (so its own sandboxed kernel and workspace), its own conversation history and its own backend (or a
-shared one that batches the sessions' calls, :class:`~qwen_agent.serve.scheduled_llm.ScheduledLLM`). A turn
+shared :class:`~qwen_agent.llm.LocalLLM`, whose engine decodes the sessions' calls together). A turn
 runs in a worker thread that feeds agent events into a queue, so the Stop button, New chat, a closed tab and
 the idle reaper can always end it, whatever the page is doing.
 """
