@@ -214,14 +214,15 @@ def constrain_llm(
 ) -> LLM:
     """``llm`` decoding under the ReAct grammar of ``tools``: a local model only, since the mask is applied in
     this process's decoding loop."""
-    with_constraint = getattr(llm, "with_constraint", None)
-    engine = getattr(llm, "engine", None)
-    if with_constraint is None or engine is None:
+    from .llm import LocalLLM
+
+    if not isinstance(llm, LocalLLM):
         raise ConfigError(
             f"constrained decoding masks tokens in this process's decoding loop, so it needs a LocalLLM; "
             f"{type(llm).__name__} cannot do it (a server decodes by itself)"
         )
-    return with_constraint(
+    engine = llm.engine
+    return llm.with_constraint(
         ReActConstraints(engine.tokenizer, engine.config.vocab_size, tools, variant, options)
     )
 

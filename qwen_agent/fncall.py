@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .llm import cut_completion, cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     STOP_WORDS,
@@ -281,10 +280,7 @@ def chat_completion(
 ) -> dict[str, Any]:
     """An OpenAI ``chat.completion`` object answering ``messages``."""
     request = build_prompt(messages, functions, tools, stop)
-    # cut here too: a backend (a server that ignores `stop`) may return the stop string and what follows
-    completion = cut_completion(
-        llm.complete(request.prompt, stop=request.stop, sampling=sampling), request.stop
-    )
+    completion = llm.complete(request.prompt, stop=request.stop, sampling=sampling)  # cut by the backend
     return completion_response(request, completion, model)
 
 
@@ -358,7 +354,7 @@ def chat_completion_stream(
     stream = ChatStream(request, model)
     yield stream.first()
     completion = Completion("")
-    for item in cut_stream(llm.stream(request.prompt, stop=request.stop, sampling=sampling), request.stop):
+    for item in llm.stream(request.prompt, stop=request.stop, sampling=sampling):
         if isinstance(item, Completion):
             completion = item
         else:

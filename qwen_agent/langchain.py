@@ -58,7 +58,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from None
 
 from .fncall import build_prompt, chat_completion_stream, response_message
-from .llm import cut_completion, cut_stream
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import Action, FinalAnswer, Problem, parse_arguments, parse_output, react_instruction
 from .tools.base import BaseTool
@@ -187,11 +186,8 @@ class QwenLLM(_QwenSettings, LangChainLLM):
         stops, sampling = self._stops(stop), self._sampling(overrides)
         batch = getattr(self.backend, "complete_batch", None)
         if batch is not None and chat_prompts:
-            completions = batch(chat_prompts, stop=stops, sampling=sampling)
-        else:
-            completions = [self.backend.complete(p, stop=stops, sampling=sampling) for p in chat_prompts]
-        # cut here as well: a backend (a server that ignores `stop`) may not have
-        return [cut_completion(c, stops) for c in completions]
+            return batch(chat_prompts, stop=stops, sampling=sampling)
+        return [self.backend.complete(p, stop=stops, sampling=sampling) for p in chat_prompts]
 
     def _call(
         self,
@@ -237,7 +233,7 @@ class QwenLLM(_QwenSettings, LangChainLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         chat_prompt, stops, sampling = self._chat_prompt(prompt), self._stops(stop), self._sampling(kwargs)
-        for item in cut_stream(self.backend.stream(chat_prompt, stop=stops, sampling=sampling), stops):
+        for item in self.backend.stream(chat_prompt, stop=stops, sampling=sampling):
             if isinstance(item, Completion):
                 yield GenerationChunk(text="", generation_info=_info(item))
                 continue
@@ -326,7 +322,6 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         openai_messages, tools, stops, sampling = self._request(messages, stop, kwargs)
         request = build_prompt(openai_messages, tools=tools, stop=stops)
         completion = self.backend.complete(request.prompt, stop=request.stop, sampling=sampling)
-        completion = cut_completion(completion, request.stop)
         reply, finish = response_message(completion.text, request)
         if finish == "stop" and completion.finish_reason == "length":
             finish = "length"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -141,9 +142,11 @@ def test_malformed_output_gets_the_expected_format_back():
     assert result.steps[0].problems == (Problem.MISSING_FINAL_ANSWER,)
 
 
-def test_a_backend_that_ignores_stop_is_cut_by_the_agent():
+def test_an_invented_observation_cut_by_the_backend_never_reaches_the_transcript():
+    """The backend cuts at the stop word (the protocol's contract, which ScriptedLLM keeps); the agent relies on
+    it, streaming and carrying only what came before the stop word."""
     invented = call("Paris") + " rainy (made up)\nThought: ok\nFinal Answer: rainy"
-    llm = ScriptedLLM([invented, FINAL], apply_stop=False)
+    llm = ScriptedLLM([invented, FINAL])
     events = list(Agent(llm, [Weather()]).stream("Weather in Paris?"))
     result = events[-1].result
     assert (
@@ -315,10 +318,9 @@ def test_an_agent_without_tools_chats_and_the_whole_reply_is_the_answer():
 
 
 @pytest.mark.parametrize("gap", ["", "  ", "\n", " \n\n", "\t \n "])
-@pytest.mark.parametrize("apply_stop", [True, False], ids=["backend cuts", "backend keeps the stop word"])
-def test_the_text_before_the_observation_is_carried_as_written(gap, apply_stop):
+def test_the_text_before_the_observation_is_carried_as_written(gap):
     output = f'Thought: look it up\nAction: get_weather\nAction Input: {{"city": "Paris"}}{gap}\nObservation:'
-    llm = ScriptedLLM([output, FINAL], apply_stop=apply_stop)
+    llm = ScriptedLLM([output, FINAL])
     Agent(llm, [Weather()]).run("Weather?")
     # react_demo: everything before "\nObservation:", then the observation and the cue for the next thought
     carried = output[: output.rfind("\nObservation:")]
@@ -334,12 +336,12 @@ STREAM_CASES = {
     "partial stop word at the end": (["Thought: done\nFinal Answer: ans\nObserv\n"], {}, {}),
     "forced answer": ([call("Paris"), " Both are sunny.\nObserv\n"], {"max_iterations": 1}, {}),
     "forced answer, nothing usable": ([call("Paris"), "  \n"], {"max_iterations": 1}, {}),
-    "backend returns the stop word": (
+    "backend cut at the stop word": (
         [call("Paris") + " made up\nThought: ok", "Thought: ok\nFinal Answer: ans\nObservation: made up"],
         {},
-        {"apply_stop": False},
+        {},
     ),
-    "stop word after a plain reply": (["Hello!\nObservation: made up"], {}, {"apply_stop": False}),
+    "stop word after a plain reply": (["Hello!\nObservation: made up"], {}, {}),
     "text before the first marker": (["Let me see.\nThought: fine\nFinal Answer: 42"], {}, {}),
     "two thoughts": (["Thought: a\nThought: b\nFinal Answer: c\n\nd"], {}, {}),
     "malformed, then an answer": (["Thought: hmm\nObs\nmore", FINAL], {}, {}),
@@ -467,9 +469,9 @@ def test_e2e_invented_observation_is_replaced_by_the_real_one(real_tools):
         code_step("print(6 * 7)", "Thought: 计算一下。")
         + " 41\nThought: I now know the final answer.\nFinal Answer: 41"
     )
-    llm = ScriptedLLM([output, " I now know the final answer.\nFinal Answer: 42"], apply_stop=False)
+    llm = ScriptedLLM([output, " I now know the final answer.\nFinal Answer: 42"])
     result = Agent(llm, real_tools, variant="react_demo").run("6 乘 7？")
-    # the agent cuts at the stop word itself, so the invented part never reaches the parser or the transcript
+    # the backend cuts at the stop word, so the invented part never reaches the parser or the transcript
     assert result.steps[0].problems == () and "41" not in result.transcript
     assert result.steps[0].observation == "stdout:\n\n```\n42\n```" and result.answer == "42"
 
@@ -731,5 +733,6 @@ def test_run_command_with_a_local_checkpoint(tiny_checkpoint, capsys):
         [*args, "--max-iterations", "1", "--max-tokens", "8", "--temperature", "0", "What time is it?"]
     )
     out, err = capsys.readouterr()
-    assert code == 0 and out.startswith("\n--- step 1\n")
+    # the step line shows how full the context is (the tiny checkpoint holds 32767 tokens, as Qwen-7B-Chat)
+    assert code == 0 and re.match(r"\n--- step 1 \(prompt \d+ of 32767 tokens\)\n", out)
     assert "prompt /" in err and "prefilled tokens" in err

@@ -207,7 +207,7 @@ def test_stream_of_a_function_call_ends_with_the_call():
 STREAMED_REPLIES = [
     "Thought: done\nFinal Answer: ans\nObserv\n",  # a partial stop word at the end
     "Hello! How can I help?",  # no ReAct format: the whole reply is the answer, sent once
-    "Thought: done\nFinal Answer: ans\nObservation: made up",  # a backend that returns the stop word
+    "Thought: done\nFinal Answer: ans\nObservation: made up",  # cut at the stop word by the backend
 ]
 
 
@@ -215,7 +215,7 @@ STREAMED_REPLIES = [
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 def test_streamed_content_joins_to_the_content_of_the_same_request(reply, chunk_size):
     messages = [{"role": "user", "content": "Hi"}]
-    llm = ScriptedLLM([reply, reply], chunk_size=chunk_size, apply_stop=False)
+    llm = ScriptedLLM([reply, reply], chunk_size=chunk_size)
     chunks = list(chat_completion_stream(llm, messages, functions=[WEATHER]))
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     content = chat_completion(llm, messages, functions=[WEATHER])["choices"][0]["message"]["content"]
@@ -223,8 +223,8 @@ def test_streamed_content_joins_to_the_content_of_the_same_request(reply, chunk_
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_stop_strings_are_cut_when_the_backend_does_not(streaming):
-    llm = ScriptedLLM(["Hello END more"], apply_stop=False)
+def test_the_backends_cut_at_the_stop_strings_is_the_content(streaming):
+    llm = ScriptedLLM(["Hello END more"])
     messages = [{"role": "user", "content": "Hi"}]
     if streaming:
         chunks = chat_completion_stream(llm, messages, stop=["END"])

@@ -268,10 +268,8 @@ IGNORED_STOP = (
 
 
 @pytest.mark.parametrize("path", ["invoke", "stream", "batch", "generate", "ainvoke", "astream"])
-def test_qwen_llm_cuts_stop_strings_when_the_backend_does_not(path):
-    llm = QwenLLM(
-        backend=ScriptedLLM([IGNORED_STOP] * 2, apply_stop=False, chunk_size=2), stop=["Observation:"]
-    )
+def test_qwen_llm_returns_the_text_its_backend_cut_at_the_stop_strings(path):
+    llm = QwenLLM(backend=ScriptedLLM([IGNORED_STOP] * 2, chunk_size=2), stop=["Observation:"])
     if path == "invoke":
         texts = [llm.invoke("x")]
     elif path == "stream":
@@ -296,8 +294,8 @@ def test_qwen_llm_cuts_stop_strings_when_the_backend_does_not(path):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_chat_qwen_cuts_stop_strings_when_the_backend_does_not(streaming):
-    chat = ChatQwen(backend=ScriptedLLM(["Hello END more"], apply_stop=False), stop=["END"])
+def test_chat_qwen_returns_the_text_its_backend_cut_at_the_stop_strings(streaming):
+    chat = ChatQwen(backend=ScriptedLLM(["Hello END more"]), stop=["END"])
     if streaming:
         content = "".join(c.content for c in chat.stream("hi"))
     else:

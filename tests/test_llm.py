@@ -100,6 +100,14 @@ def test_scripted_llm_replays_cuts_and_records():
         llm.complete(PROMPT)
 
 
+def test_scripted_llm_misbehaves_only_when_asked():
+    """apply_stop=False replays the output whole, a backend that breaks the protocol's promise of cut text."""
+    raw = STEP + "Observation: fake"
+    uncut = ScriptedLLM([raw, raw], apply_stop=False)
+    assert uncut.complete(PROMPT, stop=STOP_WORDS).text == raw
+    assert "".join(p for p in uncut.stream(PROMPT, stop=STOP_WORDS) if isinstance(p, str)) == raw
+
+
 # --------------------------------------------------------------------------------------------------- HTTP
 
 

@@ -192,7 +192,7 @@ class PromptConstraints:
 
     _OFFERED = re.compile(r"^Action: the action to take, should be one of \[(.*)\]$", re.M)
 
-    def __init__(self, engine: Any, catalog: Mapping[str, Mapping[str, Any]], options: Any = None) -> None:
+    def __init__(self, engine: Engine, catalog: Mapping[str, Mapping[str, Any]], options: Any = None) -> None:
         from ..constrained import ReActConstraints
 
         self._make = lambda tools: ReActConstraints(

@@ -83,6 +83,7 @@ def create_app(
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": api.started, "owned_by": "qwen-agent"}
+        card["max_model_len"] = engine.config.max_context  # vLLM's field: clients budget their prompts to it
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
