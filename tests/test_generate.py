@@ -433,3 +433,18 @@ def test_the_scheduler_takes_requests_mid_run_each_with_its_own_settings_and_abo
     assert (stats["completed"], stats["cancelled"]) == (5, 1)
     with pytest.raises(GenerationError, match="context holds"):
         scheduler.add(PromptRequest(tokenizer.encode("too long"), engine.config.max_context))
+
+
+def test_a_prefix_computed_in_another_row_comes_from_the_prefix_cache(engine, tokenizer):
+    """Blocks do not belong to rows: a prompt run in row 3 of a batch is reused by a later lone request, which
+    takes the lowest free row, with the same greedy result as without the cache."""
+    engine = QwenEngine(engine.model, tokenizer, engine.generation_config)
+    question = "Question: what is 2+2, and what is 3+3? Think step by step before you answer.\nThought:"
+    prompts = [tokenizer.encode(t) for t in ("a b c", "d e f", "g h i", question)]
+    engine.generate(prompts, max_new_tokens=4, do_sample=False)  # prompt 3 runs in row 3
+    follow = prompts[3] + tokenizer.encode(" Let me think.")
+    result = engine.generate(follow, max_new_tokens=6, do_sample=False)
+    assert result.cached_tokens == len(prompts[3]) // 16 * 16 > 0  # its full blocks were not run again
+    assert result.prefill_tokens == len(follow) - result.cached_tokens
+    fresh = QwenEngine(engine.model, tokenizer, engine.generation_config, kv_cache_gb=0)
+    assert result.token_ids == fresh.generate(follow, max_new_tokens=6, do_sample=False).token_ids

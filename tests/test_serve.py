@@ -342,13 +342,15 @@ def test_the_serve_command_starts_a_server(tiny_qwen_dir):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while True:
+        while True:  # it listens at once, and answers 503 until its model is loaded
             try:
-                response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                break
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
             except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
         assert response.json()["data"][0]["id"] == "cli-tiny"
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions", json={"model": "cli-tiny", "prompt": "Hi"}, timeout=120
@@ -449,7 +451,7 @@ def test_a_wrong_key_gets_401_and_health_needs_none(server):
 
 def test_a_full_queue_gets_503(tokenizer):
     with scripted_server(tokenizer, ["hi"], endless=True, max_batch=1, max_queue=0) as server:
-        long = {**CHAT, "model": "scripted", "max_tokens": 100000, "stream": True}
+        long = {**CHAT, "model": "scripted", "max_tokens": 30000, "stream": True}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=long, timeout=60) as busy:
             lines = busy.iter_lines()
             while '"content": "a' not in next(lines):  # past the role chunk: decoding now
@@ -460,7 +462,7 @@ def test_a_full_queue_gets_503(tokenizer):
 
 def test_a_client_that_leaves_mid_stream_frees_its_row_and_others_are_served(tokenizer):
     with scripted_server(tokenizer, ["still here"], endless=True) as server:
-        long = {**CHAT, "model": "scripted", "max_tokens": 100000, "stream": True}
+        long = {**CHAT, "model": "scripted", "max_tokens": 30000, "stream": True}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=long, timeout=60) as stream:
             lines = stream.iter_lines()
             while '"content": "a' not in next(lines):  # past the role chunk: decoding now
@@ -513,7 +515,7 @@ def test_64_concurrent_clients_all_get_their_whole_answer(server):
 
 def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(tokenizer):
     with scripted_server(tokenizer, ["hi"], endless=True) as server:
-        long = {**CHAT, "model": "scripted", "max_tokens": 100000}
+        long = {**CHAT, "model": "scripted", "max_tokens": 30000}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json=long, timeout=2)
         deadline = time.monotonic() + 60

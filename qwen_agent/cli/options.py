@@ -47,3 +47,13 @@ def add_kv_cache_gb(p: argparse.ArgumentParser) -> None:
 def tool_names(text: str | None) -> list[str] | None:
     """A comma-separated ``--tools`` value as names; None (not given) stays None, ``''`` is no tools."""
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def add_shutdown_timeout(p: argparse.ArgumentParser) -> None:
+    """``--shutdown-timeout``, for the subcommands that run a server (serve, web)."""
+    p.add_argument(
+        "--shutdown-timeout",
+        type=number_at_least(float, 0),
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds requests in flight may run on before they are aborted (default: 30)",
+    )

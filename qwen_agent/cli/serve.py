@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import QwenAgentError
-from .options import add_kv_cache_gb, number_at_least, positive_int
+from .options import add_kv_cache_gb, add_shutdown_timeout, number_at_least, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,28 +36,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
     )
     add_kv_cache_gb(p)
+    add_shutdown_timeout(p)
+    p.add_argument(
+        "--max-body-mb",
+        type=number_at_least(float, 0, exclusive=True),
+        default=32.0,
+        help="largest request body in MiB; larger ones get 413 unread (default: 32)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=positive_int,
+        default=None,
+        help="longest prompt in tokens; longer ones get 400 (default: what the context holds)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=number_at_least(float, 0, exclusive=True),
+        default=None,
+        help="seconds a request may run; then it is aborted (504, or a stream's finish_reason 'abort')",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise QwenAgentError("serve needs FastAPI and uvicorn: pip install 'qwen-react-agent[serve]'")
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QwenAgentError(
+            f"serve needs {', '.join(missing)} (the [serve] extra): pip install 'qwen-react-agent[serve]'"
+        )
     import logging
     from pathlib import Path
 
     import uvicorn
 
     from ..runtime.engine import load_model
+    from ..serve.lifecycle import GracefulServer
+    from ..serve.limits import ServerLimits
     from ..serve.openai_api import create_app
 
-    engine = load_model(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb)
     name = args.served_model_name or Path(args.model).name or "qwen"
+    limits = ServerLimits(
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_prompt_tokens=args.max_prompt_tokens,
+        request_timeout=args.request_timeout,
+    )
     app = create_app(
-        engine, model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue
+        load=lambda: load_model(
+            args.model, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb
+        ),
+        model_name=name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        limits=limits,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    print(
+        f"serving {name!r} on http://{args.host}:{args.port}/v1 (loading the model: /health answers 503 until "
+        "it is ready)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+    GracefulServer(config, app.state.lifecycle, args.shutdown_timeout).run()
+    if app.state.lifecycle.load_error is not None:
+        raise QwenAgentError(f"the model failed to load: {app.state.lifecycle.load_error}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import QwenAgentError
-from .options import add_kv_cache_gb, number_at_least, positive_int, tool_names
+from .options import add_kv_cache_gb, add_shutdown_timeout, number_at_least, positive_int, tool_names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a local model's generations decoded at once, across sessions (default: 4)",
     )
     add_kv_cache_gb(p)
+    add_shutdown_timeout(p)
     p.set_defaults(func=run)
 
 
@@ -61,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
         mcp=args.mcp,
         max_batch=args.max_batch,
         kv_cache_gb=args.kv_cache_gb,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return 0

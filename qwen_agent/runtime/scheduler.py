@@ -211,10 +211,15 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         """Requests in flight (``waiting`` for a row and ``running`` in one) and finished (``cancelled`` of them
-        aborted), caches allocated (``batches``), and decode steps by the number of rows they decoded."""
+        aborted), caches allocated (``batches``), decode steps by the number of rows they decoded, and whether
+        it is ``alive``: not closed, and (when threaded) a live thread for whatever is in flight."""
         with self._lock:
             steps = dict(sorted(self._step_rows.items()))
+            thread_ok = (
+                not self._threaded or self._in_flight == 0 or bool(self._thread and self._thread.is_alive())
+            )
             return {
+                "alive": not self._closed and thread_ok,
                 "in_flight": self._in_flight,
                 "waiting": self._in_flight - len(self._live),
                 "running": len(self._live),
@@ -246,9 +251,8 @@ class Scheduler:
         self._drop_aborted(outputs)
         try:
             self._admit()
-        except (
-            Exception
-        ) as exc:  # e.g. no memory for a bigger cache: the head of the queue fails, not the rest
+        except Exception as exc:
+            # e.g. no memory for a bigger cache: the head of the queue fails, not the rest
             log.exception("could not admit a request")
             self._fail([self._waiting.popleft()], exc, outputs)
         batch = self._batch

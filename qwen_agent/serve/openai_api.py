@@ -20,13 +20,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..constrained import strict_function_constraints
@@ -38,6 +38,9 @@ from ..runtime.engine import Engine
 from ..runtime.generate import GenerationResult, PromptRequest
 from ..runtime.grammar import Grammar
 from ..runtime.scheduler import Handle, QueueFullError, Scheduler
+from .lifecycle import GracefulServer, Lifecycle, RequestAborted
+from .limits import BodyLimit, ServerLimits, generation_budget
+from .metrics import RequestCounter, RequestTrace, ServerMetrics
 from .schema import APIError, ChatCompletionRequest, CompletionRequest, error_body, refuse_unsupported
 
 __all__ = ["create_app", "BackgroundServer"]
@@ -46,28 +49,52 @@ log = logging.getLogger("qwen_agent.serve")
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | None = None,
     *,
+    load: Callable[[], Any] | None = None,
     model_name: str = "qwen",
     api_key: str | None = None,
     max_batch: int = 32,
     max_queue: int = 256,
+    limits: ServerLimits | None = None,
+    metrics: bool = True,
 ) -> FastAPI:
     """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`), whose scheduler
-    decodes the requests; the app closes it on shutdown. ``api_key``: the bearer token required on ``/v1``
-    (None: none). ``max_batch`` rows decode at once; ``max_queue`` more may wait, beyond which requests get
-    503."""
-    scheduler = engine.scheduler
-    scheduler.configure(max_batch=max_batch, max_queue=max_queue)
-    api = _Handlers(engine, scheduler, model_name)
+    decodes the requests (the app closes it on shutdown), or over what ``load()`` returns: the app then answers
+    at once and loads the engine on a thread, with 503 until it is ready (see :mod:`qwen_agent.serve.lifecycle`).
+    ``api_key``: the bearer token required on ``/v1`` (None: none). ``max_batch`` rows decode at once;
+    ``max_queue`` more may wait, beyond which requests get 503. ``limits``: see
+    :class:`~qwen_agent.serve.limits.ServerLimits`. ``metrics``: serve ``/metrics`` (Prometheus text)."""
+    if (engine is None) == (load is None):
+        raise ConfigError("create_app needs either an engine or a load function")
+    life, limits = Lifecycle(model_name), limits or ServerLimits()
+    meters = ServerMetrics(lambda: life.stats()) if metrics else None
+
+    def start(engine: Engine) -> tuple[_Handlers, Callable[[], dict[str, Any]]]:
+        scheduler = engine.scheduler
+        scheduler.configure(max_batch=max_batch, max_queue=max_queue)
+        return _Handlers(engine, scheduler, model_name, life, limits, meters), scheduler.stats
+
+    if engine is not None:
+        life.ready(*start(engine))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        life.attach(asyncio.get_running_loop())
+        if load is not None:
+            life.load_in_background(lambda: start(load()))
         yield
-        scheduler.close()
+        if life.handlers is not None:
+            life.handlers.scheduler.close()
 
     app = FastAPI(title="qwen-agent OpenAI-compatible server", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.lifecycle = life
+    if life.handlers is not None:
+        app.state.scheduler = life.handlers.scheduler
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if meters is not None:
+        routes = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+        app.add_middleware(RequestCounter, metrics=meters, endpoints=routes)
 
     def authorized(request: Request) -> None:
         if api_key is None:
@@ -77,27 +104,31 @@ def create_app(
             raise APIError(401, "invalid API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model_name,
-            "scheduler": scheduler.stats(),
-            "prefix_cache": engine.stats()["prefix_cache"],  # None when off
-        }
+    async def health() -> JSONResponse:
+        status, body = life.health()
+        return JSONResponse(body, status_code=status)
+
+    if meters is not None:
+
+        @app.get("/metrics")
+        async def metrics_text() -> Response:
+            text, content_type = meters.render()
+            return Response(text, media_type=content_type)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
-        card = {"id": model_name, "object": "model", "created": api.started, "owned_by": "qwen-agent"}
-        card["max_model_len"] = engine.config.max_context  # vLLM's field: clients budget their prompts to it
+        handlers = life.require_handlers()
+        card = {"id": model_name, "object": "model", "created": handlers.started, "owned_by": "qwen-agent"}
+        card["max_model_len"] = handlers.engine.config.max_context  # vLLM's field, for clients' budgets
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, http: Request):
-        return await api.chat(body, http)
+        return await life.require_handlers().chat(body, http)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: Request):
-        return await api.complete(body, http)
+        return await life.require_handlers().complete(body, http)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -142,8 +173,17 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 class _Handlers:
     """Translate requests to prompt ids and engine arguments, and the engine's events to OpenAI objects."""
 
-    def __init__(self, engine: Engine, scheduler: Scheduler, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        model_name: str,
+        life: Lifecycle,
+        limits: ServerLimits,
+        metrics: ServerMetrics | None,
+    ) -> None:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
+        self.life, self.limits, self.metrics = life, limits, metrics
         self.chatml = LocalLLM(engine)  # builds prompt ids
         self.started = int(time.time())
 
@@ -184,12 +224,17 @@ class _Handlers:
         stream = ChatStream(request, self.model_name)
         yield stream.first()
         result = None
-        async for _, event in calls:
-            if isinstance(event, str):
-                for chunk in stream.feed(event):
-                    yield chunk
-            else:
-                result = event
+        try:
+            async for _, event in calls:
+                if isinstance(event, str):
+                    for chunk in stream.feed(event):
+                        yield chunk
+                else:
+                    result = event
+        except RequestAborted as exc:
+            yield stream.chunk({}, "abort")
+            log.info("%s aborted: %s", stream.id, exc.message)
+            return
         assert result is not None
         usage = None
         for chunk in stream.finish(local_completion(result, time.perf_counter() - started)):
@@ -249,14 +294,23 @@ class _Handlers:
         self, completion_id: str, calls: _Calls, include_usage: bool, started: float
     ) -> AsyncIterator[dict[str, Any]]:
         results: dict[int, GenerationResult] = {}
-        async for index, event in calls:
-            choice: dict[str, Any] = {"index": index, "text": "", "finish_reason": None, "logprobs": None}
-            if isinstance(event, str):
-                choice["text"] = event
-            else:
-                results[index] = event
-                choice["finish_reason"] = _finish(event)
-            yield self._text_completion(completion_id, [choice])
+        try:
+            async for index, event in calls:
+                choice: dict[str, Any] = {"index": index, "text": "", "finish_reason": None, "logprobs": None}
+                if isinstance(event, str):
+                    choice["text"] = event
+                else:
+                    results[index] = event
+                    choice["finish_reason"] = _finish(event)
+                yield self._text_completion(completion_id, [choice])
+        except RequestAborted as exc:
+            unfinished = [i for i in range(len(calls.tickets)) if i not in results]
+            aborted = [
+                {"index": i, "text": "", "finish_reason": "abort", "logprobs": None} for i in unfinished
+            ]
+            yield self._text_completion(completion_id, aborted)
+            log.info("%s aborted: %s", completion_id, exc.message)
+            return
         ordered = [results[i] for i in sorted(results)]
         if include_usage:
             yield self._text_completion(completion_id, [], _usage(ordered))
@@ -306,16 +360,25 @@ class _Handlers:
         max_tokens: int | None,
         constraint: TokenConstraint | None = None,
     ) -> PromptRequest:
+        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        chat = isinstance(body, ChatCompletionRequest)
+        max_tokens = generation_budget(
+            len(ids),
+            max_tokens,
+            limits=self.limits,
+            context=self.engine.config.max_context,
+            default=self.engine.generation_config.max_new_tokens,
+            where=(param, "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"),
+        )
         temperature = body.temperature
         if temperature is not None and temperature < 0.01:
             temperature = 0.0  # greedy, as Qwen's openai_api.py takes such temperatures
-        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         try:
             return self.engine.request(
                 ids,
                 stop=list(stop),
                 constraint=constraint,
-                max_new_tokens=max_tokens or self.engine.generation_config.max_new_tokens,
+                max_new_tokens=max_tokens,
                 do_sample=False if temperature == 0 else None,
                 temperature=temperature or None,
                 top_p=body.top_p,
@@ -329,13 +392,18 @@ class _Handlers:
             raise APIError(400, str(exc), param=_param_of(str(exc), param)) from None
 
     def _submit(self, requests: list[PromptRequest]) -> _Calls:
-        calls = _Calls(self.scheduler, asyncio.get_running_loop())
+        if self.life.aborted is not None:  # shutting down: nothing new starts
+            raise self.life.aborted
+        trace = self.metrics.trace(len(requests)) if self.metrics is not None else None
+        calls = _Calls(self.scheduler, asyncio.get_running_loop(), self.life, trace)
         try:
             for request in requests:
                 calls.submit(request)
         except QueueFullError as exc:
             calls.cancel()
             raise APIError(503, str(exc), code="server_busy", type="server_error") from None
+        if self.limits.request_timeout is not None:
+            calls.abort_after(self.limits.request_timeout)
         return calls
 
     def _log(self, request_id: str, results: Sequence[GenerationResult], started: float) -> None:
@@ -352,12 +420,21 @@ class _Handlers:
 class _Calls:
     """The prompts of one HTTP request in the scheduler: their events, tagged with the prompt's position, on
     an asyncio queue. Iterating ends when all are done; leaving early (a client that went away) cancels the
-    rest, which frees their rows at the next decode step."""
+    rest, which frees their rows at the next decode step. :meth:`abort` (shutdown, request timeout) cancels
+    them and makes the iteration raise :class:`~qwen_agent.serve.lifecycle.RequestAborted`. ``trace`` sees
+    every event (the metrics)."""
 
-    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
-        self.scheduler, self.loop = scheduler, loop
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        loop: asyncio.AbstractEventLoop,
+        life: Lifecycle,
+        trace: RequestTrace | None = None,
+    ) -> None:
+        self.scheduler, self.loop, self.life, self.trace = scheduler, loop, life, trace
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.tickets: list[Handle] = []
+        self.timer: asyncio.TimerHandle | None = None
 
     def submit(self, request: PromptRequest) -> None:
         index = len(self.tickets)
@@ -371,17 +448,35 @@ class _Calls:
         for ticket in self.tickets:
             self.scheduler.abort(ticket)
 
+    def abort(self, error: RequestAborted) -> None:
+        """End the request with ``error`` (on the event loop)."""
+        self.cancel()
+        self.queue.put_nowait((-1, error))
+
+    def abort_after(self, seconds: float) -> None:
+        error = RequestAborted(
+            504, f"the request ran past --request-timeout ({seconds:g} s)", code="request_timeout"
+        )
+        self.timer = self.loop.call_later(seconds, self.abort, error)
+
     async def __aiter__(self) -> AsyncIterator[tuple[int, str | GenerationResult]]:
         pending = len(self.tickets)
         try:
-            while pending:
-                index, event = await self.queue.get()
-                if isinstance(event, BaseException):
-                    raise APIError(500, f"generation failed: {event}", type="server_error")
-                if isinstance(event, GenerationResult):
-                    pending -= 1
-                yield index, event
+            with self.life.tracking(self):
+                while pending:
+                    index, event = await self.queue.get()
+                    if isinstance(event, RequestAborted):
+                        raise event
+                    if isinstance(event, BaseException):
+                        raise APIError(500, f"generation failed: {event}", type="server_error")
+                    if self.trace is not None:
+                        self.trace.event(index, event)
+                    if isinstance(event, GenerationResult):
+                        pending -= 1
+                    yield index, event
         finally:
+            if self.timer is not None:
+                self.timer.cancel()
             if pending:
                 self.cancel()
 
@@ -439,12 +534,23 @@ def _usage(results: Sequence[GenerationResult]) -> dict[str, Any]:
 
 class BackgroundServer:
     """Serve ``app`` with uvicorn on a thread (for tests, benchmarks and apps that embed the server);
-    ``port=0`` picks a free port. Use as a context manager; ``url`` is the base URL once started."""
+    ``port=0`` picks a free port. Use as a context manager; ``url`` is the base URL once started. Leaving it
+    stops the server as a signal would: requests in flight get ``shutdown_timeout`` seconds, then are
+    aborted."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        shutdown_timeout: float = 5.0,
+    ):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+        life = getattr(app.state, "lifecycle", None)  # an app of create_app's drains on exit; any other stops
+        self.server = GracefulServer(config, life, shutdown_timeout) if life else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="qwen-agent-server", daemon=True)
         self.host = host
 

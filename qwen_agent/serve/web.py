@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ from ..llm_protocol import LLM
 from ..runtime.chat_format import DEFAULT_SYSTEM
 from ..tools.base import extract_code
 from ..tools.registry import ToolRegistry, default_registry
-from .web_session import SessionPool, Settings, TurnEnded, WebSession, workspace_files
+from .web_session import SessionPool, Settings, TurnEnded, WebSession
 
 __all__ = ["WebApp", "build_app", "launch", "TurnView"]
 
@@ -109,7 +111,7 @@ class TurnView:
     """Turns one agent run's events into Gradio chat messages (dicts), re-rendered as events arrive."""
 
     args_formats: dict[str, str]
-    workspace: Callable[[], Path | None]
+    figure_dir: Callable[[], Path | None]  # the interpreter's host-only directory, where its figures are
     messages: list[dict[str, Any] | None] = field(default_factory=list)  # None: a block taken out
     _blocks: dict[int, tuple[int, _StepBlock]] = field(default_factory=dict)
     _answer_at: int | None = None
@@ -167,14 +169,14 @@ class TurnView:
         return [m for m in self.messages if m is not None]
 
     def _add_figures(self, observation: str) -> None:
-        """Figures named in an Observation, shown only when they are files of this session's workspace."""
-        workdir = self.workspace()
-        if workdir is None:
+        """Figures named in an Observation, shown only when they are files of the interpreter's host-only
+        directory (the kernel writes the Observation text, so it could name any path)."""
+        root = self.figure_dir()
+        if root is None:
             return
-        root = workdir.resolve()
         for name in _FIGURE.findall(observation):
             path = Path(name)
-            if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(root):
+            if path.parent != root or path.is_symlink() or not path.is_file():
                 continue
             if path not in self._shown:
                 self._shown.add(path)
@@ -283,7 +285,7 @@ class WebApp:
         return f"This chat's kernel: **{mine}** · kernels on this server: **{self.pool.kernel_count()}**"
 
     def _files(self, session: WebSession) -> list[str]:
-        return [str(p) for p in workspace_files(session.workspace)]
+        return [str(p) for p in session.export_files()]
 
     def _respond(
         self,
@@ -333,7 +335,7 @@ class WebApp:
             chat.append(_error_message(str(exc)))
             yield cleared, chat, gr.update(), self._status(request)
             return
-        view = TurnView(self.args_formats, lambda: session.workspace)
+        view = TurnView(self.args_formats, lambda: session.figure_dir)
         while True:
             try:
                 item = events.get(timeout=0.5)
@@ -367,6 +369,33 @@ class WebApp:
         self.blocks.launch(
             server_name=host, server_port=port, share=False, css=_CSS, footer_links=[], **options
         )
+
+    def serve_until_signalled(self, host: str, port: int, shutdown_timeout: float = 30.0) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully: stop accepting connections, let running
+        turns go on for ``shutdown_timeout`` seconds, stop the rest (their chats end as Stop ends them), close
+        the server and every session's kernel. Returns normally, so the process exits 0."""
+        signalled = threading.Event()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, lambda *_: signalled.set()) for sig in handled}
+        try:
+            self.launch(host, port, prevent_thread_lock=True)
+            server = self.blocks.server
+            while not signalled.wait(0.5):
+                if not server.thread.is_alive():
+                    break
+            print(f"shutting down: running turns get {shutdown_timeout:g} s to finish", file=sys.stderr)
+            # uvicorn stops listening now and waits for open connections, at most this long
+            server.config.timeout_graceful_shutdown = shutdown_timeout + 2.0
+            server.should_exit = True
+            stopped = self.pool.drain(shutdown_timeout)
+            if stopped:
+                print(f"stopped {stopped} running turn(s)", file=sys.stderr)
+            # a turn's handler polls its events every 0.5 s: let the pages get their last update
+            time.sleep(1.0)
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+            self.close()
 
     def close(self) -> None:
         """Close the server and every session's kernel."""
@@ -406,11 +435,13 @@ def launch(
     mcp: str | None = None,
     max_batch: int = 4,
     kv_cache_gb: float | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> None:
-    """Serve the UI until interrupted. ``model`` is a local model directory (loaded once, shared by every
-    session: their generations are decoded together, up to ``max_batch`` at a time, over one prefix cache of
-    ``kv_cache_gb``; see :func:`~qwen_agent.runtime.engine.load_model`) or the URL of an
-    OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
+    """Serve the UI until SIGTERM or SIGINT (then shut down as :meth:`WebApp.serve_until_signalled` does).
+    ``model`` is a local model directory (loaded once, shared by every session: their generations are decoded
+    together, up to ``max_batch`` at a time, over one prefix cache of ``kv_cache_gb``; see
+    :func:`~qwen_agent.runtime.engine.load_model`) or the URL of an OpenAI-compatible server (a client per
+    session). ``mcp`` is an ``mcpServers`` config: its servers start
     once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
     session."""
     from ..llm import llm_from_spec
@@ -445,10 +476,7 @@ def launch(
             max_tokens=max_tokens,
             idle_timeout=idle_timeout,
         )
-        try:
-            app.launch(host, port)
-        finally:
-            app.pool.close_all()
+        app.serve_until_signalled(host, port, shutdown_timeout)
     finally:
         registry.close()  # stops the MCP servers
         if engine is not None:
