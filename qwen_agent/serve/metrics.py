@@ -8,7 +8,7 @@ not collide. What is measured where:
 - time to first token, the gaps between streamed deltas, end-to-end latency, prompt and generated tokens:
   a :class:`RequestTrace` per request, fed each event the scheduler hands the request;
 - queue length, running rows, decode steps and rows per step: read from
-  :meth:`~qwen_agent.serve.scheduler.Scheduler.stats` when Prometheus scrapes, so the decode loop pays nothing.
+  :meth:`~qwen_agent.runtime.scheduler.Scheduler.stats` when Prometheus scrapes, so the decode loop pays nothing.
 
 Names follow vLLM's where there is one (``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``), with the ``qwen_agent_`` prefix.
@@ -34,7 +34,7 @@ _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    """The metrics of one app. ``stats`` returns the scheduler's :meth:`~qwen_agent.serve.scheduler.Scheduler.stats`,
+    """The metrics of one app. ``stats`` returns the scheduler's :meth:`~qwen_agent.runtime.scheduler.Scheduler.stats`,
     or None while the model loads."""
 
     def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
