@@ -15,6 +15,12 @@ answer. Errors of the backend itself (``LLMError``) propagate.
 An agent without tools is a plain chat, as react_demo is without plugins: the query goes bare, with no ReAct
 instruction, and the whole reply is the answer.
 
+With the ``hermes`` tool format (:mod:`qwen_agent.tool_format`; a Qwen2/Qwen2.5 model's own) each step renders
+the conversation with the model's chat template instead: the tools in the system turn, the earlier calls as the
+assistant's ``tool_calls`` and their results as ``tool`` messages. A turn may make several calls; they run in
+order, each a Step (with the turn's index) with its own ActionEvent and ObservationEvent, and their results go
+back in that order. ``RunResult.history`` then keeps ``(query, answer)`` pairs.
+
 Streaming holds one rule: in every step the text of its ``ThoughtDelta`` events joins to ``Step.thought`` and
 that of the ``AnswerDelta`` events to the answer, whatever the model writes and whatever the backend cuts.
 """
@@ -39,7 +45,6 @@ from .react import (
     FinalAnswer,
     ParsedOutput,
     Problem,
-    SectionStreamer,
     Variant,
     format_hint,
     parse_output,
@@ -48,6 +53,7 @@ from .react import (
     render_observation,
 )
 from .runtime.chat_format import DEFAULT_SYSTEM
+from .tool_format import HermesFormat, ToolFormat, choose_format, openai_tool, parse_hermes, streamer
 
 __all__ = [
     "Agent",
@@ -215,10 +221,11 @@ class Agent:
     """A ReAct agent over any :class:`~qwen_agent.llm.LLM` and a set of tools (a ``ToolRegistry``, a list of
     tools, or a name -> tool mapping; none makes it a plain chat).
 
-    ``variant`` picks the Qwen prompt wording (see :mod:`qwen_agent.react`); ``max_iterations`` caps the tool
-    steps of one run; ``sampling`` is passed to the backend on every call. ``constrained=True`` (or a
-    :class:`~qwen_agent.constrained.ConstraintOptions`) decodes a local model under the ReAct grammar of these
-    tools (:mod:`qwen_agent.constrained`); other backends raise ConfigError.
+    ``tool_format`` is ``"react"``, ``"hermes"`` or None: the model's own (:func:`~qwen_agent.tool_format.
+    choose_format`). ``variant`` picks the ReAct prompt wording (see :mod:`qwen_agent.react`); ``max_iterations``
+    caps the model turns that call tools in one run; ``sampling`` is passed to the backend on every call.
+    ``constrained=True`` (or a :class:`~qwen_agent.constrained.ConstraintOptions`) decodes a local model under the
+    grammar of these tools in the format (:mod:`qwen_agent.constrained`); other backends raise ConfigError.
     """
 
     def __init__(
@@ -231,14 +238,17 @@ class Agent:
         variant: Variant = DEFAULT_VARIANT,
         sampling: Sampling | None = None,
         constrained: bool | ConstraintOptions = False,
+        tool_format: str | ToolFormat | None = None,
     ):
         if max_iterations < 1:
             raise ConfigError(f"max_iterations must be at least 1, got {max_iterations}")
         self.tools = _tool_map(tools)
         self.llm = llm
+        self.format = choose_format(tool_format, llm)
         if constrained:
             options = constrained if isinstance(constrained, ConstraintOptions) else None
-            self.llm = constrain_llm(llm, self.tools, variant, options)
+            self.llm = constrain_llm(llm, self.tools, variant, options, self.format)
+        self._system_given = system  # hermes: None lets the chat template write its own default
         self.system = DEFAULT_SYSTEM if system is None else system
         self.max_iterations = max_iterations
         self.variant = variant
@@ -266,6 +276,15 @@ class Agent:
         cleaned = tuple((_clean(q), _clean(r)) for q, r in turns)
         return ChatPrompt(_clean(query), cleaned, self.system, assistant_prefix)
 
+    def messages(
+        self, query: str, history: Sequence[tuple[str, str]] = (), exchange: Sequence[dict[str, Any]] = ()
+    ) -> list[dict[str, Any]]:
+        """The hermes conversation: system (when given), earlier turns, the query, this run's calls and results."""
+        messages = [] if self._system_given is None else [{"role": "system", "content": self.system}]
+        for old_query, answer in history:
+            messages += [{"role": "user", "content": old_query}, {"role": "assistant", "content": answer}]
+        return [*messages, {"role": "user", "content": query}, *exchange]
+
     # -- running --------------------------------------------------------------------------------------------
 
     def run(self, query: str, history: Sequence[tuple[str, str]] | None = None) -> RunResult:
@@ -291,10 +310,12 @@ class Agent:
             return
         for index in range(self.max_iterations):
             yield StepStarted(index)
-            step = yield from run.model_step(index, run.transcript)
-            if step is None:  # a final answer
+            steps = yield from run.model_step(index, run.transcript)
+            if steps is None:  # a final answer
                 break
-            yield from run.act(step)
+            for step in steps:  # parallel calls run in order
+                yield from run.act(step)
+            run.record(steps)
         else:
             yield StepStarted(self.max_iterations, forced=True)
             yield from run.forced_answer(self.max_iterations)
@@ -309,6 +330,7 @@ class _Run:
         self.query = query
         self.history = history
         self.transcript = ""
+        self.exchange: list[dict[str, Any]] = []  # hermes: the assistant's calls and their results so far
         self.steps: list[Step] = []
         self.completions: list[Completion] = []
         self.answer = ""
@@ -318,19 +340,24 @@ class _Run:
 
     def generate(
         self, index: int, prefix: str, answer_only: bool = False
-    ) -> Generator[Event, None, tuple[Completion, ParsedOutput]]:
-        """Stream one model call as thought / answer deltas; returns the Completion and its parse.
+    ) -> Generator[Event, None, tuple[Completion, list[ParsedOutput]]]:
+        """Stream one model call as thought / answer deltas; returns the Completion and its parse (hermes: one
+        item per call in the turn).
 
         ``answer_only``: the reply continues a ``Final Answer:`` (written by the prompt, or implied by a plain
         chat), so all of it is the answer."""
-        prompt = self.agent.prompt(self.query, self.history, prefix)
+        agent, hermes = self.agent, isinstance(self.agent.format, HermesFormat)
+        if hermes:
+            tools = [openai_tool(t) for t in agent.tools.values()] if not answer_only else []
+            prompt = agent.format.prompt(agent.messages(self.query, self.history, self.exchange), tools)
+        else:
+            prompt = agent.prompt(self.query, self.history, prefix)
         answer_marker = _ANSWER_MARKER if answer_only else ""
-        sections = SectionStreamer(answer_marker)
+        sections = streamer(agent.format, answer_marker)
         completion = None
+        stop = agent.format.stop
         # cut here too: a backend that returns the stop word (or what follows it) must not reach the transcript
-        items = cut_stream(
-            self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling), STOP_WORDS
-        )
+        items = cut_stream(agent.llm.stream(prompt, stop=stop, sampling=agent.sampling), stop)
         for item in items:  # read to its end, so that the backend can finish its own bookkeeping
             if isinstance(item, Completion):
                 completion = item
@@ -339,20 +366,28 @@ class _Run:
         if completion is None:
             raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
         self.completions.append(completion)
-        # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does
-        stop = completion.stop if completion.stop in STOP_WORDS else ""
-        parsed = parse_output(answer_marker + completion.text + stop, self.agent._formats)
-        yield from self._deltas(index, sections.finish(parsed))
-        return completion, parsed
+        if hermes:
+            turn = parse_hermes(completion.text)
+            if answer_only:  # the whole reply is the answer; calls it wrote anyway are dropped
+                turn = type(turn)(turn.content, (), completion.text)
+            outputs = turn.outputs(agent._formats)
+        else:
+            # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does
+            stop_word = completion.stop if completion.stop in STOP_WORDS else ""
+            outputs = [parse_output(answer_marker + completion.text + stop_word, agent._formats)]
+        yield from self._deltas(index, sections.finish(outputs[0]))
+        return completion, outputs
 
     @staticmethod
     def _deltas(index: int, pieces: list[tuple[str, str]]) -> Iterator[Event]:
         for section, text in pieces:
             yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
 
-    def model_step(self, index: int, prefix: str) -> Generator[Event, None, Step | None]:
-        """Generate and parse one step; returns the Step to act on, or None when the answer is final."""
-        completion, parsed = yield from self.generate(index, prefix)
+    def model_step(self, index: int, prefix: str) -> Generator[Event, None, list[Step] | None]:
+        """Generate and parse one turn; returns the Steps to act on (one per call), or None when the answer is
+        final."""
+        completion, outputs = yield from self.generate(index, prefix)
+        parsed = outputs[0]
         if isinstance(parsed, FinalAnswer):
             self.steps.append(
                 Step(
@@ -362,12 +397,15 @@ class _Run:
             self.transcript += parsed.text
             self.answer = parsed.answer
             return None
+        return [self._step(index, parsed, completion if i == 0 else None) for i, parsed in enumerate(outputs)]
+
+    def _step(self, index: int, parsed: ParsedOutput, completion: Completion | None) -> Step:
         step = Step(
             index,
             parsed.thought,
             parsed.tool,
             parsed.raw_arguments,
-            output=parsed.text,
+            output=parsed.text if completion is not None else "",
             completion=completion,
         )
         if isinstance(parsed, Action):
@@ -375,7 +413,7 @@ class _Run:
         else:
             step.ok, step.problems = False, (parsed.problem, *parsed.problems)
             step.observation = f"Error: {parsed.detail}"
-            if completion.finish_reason == "length":
+            if completion is not None and completion.finish_reason == "length":
                 step.observation += " The reply was cut off at the token limit; keep the next one shorter."
             if parsed.problem not in (Problem.UNKNOWN_TOOL, Problem.INVALID_ARGUMENTS):
                 step.observation += "\n" + format_hint(list(self.agent.tools))
@@ -405,7 +443,19 @@ class _Run:
                     yield ErrorEvent(index, "tool_error", error or step.observation)
         yield ObservationEvent(index, step.observation, step.ok)
         self.steps.append(step)
-        self.transcript += step.output + render_observation(step.observation)
+
+    def record(self, steps: list[Step]) -> None:
+        """Carry a turn's calls and their Observations into the next prompt."""
+        if not isinstance(self.agent.format, HermesFormat):
+            for step in steps:
+                self.transcript += step.output + render_observation(step.observation)
+            return
+        calls = [
+            {"type": "function", "function": {"name": s.action or "", "arguments": _wire_arguments(s)}}
+            for s in steps
+        ]
+        self.exchange.append({"role": "assistant", "content": steps[0].thought, "tool_calls": calls})
+        self.exchange += [{"role": "tool", "content": s.observation or ""} for s in steps]
 
     def _invoke(self, step: Step) -> tuple[str, bool, str | None]:
         tool = self.agent.tools[step.action]
@@ -425,7 +475,7 @@ class _Run:
         self.stop_reason = "max_iterations"
         prefix = self.transcript + FORCED_ANSWER_CUE
         yield ThoughtDelta(index, FORCED_THOUGHT)
-        completion, parsed = yield from self.generate(index, prefix, answer_only=True)
+        completion, (parsed, *_) = yield from self.generate(index, prefix, answer_only=True)
         self.answer = parsed.answer if isinstance(parsed, FinalAnswer) else NO_ANSWER
         if not isinstance(parsed, FinalAnswer):
             yield AnswerDelta(index, NO_ANSWER)
@@ -434,7 +484,7 @@ class _Run:
 
     def plain_answer(self, index: int) -> Iterator[Event]:
         """No tools: one reply, all of it the answer (its end cut at a stop word, its ends stripped)."""
-        completion, parsed = yield from self.generate(index, "", answer_only=True)
+        completion, (parsed, *_) = yield from self.generate(index, "", answer_only=True)
         self.transcript = completion.text
         step = Step(index, "", problems=parsed.problems, output=completion.text, completion=completion)
         if isinstance(parsed, FinalAnswer):
@@ -448,13 +498,21 @@ class _Run:
             return sum(getattr(c, name) or 0 for c in self.completions)
 
         transcript = _clean(self.transcript)
+        entry = (self.query, transcript)
+        if isinstance(
+            self.agent.format, HermesFormat
+        ):  # the template's text of the calls, results and answer
+            base = self.agent.messages(self.query, self.history)
+            final = [*self.exchange, {"role": "assistant", "content": self.answer}]
+            text = self.agent.format.conversation_text
+            transcript, entry = text(base + final)[len(text(base)) :].strip(), (self.query, self.answer)
         return RunResult(
             query=self.query,
             answer=self.answer,
             steps=self.steps,
             stop_reason=self.stop_reason,
             transcript=transcript,
-            history=[*self.history, (self.query, transcript)],
+            history=[*self.history, entry],
             llm_calls=len(self.completions),
             prompt_tokens=total("prompt_tokens"),
             completion_tokens=total("completion_tokens"),
@@ -463,6 +521,11 @@ class _Run:
             llm_seconds=sum(c.seconds for c in self.completions),
             tool_seconds=sum(s.tool_seconds for s in self.steps),
         )
+
+
+def _wire_arguments(step: Step) -> Any:
+    """A call's arguments as the chat template writes them: the object, else the text as written."""
+    return step.arguments if isinstance(step.arguments, dict) else (step.raw_arguments or "")
 
 
 def _call_key(step: Step) -> str:

@@ -93,15 +93,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
     tools = _tool_registry(args)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    agent = Agent(
-        llm,
-        tools,
-        system=args.system,
-        max_iterations=args.max_iterations,
-        variant=args.variant,
-        sampling=sampling,
-        constrained=args.constrained,
-    )
+    try:
+        agent = Agent(
+            llm,
+            tools,
+            system=args.system,
+            max_iterations=args.max_iterations,
+            variant=args.variant,
+            sampling=sampling,
+            constrained=_constrained(args, args.model),
+            tool_format=args.tool_format,
+        )
+    except BaseException:
+        tools.close()
+        raise
     out = sys.stdout
     section = ""
     try:
@@ -142,6 +147,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         tools.close()
     return 0
+
+
+def _constrained(args: argparse.Namespace, model: str) -> bool:
+    """Whether to decode under the grammar: as asked, else by default for a local model (a server decodes by
+    itself) when llguidance is installed (a note says so when it is not)."""
+    if args.constrained is not None:
+        return args.constrained
+    if model.startswith(("http://", "https://")):
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("llguidance") is None:
+        print(
+            "note: decoding without the tool grammar (pip install 'qwen-react-agent[constrained]' for valid calls)",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _tool_registry(args: argparse.Namespace) -> ToolRegistry:
@@ -206,6 +229,7 @@ def _cmd_bench_tool_use(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         constrained=args.constrained,
         plugins=args.plugins,
+        tool_format=args.tool_format,
     )
     meta = {
         "constrained": args.constrained,
@@ -298,6 +322,8 @@ def _cmd_web(args: argparse.Namespace) -> int:
         idle_timeout=args.session_timeout,
         mcp=args.mcp,
         max_batch=args.max_batch,
+        tool_format=args.tool_format,
+        constrained=_constrained(args, args.model),
     )
     return 0
 
@@ -331,6 +357,8 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="a local model's generations decoded at once, across sessions (default: 4)",
     )
+    _add_tool_format(p)
+    _add_constrained_switch(p)
     p.set_defaults(func=_cmd_web)
 
 
@@ -362,6 +390,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or auto (local models)")
     p.add_argument("--dtype", default=None, help="auto, bf16, fp16 or fp32 (local models)")
     p.add_argument("--constrained", action="store_true", help=_CONSTRAINED_HELP)
+    _add_tool_format(p)
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench_tool_use)
@@ -428,7 +457,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine = load_model(args.model, device=args.device, dtype=args.dtype)
     name = args.served_model_name or Path(args.model).name or "qwen"
     app = create_app(
-        engine, model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue
+        engine,
+        model_name=name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        tool_format=args.tool_format,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -462,13 +496,33 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
     )
+    _add_tool_format(p)
     p.set_defaults(func=_cmd_serve)
 
 
 _CONSTRAINED_HELP = (
-    "local models: decode under the ReAct grammar of the offered tools (valid steps, offered tool names, "
-    "schema-valid arguments); needs the llguidance package"
+    "local models: decode under the grammar of the offered tools in the tool format (valid steps, offered tool "
+    "names, schema-valid arguments); needs the llguidance package"
 )
+
+
+def _add_constrained_switch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--constrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=_CONSTRAINED_HELP + " (default: on for a local model; --no-constrained turns it off)",
+    )
+
+
+def _add_tool_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tool-format",
+        choices=["react", "hermes"],
+        default=None,
+        help="how tools are offered and calls read: react (Qwen-7B-Chat's) or hermes (the <tool_call> format of "
+        "a Qwen2/Qwen2.5 chat template); default: the model's own",
+    )
 
 
 def _number_at_least(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
@@ -559,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
-    p.add_argument("--constrained", action="store_true", help=_CONSTRAINED_HELP)
+    _add_constrained_switch(p)
+    _add_tool_format(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sandbox", help="start a code-interpreter kernel and print the active sandbox layers")

@@ -147,6 +147,8 @@ class LocalLLM:
     def prompt_ids(self, prompt: ChatPrompt) -> list[int]:
         from .runtime.chat_format import make_context
 
+        if prompt.rendered is not None:  # a chat template's prompt (only its own control tokens are controls)
+            return prompt.rendered.ids(self.tokenizer) + self.tokenizer.encode(prompt.assistant_prefix)
         _, ids = make_context(
             self.tokenizer,
             prompt.query,

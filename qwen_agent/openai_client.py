@@ -214,6 +214,8 @@ class OpenAICompatibleLLM:
     def _prompt_ids(self, prompt: ChatPrompt) -> list[int]:
         from .runtime.chat_format import make_context
 
+        if prompt.rendered is not None:
+            return prompt.rendered.ids(self.tokenizer) + self.tokenizer.encode(prompt.assistant_prefix)
         _, ids = make_context(
             self.tokenizer, prompt.query, list(prompt.history), prompt.system, max_window_size=1 << 30
         )

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, GenerationError
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
+from .chat_template import ChatTemplate
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import GenerationConfig, QwenConfig, ntk_alpha
 from .constraint import TokenConstraint
@@ -66,7 +67,9 @@ def load_model(
             f"{model_dir}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary "
             f"has {model.config.vocab_size} rows"
         )
-    return QwenEngine(model, tokenizer, GenerationConfig.from_dir(model_dir), default_system(model_dir))
+    engine = QwenEngine(model, tokenizer, GenerationConfig.from_dir(model_dir), default_system(model_dir))
+    engine.chat_template = ChatTemplate.from_dir(model_dir, tokenizer.special_tokens)
+    return engine
 
 
 def default_system(model_dir: Path) -> str:
@@ -106,8 +109,11 @@ class QwenEngine:
     ``grammar`` (a Lark grammar in llguidance's dialect), compiled once per call into a fresh constraint per
     prompt (:mod:`qwen_agent.runtime.grammar`; a schema or grammar that does not compile is a ConfigError).
     Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
-    ``<|im_start|>``. Not thread-safe: one call at a time.
+    ``<|im_start|>``. Not thread-safe: one call at a time. ``chat_template`` is the checkpoint's
+    (:func:`load_model` sets it; None for Qwen-7B-Chat, which has none).
     """
+
+    chat_template: ChatTemplate | None = None
 
     def __init__(
         self,

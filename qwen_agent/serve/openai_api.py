@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over a local engine: ``create_app(engine)`` gives the FastAPI app.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (function calling through the
-ReAct prompt of :mod:`qwen_agent.fncall`, as Qwen's ``openai_api.py``; a ``"strict": true`` function is called
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (function calling in the model's
+tool format, :mod:`qwen_agent.fncall`: the ReAct prompt as Qwen's ``openai_api.py`` for Qwen-7B-Chat, the chat
+template's ``<tool_call>`` format, parallel calls included, for Qwen2/Qwen2.5; a ``"strict": true`` function is called
 with arguments that match its parameters schema, and ``response_format`` ``json_object``/``json_schema`` holds
 the reply to JSON, both by decoding under a grammar), ``POST /v1/completions`` (text or token ids; text may
 contain ChatML control tokens, as on vLLM). Both stream as server-sent events ending ``data:
@@ -37,6 +38,7 @@ from ..llm_protocol import Sampling
 from ..runtime.constraint import TokenConstraint
 from ..runtime.generate import GenerationResult, PromptRequest
 from ..runtime.grammar import Grammar
+from ..tool_format import ToolFormat, choose_format
 from .scheduler import QueueFullError, Scheduler, Ticket
 from .schema import APIError, ChatCompletionRequest, CompletionRequest, error_body, refuse_unsupported
 
@@ -52,13 +54,15 @@ def create_app(
     api_key: str | None = None,
     max_batch: int = 32,
     max_queue: int = 256,
+    tool_format: str | None = None,
 ) -> FastAPI:
     """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`, which the app's
     scheduler thread then owns: do not call it elsewhere while the app runs). ``api_key``: the bearer token
     required on ``/v1`` (None: none). ``max_batch`` rows decode at once; ``max_queue`` more may wait, beyond
-    which requests get 503."""
+    which requests get 503. ``tool_format``: ``"react"``, ``"hermes"``, or None for the model's own."""
+    chosen = choose_format(tool_format, engine)  # before the scheduler thread starts: a bad name fails here
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-    api = _Handlers(engine, scheduler, model_name)
+    api = _Handlers(engine, scheduler, model_name, chosen)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +71,7 @@ def create_app(
 
     app = FastAPI(title="qwen-agent OpenAI-compatible server", lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.state.tool_format = chosen.name
 
     def authorized(request: Request) -> None:
         if api_key is None:
@@ -135,8 +140,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 class _Handlers:
     """Translate requests to prompt ids and engine arguments, and the engine's events to OpenAI objects."""
 
-    def __init__(self, engine: Any, scheduler: Scheduler, model_name: str) -> None:
+    def __init__(self, engine: Any, scheduler: Scheduler, model_name: str, tool_format: ToolFormat) -> None:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
+        self.tool_format = tool_format
         self.chatml = LocalLLM(engine)  # builds prompt ids only; the scheduler runs the engine
         self.started = int(time.time())
 
@@ -151,7 +157,7 @@ class _Handlers:
             functions = [f.model_dump() for f in body.functions]
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            request = build_prompt(messages, functions, tools, body.stop_list())
+            request = build_prompt(messages, functions, tools, body.stop_list(), self.tool_format)
         except ConfigError as exc:
             raise APIError(400, str(exc), param=_param_of(str(exc), "messages")) from None
         ids = self.chatml.prompt_ids(request.prompt)
@@ -207,7 +213,9 @@ class _Handlers:
                 raise APIError(400, str(exc), param="response_format.json_schema.schema") from None
         specs = [spec.get("function", spec) for spec in offered]  # tools hold their function spec
         try:
-            constraints = strict_function_constraints(self.engine.tokenizer, vocab_size, specs)
+            constraints = strict_function_constraints(
+                self.engine.tokenizer, vocab_size, specs, request.tool_format
+            )
         except ConfigError as exc:
             param = "tools" if body.tools else "functions"
             raise APIError(400, f"'{param}': {exc}", param=param) from None

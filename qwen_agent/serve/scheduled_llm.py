@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from ..errors import LLMError
 from ..llm import LocalLLM, engine_options, local_completion
@@ -31,16 +32,28 @@ class ScheduledLLM:
     prompt, in exchange for decoding alongside the other callers.
     """
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, constraint: Callable[[ChatPrompt], Any] | None = None):
         self.scheduler = scheduler
+        self.constraint = constraint
         self.chatml = LocalLLM(scheduler.engine)  # builds prompt ids only; the scheduler runs the engine
+
+    @property
+    def engine(self) -> Any:
+        return self.scheduler.engine
+
+    def with_constraint(self, constraint: Callable[[ChatPrompt], Any] | None) -> ScheduledLLM:
+        """The same scheduler with ``constraint`` (as :meth:`qwen_agent.llm.LocalLLM.with_constraint`)."""
+        return ScheduledLLM(self.scheduler, constraint)
 
     def request(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> PromptRequest:
         """What :meth:`stream` submits: the prompt ids and engine arguments ``LocalLLM`` would use."""
         ids = self.chatml.prompt_ids(prompt)
-        return self.scheduler.engine.request(ids, stop=tuple(stop), **engine_options(sampling))
+        options = engine_options(sampling)
+        if self.constraint is not None:
+            options["constraint"] = self.constraint(prompt)
+        return self.scheduler.engine.request(ids, stop=tuple(stop), **options)
 
     def complete(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
