@@ -9,8 +9,7 @@ With it the model can write only a valid ReAct step::
 or ``Thought: <one line>`` then ``Final Answer: <text>`` (ended by the end-of-turn id). The arguments of a JSON tool
 are a JSON object that matches the tool's ``parameters`` schema (with unknown top-level names ruled out, as
 :func:`~qwen_agent.tools.schema.validate_arguments` rules them out); those of a code tool (``args_format="code"``)
-are code in a fenced block, as the ``react_demo`` wording asks, in every wording (so that a copy of the
-parameter list, which a small model writes, never reaches the interpreter as code).
+are free code text, fenced or not, and for the ``react_demo`` wording, which asks for triple backticks, fenced.
 Free text never holds ``Observation:`` (the stop string would cut it) nor a line that starts with a ReAct marker
 inside code (the parser would end the Action Input there). Where the assistant turn already ends with
 ``Thought:`` (after an Observation) the grammar starts at the thought's text; where it ends with
@@ -147,9 +146,7 @@ def react_grammar(
         head = json.dumps(f"{name}\nAction Input: ")
         if args_format == "code":
             # one token up to and including the stop string, so the lexer never has to give text back
-            # a fenced block, as react_demo's wording asks: a copy of the parameter list cannot pass for code
-            # (written so that its lexer stays small: code holds no run of two backticks)
-            body = r"```[^\n`]*\n\s*[^\s`](?:[^`]|`[^`])*\n```"
+            body = r"```[^\n`]*\n.*[^\s`].*\n```" if variant == "react_demo" else r"[\s`]*[^\s`].*"
             bound = f" & /(?s:.{{1,{limit + 20}}})/" if limit is not None else ""
             excluded = f"(?s:.*(Observation:|{_MARKER_LINE}).*\\nObservation:)"
             lines.append(f"ARGS{i}: /(?s:{body}\\nObservation:)/ & ~/{excluded}/{bound}")

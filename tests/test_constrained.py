@@ -115,10 +115,7 @@ def test_grammar_accepts_valid_steps_and_rejects_others(engine):
     assert accepts(
         c, tok, "", "Thought: code\nAction: run_code\nAction Input: ```py\nprint(1)\n```\nObservation:"
     )
-    # code goes in a fenced block: a copy of the parameter list cannot pass for code
-    assert not accepts(c, tok, "", "Thought: code\nAction: run_code\nAction Input: print(1)\nObservation:")
-    copied = 'Action Input: [{"name": "code", "type": "string"}]\nObservation:'
-    assert not accepts(c, tok, "", "Thought: code\nAction: run_code\n" + copied)
+    assert accepts(c, tok, "", "Thought: code\nAction: run_code\nAction Input: print(1)\nObservation:")
     assert not accepts(c, tok, "", "Thought: x\nAction: search\n")  # not an offered tool
     assert not accepts(c, tok, "", 'Thought: x\nAction: lookup\nAction Input: {"word": "cat"}')  # required
     assert not accepts(c, tok, "", 'Thought: x\nAction: lookup\nAction Input: {"word": 1')  # a string
@@ -138,13 +135,15 @@ def test_grammar_accepts_valid_steps_and_rejects_others(engine):
     assert not accepts(c, tok, "... I now know the final answer.\nFinal Answer:", " 42\nObservation:")
 
 
-def test_code_tools_take_a_fenced_block_in_every_variant(engine):
+def test_variant_wording_for_code_tools(engine):
     tok, tools = engine.tokenizer, {"run_code": RunCode()}
     unfenced = "Thought: code\nAction: run_code\nAction Input: print(1)\nObservation:"
     fenced = "Thought: code\nAction: run_code\nAction Input: ```py\nprint(1)\n```\nObservation:"
-    for variant in ("react_demo", "react_prompt", "openai_api"):  # react_demo: "Enclose the code ..."
+    demo = ReActConstraints(tok, engine.config.vocab_size, tools, "react_demo")
+    assert accepts(demo, tok, "", fenced) and not accepts(demo, tok, "", unfenced)  # "Enclose the code ..."
+    for variant in ("react_prompt", "openai_api"):
         c = ReActConstraints(tok, engine.config.vocab_size, tools, variant)
-        assert accepts(c, tok, "", fenced) and not accepts(c, tok, "", unfenced)
+        assert accepts(c, tok, "", fenced) and accepts(c, tok, "", unfenced)
 
 
 def test_with_no_tools_only_a_final_answer_is_allowed(engine):
