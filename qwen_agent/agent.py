@@ -21,6 +21,12 @@ sent back what they produced. :meth:`Agent.stream` fulfils the requests on the c
 :meth:`Agent.astream` awaits them on the caller's event loop (:mod:`qwen_agent.aio`). So the two APIs give the
 same events and results by construction, the sync API needs no event loop, and the async one no thread per call.
 
+With the ``hermes`` tool format (:mod:`qwen_agent.tool_format`; a Qwen2/Qwen2.5 model's own) each step renders
+the conversation with the model's chat template instead: the tools in the system turn, the earlier calls as the
+assistant's ``tool_calls`` and their results as ``tool`` messages. A turn may make several calls; they run in
+order, each a Step (with the turn's index) with its own ActionEvent and ObservationEvent, and their results go
+back in that order. ``RunResult.history`` then keeps ``(query, answer)`` pairs.
+
 Streaming holds one rule: in every step the text of its ``ThoughtDelta`` events joins to ``Step.thought`` and
 that of the ``AnswerDelta`` events to the answer, whatever the model writes and whatever the backend cuts.
 """
@@ -59,7 +65,6 @@ from .react import (
     FinalAnswer,
     ParsedOutput,
     Problem,
-    SectionStreamer,
     Variant,
     format_hint,
     parse_output,
@@ -68,6 +73,7 @@ from .react import (
     render_observation,
 )
 from .runtime.chat_format import DEFAULT_SYSTEM
+from .tool_format import HermesFormat, ToolFormat, choose_format, openai_tool, parse_hermes, streamer
 from .tracing import SpanRecord, Tracing
 
 __all__ = [
@@ -130,10 +136,11 @@ class Agent:
     """A ReAct agent over any :class:`~qwen_agent.llm.LLM` and a set of tools (a ``ToolRegistry``, a list of
     tools, or a name -> tool mapping; none makes it a plain chat).
 
-    ``variant`` picks the Qwen prompt wording (see :mod:`qwen_agent.react`); ``max_iterations`` caps the tool
-    steps of one run; ``sampling`` is passed to the backend on every call. ``constrained=True`` (or a
-    :class:`~qwen_agent.constrained.ConstraintOptions`) decodes a local model under the ReAct grammar of these
-    tools (:mod:`qwen_agent.constrained`); other backends raise ConfigError.
+    ``tool_format`` is ``"react"``, ``"hermes"`` or None: the model's own (:func:`~qwen_agent.tool_format.
+    choose_format`). ``variant`` picks the ReAct prompt wording (see :mod:`qwen_agent.react`); ``max_iterations``
+    caps the model turns that call tools in one run; ``sampling`` is passed to the backend on every call.
+    ``constrained=True`` (or a :class:`~qwen_agent.constrained.ConstraintOptions`) decodes a local model under the
+    grammar of these tools in the format (:mod:`qwen_agent.constrained`); other backends raise ConfigError.
 
     The context budget (:mod:`qwen_agent.budget`): ``context_window`` is the backend's context in tokens (default:
     what the backend says, ``llm.context_window``); ``max_observation_tokens`` caps one Observation (default: a
@@ -157,6 +164,7 @@ class Agent:
         name: str = "qwen-agent",
         tracer_provider: Any = None,
         callbacks: Sequence[Callable[[SpanRecord], None]] = (),
+        tool_format: str | ToolFormat | None = None,
     ):
         if max_iterations < 1:
             raise ConfigError(f"max_iterations must be at least 1, got {max_iterations}")
@@ -168,9 +176,11 @@ class Agent:
                 raise ConfigError(f"{label} must be a positive number of tokens, got {value}")
         self.tools = _tool_map(tools)
         self.llm = llm
+        self.format = choose_format(tool_format, llm)
         if constrained:
             options = constrained if isinstance(constrained, ConstraintOptions) else None
-            self.llm = constrain_llm(llm, self.tools, variant, options)
+            self.llm = constrain_llm(llm, self.tools, variant, options, self.format)
+        self._system_given = system  # hermes: None lets the chat template write its own default
         self.system = DEFAULT_SYSTEM if system is None else system
         self.max_iterations = max_iterations
         self.variant = variant
@@ -200,6 +210,15 @@ class Agent:
             query = react_question(self._instruction, query)
         cleaned = tuple((_clean(q), _clean(r)) for q, r in turns)
         return ChatPrompt(_clean(query), cleaned, self.system, assistant_prefix)
+
+    def messages(
+        self, query: str, history: Sequence[tuple[str, str]] = (), exchange: Sequence[dict[str, Any]] = ()
+    ) -> list[dict[str, Any]]:
+        """The hermes conversation: system (when given), earlier turns, the query, this run's calls and results."""
+        messages = [] if self._system_given is None else [{"role": "system", "content": self.system}]
+        for old_query, answer in history:
+            messages += [{"role": "user", "content": old_query}, {"role": "assistant", "content": answer}]
+        return [*messages, {"role": "user", "content": query}, *exchange]
 
     def budget(self) -> ContextBudget:
         """The context budget of a run: the window from the option or the backend, its tokenizer if it has one."""
@@ -232,7 +251,9 @@ class Agent:
                 request = machine.send(reply)
                 reply = None
                 if isinstance(request, _ModelCall):
-                    items = iter(self.llm.stream(request.prompt, stop=STOP_WORDS, sampling=request.sampling))
+                    items = iter(
+                        self.llm.stream(request.prompt, stop=request.stop, sampling=request.sampling)
+                    )
                     reply = next(items, None)
                 elif request is _NEXT_ITEM:
                     reply = next(items, None)
@@ -285,7 +306,7 @@ class Agent:
                         request = machine.send(reply)
                         reply = None
                         if isinstance(request, _ModelCall):
-                            items = aio.astream_llm(self.llm, request.prompt, STOP_WORDS, request.sampling)
+                            items = aio.astream_llm(self.llm, request.prompt, request.stop, request.sampling)
                             reply = await anext(items, None)
                         elif request is _NEXT_ITEM:
                             reply = await anext(items, None)
@@ -312,10 +333,12 @@ class Agent:
 
 @dataclass(frozen=True)
 class _ModelCall:
-    """A request of the step machine: stream ``prompt``; the driver sends back the stream's first item."""
+    """A request of the step machine: stream ``prompt`` up to ``stop``; the driver sends back the stream's first
+    item."""
 
     prompt: ChatPrompt
     sampling: Sampling | None
+    stop: Sequence[str]
 
 
 _NEXT_ITEM = (
@@ -339,6 +362,7 @@ class _Run:
         self.query = query
         self.history = history
         self.transcript = ""
+        self.exchange: list[dict[str, Any]] = []  # hermes: the assistant's calls and their results so far
         self.steps: list[Step] = []
         self.completions: list[Completion] = []
         self.answer = ""
@@ -363,10 +387,12 @@ class _Run:
                 fit = yield from self.start_step(index, self.transcript)
                 if fit.prompt is None:
                     break
-                step = yield from self.model_step(index, fit)
-                if step is None:  # a final answer
+                steps = yield from self.model_step(index, fit)
+                if steps is None:  # a final answer
                     break
-                yield from self.act(step)
+                for step in steps:  # parallel calls run in order
+                    yield from self.act(step)
+                self.record(steps)
             else:
                 index = self.agent.max_iterations
                 fit = yield from self.start_step(index, self.transcript + FORCED_ANSWER_CUE, forced=True)
@@ -380,9 +406,7 @@ class _Run:
         """Fit the step's prompt to the context (oldest turns dropped first); a prompt that cannot fit ends the
         run with ``stop_reason="context"``."""
         self._index = index
-        fit = self.budget.fit(
-            lambda turns: self.agent.prompt(self.query, turns, prefix), self.history, self.agent.sampling
-        )
+        fit = self.budget.fit(self._builder(prefix, forced), self.history, self.agent.sampling)
         yield StepStarted(index, forced, fit.prompt_tokens, fit.context_window)
         if fit.dropped_turns > self._dropped_turns:
             self._dropped_turns = fit.dropped_turns
@@ -398,18 +422,30 @@ class _Run:
             yield AnswerDelta(index, CONTEXT_FULL)
         return fit
 
+    def _builder(self, prefix: str, forced: bool) -> Callable[[Sequence[tuple[str, str]]], ChatPrompt]:
+        """The step's prompt from the earlier turns kept: ReAct's conversation with ``prefix`` as the unfinished
+        assistant turn, or the chat template's rendering of the messages (hermes; no tools offered when
+        ``forced``, so the reply is the answer)."""
+        agent = self.agent
+        if not isinstance(agent.format, HermesFormat):
+            return lambda turns: agent.prompt(self.query, turns, prefix)
+        tools = [] if forced else [openai_tool(t) for t in agent.tools.values()]
+        return lambda turns: agent.format.prompt(agent.messages(self.query, turns, self.exchange), tools)
+
     def generate(
         self, index: int, fit: Fit, answer_only: bool = False
-    ) -> Generator[Any, Any, tuple[Completion, ParsedOutput]]:
-        """Stream one model call as thought / answer deltas; returns the Completion and its parse.
+    ) -> Generator[Any, Any, tuple[Completion, list[ParsedOutput]]]:
+        """Stream one model call as thought / answer deltas; returns the Completion and its parse (hermes: one
+        item per call in the turn).
 
         ``answer_only``: the reply continues a ``Final Answer:`` (written by the prompt, or implied by a plain
         chat), so all of it is the answer."""
+        agent, hermes = self.agent, isinstance(self.agent.format, HermesFormat)
         answer_marker = _ANSWER_MARKER if answer_only else ""
-        sections = SectionStreamer(answer_marker)
+        sections = streamer(agent.format, answer_marker)
         # the backend cuts at the stop words (the LLM protocol's contract)
         self.trace.model_started(fit.prompt, fit.sampling)
-        item = yield _ModelCall(fit.prompt, fit.sampling)
+        item = yield _ModelCall(fit.prompt, fit.sampling, agent.format.stop)
         while not isinstance(item, Completion):  # read to its end, so the backend can finish its bookkeeping
             if item is None:
                 raise LLMError(
@@ -420,20 +456,28 @@ class _Run:
         completion = item
         self.trace.model_finished(completion)
         self.completions.append(completion)
-        # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does
-        stop = completion.stop if completion.stop in STOP_WORDS else ""
-        parsed = parse_output(answer_marker + completion.text + stop, self.agent._formats)
-        yield from self._deltas(index, sections.finish(parsed))
-        return completion, parsed
+        if hermes:
+            turn = parse_hermes(completion.text)
+            if answer_only:  # the whole reply is the answer; calls it wrote anyway are dropped
+                turn = type(turn)(turn.content, (), completion.text)
+            outputs = turn.outputs(agent._formats)
+        else:
+            # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does
+            stop_word = completion.stop if completion.stop in STOP_WORDS else ""
+            outputs = [parse_output(answer_marker + completion.text + stop_word, agent._formats)]
+        yield from self._deltas(index, sections.finish(outputs[0]))
+        return completion, outputs
 
     @staticmethod
     def _deltas(index: int, pieces: list[tuple[str, str]]) -> Iterator[Event]:
         for section, text in pieces:
             yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
 
-    def model_step(self, index: int, fit: Fit) -> Generator[Any, Any, Step | None]:
-        """Generate and parse one step; returns the Step to act on, or None when the answer is final."""
-        completion, parsed = yield from self.generate(index, fit)
+    def model_step(self, index: int, fit: Fit) -> Generator[Any, Any, list[Step] | None]:
+        """Generate and parse one turn; returns the Steps to act on (one per call), or None when the answer is
+        final."""
+        completion, outputs = yield from self.generate(index, fit)
+        parsed = outputs[0]
         if isinstance(parsed, FinalAnswer):
             self.steps.append(
                 Step(
@@ -443,12 +487,16 @@ class _Run:
             self.transcript += parsed.text
             self.answer = parsed.answer
             return None
+        return [self._step(index, parsed, completion if i == 0 else None) for i, parsed in enumerate(outputs)]
+
+    def _step(self, index: int, parsed: ParsedOutput, completion: Completion | None) -> Step:
+        """The Step of one call; ``completion`` only on a turn's first (its text and usage are counted once)."""
         step = Step(
             index,
             parsed.thought,
             parsed.tool,
             parsed.raw_arguments,
-            output=parsed.text,
+            output=parsed.text if completion is not None else "",
             completion=completion,
         )
         if isinstance(parsed, Action):
@@ -456,14 +504,14 @@ class _Run:
         else:
             step.ok, step.problems = False, (parsed.problem, *parsed.problems)
             step.observation = f"Error: {parsed.detail}"
-            if completion.finish_reason == "length":
+            if completion is not None and completion.finish_reason == "length":
                 step.observation += " The reply was cut off at the token limit; keep the next one shorter."
             if parsed.problem not in (Problem.UNKNOWN_TOOL, Problem.INVALID_ARGUMENTS):
                 step.observation += "\n" + format_hint(list(self.agent.tools))
         return step
 
     def act(self, step: Step) -> Generator[Any, Any, None]:
-        """Run the step's tool (or report why not) and append the Observation to the transcript."""
+        """Run the step's tool (or report why not); :meth:`record` carries the Observation on."""
         index = step.index
         if step.observation is not None:  # a malformed output
             yield ErrorEvent(index, step.problems[0].value, step.observation)
@@ -494,7 +542,19 @@ class _Run:
                 f"{elided} characters in its middle were left out",
             )
         self.steps.append(step)
-        self.transcript += step.output + render_observation(step.observation)
+
+    def record(self, steps: list[Step]) -> None:
+        """Carry a turn's calls and their Observations into the next prompt."""
+        if not isinstance(self.agent.format, HermesFormat):
+            for step in steps:
+                self.transcript += step.output + render_observation(step.observation)
+            return
+        calls = [
+            {"type": "function", "function": {"name": s.action or "", "arguments": _wire_arguments(s)}}
+            for s in steps
+        ]
+        self.exchange.append({"role": "assistant", "content": steps[0].thought, "tool_calls": calls})
+        self.exchange += [{"role": "tool", "content": s.observation or ""} for s in steps]
 
     def _invoke(self, step: Step) -> Generator[Any, Any, tuple[str, bool, str | None]]:
         started = time.perf_counter()
@@ -517,7 +577,7 @@ class _Run:
         self.stop_reason = "max_iterations"
         prefix = fit.prompt.assistant_prefix
         yield ThoughtDelta(index, FORCED_THOUGHT)
-        completion, parsed = yield from self.generate(index, fit, answer_only=True)
+        completion, (parsed, *_) = yield from self.generate(index, fit, answer_only=True)
         self.answer = parsed.answer if isinstance(parsed, FinalAnswer) else NO_ANSWER
         if not isinstance(parsed, FinalAnswer):
             yield AnswerDelta(index, NO_ANSWER)
@@ -526,7 +586,7 @@ class _Run:
 
     def plain_answer(self, index: int, fit: Fit) -> Generator[Any, Any, None]:
         """No tools: one reply, all of it the answer (its end cut at a stop word, its ends stripped)."""
-        completion, parsed = yield from self.generate(index, fit, answer_only=True)
+        completion, (parsed, *_) = yield from self.generate(index, fit, answer_only=True)
         self.transcript = completion.text
         step = Step(index, "", problems=parsed.problems, output=completion.text, completion=completion)
         if isinstance(parsed, FinalAnswer):
@@ -548,6 +608,14 @@ class _Run:
             return sum(getattr(c, name) or 0 for c in self.completions)
 
         transcript = _clean(self.transcript)
+        entry = (self.query, transcript)
+        if isinstance(
+            self.agent.format, HermesFormat
+        ):  # the template's text of the calls, results and answer
+            base = self.agent.messages(self.query, self.history)
+            final = [*self.exchange, {"role": "assistant", "content": self.answer}]
+            text = self.agent.format.conversation_text
+            transcript, entry = text(base + final)[len(text(base)) :].strip(), (self.query, self.answer)
         return RunResult(
             query=self.query,
             answer=self.answer,
@@ -555,7 +623,7 @@ class _Run:
             stop_reason=self.stop_reason,
             transcript=transcript,
             # a cancelled turn is not part of the conversation: the next run continues from the one before
-            history=[*self.history, *([] if self.stop_reason == "cancelled" else [(self.query, transcript)])],
+            history=[*self.history, *([] if self.stop_reason == "cancelled" else [entry])],
             llm_calls=len(self.completions),
             prompt_tokens=total("prompt_tokens"),
             completion_tokens=total("completion_tokens"),
@@ -567,6 +635,11 @@ class _Run:
             context_window=self.budget.context_window,
             dropped_turns=self._dropped_turns,
         )
+
+
+def _wire_arguments(step: Step) -> Any:
+    """A call's arguments as the chat template writes them: the object, else the text as written."""
+    return step.arguments if isinstance(step.arguments, dict) else (step.raw_arguments or "")
 
 
 def _call_key(step: Step) -> str:

@@ -70,7 +70,10 @@ class ContextBudget:
         return self._encode_len(text)
 
     def prompt_tokens(self, prompt: ChatPrompt) -> int:
-        """The prompt's tokens as ``make_context`` lays them out, plus the assistant prefix."""
+        """The prompt's tokens as ``make_context`` lays them out (a chat template's prompt: its text), plus the
+        assistant prefix."""
+        if prompt.rendered is not None:
+            return self.count(prompt.rendered.text) + self.count(prompt.assistant_prefix)
         return (
             self._turn_count(prompt.system) + _SYSTEM_FRAME
             + sum(self._turns(prompt.history))
@@ -99,7 +102,8 @@ class ContextBudget:
             return Fit(prompt, sampling)
         max_tokens = (sampling or Sampling()).max_tokens
         reply = min(max_tokens, MIN_REPLY_TOKENS)
-        turns = self._turns(prompt.history)
+        # a chat template's prompt has its earlier turns in its text: they are counted as ChatML lays them out
+        turns = self._turns(prompt.history if prompt.rendered is None else history)
         fixed = self.prompt_tokens(prompt) - sum(turns)
         kept, kept_tokens = 0, 0
         for tokens in reversed(turns):  # newest first; the first turn that does not fit ends it

@@ -19,6 +19,12 @@ The grammar is compiled by llguidance (the ``constrained`` extra: ``pip install 
 which also computes the masks: it walks the vocabulary's byte trie against the grammar's lexer, a few hundred
 microseconds a token (through :class:`~qwen_agent.runtime.grammar.Grammar`, which also serves
 ``engine.generate(..., json_schema=..., grammar=...)``).
+
+For the ``hermes`` tool format (:mod:`qwen_agent.tool_format`) the grammar is :func:`hermes_grammar`: either an
+answer (text that holds no ``<tool_call>``) or one or more calls, each ``<tool_call>\n{"name": "<offered>",
+"arguments": <JSON matching that tool's schema>}\n</tool_call>``, one per line, as the chat template writes
+them (the tags as the tokenizer's own tokens where it has them). A code tool's arguments there are its schema's
+object (``{"code": "..."}``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .llm_protocol import LLM, ChatPrompt
 from .react import VARIANTS, Variant
 from .runtime.grammar import COMPACT_JSON, Grammar, require_llguidance
 from .runtime.tokenizer import QwenTokenizer
+from .tool_format import HermesFormat
 
 if TYPE_CHECKING:
     from .runtime.constraint import TokenConstraint
@@ -41,6 +48,8 @@ __all__ = [
     "ConstraintOptions",
     "react_grammar",
     "ReActConstraints",
+    "hermes_grammar",
+    "HermesConstraints",
     "strict_function_constraints",
     "constrain_llm",
     "require_llguidance",
@@ -209,11 +218,75 @@ class ReActConstraints:
         return self.for_prefix(prompt.assistant_prefix)
 
 
+def _tag(tokenizer: QwenTokenizer, tag: str) -> str:
+    """A tag as the tokenizer's own token where it has one (the model writes that id), else as text."""
+    token = tokenizer.special_tokens.get(tag)
+    return f"<[{token}]>" if token is not None else json.dumps(tag)
+
+
+def hermes_grammar(
+    tools: Mapping[str, Any],
+    options: ConstraintOptions,
+    open_tag: str = '"<tool_call>"',
+    close_tag: str = '"</tool_call>"',
+) -> str:
+    """The Lark grammar of one Hermes turn for ``tools`` (name -> tool): an answer, or calls (see the module
+    docstring). ``open_tag``/``close_tag`` are Lark items for the tags."""
+    limit = options.max_text_chars
+    answer = r"/(?s:\s*[^\s{].*)/ & ~/(?s:.*<tool_call>.*)/"
+    lines = ["start: answer | calls" if tools else "start: answer", "answer: ANSWER"]
+    lines.append("ANSWER: " + answer + (f" & /(?s:.{{1,{limit}}})/" if limit is not None else ""))
+    if tools:
+        names = []
+        for i, tool in enumerate(tools.values()):
+            name, _, schema = _tool_spec(tool)
+            head = json.dumps(name) + ', "arguments": '
+            lines.append(f"c{i}: {json.dumps(head)} args{i}")
+            lines.append(f"args{i}: %json{json.dumps(_argument_schema(schema, options), ensure_ascii=False)}")
+            names.append(f"c{i}")
+        lines.append('calls: call ("\\n" call)*')
+        lines.append(f'call: {open_tag} "\\n{{\\"name\\": " ({" | ".join(names)}) "}}\\n" {close_tag}')
+    return "\n".join(lines) + "\n"
+
+
+class HermesConstraints:
+    """Gives each model call a fresh constraint for the Hermes grammar of ``tools`` (compiled once); a tool whose
+    schema llguidance cannot compile is a ConfigError naming it."""
+
+    def __init__(
+        self,
+        tokenizer: QwenTokenizer,
+        vocab_size: int,
+        tools: Mapping[str, Any],
+        options: ConstraintOptions | None = None,
+    ) -> None:
+        require_llguidance()
+        options = options or ConstraintOptions()
+        lark = hermes_grammar(tools, options, _tag(tokenizer, "<tool_call>"), _tag(tokenizer, "</tool_call>"))
+        try:
+            self._grammar = Grammar(
+                tokenizer, vocab_size, lark, "constrained decoding: the tool-call grammar"
+            )
+        except ConfigError:
+            ReActConstraints(
+                tokenizer, vocab_size, tools, options=options
+            )  # names the tool whose schema fails
+            raise
+
+    def __call__(self, prompt: ChatPrompt) -> TokenConstraint:
+        return self._grammar.constraint()
+
+
 def constrain_llm(
-    llm: LLM, tools: Mapping[str, Any], variant: Variant, options: ConstraintOptions | None = None
+    llm: LLM,
+    tools: Mapping[str, Any],
+    variant: Variant,
+    options: ConstraintOptions | None = None,
+    tool_format: Any = None,
 ) -> LLM:
-    """``llm`` decoding under the ReAct grammar of ``tools``: a local model only, since the mask is applied in
-    this process's decoding loop."""
+    """``llm`` decoding under the grammar of ``tools`` in ``tool_format`` (ReAct unless it is a
+    :class:`~qwen_agent.tool_format.HermesFormat`): a local model only, since the mask is applied in this
+    process's decoding loop."""
     from .llm import LocalLLM
 
     if not isinstance(llm, LocalLLM):
@@ -222,6 +295,10 @@ def constrain_llm(
             f"{type(llm).__name__} cannot do it (a server decodes by itself)"
         )
     engine = llm.engine
+    if isinstance(tool_format, HermesFormat):
+        return llm.with_constraint(
+            HermesConstraints(engine.tokenizer, engine.config.vocab_size, tools, options)
+        )
     return llm.with_constraint(
         ReActConstraints(engine.tokenizer, engine.config.vocab_size, tools, variant, options)
     )
@@ -239,9 +316,10 @@ _ANY_OBJECT = {"type": "object", "additionalProperties": True}
 
 
 def strict_function_constraints(
-    tokenizer: QwenTokenizer, vocab_size: int, functions: Sequence[Mapping[str, Any]]
-) -> ReActConstraints | None:
-    """The ReAct grammar (``openai_api`` wording) over OpenAI function specs when any of them is ``"strict":
+    tokenizer: QwenTokenizer, vocab_size: int, functions: Sequence[Mapping[str, Any]], tool_format: Any = None
+) -> ReActConstraints | HermesConstraints | None:
+    """The grammar (ReAct's ``openai_api`` wording, or the Hermes format's for a
+    :class:`~qwen_agent.tool_format.HermesFormat`) over OpenAI function specs when any of them is ``"strict":
     true``: a strict function's arguments match its ``parameters``, the others' are any JSON object, and only
     offered names can be called. None when no function is strict."""
     if not any(spec.get("strict") is True for spec in functions):
@@ -251,4 +329,6 @@ def strict_function_constraints(
         name = str(spec.get("name_for_model", spec.get("name")))
         schema = spec.get("parameters") or {"type": "object", "properties": {}}
         tools[name] = _Function(name, schema if spec.get("strict") is True else _ANY_OBJECT)
+    if isinstance(tool_format, HermesFormat):
+        return HermesConstraints(tokenizer, vocab_size, tools)
     return ReActConstraints(tokenizer, vocab_size, tools, "openai_api")

@@ -13,6 +13,11 @@ variant; what it writes is parsed and comes back as an assistant message with ``
 
 Beyond the reference: ``tools``/``tool_calls`` (several calls in one assistant message become consecutive
 steps, their results are matched in order) and streaming with function calls.
+
+With the ``hermes`` tool format (a Qwen2/Qwen2.5 model's own, :mod:`qwen_agent.tool_format`) the messages and
+tools go to the model's chat template as they are (a call's ``arguments`` as an object, results as ``tool``
+turns), and the reply's calls, several for parallel calls, come back as ``tool_calls``; a call to a function that
+was not offered is never returned as a call (the reply is then content).
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     STOP_WORDS,
     FinalAnswer,
-    SectionStreamer,
     parse_output,
     react_instruction,
     react_question,
     tool_desc_line,
 )
 from .runtime.chat_format import DEFAULT_SYSTEM
+from .tool_format import HermesFormat, ReActFormat, ToolFormat, parse_hermes, streamer
 
 __all__ = [
     "FunctionPrompt",
@@ -56,6 +61,7 @@ class FunctionPrompt:
     function_names: tuple[str, ...]
     use_tools: bool  # answer with tool_calls (the request used `tools`) rather than function_call
     stop: tuple[str, ...]
+    tool_format: ToolFormat = ReActFormat()
 
 
 def _clean(text: str) -> str:
@@ -147,12 +153,16 @@ def build_prompt(
     functions: Sequence[Mapping[str, Any]] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     stop: Sequence[str] | None = None,
+    tool_format: ToolFormat | None = None,
 ) -> FunctionPrompt:
-    """Turn an OpenAI chat request into a ChatML prompt. Raises ConfigError naming the offending message."""
+    """Turn an OpenAI chat request into a ChatML prompt (ReAct), or the model's template prompt (hermes).
+    Raises ConfigError naming the offending message."""
     specs, use_tools = _functions(functions, tools)
     messages = list(messages)
     if not any(m.get("role") == "user" for m in messages):
         raise ConfigError("messages must contain at least one user message")
+    if isinstance(tool_format, HermesFormat):
+        return _hermes_prompt(messages, specs, use_tools, stop, tool_format)
     system = DEFAULT_SYSTEM
     start = 0
     if messages and messages[0].get("role") == "system":
@@ -218,10 +228,89 @@ def build_prompt(
     )
 
 
+def _hermes_prompt(
+    messages: list[Mapping[str, Any]],
+    specs: list[Mapping[str, Any]],
+    use_tools: bool,
+    stop: Sequence[str] | None,
+    tool_format: HermesFormat,
+) -> FunctionPrompt:
+    """The request as the chat template's conversation; a last assistant message without calls is continued."""
+    converted = []
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant", "tool", "function"):
+            raise ConfigError(f"messages[{index}]: unsupported role {role!r}")
+        turn: dict[str, Any] = {
+            "role": "tool" if role == "function" else role,
+            "content": _content(message, index),
+        }
+        calls = _calls(message, index) if role == "assistant" else []
+        if calls:
+            turn["tool_calls"] = [
+                {"type": "function", "function": {"name": name, "arguments": _object_arguments(arguments)}}
+                for name, arguments in calls
+            ]
+        converted.append(turn)
+    prefix = ""
+    if converted[-1]["role"] == "assistant" and "tool_calls" not in converted[-1]:
+        prefix = converted.pop()["content"]
+    names = []
+    for i, spec in enumerate(specs):
+        if not spec.get("name"):
+            raise ConfigError(f"functions[{i}] has no 'name'")
+        names.append(str(spec["name"]))
+    offered = [
+        {
+            "type": "function",
+            "function": {
+                "name": spec["name"],
+                "description": spec.get("description", ""),
+                "parameters": spec.get("parameters") or {"type": "object", "properties": {}},
+            },
+        }
+        for spec in specs
+    ]
+    prompt = tool_format.prompt(converted, offered, prefix)
+    return FunctionPrompt(prompt, tuple(names), use_tools, tuple(stop or ()), tool_format)
+
+
+def _object_arguments(arguments: str) -> Any:
+    """A call's arguments as the template dumps them: the object (the text as it is when it is not one)."""
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
+def _hermes_message(text: str, request: FunctionPrompt) -> tuple[dict[str, Any], str]:
+    turn = parse_hermes(text)
+    calls = [call for call in turn.calls if call.name in request.function_names]
+    if not calls:  # nothing offered was called: the reply is text, as written
+        return {"role": "assistant", "content": text.strip()}, "stop"
+    wire = [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.raw_arguments},
+        }
+        for call in calls
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": turn.content or None}
+    if request.use_tools:
+        message["tool_calls"] = wire
+        return message, "tool_calls"
+    message["function_call"] = wire[0]["function"]  # the legacy API has one call per message
+    return message, "function_call"
+
+
 def response_message(text: str, request: FunctionPrompt) -> tuple[dict[str, Any], str]:
     """The assistant message for what the model wrote, and its finish_reason."""
     if not request.function_names:
         return {"role": "assistant", "content": text}, "stop"
+    if isinstance(request.tool_format, HermesFormat):
+        return _hermes_message(text, request)
     parsed = parse_output(text, request.function_names)
     tool, arguments = getattr(parsed, "tool", None), getattr(parsed, "raw_arguments", None)
     if tool and arguments is not None:
@@ -280,9 +369,10 @@ def chat_completion(
     stop: Sequence[str] | None = None,
     sampling: Sampling | None = None,
     model: str = "qwen",
+    tool_format: ToolFormat | None = None,
 ) -> dict[str, Any]:
     """An OpenAI ``chat.completion`` object answering ``messages``."""
-    request = build_prompt(messages, functions, tools, stop)
+    request = build_prompt(messages, functions, tools, stop, tool_format)
     completion = llm.complete(request.prompt, stop=request.stop, sampling=sampling)  # cut by the backend
     return completion_response(request, completion, model)
 
@@ -299,7 +389,7 @@ class ChatStream:
     def __init__(self, request: FunctionPrompt, model: str = "qwen") -> None:
         self.request, self.model = request, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        self._sections = SectionStreamer() if request.function_names else None
+        self._sections = streamer(request.tool_format) if request.function_names else None
         self._sent = ""
 
     def chunk(
@@ -351,9 +441,10 @@ def chat_completion_stream(
     stop: Sequence[str] | None = None,
     sampling: Sampling | None = None,
     model: str = "qwen",
+    tool_format: ToolFormat | None = None,
 ) -> Iterator[dict[str, Any]]:
     """OpenAI ``chat.completion.chunk`` objects answering ``messages`` (see :class:`ChatStream`)."""
-    request = build_prompt(messages, functions, tools, stop)
+    request = build_prompt(messages, functions, tools, stop, tool_format)
     stream = ChatStream(request, model)
     yield stream.first()
     completion = Completion("")

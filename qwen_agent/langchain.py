@@ -7,9 +7,10 @@ Both adapters run over any backend of :mod:`qwen_agent.llm` (the local engine, a
   at the stop strings itself in every path (``invoke``, ``stream``, ``batch``, async), whether or not the backend
   does, and completes a batch of prompts in one engine pass when the backend can
   (:meth:`qwen_agent.llm.LocalLLM.complete_batch`).
-* ``ChatQwen`` turns messages and bound tools into Qwen's ReAct prompt with :func:`qwen_agent.fncall.build_prompt`
-  (ToolMessages become Observations) and the reply into ``AIMessage.tool_calls`` with our parser, so
-  ``langchain.agents.create_agent`` works with a model that has no native tool calling.
+* ``ChatQwen`` turns messages and bound tools into the model's tool format with
+  :func:`qwen_agent.fncall.build_prompt` (ReAct for Qwen-7B-Chat, ToolMessages becoming Observations; the chat
+  template's ``<tool_call>`` format for Qwen2/Qwen2.5, with parallel calls) and the reply into
+  ``AIMessage.tool_calls`` with our parser, so ``langchain.agents.create_agent`` works with either.
 * :func:`to_langchain_tool` / :func:`from_langchain_tool` convert tools both ways; :func:`qwen_react_prompt` is
   Qwen's ReAct prompt for ``langchain_classic.agents.create_react_agent``, with :func:`render_tool_descs` and
   :class:`QwenReActOutputParser` (which hands a JSON Action Input to the tool as its arguments).
@@ -60,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from .fncall import build_prompt, chat_completion_stream, response_message
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import Action, FinalAnswer, Problem, parse_arguments, parse_output, react_instruction
+from .tool_format import choose_format
 from .tools.base import BaseTool
 from .tools.registry import FunctionTool
 
@@ -278,12 +280,18 @@ def _usage_metadata(usage: dict[str, int] | None) -> dict[str, int] | None:
 
 
 class ChatQwen(_QwenSettings, BaseChatModel):
-    """A LangChain chat model over a qwen_agent backend; tools are offered through Qwen's ReAct prompt.
+    """A LangChain chat model over a qwen_agent backend; tools are offered in ``tool_format`` (``"react"``,
+    ``"hermes"``, or None: the model's own, :func:`qwen_agent.tool_format.choose_format`).
 
     ``bind_tools`` accepts LangChain tools, OpenAI tool dicts, functions, pydantic models and qwen_agent
-    tools. ``tool_choice``, ``strict`` and ``parallel_tool_calls`` are accepted for compatibility, but a ReAct
-    model writes at most one Action per turn and decides for itself whether to call a tool. A system message given in the conversation replaces ``system``.
+    tools. ``tool_choice``, ``strict`` and ``parallel_tool_calls`` are accepted for compatibility, but the model
+    decides for itself whether to call a tool (a ReAct model writes at most one Action per turn; a Hermes model
+    may make several calls). A system message given in the conversation replaces ``system``.
     """
+
+    tool_format: Any = Field(
+        default=None, description='"react", "hermes", a ToolFormat, or None: the model\'s own'
+    )
 
     @property
     def _llm_type(self) -> str:
@@ -320,7 +328,12 @@ class ChatQwen(_QwenSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         openai_messages, tools, stops, sampling = self._request(messages, stop, kwargs)
-        request = build_prompt(openai_messages, tools=tools, stop=stops)
+        request = build_prompt(
+            openai_messages,
+            tools=tools,
+            stop=stops,
+            tool_format=choose_format(self.tool_format, self.backend),
+        )
         completion = self.backend.complete(request.prompt, stop=request.stop, sampling=sampling)
         reply, finish = response_message(completion.text, request)
         if finish == "stop" and completion.finish_reason == "length":
@@ -345,7 +358,13 @@ class ChatQwen(_QwenSettings, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         openai_messages, tools, stops, sampling = self._request(messages, stop, kwargs)
         chunks = chat_completion_stream(
-            self.backend, openai_messages, tools=tools, stop=stops, sampling=sampling, model=self.model_name
+            self.backend,
+            openai_messages,
+            tools=tools,
+            stop=stops,
+            sampling=sampling,
+            model=self.model_name,
+            tool_format=choose_format(self.tool_format, self.backend),
         )
         for chunk in chunks:
             choice = chunk["choices"][0]

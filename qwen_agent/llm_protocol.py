@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .errors import ConfigError
+from .runtime.chat_template import RenderedPrompt
 from .runtime.chatml import DEFAULT_SYSTEM, IM_END, IM_START
 
 __all__ = ["ChatPrompt", "Sampling", "Completion", "LLM", "AsyncLLM"]
@@ -18,15 +20,25 @@ __all__ = ["ChatPrompt", "Sampling", "Completion", "LLM", "AsyncLLM"]
 @dataclass(frozen=True)
 class ChatPrompt:
     """A ChatML conversation: ``system``, ``history`` as ``(query, response)`` pairs, the current ``query``,
-    and ``assistant_prefix``, text the assistant has already written in this turn and is to continue."""
+    and ``assistant_prefix``, text the assistant has already written in this turn and is to continue.
+
+    ``rendered``, when set, is the whole conversation up to the assistant's turn as a model's chat template
+    renders it (a tool format's prompt, :mod:`qwen_agent.tool_format`); it replaces system, history and query."""
 
     query: str
     history: tuple[tuple[str, str], ...] = ()
     system: str = DEFAULT_SYSTEM
     assistant_prefix: str = ""
+    rendered: RenderedPrompt | None = None
+
+    @classmethod
+    def from_template(cls, rendered: RenderedPrompt, assistant_prefix: str = "") -> ChatPrompt:
+        return cls("", assistant_prefix=assistant_prefix, rendered=rendered)
 
     def to_chatml(self) -> str:
         """The prompt as one ChatML string, exactly as ``make_context`` writes it, plus the prefix."""
+        if self.rendered is not None:
+            return self.rendered.text + self.assistant_prefix
         parts = [f"{IM_START}system\n{self.system}{IM_END}"]
         for query, response in self.history:
             parts.append(f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n{response}{IM_END}")
@@ -35,6 +47,10 @@ class ChatPrompt:
 
     def to_messages(self) -> list[dict[str, str]]:
         """OpenAI chat messages; a non-empty prefix becomes a final assistant message."""
+        if self.rendered is not None:
+            raise ConfigError(
+                "a prompt rendered by a chat template is sent as text (/v1/completions), not messages"
+            )
         messages = [{"role": "system", "content": self.system}]
         for query, response in self.history:
             messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]

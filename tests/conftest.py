@@ -56,3 +56,16 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Qwen2ForCausalLM-layout checkpoint with grouped KV heads, fp32. Treat as read-only."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qwen2 checkpoint saved as current transformers saves Qwen2.5 (tokenizer.json, chat_template.jinja with
+    the Qwen2.5 tool-call template, <tool_call> added tokens), fp32. Treat as read-only."""
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-qwen25"),
+        "qwen2",
+        seed=0,
+        tokenizer_files="tokenizer.json",
+        chat_template="qwen2.5",
+    )

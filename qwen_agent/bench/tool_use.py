@@ -11,6 +11,10 @@ Each line is written with one ``write`` and flushed, so a run killed at any mome
 line; the next run with the same ``--out`` drops that line, keeps every complete one, and generates only the
 jobs that are missing. ``gen`` holds what ``model.chat`` would return with the stop words: the text up to and
 including ``Observation:`` when the model stopped there, stripped.
+
+``tool_format="hermes"`` (a Qwen2/Qwen2.5 model's own format; by default the model's own is used) asks each job
+in the model's chat template instead and records its reply as ReAct text for the same scorecard
+(:mod:`qwen_agent.bench.hermes`), the reply as written in ``raw``.
 """
 
 from __future__ import annotations
@@ -133,10 +137,11 @@ def catalog_schemas(catalog: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
 
 
 class Generator(Protocol):
-    """Generates the answer to each user message; yields ``(index, gen)`` as each one finishes. A generator
-    may also have ``describe() -> dict``, the settings recorded in a run's ``meta``."""
+    """Generates the answer to each user message; yields ``(index, gen)`` as each one finishes, or
+    ``(index, gen, fields)`` with more fields for the record. A generator may also have ``describe() -> dict``,
+    the settings recorded in a run's ``meta``."""
 
-    def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str]]: ...
+    def generate(self, prompts: Sequence[str]) -> Iterator[tuple[int, str] | tuple[int, str, dict]]: ...
 
 
 def _with_stop_word(text: str, stop: Any) -> str:
@@ -187,17 +192,23 @@ class LLMGenerator:
 
 
 class PromptConstraints:
-    """Constrained decoding for benchmark prompts: each prompt's ReAct grammar over the tools it offers (read
-    from its ``should be one of [...]`` line, declared in ``catalog``), compiled once per tool set."""
+    """Constrained decoding for benchmark prompts: each prompt's grammar (ReAct, or the Hermes format's with
+    ``hermes=True``) over the tools it offers (read from its ``should be one of [...]`` line, declared in
+    ``catalog``), compiled once per tool set."""
 
     _OFFERED = re.compile(r"^Action: the action to take, should be one of \[(.*)\]$", re.M)
 
-    def __init__(self, engine: Engine, catalog: Mapping[str, Mapping[str, Any]], options: Any = None) -> None:
-        from ..constrained import ReActConstraints
+    def __init__(
+        self,
+        engine: Engine,
+        catalog: Mapping[str, Mapping[str, Any]],
+        options: Any = None,
+        hermes: bool = False,
+    ) -> None:
+        from ..constrained import HermesConstraints, ReActConstraints
 
-        self._make = lambda tools: ReActConstraints(
-            engine.tokenizer, engine.config.vocab_size, tools, options=options
-        )
+        kind = HermesConstraints if hermes else ReActConstraints
+        self._make = lambda tools: kind(engine.tokenizer, engine.config.vocab_size, tools, options=options)
         self.tools = plugin_tools(catalog)
         self._built: dict[tuple[str, ...], Any] = {}
 
@@ -215,13 +226,14 @@ class PromptConstraints:
             )
         if names not in self._built:
             self._built[names] = self._make({name: self.tools[name] for name in names})
-        return self._built[names].for_prefix("")
+        return self._built[names](ChatPrompt(prompt))
 
 
 class EngineGenerator:
     """A local :class:`~qwen_agent.runtime.engine.QwenEngine`: prompts built by ``chatml_ids`` (system = the model's
     default), decoded ``batch_size`` at a time; a finished prompt's place goes to the next at once.
-    ``constraints`` (a :class:`PromptConstraints`) decodes each prompt under its ReAct grammar."""
+    ``constraints`` (a :class:`PromptConstraints`) decodes each prompt under its grammar; ``hermes`` (a
+    :class:`~qwen_agent.bench.hermes.HermesJobs`) asks in the Hermes tool format instead of ReAct."""
 
     def __init__(
         self,
@@ -231,9 +243,11 @@ class EngineGenerator:
         max_new_tokens: int | None = None,
         repetition_penalty: float | None = None,
         constraints: PromptConstraints | None = None,
+        hermes: Any = None,
     ) -> None:
         self.engine = engine
         self.constraints = constraints
+        self.hermes = hermes
         self.batch_size = max(1, batch_size)
         config = engine.generation_config
         self.max_new_tokens = max_new_tokens or config.max_new_tokens
@@ -255,10 +269,14 @@ class EngineGenerator:
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
             "prefix_cache": self.engine.stats()["prefix_cache"],  # its counters so far; None when off
+            "tool_format": "hermes" if self.hermes is not None else "react",
         }
 
     def _ids(self, prompt: str) -> list[int]:
         from ..runtime.chat_format import chatml_ids
+
+        if self.hermes is not None:
+            return self.hermes.prompt(prompt).rendered.ids(self.engine.tokenizer)
 
         config = self.engine.generation_config
         chat = ChatPrompt(prompt, system=self.engine.default_system)
@@ -269,7 +287,7 @@ class EngineGenerator:
         completed = self.engine.generate_as_completed(
             [self._ids(p) for p in prompts],
             max_batch=self.batch_size,
-            stop=list(STOP_WORDS),
+            stop=[] if self.hermes is not None else list(STOP_WORDS),
             do_sample=False,
             max_new_tokens=self.max_new_tokens,
             repetition_penalty=self.repetition_penalty,
@@ -277,7 +295,12 @@ class EngineGenerator:
         )
         for index, result in completed:
             self.generated_tokens += result.completion_tokens
-            yield index, _with_stop_word(result.text, result.stop)
+            if self.hermes is not None:
+                from .hermes import react_gen
+
+                yield index, react_gen(result.text), {"raw": result.text}
+            else:
+                yield index, _with_stop_word(result.text, result.stop)
 
 
 def open_llm(model: str, *, device: str | None = None) -> Any:
@@ -306,16 +329,22 @@ def open_generator(
     constrained: bool = False,
     plugins: str | Path | None = None,
     kv_cache_gb: float | None = None,
+    tool_format: str | None = None,
 ) -> Generator:
     """A URL gets ``batch_size`` requests in flight; a model directory is loaded and generates in batches.
-    ``constrained`` (local models only) decodes each prompt under the ReAct grammar of its tools from the
-    ``plugins`` catalog (the shipped one by default). ``kv_cache_gb``: a local model's prefix cache (0: off)."""
+    ``constrained`` (local models only) decodes each prompt under the grammar of its tools from the ``plugins``
+    catalog (the shipped one by default). ``kv_cache_gb``: a local model's prefix cache (0: off).
+    ``tool_format``: ``"react"``, ``"hermes"`` or None, the model's own
+    (:func:`~qwen_agent.tool_format.choose_format`)."""
+    from ..tool_format import HermesFormat, choose_format
+
     if model.startswith(("http://", "https://")):
         if constrained:
             raise ConfigError(
                 "--constrained masks tokens in this process's decoding loop: it needs a local model directory, "
                 f"not a server URL ({model})"
             )
+        choose_format(tool_format)  # a server has no chat template here: react, or a clear error for hermes
         return LLMGenerator(
             open_llm(model),
             concurrency=batch_size,
@@ -324,19 +353,25 @@ def open_generator(
         )
     from ..runtime.engine import load_model
 
-    catalog = None
     if constrained:
         from ..constrained import require_llguidance
 
         require_llguidance()  # before the model loads
-        catalog = load_catalog(plugins or shipped_path("tool_use_plugins.json"))
+    catalog = load_catalog(plugins or shipped_path("tool_use_plugins.json"))
     engine = load_model(model, device=device, dtype=dtype, kv_cache_gb=kv_cache_gb)
+    hermes = None
+    chosen = choose_format(tool_format, engine)
+    if isinstance(chosen, HermesFormat):
+        from .hermes import HermesJobs
+
+        hermes = HermesJobs(chosen, plugin_tools(catalog))
     return EngineGenerator(
         engine,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty,
-        constraints=PromptConstraints(engine, catalog) if catalog is not None else None,
+        constraints=PromptConstraints(engine, catalog, hermes=hermes is not None) if constrained else None,
+        hermes=hermes,
     )
 
 
@@ -428,9 +463,9 @@ def run_tool_use(
     try:
         for start in range(0, len(pending), chunk):
             batch = pending[start : start + chunk]
-            for index, gen in generator.generate([job["prompt"] for _, _, job in batch]):
+            for index, gen, *more in generator.generate([job["prompt"] for _, _, job in batch]):
                 split, job_id, job = batch[index]
-                files[split].append({**job, "_id": job_id, "gen": [gen]})
+                files[split].append({**job, "_id": job_id, "gen": [gen], **(more[0] if more else {})})
                 bar.update(1)
     finally:
         bar.close()

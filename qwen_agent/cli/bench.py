@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import QwenAgentError
-from .options import CONSTRAINED_HELP, add_kv_cache_gb, positive_int
+from .options import CONSTRAINED_HELP, add_kv_cache_gb, add_tool_format, positive_int
 
 _PLUGINS_HELP = "plugin catalog for schema checks (default: the shipped one)"
 
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or auto (local models)")
     p.add_argument("--dtype", default=None, help="auto, bf16, fp16 or fp32 (local models)")
     p.add_argument("--constrained", action="store_true", help=CONSTRAINED_HELP)
+    add_tool_format(p)
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_kv_cache_gb(p)
@@ -101,6 +102,7 @@ def run_tool_use(args: argparse.Namespace) -> int:
         constrained=args.constrained,
         plugins=args.plugins,
         kv_cache_gb=args.kv_cache_gb,
+        tool_format=args.tool_format,
     )
     meta = {
         "constrained": args.constrained,

@@ -3,13 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from collections.abc import Callable
 from typing import Any
 
 CONSTRAINED_HELP = (
-    "local models: decode under the ReAct grammar of the offered tools (valid steps, offered tool names, "
-    "schema-valid arguments); needs the llguidance package"
+    "local models: decode under the grammar of the offered tools in the tool format (valid steps, offered tool "
+    "names, schema-valid arguments); needs the llguidance package"
 )
+
+
+def add_constrained_switch(p: argparse.ArgumentParser) -> None:
+    """``--constrained`` / ``--no-constrained``, on by default for a local model (see :func:`constrained`)."""
+    p.add_argument(
+        "--constrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=CONSTRAINED_HELP + " (default: on for a local model; --no-constrained turns it off)",
+    )
+
+
+def constrained(args: argparse.Namespace) -> bool:
+    """Whether to decode under the grammar: as asked, else by default for a local model (a server decodes by
+    itself) when llguidance is installed (a note says so when it is not)."""
+    if args.constrained is not None:
+        return args.constrained
+    if args.model.startswith(("http://", "https://")):
+        return False
+    if importlib.util.find_spec("llguidance") is None:
+        print(
+            "note: decoding without the tool grammar (pip install 'qwen-react-agent[constrained]' for valid calls)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def add_tool_format(p: argparse.ArgumentParser) -> None:
+    """``--tool-format``: how tools are offered to the model and its calls read."""
+    p.add_argument(
+        "--tool-format",
+        choices=["react", "hermes"],
+        default=None,
+        help="how tools are offered and calls read: react (Qwen-7B-Chat's) or hermes (the <tool_call> format of "
+        "a Qwen2/Qwen2.5 chat template); default: the model's own",
+    )
 
 
 def number_at_least(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:

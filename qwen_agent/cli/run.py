@@ -7,7 +7,14 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .options import CONSTRAINED_HELP, add_kv_cache_gb, positive_int, tool_names
+from .options import (
+    add_constrained_switch,
+    add_kv_cache_gb,
+    add_tool_format,
+    constrained,
+    positive_int,
+    tool_names,
+)
 
 if TYPE_CHECKING:
     from ..agent import Event
@@ -40,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
-    p.add_argument("--constrained", action="store_true", help=CONSTRAINED_HELP)
+    add_constrained_switch(p)
+    add_tool_format(p)
     add_kv_cache_gb(p)
     p.set_defaults(func=run)
 
@@ -58,15 +66,20 @@ def run(args: argparse.Namespace) -> int:
     )
     tools = tool_registry(args)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    agent = Agent(
-        llm,
-        tools,
-        system=args.system,
-        max_iterations=args.max_iterations,
-        variant=args.variant,
-        sampling=sampling,
-        constrained=args.constrained,
-    )
+    try:
+        agent = Agent(
+            llm,
+            tools,
+            system=args.system,
+            max_iterations=args.max_iterations,
+            variant=args.variant,
+            sampling=sampling,
+            constrained=constrained(args),
+            tool_format=args.tool_format,
+        )
+    except BaseException:
+        tools.close()
+        raise
     try:
         print_events(agent.stream(args.question), show_chars=args.show_chars)
     finally:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import QwenAgentError
-from .options import add_kv_cache_gb, add_shutdown_timeout, number_at_least, positive_int
+from .options import add_kv_cache_gb, add_shutdown_timeout, add_tool_format, number_at_least, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
     )
     add_kv_cache_gb(p)
+    add_tool_format(p)
     add_shutdown_timeout(p)
     p.add_argument(
         "--max-body-mb",
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         limits=limits,
+        tool_format=args.tool_format,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(

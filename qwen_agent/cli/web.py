@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 
 from ..errors import QwenAgentError
-from .options import add_kv_cache_gb, add_shutdown_timeout, number_at_least, positive_int, tool_names
+from .options import (
+    add_constrained_switch,
+    add_kv_cache_gb,
+    add_shutdown_timeout,
+    add_tool_format,
+    constrained,
+    number_at_least,
+    positive_int,
+    tool_names,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="a local model's generations decoded at once, across sessions (default: 4)",
     )
+    add_tool_format(p)
+    add_constrained_switch(p)
     add_kv_cache_gb(p)
     add_shutdown_timeout(p)
     p.set_defaults(func=run)
@@ -63,5 +74,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         kv_cache_gb=args.kv_cache_gb,
         shutdown_timeout=args.shutdown_timeout,
+        tool_format=args.tool_format,
+        constrained=constrained(args),
     )
     return 0

@@ -108,7 +108,11 @@ def chatml_ids(
     chat_format: ChatFormat = "chatml",
 ) -> list[int]:
     """The ids of ``prompt``: :func:`make_context` of its turns, then the unfinished assistant turn
-    (``assistant_prefix``) as plain text, so neither user text nor tool output can become a control token."""
+    (``assistant_prefix``) as plain text, so neither user text nor tool output can become a control token.
+    A prompt a chat template rendered (``rendered``, :mod:`.chat_template`) is taken as it is rendered."""
+    rendered = getattr(prompt, "rendered", None)
+    if rendered is not None:  # only the template's own control tokens are controls
+        return rendered.ids(tokenizer) + tokenizer.encode(prompt.assistant_prefix)
     _, ids = make_context(
         tokenizer, prompt.query, list(prompt.history), prompt.system, max_window_size, chat_format
     )

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, GenerationError
 from .chat_format import DEFAULT_SYSTEM, History, make_context, stop_ids
+from .chat_template import ChatTemplate
 from .checkpoint import load_checkpoint, resolve_model_dir
 from .config import GenerationConfig, QwenConfig
 from .constraint import TokenConstraint
@@ -116,13 +117,15 @@ def load_model(
             f"{model_dir}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary "
             f"has {model.config.vocab_size} rows"
         )
-    return QwenEngine(
+    engine = QwenEngine(
         model,
         tokenizer,
         GenerationConfig.from_dir(model_dir),
         default_system(model_dir),
         kv_cache_gb=kv_cache_gb,
     )
+    engine.chat_template = ChatTemplate.from_dir(model_dir, tokenizer.special_tokens)
+    return engine
 
 
 def default_system(model_dir: Path) -> str:
@@ -163,8 +166,11 @@ class QwenEngine:
     Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
     ``<|im_start|>``. Safe to call from many threads at once: every call goes to ``scheduler``.
     ``kv_cache_gb`` sizes the prefix cache every call shares (see the module docstring; None: the default share,
-    0: no prefix cache).
+    0: no prefix cache). ``chat_template`` is the checkpoint's
+    (:func:`load_model` sets it; None for Qwen-7B-Chat, which has none).
     """
+
+    chat_template: ChatTemplate | None = None
 
     def __init__(
         self,

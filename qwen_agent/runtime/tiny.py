@@ -166,6 +166,74 @@ QWEN2_CHAT_TEMPLATE = (
 )
 
 
+# The Qwen2.5 chat template, with its tool-call format: tools as JSON in the system turn, calls as JSON in
+# <tool_call> tags, results in a user turn of <tool_response> blocks. The format's definition, kept byte for byte.
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n"
+    "    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n"
+    "    {%- endif %}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    "    {%- for tool in tools %}\n"
+    '        {{- "\\n" }}\n'
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
+    "{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    '    {%- elif message.role == "assistant" %}\n'
+    "        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n"
+    "            {{- '\\n' + message.content }}\n"
+    "        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n'
+    "            {{- tool_call.name }}\n"
+    '            {{- \'", "arguments": \' }}\n'
+    "            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n"
+    "        {%- endfor %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
+    "            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
+    "            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+# Qwen2.5's added tokens after ChatML's three (ids 151646..151664); <tool_call> and </tool_call> are not special.
+QWEN25_EXTRA_TOKENS = (
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+ChatTemplateName = Literal["qwen2", "qwen2.5"]
+
+
 def _qwen_tensors(hidden: int, layers: int, inter: int) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a Qwen v1 checkpoint, in the module order the real shards follow."""
     yield "transformer.wte.weight", (PADDED_VOCAB_SIZE, hidden)
@@ -277,6 +345,7 @@ def write_tiny_checkpoint(
     init_std: float = 0.02,
     vocab_file: str | Path | None = None,
     tokenizer_files: TokenizerFiles = "vocab.json",
+    chat_template: ChatTemplateName = "qwen2",
     config_overrides: dict[str, Any] | None = None,
     quantize: Literal["gptq-int4", "gptq-int8"] | None = None,
     group_size: int = 128,
@@ -288,8 +357,10 @@ def write_tiny_checkpoint(
     ``intermediate_size`` follows each family's convention (Qwen v1 counts both MLP branches, so its default is
     ``4 * hidden_size`` for a per-branch width of ``2 * hidden_size``). ``seq_length`` is Qwen v1's base length
     for dynamic NTK and logN attention, kept small so tests can cross it. ``tokenizer_files`` picks the form of a
-    ``qwen2`` tokenizer: ``vocab.json`` + ``merges.txt``, or ``tokenizer.json`` alone. ``config_overrides`` are
-    merged into ``config.json`` last.
+    ``qwen2`` tokenizer: ``vocab.json`` + ``merges.txt``, or ``tokenizer.json`` alone. ``chat_template`` picks a ``qwen2``
+    tokenizer's template and added tokens: Qwen1.5/Qwen2's plain ChatML, or ``"qwen2.5"``'s, with its tool-call
+    format and the added tokens ``<tool_call>`` and ``</tool_call>``. ``config_overrides`` are merged into
+    ``config.json`` last.
 
     ``quantize`` writes a GPTQ checkpoint (float tensors in fp16, whatever ``dtype``) with ``group_size`` (-1: one
     group), ``desc_act`` (each layer's inputs fill the groups in a random order, the same for the projections
@@ -309,6 +380,10 @@ def write_tiny_checkpoint(
         raise ConfigError(
             f"tokenizer_files must be 'vocab.json' or 'tokenizer.json', got {tokenizer_files!r}"
         )
+    if chat_template not in ("qwen2", "qwen2.5"):
+        raise ConfigError(f"chat_template must be 'qwen2' or 'qwen2.5', got {chat_template!r}")
+    if family == "qwen" and chat_template != "qwen2":
+        raise ConfigError("Qwen v1 checkpoints have no chat template; chat_template is for family='qwen2'")
     if family == "qwen" and tokenizer_files != "vocab.json":
         raise ConfigError("Qwen v1 checkpoints ship qwen.tiktoken; tokenizer_files is for family='qwen2'")
     if family == "qwen" and tie_word_embeddings:
@@ -351,7 +426,7 @@ def write_tiny_checkpoint(
             _qwen2_tensors(hidden_size, num_layers, num_heads, kv_heads, inter, tie_word_embeddings)
         )
         generation_config = dict(QWEN2_GENERATION_CONFIG)
-        tokenizer_config = _write_qwen2_tokenizer(out, vocab_path, tokenizer_files)
+        tokenizer_config = _write_qwen2_tokenizer(out, vocab_path, tokenizer_files, chat_template)
     if gptq is not None:
         config |= {"torch_dtype": "float16", "quantization_config": gptq.to_json() | {"quant_method": "gptq"}}
         _write_json(out / "quantize_config.json", gptq.to_json())
@@ -390,13 +465,17 @@ def write_tiny_checkpoint(
 
 def _added_token(token: str) -> dict[str, Any]:
     flags = dict.fromkeys(("lstrip", "normalized", "rstrip", "single_word"), False)
-    return {"content": token, **flags, "special": True}
+    return {"content": token, **flags, "special": token not in ("<tool_call>", "</tool_call>")}
 
 
-def _write_qwen2_tokenizer(out: Path, vocab_path: Path, files: TokenizerFiles) -> dict[str, Any]:
+def _write_qwen2_tokenizer(
+    out: Path, vocab_path: Path, files: TokenizerFiles, template_name: ChatTemplateName = "qwen2"
+) -> dict[str, Any]:
     """Write the Qwen2 tokenizer files in the chosen form; return ``tokenizer_config.json``'s content."""
     vocab, merges = _byte_level_merges(str(vocab_path.resolve()))
-    added = [(len(vocab) + i, tok) for i, tok in enumerate((ENDOFTEXT, IM_START, IM_END))]
+    tokens = (ENDOFTEXT, IM_START, IM_END, *(QWEN25_EXTRA_TOKENS if template_name == "qwen2.5" else ()))
+    added = [(len(vocab) + i, tok) for i, tok in enumerate(tokens)]
+    template = QWEN25_CHAT_TEMPLATE if template_name == "qwen2.5" else QWEN2_CHAT_TEMPLATE
     shared = {
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
@@ -418,7 +497,7 @@ def _write_qwen2_tokenizer(out: Path, vocab_path: Path, files: TokenizerFiles) -
                     | {
                         "added_tokens_decoder": {str(idx): _added_token(tok) for idx, tok in added},
                         "additional_special_tokens": [IM_START, IM_END],
-                        "chat_template": QWEN2_CHAT_TEMPLATE,
+                        "chat_template": template,
                     }
                 ).items()
             )
@@ -458,7 +537,7 @@ def _write_qwen2_tokenizer(out: Path, vocab_path: Path, files: TokenizerFiles) -
         },
     }
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "chat_template.jinja").write_text(QWEN2_CHAT_TEMPLATE, encoding="utf-8")
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     extra = {
         "add_prefix_space": None,
         "backend": "tokenizers",

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over a local engine: ``create_app(engine)`` gives the FastAPI app.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (function calling through the
-ReAct prompt of :mod:`qwen_agent.fncall`, as Qwen's ``openai_api.py``; a ``"strict": true`` function is called
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (function calling in the model's
+tool format, :mod:`qwen_agent.fncall`: the ReAct prompt as Qwen's ``openai_api.py`` for Qwen-7B-Chat, the chat
+template's ``<tool_call>`` format, parallel calls included, for Qwen2/Qwen2.5; a ``"strict": true`` function is called
 with arguments that match its parameters schema, and ``response_format`` ``json_object``/``json_schema`` holds
 the reply to JSON, both by decoding under a grammar), ``POST /v1/completions`` (text or token ids; text may
 contain ChatML control tokens, as on vLLM). Both stream as server-sent events ending ``data:
@@ -38,6 +39,7 @@ from ..runtime.engine import Engine
 from ..runtime.generate import GenerationResult, PromptRequest
 from ..runtime.grammar import Grammar
 from ..runtime.scheduler import Handle, QueueFullError, Scheduler
+from ..tool_format import FORMATS, ToolFormat, choose_format
 from .lifecycle import GracefulServer, Lifecycle, RequestAborted
 from .limits import BodyLimit, ServerLimits, generation_budget
 from .metrics import RequestCounter, RequestTrace, ServerMetrics
@@ -58,22 +60,28 @@ def create_app(
     max_queue: int = 256,
     limits: ServerLimits | None = None,
     metrics: bool = True,
+    tool_format: str | None = None,
 ) -> FastAPI:
     """The server's app over ``engine`` (a :class:`~qwen_agent.runtime.engine.QwenEngine`), whose scheduler
     decodes the requests (the app closes it on shutdown), or over what ``load()`` returns: the app then answers
     at once and loads the engine on a thread, with 503 until it is ready (see :mod:`qwen_agent.serve.lifecycle`).
     ``api_key``: the bearer token required on ``/v1`` (None: none). ``max_batch`` rows decode at once;
     ``max_queue`` more may wait, beyond which requests get 503. ``limits``: see
-    :class:`~qwen_agent.serve.limits.ServerLimits`. ``metrics``: serve ``/metrics`` (Prometheus text)."""
+    :class:`~qwen_agent.serve.limits.ServerLimits`. ``metrics``: serve ``/metrics`` (Prometheus text).
+    ``tool_format``: ``"react"``, ``"hermes"``, or None for the model's own."""
     if (engine is None) == (load is None):
         raise ConfigError("create_app needs either an engine or a load function")
     life, limits = Lifecycle(model_name), limits or ServerLimits()
     meters = ServerMetrics(lambda: life.stats()) if metrics else None
 
+    if tool_format not in (None, *FORMATS):
+        choose_format(tool_format)  # an unknown name: its ConfigError, before any model loads
+
     def start(engine: Engine) -> tuple[_Handlers, Callable[[], dict[str, Any]]]:
+        chosen = choose_format(tool_format, engine)
         scheduler = engine.scheduler
         scheduler.configure(max_batch=max_batch, max_queue=max_queue)
-        return _Handlers(engine, scheduler, model_name, life, limits, meters), scheduler.stats
+        return _Handlers(engine, scheduler, model_name, life, limits, meters, chosen), scheduler.stats
 
     if engine is not None:
         life.ready(*start(engine))
@@ -181,9 +189,11 @@ class _Handlers:
         life: Lifecycle,
         limits: ServerLimits,
         metrics: ServerMetrics | None,
+        tool_format: ToolFormat,
     ) -> None:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.life, self.limits, self.metrics = life, limits, metrics
+        self.tool_format = tool_format
         self.chatml = LocalLLM(engine)  # builds prompt ids
         self.started = int(time.time())
 
@@ -198,7 +208,7 @@ class _Handlers:
             functions = [f.model_dump() for f in body.functions]
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            request = build_prompt(messages, functions, tools, body.stop_list())
+            request = build_prompt(messages, functions, tools, body.stop_list(), self.tool_format)
         except ConfigError as exc:
             raise APIError(400, str(exc), param=_param_of(str(exc), "messages")) from None
         ids = self.chatml.prompt_ids(request.prompt)
@@ -259,7 +269,9 @@ class _Handlers:
                 raise APIError(400, str(exc), param="response_format.json_schema.schema") from None
         specs = [spec.get("function", spec) for spec in offered]  # tools hold their function spec
         try:
-            constraints = strict_function_constraints(self.engine.tokenizer, vocab_size, specs)
+            constraints = strict_function_constraints(
+                self.engine.tokenizer, vocab_size, specs, request.tool_format
+            )
         except ConfigError as exc:
             param = "tools" if body.tools else "functions"
             raise APIError(400, f"'{param}': {exc}", param=param) from None

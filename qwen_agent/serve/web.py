@@ -215,10 +215,17 @@ class WebApp:
         model_label: str = "",
         max_tokens: int = 512,
         idle_timeout: float = 1800.0,
+        agent_options: dict[str, Any] | None = None,
     ):
         self.tool_names = tuple(tool_names)
         self.max_tokens = max_tokens
-        self.pool = SessionPool(new_llm, self.tool_names, registry=registry, idle_timeout=idle_timeout)
+        self.pool = SessionPool(
+            new_llm,
+            self.tool_names,
+            registry=registry,
+            idle_timeout=idle_timeout,
+            agent_options=agent_options,
+        )
         self.args_formats = {name: registry.get(name).args_format for name in self.tool_names}
         self.blocks = self._build(title, model_label)
 
@@ -436,6 +443,8 @@ def launch(
     max_batch: int = 4,
     kv_cache_gb: float | None = None,
     shutdown_timeout: float = 30.0,
+    tool_format: str | None = None,
+    constrained: bool = False,
 ) -> None:
     """Serve the UI until SIGTERM or SIGINT (then shut down as :meth:`WebApp.serve_until_signalled` does).
     ``model`` is a local model directory (loaded once, shared by every session: their generations are decoded
@@ -443,7 +452,8 @@ def launch(
     :func:`~qwen_agent.runtime.engine.load_model`) or the URL of an OpenAI-compatible server (a client per
     session). ``mcp`` is an ``mcpServers`` config: its servers start
     once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
-    session."""
+    session. ``tool_format`` and ``constrained`` go to every session's agent (:class:`~qwen_agent.agent.Agent`).
+    """
     from ..llm import llm_from_spec
 
     registry = default_registry.select()  # the built-in tools' classes: each session makes its own instances
@@ -475,6 +485,7 @@ def launch(
             model_label=model,
             max_tokens=max_tokens,
             idle_timeout=idle_timeout,
+            agent_options={"tool_format": tool_format, "constrained": constrained},
         )
         app.serve_until_signalled(host, port, shutdown_timeout)
     finally:

@@ -54,10 +54,16 @@ class WebSession:
     """One browser session: tools (with their kernel), history, the running turn."""
 
     def __init__(
-        self, key: str, llm: LLM, tool_names: Sequence[str], registry: ToolRegistry = default_registry
+        self,
+        key: str,
+        llm: LLM,
+        tool_names: Sequence[str],
+        registry: ToolRegistry = default_registry,
+        agent_options: dict[str, Any] | None = None,
     ):
         self.key = key
         self.llm = llm
+        self.agent_options = dict(agent_options or {})  # tool_format, constrained: for every turn's Agent
         self.tool_names = tuple(tool_names)
         self.registry = registry  # where the tools come from: fresh instances of its classes per session
         self.history: list[tuple[str, str]] = []  # what the model sees of earlier turns
@@ -136,6 +142,7 @@ class WebSession:
             system=settings.system or None,
             max_iterations=settings.max_steps,
             sampling=settings.sampling(),
+            **self.agent_options,
         )
         events: queue.Queue[Event | TurnEnded] = queue.Queue()
         self._stop.clear()
@@ -214,6 +221,7 @@ class SessionPool:
         registry: ToolRegistry = default_registry,
         idle_timeout: float = 1800.0,
         reap_every: float | None = None,
+        agent_options: dict[str, Any] | None = None,
     ):
         if idle_timeout <= 0:
             raise ConfigError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
@@ -221,6 +229,7 @@ class SessionPool:
         self.tool_names = tuple(tool_names)
         self.registry = registry
         self.idle_timeout = idle_timeout
+        self.agent_options = agent_options
         self._sessions: dict[str, WebSession] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -234,7 +243,7 @@ class SessionPool:
             session = self._sessions.get(key)
             if session is None:
                 session = self._sessions[key] = WebSession(
-                    key, self.new_llm(), self.tool_names, self.registry
+                    key, self.new_llm(), self.tool_names, self.registry, self.agent_options
                 )
         session.last_used = time.monotonic()
         return session
