@@ -58,18 +58,25 @@ def population(city: str) -> str:
 
 
 def without_times(result: RunResult) -> RunResult:
-    """The result without timings, and without ``prefill_tokens``: the second of two runs on one engine finds
-    the first one's prompt in the cache, whichever API runs it."""
+    """The result without timings, and without ``prefill_tokens`` and ``cached_tokens``: the second of two runs on
+    one engine finds the first one's prompt in the cache, whichever API runs it."""
     steps = [
         dataclasses.replace(
             s,
             tool_seconds=0.0,
-            completion=s.completion and dataclasses.replace(s.completion, seconds=0.0, prefill_tokens=0),
+            completion=s.completion
+            and dataclasses.replace(s.completion, seconds=0.0, prefill_tokens=0, cached_tokens=0),
         )
         for s in result.steps
     ]
     return dataclasses.replace(
-        result, steps=steps, seconds=0.0, llm_seconds=0.0, tool_seconds=0.0, prefill_tokens=0
+        result,
+        steps=steps,
+        seconds=0.0,
+        llm_seconds=0.0,
+        tool_seconds=0.0,
+        prefill_tokens=0,
+        cached_tokens=0,
     )
 
 
