@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,langchain,mcp,serve,web,constrained]'
+	$(BIN)/pip install -q -e '.[test,langchain,mcp,serve,web,constrained,otel]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -15,6 +15,12 @@ answer. Errors of the backend itself (``LLMError``) propagate.
 An agent without tools is a plain chat, as react_demo is without plugins: the query goes bare, with no ReAct
 instruction, and the whole reply is the answer.
 
+The loop is written once, as a step machine (:class:`_Run`): a generator that yields events for the caller and
+two kinds of requests, :class:`_ModelCall` (stream this prompt) and :class:`_ToolCall` (run this tool), and is
+sent back what they produced. :meth:`Agent.stream` fulfils the requests on the caller's thread;
+:meth:`Agent.astream` awaits them on the caller's event loop (:mod:`qwen_agent.aio`). So the two APIs give the
+same events and results by construction, the sync API needs no event loop, and the async one no thread per call.
+
 Streaming holds one rule: in every step the text of its ``ThoughtDelta`` events joins to ``Step.thought`` and
 that of the ``AnswerDelta`` events to the answer, whatever the model writes and whatever the backend cuts.
 """
@@ -24,12 +30,27 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from .budget import ContextBudget, Fit
 from .constrained import ConstraintOptions, constrain_llm
 from .errors import ConfigError, LLMError
+from .events import (
+    ActionEvent,
+    AnswerDelta,
+    BudgetEvent,
+    ErrorEvent,
+    Event,
+    FinalAnswerEvent,
+    ObservationEvent,
+    RunResult,
+    Step,
+    StepStarted,
+    StopReason,
+    ThoughtDelta,
+)
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
 from .react import (
     DEFAULT_VARIANT,
@@ -47,6 +68,7 @@ from .react import (
     render_observation,
 )
 from .runtime.chat_format import DEFAULT_SYSTEM
+from .tracing import SpanRecord, Tracing
 
 __all__ = [
     "Agent",
@@ -59,6 +81,7 @@ __all__ = [
     "ObservationEvent",
     "AnswerDelta",
     "ErrorEvent",
+    "BudgetEvent",
     "FinalAnswerEvent",
 ]
 
@@ -66,6 +89,7 @@ FORCED_THOUGHT = "I now know the final answer."
 FORCED_ANSWER_CUE = f" {FORCED_THOUGHT}\nFinal Answer:"
 _ANSWER_MARKER = "Final Answer:"
 NO_ANSWER = "I could not find an answer within the allowed number of steps."
+CONTEXT_FULL = "I could not finish: the conversation no longer fits the model's context."
 
 
 class ToolLike(Protocol):
@@ -76,114 +100,6 @@ class ToolLike(Protocol):
     def tool_desc(self, variant: str) -> str: ...
 
     def invoke(self, raw_arguments: str) -> Any: ...  # -> an object with .observation, .ok and .error
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-
-@dataclass
-class Step:
-    """One model turn of the loop and what came of it."""
-
-    index: int
-    thought: str
-    action: str | None = None
-    raw_arguments: str | None = None
-    arguments: Any = None
-    observation: str | None = None
-    ok: bool = True  # False when the step ended in an error observation
-    problems: tuple[Problem, ...] = ()
-    output: str = ""  # what the model wrote (after stop handling)
-    completion: Completion | None = None
-    tool_seconds: float = 0.0
-
-
-@dataclass
-class RunResult:
-    """The outcome of :meth:`Agent.run`.
-
-    ``stop_reason`` is ``"final_answer"`` or ``"max_iterations"`` (the answer then comes from the forced final
-    turn). ``transcript`` is the whole assistant turn; ``history`` is the conversation to pass to the next run.
-    Token counts add up every model call (``None`` parts, from backends that do not report them, count as 0).
-    """
-
-    query: str
-    answer: str
-    steps: list[Step]
-    stop_reason: Literal["final_answer", "max_iterations"]
-    transcript: str
-    history: list[tuple[str, str]]
-    llm_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_tokens: int = 0
-    seconds: float = 0.0
-    llm_seconds: float = 0.0
-    tool_seconds: float = 0.0
-
-
-# ------------------------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True)
-class Event:
-    type: ClassVar[str] = "event"
-
-
-@dataclass(frozen=True)
-class StepStarted(Event):
-    type: ClassVar[str] = "step_started"
-    index: int
-    forced: bool = False  # the forced final-answer turn after the budget ran out
-
-
-@dataclass(frozen=True)
-class ThoughtDelta(Event):
-    type: ClassVar[str] = "thought_delta"
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ActionEvent(Event):
-    type: ClassVar[str] = "action"
-    index: int
-    tool: str
-    raw_arguments: str
-    arguments: Any
-
-
-@dataclass(frozen=True)
-class ObservationEvent(Event):
-    type: ClassVar[str] = "observation"
-    index: int
-    observation: str
-    ok: bool
-
-
-@dataclass(frozen=True)
-class AnswerDelta(Event):
-    type: ClassVar[str] = "answer_delta"
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ErrorEvent(Event):
-    """A recoverable problem in a step; ``kind`` is a :class:`Problem` value, ``"tool_error"`` or
-    ``"repeated_action"``."""
-
-    type: ClassVar[str] = "error"
-    index: int
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class FinalAnswerEvent(Event):
-    type: ClassVar[str] = "final_answer"
-    answer: str
-    result: RunResult = field(repr=False)
 
 
 # ------------------------------------------------------------------------------------------------ the agent
@@ -218,6 +134,12 @@ class Agent:
     steps of one run; ``sampling`` is passed to the backend on every call. ``constrained=True`` (or a
     :class:`~qwen_agent.constrained.ConstraintOptions`) decodes a local model under the ReAct grammar of these
     tools (:mod:`qwen_agent.constrained`); other backends raise ConfigError.
+
+    The context budget (:mod:`qwen_agent.budget`): ``context_window`` is the backend's context in tokens (default:
+    what the backend says, ``llm.context_window``); ``max_observation_tokens`` caps one Observation (default: a
+    quarter of the context). ``name``, ``tracer_provider`` and ``callbacks`` configure tracing
+    (:mod:`qwen_agent.tracing`): OpenTelemetry spans when a tracer provider is given or configured globally, and
+    each callback called with a :class:`~qwen_agent.tracing.SpanRecord` as a run, model call or tool call ends.
     """
 
     def __init__(
@@ -230,9 +152,20 @@ class Agent:
         variant: Variant = DEFAULT_VARIANT,
         sampling: Sampling | None = None,
         constrained: bool | ConstraintOptions = False,
+        context_window: int | None = None,
+        max_observation_tokens: int | None = None,
+        name: str = "qwen-agent",
+        tracer_provider: Any = None,
+        callbacks: Sequence[Callable[[SpanRecord], None]] = (),
     ):
         if max_iterations < 1:
             raise ConfigError(f"max_iterations must be at least 1, got {max_iterations}")
+        for label, value in (
+            ("context_window", context_window),
+            ("max_observation_tokens", max_observation_tokens),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{label} must be a positive number of tokens, got {value}")
         self.tools = _tool_map(tools)
         self.llm = llm
         if constrained:
@@ -242,6 +175,9 @@ class Agent:
         self.max_iterations = max_iterations
         self.variant = variant
         self.sampling = sampling
+        self.context_window = context_window
+        self.max_observation_tokens = max_observation_tokens
+        self.tracing = Tracing(name, tracer_provider, callbacks)
         names = list(self.tools)
         self._instruction = react_instruction(
             [t.tool_desc(variant) for t in self.tools.values()], names, variant
@@ -265,6 +201,12 @@ class Agent:
         cleaned = tuple((_clean(q), _clean(r)) for q, r in turns)
         return ChatPrompt(_clean(query), cleaned, self.system, assistant_prefix)
 
+    def budget(self) -> ContextBudget:
+        """The context budget of a run: the window from the option or the backend, its tokenizer if it has one."""
+        window = self.context_window or getattr(self.llm, "context_window", None)
+        tokenizer = getattr(self.llm, "tokenizer", None)
+        return ContextBudget(window, tokenizer, self.max_observation_tokens)
+
     # -- running --------------------------------------------------------------------------------------------
 
     def run(self, query: str, history: Sequence[tuple[str, str]] | None = None) -> RunResult:
@@ -277,31 +219,120 @@ class Agent:
     def stream(self, query: str, history: Sequence[tuple[str, str]] | None = None) -> Iterator[Event]:
         """Run like :meth:`run`, yielding events as they happen; the last one is a :class:`FinalAnswerEvent`.
 
-        Per step: ``StepStarted``, ``ThoughtDelta``*, then either ``ActionEvent`` [``ErrorEvent``]
-        ``ObservationEvent``, or ``ErrorEvent ObservationEvent`` for an unusable output, or ``AnswerDelta``* and
-        the ``FinalAnswerEvent``.
+        Per step: ``StepStarted`` [``BudgetEvent``], ``ThoughtDelta``*, then either ``ActionEvent``
+        [``ErrorEvent``] ``ObservationEvent`` [``BudgetEvent``], or ``ErrorEvent ObservationEvent`` for an
+        unusable output, or ``AnswerDelta``* and the ``FinalAnswerEvent``.
         """
-        history = list(history or [])
-        run = _Run(self, query, history)
-        if not self.tools:
-            yield StepStarted(0)
-            yield from run.plain_answer(0)
-            yield FinalAnswerEvent(run.answer, run.result())
+        run = _Run(self, query, list(history or []))
+        machine = run.events()
+        items: Iterator[str | Completion] | None = None
+        reply: Any = None
+        try:
+            while True:
+                request = machine.send(reply)
+                reply = None
+                if isinstance(request, _ModelCall):
+                    items = iter(self.llm.stream(request.prompt, stop=STOP_WORDS, sampling=request.sampling))
+                    reply = next(items, None)
+                elif request is _NEXT_ITEM:
+                    reply = next(items, None)
+                elif isinstance(request, _ToolCall):
+                    try:
+                        reply = request.tool.invoke(request.raw_arguments)
+                    except Exception as exc:  # handed to the machine, which makes it an Observation
+                        reply = exc
+                else:
+                    yield request
+        except StopIteration:
             return
-        for index in range(self.max_iterations):
-            yield StepStarted(index)
-            step = yield from run.model_step(index, run.transcript)
-            if step is None:  # a final answer
-                break
-            yield from run.act(step)
-        else:
-            yield StepStarted(self.max_iterations, forced=True)
-            yield from run.forced_answer(self.max_iterations)
-        yield FinalAnswerEvent(run.answer, run.result())
+        except BaseException as exc:
+            run.trace.abort(exc)
+            raise
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    async def arun(
+        self, query: str, history: Sequence[tuple[str, str]] | None = None, *, timeout: float | None = None
+    ) -> RunResult:
+        """:meth:`run` on the caller's event loop. After ``timeout`` seconds the run stops (generation at the next
+        token, a code cell interrupted with its variables kept, an MCP call cancelled) and the result has
+        ``stop_reason="cancelled"``. Cancelling the task does the same cleanup and then raises CancelledError, as
+        asyncio expects."""
+        async for event in self.astream(query, history, timeout=timeout):
+            if isinstance(event, FinalAnswerEvent):
+                return event.result
+        raise AssertionError("astream() always ends with a FinalAnswerEvent")
+
+    async def astream(
+        self, query: str, history: Sequence[tuple[str, str]] | None = None, *, timeout: float | None = None
+    ) -> AsyncIterator[Event]:
+        """:meth:`stream` on the caller's event loop: the same events, from the same loop (:class:`_Run`).
+        Backends with ``astream`` and tools with ``ainvoke`` are awaited; others run on a worker thread."""
+        from . import aio
+
+        await aio.prepare(self.llm)
+        run = _Run(self, query, list(history or []))
+        machine = run.events()
+        items: AsyncIterator[str | Completion] | None = None
+        reply: Any = None
+        deadline = aio.Deadline(timeout)
+        try:
+            async with deadline:
+                try:
+                    while True:
+                        request = machine.send(reply)
+                        reply = None
+                        if isinstance(request, _ModelCall):
+                            items = aio.astream_llm(self.llm, request.prompt, STOP_WORDS, request.sampling)
+                            reply = await anext(items, None)
+                        elif request is _NEXT_ITEM:
+                            reply = await anext(items, None)
+                        elif isinstance(request, _ToolCall):
+                            try:
+                                reply = await aio.ainvoke_tool(request.tool, request.raw_arguments)
+                            except Exception as exc:
+                                reply = exc
+                        else:
+                            with deadline.paused():  # the deadline never fires in the consumer's code
+                                yield request
+                except StopIteration:
+                    return
+                finally:
+                    if items is not None:
+                        await items.aclose()
+        except BaseException as exc:
+            if not (isinstance(exc, TimeoutError) and deadline.expired()):
+                run.trace.abort(exc)
+                raise
+        for event in run.cancelled(f"the run was stopped at its deadline of {timeout:g} s"):
+            yield event
+
+
+@dataclass(frozen=True)
+class _ModelCall:
+    """A request of the step machine: stream ``prompt``; the driver sends back the stream's first item."""
+
+    prompt: ChatPrompt
+    sampling: Sampling | None
+
+
+_NEXT_ITEM = (
+    object()
+)  # a request for the next item of the open stream (None once it ended without a Completion)
+
+
+@dataclass(frozen=True)
+class _ToolCall:
+    """A request of the step machine: run ``tool``; the driver sends back its result, or what it raised."""
+
+    tool: ToolLike
+    raw_arguments: str
 
 
 class _Run:
-    """The state of one run: the growing transcript, steps and counters."""
+    """One run as a step machine (see the module docstring): the growing transcript, steps and counters."""
 
     def __init__(self, agent: Agent, query: str, history: list[tuple[str, str]]):
         self.agent = agent
@@ -311,30 +342,83 @@ class _Run:
         self.steps: list[Step] = []
         self.completions: list[Completion] = []
         self.answer = ""
-        self.stop_reason: Literal["final_answer", "max_iterations"] = "final_answer"
+        self.stop_reason: StopReason = "final_answer"
         self.started = time.perf_counter()
+        self.budget = agent.budget()
+        self.trace = agent.tracing.start_run(
+            query, getattr(agent.llm, "model_name", type(agent.llm).__name__)
+        )
         self._seen_calls: dict[tuple[str, str], int] = {}
+        self._dropped_turns = 0
+        self._index = 0
+
+    def events(self) -> Generator[Any, Any, None]:
+        """The whole run: events for the caller, interleaved with model and tool requests for the driver."""
+        if not self.agent.tools:
+            fit = yield from self.start_step(0, "")
+            if fit.prompt is not None:
+                yield from self.plain_answer(0, fit)
+        else:
+            for index in range(self.agent.max_iterations):
+                fit = yield from self.start_step(index, self.transcript)
+                if fit.prompt is None:
+                    break
+                step = yield from self.model_step(index, fit)
+                if step is None:  # a final answer
+                    break
+                yield from self.act(step)
+            else:
+                index = self.agent.max_iterations
+                fit = yield from self.start_step(index, self.transcript + FORCED_ANSWER_CUE, forced=True)
+                if fit.prompt is not None:
+                    yield from self.forced_answer(index, fit)
+        result = self.result()
+        self.trace.finish(result)
+        yield FinalAnswerEvent(self.answer, result)
+
+    def start_step(self, index: int, prefix: str, forced: bool = False) -> Generator[Event, None, Fit]:
+        """Fit the step's prompt to the context (oldest turns dropped first); a prompt that cannot fit ends the
+        run with ``stop_reason="context"``."""
+        self._index = index
+        fit = self.budget.fit(
+            lambda turns: self.agent.prompt(self.query, turns, prefix), self.history, self.agent.sampling
+        )
+        yield StepStarted(index, forced, fit.prompt_tokens, fit.context_window)
+        if fit.dropped_turns > self._dropped_turns:
+            self._dropped_turns = fit.dropped_turns
+            yield BudgetEvent(
+                index,
+                "history_trimmed",
+                f"the {fit.dropped_turns} oldest of {len(self.history)} earlier turns were left out of the prompt "
+                f"to fit the context of {fit.context_window} tokens",
+            )
+        if fit.prompt is None:
+            self.stop_reason, self.answer = "context", CONTEXT_FULL
+            yield BudgetEvent(index, "context_full", fit.reason)
+            yield AnswerDelta(index, CONTEXT_FULL)
+        return fit
 
     def generate(
-        self, index: int, prefix: str, answer_only: bool = False
-    ) -> Generator[Event, None, tuple[Completion, ParsedOutput]]:
+        self, index: int, fit: Fit, answer_only: bool = False
+    ) -> Generator[Any, Any, tuple[Completion, ParsedOutput]]:
         """Stream one model call as thought / answer deltas; returns the Completion and its parse.
 
         ``answer_only``: the reply continues a ``Final Answer:`` (written by the prompt, or implied by a plain
         chat), so all of it is the answer."""
-        prompt = self.agent.prompt(self.query, self.history, prefix)
         answer_marker = _ANSWER_MARKER if answer_only else ""
         sections = SectionStreamer(answer_marker)
-        completion = None
         # the backend cuts at the stop words (the LLM protocol's contract)
-        items = self.agent.llm.stream(prompt, stop=STOP_WORDS, sampling=self.agent.sampling)
-        for item in items:  # read to its end, so that the backend can finish its own bookkeeping
-            if isinstance(item, Completion):
-                completion = item
-            else:
-                yield from self._deltas(index, sections.feed(item))
-        if completion is None:
-            raise LLMError(f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion")
+        self.trace.model_started(fit.prompt, fit.sampling)
+        item = yield _ModelCall(fit.prompt, fit.sampling)
+        while not isinstance(item, Completion):  # read to its end, so the backend can finish its bookkeeping
+            if item is None:
+                raise LLMError(
+                    f"{type(self.agent.llm).__name__}.stream() ended without yielding its Completion"
+                )
+            yield from self._deltas(index, sections.feed(item))
+            item = yield _NEXT_ITEM
+        completion = item
+        self.trace.model_finished(completion)
         self.completions.append(completion)
         # with its stop word back, the text before "\nObservation:" is carried as written, as react_demo does
         stop = completion.stop if completion.stop in STOP_WORDS else ""
@@ -347,9 +431,9 @@ class _Run:
         for section, text in pieces:
             yield (AnswerDelta if section == "answer" else ThoughtDelta)(index, text)
 
-    def model_step(self, index: int, prefix: str) -> Generator[Event, None, Step | None]:
+    def model_step(self, index: int, fit: Fit) -> Generator[Any, Any, Step | None]:
         """Generate and parse one step; returns the Step to act on, or None when the answer is final."""
-        completion, parsed = yield from self.generate(index, prefix)
+        completion, parsed = yield from self.generate(index, fit)
         if isinstance(parsed, FinalAnswer):
             self.steps.append(
                 Step(
@@ -378,7 +462,7 @@ class _Run:
                 step.observation += "\n" + format_hint(list(self.agent.tools))
         return step
 
-    def act(self, step: Step) -> Iterator[Event]:
+    def act(self, step: Step) -> Generator[Any, Any, None]:
         """Run the step's tool (or report why not) and append the Observation to the transcript."""
         index = step.index
         if step.observation is not None:  # a malformed output
@@ -395,43 +479,54 @@ class _Run:
                 )
                 yield ErrorEvent(index, "repeated_action", step.observation)
             else:
-                step.observation, step.ok, error = self._invoke(step)
+                step.observation, step.ok, error = yield from self._invoke(step)
                 if step.ok:  # a failed call may be retried as it was
                     self._seen_calls[key] = index
                 else:
                     yield ErrorEvent(index, "tool_error", error or step.observation)
+        step.observation, elided = self.budget.shorten(step.observation)
         yield ObservationEvent(index, step.observation, step.ok)
+        if elided:
+            yield BudgetEvent(
+                index,
+                "observation_shortened",
+                f"the Observation was over its budget of {self.budget.observation_tokens} tokens: "
+                f"{elided} characters in its middle were left out",
+            )
         self.steps.append(step)
         self.transcript += step.output + render_observation(step.observation)
 
-    def _invoke(self, step: Step) -> tuple[str, bool, str | None]:
-        tool = self.agent.tools[step.action]
+    def _invoke(self, step: Step) -> Generator[Any, Any, tuple[str, bool, str | None]]:
         started = time.perf_counter()
-        try:
-            result = tool.invoke(step.raw_arguments)
+        self.trace.tool_started(step.action, step.raw_arguments)
+        result = yield _ToolCall(self.agent.tools[step.action], step.raw_arguments)
+        if isinstance(
+            result, Exception
+        ):  # tools should not raise, but a user's tool might: the model hears of it
+            tb = traceback.format_exception_only(type(result), result)[-1].strip()
+            observation, ok, error = f"Error: the tool {step.action} failed: {tb}", False, tb
+        else:
             observation, error = str(result.observation), getattr(result, "error", None)
             ok = bool(result.ok)
-        except Exception as exc:  # tools should not raise, but a user's tool might: the model hears about it
-            tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            observation, ok, error = f"Error: the tool {step.action} failed: {tb}", False, tb
         step.tool_seconds = time.perf_counter() - started
+        self.trace.tool_finished(ok, error and str(error))
         return observation, ok, error and str(error)
 
-    def forced_answer(self, index: int) -> Iterator[Event]:
+    def forced_answer(self, index: int, fit: Fit) -> Generator[Any, Any, None]:
         """The budget is spent: let the model write only the Final Answer."""
         self.stop_reason = "max_iterations"
-        prefix = self.transcript + FORCED_ANSWER_CUE
+        prefix = fit.prompt.assistant_prefix
         yield ThoughtDelta(index, FORCED_THOUGHT)
-        completion, parsed = yield from self.generate(index, prefix, answer_only=True)
+        completion, parsed = yield from self.generate(index, fit, answer_only=True)
         self.answer = parsed.answer if isinstance(parsed, FinalAnswer) else NO_ANSWER
         if not isinstance(parsed, FinalAnswer):
             yield AnswerDelta(index, NO_ANSWER)
         self.transcript = prefix + " " + self.answer
         self.steps.append(Step(index, FORCED_THOUGHT, output=completion.text, completion=completion))
 
-    def plain_answer(self, index: int) -> Iterator[Event]:
+    def plain_answer(self, index: int, fit: Fit) -> Generator[Any, Any, None]:
         """No tools: one reply, all of it the answer (its end cut at a stop word, its ends stripped)."""
-        completion, parsed = yield from self.generate(index, "", answer_only=True)
+        completion, parsed = yield from self.generate(index, fit, answer_only=True)
         self.transcript = completion.text
         step = Step(index, "", problems=parsed.problems, output=completion.text, completion=completion)
         if isinstance(parsed, FinalAnswer):
@@ -439,6 +534,14 @@ class _Run:
         else:  # an empty reply
             step.ok, step.problems = False, (parsed.problem, *parsed.problems)
         self.steps.append(step)
+
+    def cancelled(self, why: str) -> Iterator[Event]:
+        """The events that end a run stopped from outside: what was done so far, ``stop_reason="cancelled"``."""
+        self.stop_reason, self.answer = "cancelled", ""
+        yield BudgetEvent(self._index, "cancelled", why)
+        result = self.result()
+        self.trace.finish(result)
+        yield FinalAnswerEvent(self.answer, result)
 
     def result(self) -> RunResult:
         def total(name: str) -> int:
@@ -451,7 +554,8 @@ class _Run:
             steps=self.steps,
             stop_reason=self.stop_reason,
             transcript=transcript,
-            history=[*self.history, (self.query, transcript)],
+            # a cancelled turn is not part of the conversation: the next run continues from the one before
+            history=[*self.history, *([] if self.stop_reason == "cancelled" else [(self.query, transcript)])],
             llm_calls=len(self.completions),
             prompt_tokens=total("prompt_tokens"),
             completion_tokens=total("completion_tokens"),
@@ -459,6 +563,8 @@ class _Run:
             seconds=time.perf_counter() - self.started,
             llm_seconds=sum(c.seconds for c in self.completions),
             tool_seconds=sum(s.tool_seconds for s in self.steps),
+            context_window=self.budget.context_window,
+            dropped_turns=self._dropped_turns,
         )
 
 

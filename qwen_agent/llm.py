@@ -24,13 +24,14 @@ Backends here
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import LLMError, QwenAgentError
 from .llm_protocol import LLM, ChatPrompt, Completion, Sampling
@@ -59,14 +60,17 @@ class ScriptedLLM:
     """Replays recorded model outputs, one per call, for tests and demos.
 
     Each output is cut at the stop strings, as the protocol asks of every backend; ``apply_stop=False`` replays
-    it whole, a misbehaving backend for tests of what that breaks. Every call's prompt and stop list is kept in ``calls``. ``stream`` yields
-    each output in pieces of ``chunk_size`` characters.
+    it whole, a misbehaving backend for tests of what that breaks. Every call's prompt and stop list is kept in
+    ``calls``. ``stream`` yields each output in pieces of ``chunk_size`` characters; ``astream`` does the same on an
+    event loop, letting other tasks run between pieces. ``context_window`` plays the backend's context size for the
+    agent's budget.
     """
 
     outputs: Sequence[str]
     apply_stop: bool = True
     chunk_size: int = 3
     calls: list[tuple[ChatPrompt, tuple[str, ...]]] = field(default_factory=list)
+    context_window: int | None = None
 
     def complete(
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
@@ -85,6 +89,13 @@ class ScriptedLLM:
         for i in range(0, len(text), self.chunk_size):
             yield text[i : i + self.chunk_size]
         yield completion
+
+    async def astream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> AsyncIterator[str | Completion]:
+        for item in self.stream(prompt, stop=stop, sampling=sampling):
+            yield item
+            await asyncio.sleep(0)
 
     def _next(self, prompt: ChatPrompt, stop: Sequence[str]) -> str:
         if len(self.calls) >= len(self.outputs):
@@ -117,6 +128,11 @@ class LocalLLM:
         self.constraint = constraint
         self.tokenizer = engine.tokenizer
         self.max_window_size = max_window_size or engine.generation_config.max_window_size
+
+    @property
+    def context_window(self) -> int:
+        """The longest sequence the model runs, prompt and reply together (the agent budgets to it)."""
+        return self.engine.config.max_context
 
     def prompt_ids(self, prompt: ChatPrompt) -> list[int]:
         from .runtime.chat_format import chatml_ids
@@ -176,6 +192,32 @@ class LocalLLM:
         with _engine_errors():
             yield from handle  # leaving early aborts the request
         yield local_completion(handle.result, time.perf_counter() - started)
+
+    async def astream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """:meth:`stream` on an event loop: the scheduler's thread hands each event to the loop
+        (``call_soon_threadsafe``), so any number of tasks share its batches with no thread each; a cancelled
+        task (or a consumer that stops reading) aborts the request, which frees its row at the next step."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        request = self.request(prompt, stop=stop, sampling=sampling)
+        handle = self.engine.submit(
+            request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        )
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = not isinstance(event, str)
+                if isinstance(event, BaseException):
+                    with _engine_errors():
+                        raise event
+                yield local_completion(event, time.perf_counter() - started) if finished else event
+        finally:
+            if not finished:
+                handle.scheduler.abort(handle)
 
 
 @contextlib.contextmanager

@@ -6,13 +6,13 @@ module imports them without importing the others.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .runtime.chatml import DEFAULT_SYSTEM, IM_END, IM_START
 
-__all__ = ["ChatPrompt", "Sampling", "Completion", "LLM"]
+__all__ = ["ChatPrompt", "Sampling", "Completion", "LLM", "AsyncLLM"]
 
 
 @dataclass(frozen=True)
@@ -89,4 +89,15 @@ class LLM(Protocol):
         self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
     ) -> Iterator[str | Completion]:
         """Text deltas as they are generated, then the :class:`Completion` as the last item."""
+        ...
+
+
+@runtime_checkable
+class AsyncLLM(Protocol):
+    """What ``Agent.arun`` awaits where a backend has it (a backend without it runs on a worker thread)."""
+
+    def astream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """:meth:`LLM.stream` as an async iterator; closing it (a cancelled task) stops the generation."""
         ...

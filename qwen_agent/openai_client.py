@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
-import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 import requests
@@ -13,7 +13,8 @@ import urllib3
 
 from .errors import ConfigError, LLMAuthError, LLMConnectionError, LLMError, LLMProtocolError, LLMTimeoutError
 from .llm_protocol import ChatPrompt, Completion, Sampling
-from .runtime.stops import StopScanner, cut_at_stop
+from .openai_stream import DONE, RETRY_STATUS, SSEDecoder, StreamState, preview, stop_reason
+from .runtime.stops import cut_at_stop
 
 __all__ = ["OpenAICompatibleLLM"]
 
@@ -21,7 +22,6 @@ __all__ = ["OpenAICompatibleLLM"]
 # can only stop on them by id
 QWEN_STOP_TOKEN_IDS = (151645, 151644)
 
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # what reading from the network can raise, whichever layer (requests, urllib3, http.client, the socket) raises it
 _TRANSPORT_ERRORS = (
     requests.RequestException,
@@ -29,7 +29,6 @@ _TRANSPORT_ERRORS = (
     http.client.HTTPException,
     OSError,
 )
-_DONE = object()  # the `data: [DONE]` event
 
 
 class OpenAICompatibleLLM:
@@ -66,6 +65,7 @@ class OpenAICompatibleLLM:
         backoff: float = 0.5,
         max_backoff: float = 20.0,
         extra_body: dict[str, Any] | None = None,
+        context_window: int | None = None,
     ):
         if mode not in ("completions", "chat"):
             raise ConfigError(f"mode must be 'completions' or 'chat', got {mode!r}")
@@ -74,6 +74,9 @@ class OpenAICompatibleLLM:
         base_url = base_url.rstrip("/")
         self.base_url = base_url if "/v1" in base_url else base_url + "/v1"
         self._model = model
+        self._context_window = context_window
+        self._models_read = False
+        self._async_clients: Any = None  # httpx.AsyncClient by event loop (openai_async)
         self.mode = mode
         self.tokenizer = tokenizer
         self.timeout = (connect_timeout, timeout)
@@ -92,17 +95,70 @@ class OpenAICompatibleLLM:
     def model(self) -> str:
         """The model name; when none was given, the first one the server lists under ``/v1/models``."""
         if self._model is None:
-            body = self._json(self._request("GET", "/models", None, stream=False), "/models")
-            try:
-                self._model = str(body["data"][0]["id"])
-            except (KeyError, IndexError, TypeError):
-                raise LLMProtocolError(
-                    f"{self.base_url}/models: no model listed in {_preview(body)}"
-                ) from None
+            self._read_models(self._json(self._request("GET", "/models", None, stream=False), "/models"))
         return self._model
+
+    @property
+    def context_window(self) -> int | None:
+        """The server's context in tokens: the ``context_window`` option, else the ``max_model_len`` that vLLM
+        (and this project's server) list under ``/v1/models``, else None (unknown)."""
+        if self._context_window is None and not self._models_read:
+            try:
+                self._read_models(self._json(self._request("GET", "/models", None, stream=False), "/models"))
+            except LLMError:
+                self._models_read = True  # a server without /v1/models: the window stays unknown
+        return self._context_window
+
+    def _read_models(self, body: Any) -> None:
+        try:
+            card = body["data"][0]
+            name = str(card["id"])
+        except (KeyError, IndexError, TypeError):
+            raise LLMProtocolError(f"{self.base_url}/models: no model listed in {preview(body)}") from None
+        self._models_read = True
+        self._model = self._model or name
+        if self._context_window is None and isinstance(card.get("max_model_len"), int):
+            self._context_window = card["max_model_len"]
+
+    async def aprepare(self) -> None:
+        """Read ``/v1/models`` on the event loop, once, if the model name or the context is still unknown."""
+        if not self._models_read and (self._model is None or self._context_window is None):
+            from .openai_async import aget_json
+
+            try:
+                self._read_models(await aget_json(self, "/models"))
+            except LLMError:
+                if self._model is None:
+                    raise
+                self._models_read = True
+
+    async def astream(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """:meth:`stream` on an event loop, over httpx (:mod:`qwen_agent.openai_async`): no thread per call;
+        closing the iterator (a cancelled task) closes the connection, and the server stops generating."""
+        from .openai_async import astream
+
+        await self.aprepare()
+        async for item in astream(self, prompt, stop, sampling):
+            yield item
+
+    async def acomplete(
+        self, prompt: ChatPrompt, *, stop: Sequence[str] = (), sampling: Sampling | None = None
+    ) -> Completion:
+        async for item in self.astream(prompt, stop=stop, sampling=sampling):
+            if isinstance(item, Completion):
+                return item
+        raise AssertionError("astream() always ends with its Completion")  # pragma: no cover
 
     def close(self) -> None:
         self._session.close()
+
+    async def aclose(self) -> None:
+        """Close the async connection pool of the running event loop (``astream`` opens one per loop)."""
+        client = self._async_clients.pop(asyncio.get_running_loop(), None) if self._async_clients else None
+        if client is not None:
+            await client.aclose()
 
     # -- the protocol --------------------------------------------------------------------------------------
 
@@ -117,7 +173,7 @@ class OpenAICompatibleLLM:
             choice.get("text") if self.mode == "completions" else (choice.get("message") or {}).get("content")
         )
         if not isinstance(text, str):
-            raise LLMProtocolError(f"{self.base_url}{path}: the first choice has no text: {_preview(data)}")
+            raise LLMProtocolError(f"{self.base_url}{path}: the first choice has no text: {preview(data)}")
         # the one cut for remote backends: servers that ignore `stop` (or part of it) are cut here
         text, stopped = cut_at_stop(text, stop)
         usage = data.get("usage") or {}
@@ -125,7 +181,7 @@ class OpenAICompatibleLLM:
         return Completion(
             text,
             finish,
-            stopped or _stop_reason(choice, stop),
+            stopped or stop_reason(choice, stop),
             usage.get("prompt_tokens"),
             usage.get("completion_tokens"),
             seconds=time.perf_counter() - started,
@@ -139,33 +195,16 @@ class OpenAICompatibleLLM:
         attempt = 0
         while True:
             response, attempt = self._send("POST", path, body, stream=True, first_attempt=attempt)
-            scanner = StopScanner(stop)
-            pieces: list[str] = []
-            finish, done, usage, last_choice = None, False, {}, {}
+            state = StreamState(stop, self._delta_text)
             try:
                 for event in self._events(response, path):
-                    if event is _DONE:
-                        done = True
-                        break
-                    usage = event.get("usage") or usage
-                    choices = event.get("choices") or []
-                    if not choices:
-                        continue
-                    last_choice = choices[0] if isinstance(choices[0], dict) else {}
-                    finish = last_choice.get("finish_reason") or finish
-                    emitted = scanner.feed(self._delta_text(last_choice))
-                    if emitted:
-                        pieces.append(emitted)
+                    if emitted := state.feed(event):
                         yield emitted
-                    if scanner.stopped is not None:
+                    if state.ended:
                         break
-                if not (done or finish or scanner.stopped):
-                    raise LLMConnectionError(
-                        f"{self.base_url}{path}: the stream ended before the answer did (neither a finish_reason "
-                        f"nor [DONE] arrived)"
-                    )
+                state.check_finished(self.base_url + path)
             except LLMConnectionError:
-                if pieces or attempt >= self.max_retries:
+                if state.pieces or attempt >= self.max_retries:
                     raise  # text already handed out cannot be taken back
                 self._sleep(attempt, None)
                 attempt += 1
@@ -173,19 +212,7 @@ class OpenAICompatibleLLM:
             finally:
                 response.close()
             break
-        tail = scanner.finish()
-        if tail:
-            pieces.append(tail)
-            yield tail
-        stopped = scanner.stopped or _stop_reason(last_choice, stop)
-        yield Completion(
-            "".join(pieces),
-            "length" if finish == "length" and not scanner.stopped else "stop",
-            stopped,
-            usage.get("prompt_tokens"),
-            usage.get("completion_tokens"),
-            seconds=time.perf_counter() - started,
-        )
+        yield from state.finish(started)
 
     # -- request building ------------------------------------------------------------------------------------
 
@@ -244,7 +271,7 @@ class OpenAICompatibleLLM:
                 response = self._session.request(
                     method, url, json=body, headers=self._headers, timeout=self.timeout, stream=True
                 )
-                if response.status_code in _RETRY_STATUS and not last:
+                if response.status_code in RETRY_STATUS and not last:
                     retry_after = response.headers.get("Retry-After")
                     response.close()
                     self._sleep(attempt, retry_after)
@@ -267,13 +294,16 @@ class OpenAICompatibleLLM:
         raise AssertionError("unreachable")  # the last attempt always returns or raises
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        time.sleep(self._delay(attempt, retry_after))
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
         delay = self.backoff * (2**attempt)
         if retry_after:
             try:
                 delay = float(retry_after)
             except ValueError:
                 pass
-        time.sleep(min(max(delay, 0.0), self.max_backoff))
+        return min(max(delay, 0.0), self.max_backoff)
 
     def _json(self, response: requests.Response, path: str) -> Any:
         """The JSON of a body that :meth:`_send` has read already."""
@@ -285,27 +315,20 @@ class OpenAICompatibleLLM:
             ) from None
 
     def _events(self, response: requests.Response, path: str) -> Iterator[Any]:
-        """The JSON payloads of a server-sent-event stream, then ``_DONE`` if ``data: [DONE]`` came."""
+        """The JSON payloads of a server-sent-event stream, then ``DONE`` if ``data: [DONE]`` came."""
         url = self.base_url + path
-        data_lines: list[str] = []
+        decoder = SSEDecoder(url)
         try:
             for raw in _lines(response):
-                line = raw.decode("utf-8", errors="replace")
-                if line.startswith("data:"):
-                    data_lines.append(line[5:].lstrip(" "))
-                    continue
-                if line or not data_lines:
-                    continue  # comments, other fields, keep-alives
-                payload, data_lines = "\n".join(data_lines), []
-                if payload.strip() == "[DONE]":
-                    yield _DONE
-                    return
-                yield _decode_event(payload, url)
+                event = decoder.line(raw.decode("utf-8", errors="replace"))
+                if event is not None:
+                    yield event
+                    if event is DONE:
+                        return
         except _TRANSPORT_ERRORS as exc:
             raise _transport_error(url, exc, self.timeout[1], reading=True) from None
-        if data_lines:  # the last event, not followed by a blank line
-            payload = "\n".join(data_lines)
-            yield _DONE if payload.strip() == "[DONE]" else _decode_event(payload, url)
+        if (event := decoder.end()) is not None:
+            yield event
 
 
 def _lines(response: requests.Response) -> Iterator[bytes]:
@@ -322,29 +345,11 @@ def _lines(response: requests.Response) -> Iterator[bytes]:
         yield pending.rstrip(b"\r")
 
 
-def _decode_event(payload: str, url: str) -> dict[str, Any]:
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        raise LLMProtocolError(f"{url}: a stream event is not JSON: {payload[:200]!r}") from None
-    if not isinstance(event, dict):
-        raise LLMProtocolError(f"{url}: a stream event is not a JSON object: {payload[:200]!r}")
-    if "error" in event:
-        raise LLMError(f"{url}: the server reported an error mid-stream: {_preview(event['error'])}")
-    return event
-
-
 def _first_choice(data: Any, path: str) -> dict[str, Any]:
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices[0], dict):
-        raise LLMProtocolError(f"{path}: the answer has no choices: {_preview(data)}")
+        raise LLMProtocolError(f"{path}: the answer has no choices: {preview(data)}")
     return choices[0]
-
-
-def _stop_reason(choice: dict[str, Any], stop: Sequence[str]) -> str | None:
-    # vLLM reports the matched stop string in `stop_reason`
-    reason = choice.get("stop_reason")
-    return reason if isinstance(reason, str) and reason in stop else None
 
 
 def _error_message(response: requests.Response) -> str:
@@ -355,7 +360,7 @@ def _error_message(response: requests.Response) -> str:
     error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):
         error = error.get("message", error)
-    return _preview(error)
+    return preview(error)
 
 
 def _transport_error(url: str, exc: BaseException, timeout: float, *, reading: bool) -> LLMError:
@@ -390,8 +395,3 @@ def _is_timeout(exc: BaseException) -> bool:
 def _reason(exc: Exception) -> str:
     text = str(exc)
     return text if len(text) < 200 else text[:200] + "..."
-
-
-def _preview(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 200 else text[:200] + "..."

@@ -433,3 +433,19 @@ def test_the_scheduler_takes_requests_mid_run_each_with_its_own_settings_and_abo
     assert (stats["completed"], stats["cancelled"]) == (5, 1)
     with pytest.raises(GenerationError, match="context holds"):
         scheduler.add(PromptRequest(tokenizer.encode("too long"), engine.config.max_context))
+
+
+def test_a_prefix_kept_in_a_high_row_is_copied_to_the_lowest_free_row(engine, tokenizer):
+    """A request takes the lowest free row, so a lone request decodes one row however many the cache has; a
+    prefix another free row keeps is copied over and not prefilled again, with the same greedy result."""
+    engine = QwenEngine(engine.model, tokenizer, engine.generation_config)
+    prompts = [tokenizer.encode(t) for t in ("a b c", "d e f", "g h i", "Question: what is 2+2?\nThought:")]
+    engine.generate(prompts, max_new_tokens=4, do_sample=False)  # prompt 3 ends in row 3
+    follow = prompts[3] + tokenizer.encode(" Let me think.")
+    result = engine.generate(follow, max_new_tokens=6, do_sample=False)
+    assert result.prefill_tokens < len(follow) - len(prompts[3]) + 1  # the kept prompt was not run again
+    kept = engine.scheduler._batch._kept
+    assert kept[0].ids[: len(follow)] == tuple(follow)  # it ran in row 0
+    assert kept[3].ids[: len(prompts[3])] == tuple(prompts[3])  # and row 3 still keeps its sequence
+    fresh = QwenEngine(engine.model, tokenizer, engine.generation_config)
+    assert result.token_ids == fresh.generate(follow, max_new_tokens=6, do_sample=False).token_ids

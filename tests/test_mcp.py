@@ -310,19 +310,20 @@ def test_the_published_time_server():
 
 # ---- the command line ------------------------------------------------------------------------------------------
 def test_run_takes_the_tools_of_an_mcp_config(tmp_path):
-    from qwen_agent.cli import _tool_registry, build_parser
+    from qwen_agent.cli import build_parser
+    from qwen_agent.cli.run import tool_registry
 
     path = tmp_path / "mcp.json"
     path.write_text(json.dumps(stdio_config()))
     args = build_parser().parse_args(
         ["run", "q", "--model", "m", "--tools", "current_time", "--mcp", str(path)]
     )
-    tools = _tool_registry(args)
+    tools = tool_registry(args)
     try:
         assert tools.names()[0] == "current_time" and "add" in tools.names()
     finally:
         tools.close()
-    only_mcp = _tool_registry(
+    only_mcp = tool_registry(
         build_parser().parse_args(["run", "q", "--model", "m", "--tools", "", "--mcp", str(path)])
     )
     try:

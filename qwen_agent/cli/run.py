@@ -72,6 +72,7 @@ def print_events(events: Iterable[Event], show_chars: int) -> None:
     from ..agent import (
         ActionEvent,
         AnswerDelta,
+        BudgetEvent,
         ErrorEvent,
         FinalAnswerEvent,
         ObservationEvent,
@@ -84,6 +85,8 @@ def print_events(events: Iterable[Event], show_chars: int) -> None:
     for event in events:
         if isinstance(event, StepStarted):
             title = "final answer (step budget used up)" if event.forced else f"step {event.index + 1}"
+            if event.prompt_tokens is not None:  # the context budget: how full the context is
+                title += f" (prompt {event.prompt_tokens} of {event.context_window} tokens)"
             out.write(f"\n--- {title}\n")
             section = ""
         elif isinstance(event, (ThoughtDelta, AnswerDelta)):
@@ -97,6 +100,8 @@ def print_events(events: Iterable[Event], show_chars: int) -> None:
             section = ""
         elif isinstance(event, ErrorEvent):
             out.write(f"[{event.kind}]\n")
+        elif isinstance(event, BudgetEvent):
+            out.write(f"[{event.kind}: {event.message}]\n")
         elif isinstance(event, ObservationEvent):
             text = event.observation
             if len(text) > show_chars:

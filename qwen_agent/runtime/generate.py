@@ -219,7 +219,8 @@ class Generation:
     is how many rows its last step decoded.
 
     **Prefix reuse.** A free row keeps the keys and values of the last sequence it ran (prompt and generated
-    tokens); a prompt that starts with part of it takes that row and prefills only the rest, when that gives
+    tokens); a prompt that starts with part of it gets those slots (copied into its own row, the lowest free
+    one, when another row keeps them) and prefills only the rest, when that gives
     the same result as prefilling the whole prompt afresh: with Qwen v1's dynamic NTK the kept keys were
     rotated with the alpha frozen at their prefill, so they are reused only if the new prompt's own alpha
     (:func:`~qwen_agent.runtime.config.ntk_alpha` of its length) is the same; below ``seq_length`` it always is.
@@ -407,13 +408,17 @@ class Generation:
 
     def _admit(self) -> None:
         """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
-        ``runner.tokens``. A prompt takes the free row that holds the longest usable prefix of it, if any."""
+        ``runner.tokens``. A prompt takes the lowest free row (rows stay packed, so a step spans few); when a
+        free row keeps a usable prefix of it, those slots are copied over first and only the rest is prefilled."""
         fresh, reusing = [], []
         while self._free and self._waiting:
             index, request = self._waiting.popleft()
-            r, reused = self._row_for(request.prompt)
-            self._free.remove(r)
-            heapq.heapify(self._free)
+            r = heapq.heappop(self._free)
+            source, reused = self._kept_prefix(request.prompt, [r, *self._free])
+            if reused and source != r:
+                for kv in (self.cache.k, self.cache.v):
+                    kv[:, r, :, :reused] = kv[:, source, :, :reused]
+                self.cache.ntk_alpha[r] = self.cache.ntk_alpha[source]
             self._kept[r] = _Kept()
             (reusing if reused else fresh).append((r, index, request, reused))
         for joining in reusing:  # each from its own slot: one call apiece
@@ -430,27 +435,20 @@ class Generation:
         if group:
             self._prefill(group)
 
-    def _row_for(self, prompt: tuple[int, ...]) -> tuple[int, int]:
-        """The free row for ``prompt`` and how many of its slots it reuses: the longest kept prefix whose NTK
-        alpha is the prompt's own, else the lowest free row (one that keeps nothing, if there is one)."""
-        alpha = self._alpha(len(prompt))
-        best, reused = -1, 0
-        for r in sorted(self._free):
+    def _kept_prefix(self, prompt: tuple[int, ...], rows: list[int]) -> tuple[int, int]:
+        """The row among ``rows`` that keeps the longest prefix of ``prompt`` with the prompt's own NTK alpha,
+        and that prefix's length (0: none). The prompt's last id always runs, for its logits."""
+        alpha, best, reused = self._alpha(len(prompt)), -1, 0
+        for r in rows:
             kept = self._kept[r]
             if kept.alpha != alpha:
                 continue
-            limit, common = (
-                min(len(kept.ids), len(prompt) - 1),
-                0,
-            )  # the last prompt token must run for logits
+            limit, common = min(len(kept.ids), len(prompt) - 1), 0
             while common < limit and kept.ids[common] == prompt[common]:
                 common += 1
             if common > reused:
                 best, reused = r, common
-        if reused:
-            return best, reused
-        empty = [r for r in self._free if not self._kept[r].ids]
-        return (min(empty) if empty else self._free[0]), 0
+        return best, reused
 
     def _alpha(self, length: int) -> int:
         if not self.config.use_dynamic_ntk:

@@ -27,10 +27,11 @@ drain as their requests finish, and once the batch is empty the cache is rebuilt
 flight; ``add`` past it raises :class:`QueueFullError`.
 
 **Blocks and eviction.** Today each cache row is its own block: a free row keeps the keys and values of the last
-sequence it ran, and a prompt that starts with part of it takes that row and prefills only the rest (see
-:class:`~qwen_agent.runtime.generate.Generation`). A row is overwritten when a prompt that shares nothing with
-it needs a row and no empty one is left (lowest row first); a shared prefix cache of fixed-size KV blocks with
-LRU eviction replaces this.
+sequence it ran, and a prompt that starts with part of it gets those slots copied into its own row (the lowest
+free one, so rows stay packed) and prefills only the rest (see :class:`~qwen_agent.runtime.generate.Generation`).
+A kept row is overwritten when it is the lowest free row a new prompt takes; nothing is evicted by age or
+memory. A shared prefix cache of fixed-size KV blocks, keyed by the hash of the tokens up to them, with LRU
+eviction of unreferenced blocks, replaces this.
 """
 
 from __future__ import annotations
@@ -247,9 +248,8 @@ class Scheduler:
         self._drop_aborted(outputs)
         try:
             self._admit()
-        except (
-            Exception
-        ) as exc:  # e.g. no memory for a bigger cache: the head of the queue fails, not the rest
+        except Exception as exc:
+            # e.g. no memory for a bigger cache: the head of the queue fails, not the rest
             log.exception("could not admit a request")
             self._fail([self._waiting.popleft()], exc, outputs)
         batch = self._batch

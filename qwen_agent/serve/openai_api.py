@@ -117,8 +117,9 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict[str, Any]:
-        started = life.require_handlers().started
-        card = {"id": model_name, "object": "model", "created": started, "owned_by": "qwen-agent"}
+        handlers = life.require_handlers()
+        card = {"id": model_name, "object": "model", "created": handlers.started, "owned_by": "qwen-agent"}
+        card["max_model_len"] = handlers.engine.config.max_context  # vLLM's field, for clients' budgets
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])

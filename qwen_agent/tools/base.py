@@ -10,6 +10,8 @@ The agent uses :meth:`BaseTool.invoke`, which never raises: bad arguments and fa
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import time
 import traceback
@@ -28,6 +30,7 @@ ErrorKind = Literal["invalid_arguments", "tool_error"]
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
 _MAX_TRACEBACK_CHARS = 1500
+_FRAMEWORK_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
 
 
 @dataclass
@@ -197,25 +200,50 @@ class BaseTool:
         try:
             arguments = self.parse_arguments(raw_arguments)
         except ToolArgumentError as exc:
-            message = f"invalid arguments for tool '{self.name}': {exc}"
-            return ToolResult(
-                f"Error: {message}",
-                ok=False,
-                error=message,
-                error_kind="invalid_arguments",
-                duration=time.perf_counter() - start,
-            )
+            return self._invalid(exc, start)
         try:
-            observation, data = self._run(arguments)
+            outcome: tuple[str, Any] | Exception = self._run(arguments)
         except Exception as exc:  # any failure of the tool becomes an Observation, by design
-            short = _short_traceback(exc)
+            outcome = exc
+        return self._result(outcome, start)
+
+    async def ainvoke(self, raw_arguments: str | dict[str, Any]) -> ToolResult:
+        """:meth:`invoke` on an event loop: :meth:`_arun` is awaited (by default :meth:`_run` on a worker
+        thread). Cancelling it cancels the call: :meth:`_arun` decides how (the code interpreter interrupts the
+        cell)."""
+        start = time.perf_counter()
+        try:
+            arguments = self.parse_arguments(raw_arguments)
+        except ToolArgumentError as exc:
+            return self._invalid(exc, start)
+        try:
+            outcome: tuple[str, Any] | Exception = await self._arun(arguments)
+        except Exception as exc:
+            outcome = exc
+        return self._result(outcome, start)
+
+    def _invalid(self, exc: ToolArgumentError, start: float) -> ToolResult:
+        message = f"invalid arguments for tool '{self.name}': {exc}"
+        return ToolResult(
+            f"Error: {message}",
+            ok=False,
+            error=message,
+            error_kind="invalid_arguments",
+            duration=time.perf_counter() - start,
+        )
+
+    def _result(self, outcome: tuple[str, Any] | Exception, start: float) -> ToolResult:
+        duration = time.perf_counter() - start
+        if isinstance(outcome, Exception):
+            short = _short_traceback(outcome)
             return ToolResult(
                 f"Error: tool '{self.name}' failed:\n{short}",
                 ok=False,
                 error=short,
                 error_kind="tool_error",
-                duration=time.perf_counter() - start,
+                duration=duration,
             )
+        observation, data = outcome
         if (
             getattr(data, "ok", True) is False
         ):  # the tool ran, but reports a failure (code that raised, a timeout)
@@ -225,9 +253,13 @@ class BaseTool:
                 error=observation,
                 error_kind="tool_error",
                 data=data,
-                duration=time.perf_counter() - start,
+                duration=duration,
             )
-        return ToolResult(observation, data=data, duration=time.perf_counter() - start)
+        return ToolResult(observation, data=data, duration=duration)
+
+    async def _arun(self, arguments: dict[str, Any]) -> tuple[str, Any]:
+        """:meth:`_run` for :meth:`ainvoke`; async tools override this. By default a worker thread runs it."""
+        return await asyncio.to_thread(self._run, arguments)
 
     def _run(self, arguments: dict[str, Any]) -> tuple[str, Any]:
         """Run and return ``(observation, structured data)``; tools with structured results override this."""
@@ -239,7 +271,11 @@ class BaseTool:
 
 def _short_traceback(exc: BaseException) -> str:
     """The exception line plus the innermost frames, capped so it fits an Observation."""
-    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    # the tool's own frames: those of this package and of asyncio say nothing to the model, and differ between
+    # invoke and ainvoke
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_FRAMEWORK_DIRS)
+    ][-3:]
     lines = [f'  File "{f.filename}", line {f.lineno}, in {f.name}' for f in frames]
     text = "\n".join(["Traceback (most recent call last):", *lines, f"{type(exc).__name__}: {exc}"])
     return text if len(text) <= _MAX_TRACEBACK_CHARS else "..." + text[-_MAX_TRACEBACK_CHARS:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import html.parser
 import re
@@ -51,6 +52,21 @@ class CodeInterpreterTool(BaseTool):
 
     def _run(self, arguments: dict[str, Any]) -> tuple[str, ExecutionResult]:
         result = self.start().run(arguments["code"])
+        return result.to_observation(), result
+
+    async def _arun(self, arguments: dict[str, Any]) -> tuple[str, ExecutionResult]:
+        """The cell runs on a worker thread; if the awaiting task is cancelled, the cell is interrupted (its
+        variables stay) and the cancellation goes on once the kernel is free again."""
+        interpreter = await asyncio.to_thread(self.start)
+        cell = asyncio.ensure_future(asyncio.to_thread(interpreter.run, arguments["code"]))
+        try:
+            result = await asyncio.shield(cell)
+        except asyncio.CancelledError:
+            interrupt = getattr(interpreter, "interrupt", None)
+            while interrupt is not None and not cell.done():
+                interrupt()  # False while the kernel is still starting: try again
+                await asyncio.wait({cell}, timeout=0.2)
+            raise
         return result.to_observation(), result
 
     def call(self, arguments: dict[str, Any]) -> str:

@@ -193,6 +193,27 @@ class MCPServerConnection:
                 self._restart_after(f"stopped during the call to {tool!r} ({_reason(exc)})")
             ) from None
 
+    async def acall(self, tool: str, arguments: dict[str, Any]) -> Any:
+        """:meth:`call` awaited from another event loop: no thread waits on it, and cancelling the awaiting task
+        cancels the request's task on the connection's loop."""
+        if self._client is None:
+            raise ToolError(self._describe("is not running"))
+        future = asyncio.run_coroutine_threadsafe(self._client.call_tool(tool, arguments), self._loop)
+        try:
+            # wrap_future: cancelling the awaiting task cancels the call's task on the connection's loop
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.config.timeout)
+        except TimeoutError:
+            raise ToolError(
+                f"MCP server {self.name!r}: tool {tool!r} did not answer within {self.config.timeout:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if await asyncio.to_thread(self._alive):
+                raise ToolError(f"MCP server {self.name!r}: tool {tool!r} failed: {_reason(exc)}") from None
+            what = f"stopped during the call to {tool!r} ({_reason(exc)})"
+            raise ToolError(await asyncio.to_thread(self._restart_after, what)) from None
+
     def close(self) -> None:
         """Stop the server (stdin closed, then the process group killed) and the connection's thread."""
         self._end_session()
@@ -338,6 +359,16 @@ class MCPTool(BaseTool):
             result = self.connection.call(self.remote_name, arguments)
         except ToolError as exc:  # a deadline or a dead server: the message says it all, no traceback
             return f"Error: {exc}", MCPCallResult(False)
+        return self._observation(result)
+
+    async def _arun(self, arguments: dict[str, Any]) -> tuple[str, MCPCallResult]:
+        try:
+            result = await self.connection.acall(self.remote_name, arguments)
+        except ToolError as exc:
+            return f"Error: {exc}", MCPCallResult(False)
+        return self._observation(result)
+
+    def _observation(self, result: Any) -> tuple[str, MCPCallResult]:
         parts, images = [], []
         for item in result.content:
             kind = getattr(item, "type", "")

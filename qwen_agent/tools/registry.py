@@ -7,6 +7,9 @@ agents never share a tool's state (two code interpreters never share a kernel).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -217,7 +220,10 @@ def register_tool(
 
 
 class FunctionTool(BaseTool):
-    """A tool made from a plain function by :func:`tool`; the schema comes from its type hints and docstring."""
+    """A tool made from a plain function by :func:`tool`; the schema comes from its type hints and docstring.
+
+    An ``async def`` function is awaited on the agent's loop by ``Agent.arun``; the sync ``Agent.run`` runs it to
+    completion on an event loop of its own. A plain function runs on a worker thread under ``Agent.arun``."""
 
     def __init__(
         self,
@@ -238,10 +244,27 @@ class FunctionTool(BaseTool):
         super().__init__()
 
     def call(self, arguments: dict[str, Any]) -> str:
+        if inspect.iscoroutinefunction(self.func):
+            return str(_run_to_completion(self.func(**arguments)))
         return str(self.func(**arguments))
+
+    async def _arun(self, arguments: dict[str, Any]) -> tuple[str, Any]:
+        if inspect.iscoroutinefunction(self.func):
+            return str(await self.func(**arguments)), None
+        return await super()._arun(arguments)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
+
+
+def _run_to_completion(coroutine: Any) -> Any:
+    """Await ``coroutine`` from sync code: on a new event loop, or on a new thread's when this one runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def tool(
