@@ -79,13 +79,20 @@ sys.path.insert(0, sys.argv[1])
 import _launcher
 workspace = tempfile.mkdtemp(prefix="qa-bench-")
 print(workspace, flush=True)
+read = json.loads(sys.argv[2])
 t0 = time.perf_counter()
-_launcher.make_mounts_read_only([workspace])
+if sys.argv[3] == "private_root":
+    _launcher.enter_new_root({"read": read, "write": [workspace], "devices": [], "cwd": workspace})
+    _launcher.proc_sys_read_only()
+else:
+    _launcher.make_mounts_read_only([workspace])
 t1 = time.perf_counter()
 _launcher.drop_capabilities()
-_launcher.confine_filesystem({"read": json.loads(sys.argv[2]), "write": [workspace], "devices": []})
+_launcher.confine_filesystem({"read": read, "write": [workspace], "devices": []})
 t2 = time.perf_counter()
-print(json.dumps([t1 - t0, t2 - t1]))
+_launcher.install_seccomp()
+t3 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t1, t3 - t2]))
 """
 
 
@@ -102,39 +109,45 @@ def layer_setup(repeats: int) -> dict[str, object]:
         planning.append(time.perf_counter() - t0)
 
     plan = plan_sandbox(SandboxLimits(max_processes=None), network=False, sandbox_uid=None)
-    probes = []
+    probes: dict[str, list[float]] = {"read_only_mounts": [], "private_root": []}
     for _ in range(repeats):
         sandbox._probe_read_only_mounts.cache_clear()
+        sandbox._probe_new_root.cache_clear()
         t0 = time.perf_counter()
         assert sandbox._probe_read_only_mounts(plan.unshare) == ""
-        probes.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        assert sandbox._probe_new_root(plan.unshare, tuple(plan.read_roots)) == ""
+        probes["read_only_mounts"].append(t1 - t0)
+        probes["private_root"].append(time.perf_counter() - t1)
     tools_dir = os.path.dirname(_landlock.__file__)
-    mounts, landlock = [], []
+    steps: dict[str, list[float]] = {}
     for _ in range(repeats):
-        out = subprocess.run(
-            [
-                *plan.unshare,
-                plan.python,
-                "-I",
-                "-S",
-                "-c",
-                _LAYER_STEPS,
-                tools_dir,
-                json.dumps(plan.read_roots),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-        os.rmdir(out[0])
-        step_mounts, step_landlock = json.loads(out[1])
-        mounts.append(step_mounts)
-        landlock.append(step_landlock)
+        for mode in ("read_only_mounts", "private_root"):
+            out = subprocess.run(
+                [
+                    *plan.unshare,
+                    plan.python,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _LAYER_STEPS,
+                    tools_dir,
+                    json.dumps(plan.read_roots),
+                    mode,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+            os.rmdir(out[0])
+            for name, seconds in zip(
+                (mode, f"caps_and_landlock_{mode}", "seccomp"), json.loads(out[1]), strict=True
+            ):
+                steps.setdefault(name, []).append(seconds)
     return {
         "host_planning": _summary(planning),
-        "read_only_mounts": _summary(mounts),
-        "caps_and_landlock": _summary(landlock),
-        "host_probe_once_per_process": _summary(probes),
+        **{name: _summary(samples) for name, samples in steps.items()},
+        **{f"host_probe_once_per_process_{k}": _summary(v) for k, v in probes.items()},
     }
 
 

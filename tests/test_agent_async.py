@@ -180,13 +180,14 @@ def served(tiny_engine, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
+    while True:  # the server answers while the model loads: /health is 200 once it is ready
         try:
-            httpx.get(url + "/health", timeout=5)
-            break
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
         except httpx.TransportError:
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
     yield url
     process.terminate()
     process.communicate(timeout=30)

@@ -104,8 +104,10 @@ def test_matplotlib_figure_comes_back_as_png_file(ci):
     assert r.error is None, r.error
     assert len(r.images) == 1
     png = r.images[0]
-    assert png.parent == ci.workdir and png.suffix == ".png"
+    # the host's copy is in its own directory; the code finds one under the same name in the workspace
+    assert png.parent == ci.host_dir and png.suffix == ".png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (ci.workdir / png.name).read_bytes() == png.read_bytes()
     assert f"![fig-001]({png})" in r.to_observation()
 
 

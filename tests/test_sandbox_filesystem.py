@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qwen_agent.errors import ConfigError, SandboxError
-from qwen_agent.tools import CodeInterpreter, _landlock, sandbox
+from qwen_agent.tools import CodeInterpreter, _landlock, sandbox, workspace
 
 pytestmark = pytest.mark.skipif(
     _landlock.abi_version()[0] < 1, reason=f"no Landlock here: {_landlock.abi_version()[1]}"
@@ -92,6 +92,8 @@ def check_attacks(out: dict[str, str], info: dict) -> None:
     refused = ("denied: PermissionError", "denied: OSError: [Errno 18]")
     if info["filesystem"]["read_only_mounts"]:
         refused += ("denied: OSError: [Errno 30]",)
+    if info["private_root"]:  # the kernel's own root: what is not in it does not exist there
+        refused += ("denied: FileNotFoundError",)
     wrong = {
         name: outcome
         for name, outcome in out.items()
@@ -130,15 +132,24 @@ def host_dir():
     shutil.rmtree(host, ignore_errors=True)
 
 
-@pytest.mark.parametrize("namespaces", [True, False], ids=["landlock+read-only-mounts", "landlock-alone"])
-def test_attacks_from_the_kernel_fail_and_leave_the_host_unchanged(host_dir, namespaces, monkeypatch):
+@pytest.mark.parametrize(
+    "namespaces, private_root",
+    [(True, True), (True, False), (False, False)],
+    ids=["private-root+landlock", "landlock+read-only-mounts", "landlock-alone"],
+)
+def test_attacks_from_the_kernel_fail_and_leave_the_host_unchanged(
+    host_dir, namespaces, private_root, monkeypatch
+):
     if not namespaces:  # no mount namespace, so no read-only mounts: Landlock must refuse on its own
         monkeypatch.setattr(sandbox, "_probe_unshare", lambda _: ((), "turned off by the test"))
+    if not private_root:  # the host's paths in view: Landlock and the read-only mounts must refuse
+        monkeypatch.setattr(sandbox, "_probe_new_root", lambda *_: "turned off by the test")
     before = host_snapshot(host_dir)
     with CodeInterpreter(timeout=30) as ci, CodeInterpreter(timeout=30) as other:
         (other.workdir / "theirs.txt").write_text("THEIRS")
         info = ci.sandbox_info()
         assert info["filesystem"]["read_only_mounts"] == namespaces == info["pid_namespace"]
+        assert info["private_root"] == private_root
         code, escape = attack_code(host_dir, other.workdir, metadata=namespaces)
         check_attacks(run_json(ci, code), info)
         assert host_snapshot(host_dir) == before
@@ -153,7 +164,8 @@ def test_a_restarted_kernel_is_still_confined(host_dir):
         r = ci.execute("import os; os._exit(1)")
         assert r.restarted and r.error.name == "KernelDied"
         r = ci.execute(f"open({str(host_dir / 'secret.txt')!r}).read()")
-        assert r.error is not None and r.error.name == "PermissionError"
+        expected = "FileNotFoundError" if ci.sandbox_info()["private_root"] else "PermissionError"
+        assert r.error is not None and r.error.name == expected
         assert ci.sandbox_info()["filesystem"]["active"]
         caps = ci.execute(
             "import re; print(re.findall(r'Cap(?:Inh|Prm|Eff|Bnd|Amb):\\s*(\\w+)', open('/proc/self/status').read()))"
@@ -327,8 +339,10 @@ def _host_mounts() -> list[str]:
     return sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
 
 
-def test_a_root_host_runs_the_kernel_as_the_sandbox_uid_with_hidden_paths_shown(tmp_path):
+def test_a_root_host_runs_the_kernel_as_the_sandbox_uid_with_hidden_paths_shown(tmp_path, monkeypatch):
     _needs_root_with_mount_namespace()
+    # without a private root (which holds only the roots anyway), hidden directories are shown by a tmpfs
+    monkeypatch.setattr(sandbox, "_probe_new_root", lambda *_: "turned off by the test")
     data, workdir = tmp_path / "data", tmp_path / "work"  # pytest's tmp_path lies below a 0700 directory
     data.mkdir()
     (data / "sales.csv").write_text("month,amount\n1,10\n2,32\n")
@@ -351,7 +365,10 @@ def test_a_root_host_runs_the_kernel_as_the_sandbox_uid_with_hidden_paths_shown(
             timeout=60,
         )
         assert r.stdout == "65534 65534 42 5\n" and len(r.images) == 1, r.to_observation()
-        assert (workdir / "made.txt").stat().st_uid == 65534 and r.images[0].stat().st_uid == 65534
+        assert (workdir / "made.txt").stat().st_uid == 65534 and r.images[
+            0
+        ].stat().st_uid == 0  # the host's copy
+        assert (workdir / r.images[0].name).stat().st_uid == 65534  # the code's copy
         # in the kernel's namespace a hidden directory holds only the roots shown (stat is not Landlock's)
         (tmp_path / "beside.txt").write_text("not shown")
         r = ci.execute(
@@ -428,7 +445,9 @@ def test_upload_copies_into_the_workspace_without_following_the_kernels_symlinks
             "plt.plot([1, 2]); plt.show()"
         )
         assert r.stdout == "2 7\n", r.to_observation()
-        assert r.images == [ci.workdir / "fig-002.png"] and (ci.workdir / "fig-001.png").is_symlink()
+        # the host keeps its copy apart; the code's copy takes the next name the kernel has not made
+        assert r.images == [ci.host_dir / "fig-002.png"] and (ci.workdir / "fig-001.png").is_symlink()
+        assert (ci.workdir / "fig-002.png").read_bytes() == r.images[0].read_bytes()
         for bad, message in ((b"x", "name is required"), (src, "plain file name")):
             with pytest.raises(ConfigError, match=message):
                 ci.upload(bad, None if isinstance(bad, bytes) else "../up.csv")
@@ -443,7 +462,7 @@ def test_upload_copies_into_the_workspace_without_following_the_kernels_symlinks
 def test_only_directories_whose_owner_is_provably_gone_are_swept():
     dead = subprocess.Popen(["true"])
     dead.wait()
-    made = {label: sandbox.private_temp_dir("work") for label in ("dead", "other_ns", "rebooted", "alive")}
+    made = {label: workspace.private_temp_dir("work") for label in ("dead", "other_ns", "rebooted", "alive")}
     unmarked = Path(tempfile.mkdtemp(prefix=f"qa-work-{dead.pid}-"))  # no marker: not provably this package's
     try:
         for label, path in made.items():
@@ -459,13 +478,13 @@ def test_only_directories_whose_owner_is_provably_gone_are_swept():
             elif label == "rebooted":
                 identity["boot_id"] = "00000000-0000-0000-0000-000000000000"
             marker.write_text(json.dumps(identity))
-        sandbox.remove_stale_temp_dirs.__wrapped__()
+        workspace.remove_stale_temp_dirs.__wrapped__()
         left = {label for label, path in made.items() if path.exists()}
         assert left == {"other_ns", "alive"} and unmarked.exists()
         assert not made["dead"].with_name(made["dead"].name + ".owner").exists()
     finally:
         for path in [*made.values(), unmarked]:
-            sandbox.remove_private_temp_dir(path)
+            workspace.remove_private_temp_dir(path)
 
 
 @pytest.mark.skipif(_landlock.abi_version()[0] < 6, reason="signal scoping needs Landlock ABI 6")
@@ -519,6 +538,7 @@ def test_where_mounts_cannot_be_made_read_only_the_layer_says_so_and_landlock_st
     monkeypatch.setattr(
         sandbox, "_probe_read_only_mounts", lambda *_: "launcher: cannot make / read-only: EPERM"
     )
+    monkeypatch.setattr(sandbox, "_probe_new_root", lambda *_: "launcher: pivot_root failed: EPERM")
     with CodeInterpreter(timeout=30) as ci:
         info = ci.sandbox_info()
         assert info["pid_namespace"] and info["filesystem"]["active"]

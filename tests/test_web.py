@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -359,3 +362,62 @@ def test_browser_stop_ends_a_running_cell_and_backend_errors_show_in_the_chat(
     assert "Traceback" not in text
     page.screenshot(path=str(tmp_path / "web-error.png"), full_page=True)
     context.close()
+
+
+# the kernel's code keeps swapping its files for links to a host secret, so any host step that checks a name and
+# then reads it (Gradio copies files again on every update) would hand the secret to the browser
+STEP_SWAP = (
+    "Thought: I will write a report and a chart.\nAction: code_interpreter\nAction Input:\n```py\n"
+    "import os, threading, time\nimport matplotlib.pyplot as plt\n"
+    "open('report.txt', 'w').write('numbers')\nplt.plot([1, 2, 3]); plt.show()\n"
+    "done = threading.Event()\n"
+    "def swap():\n"
+    "    while not done.is_set():\n"
+    "        for name in [n for n in os.listdir('.') if n.endswith(('.txt', '.png'))]:\n"
+    "            data = open(name, 'rb').read() if not os.path.islink(name) else None\n"
+    "            if data is None:\n                continue\n"
+    "            os.unlink(name); os.symlink(SECRET_PATH, name); time.sleep(0.002)\n"
+    "            os.unlink(name); open(name, 'wb').write(data)\n"
+    "        time.sleep(0.001)\n"
+    "swapper = threading.Thread(target=swap, daemon=True)\nswapper.start()\n```\nObservation:"
+)
+STEP_AGAIN = (
+    "Thought: Once more.\nAction: code_interpreter\nAction Input:\n```py\nimport time; time.sleep(1); print('ok')\n"
+    "```\nObservation:"
+)
+STEP_STOP = (  # the files stay from here on, for the last update to list
+    "Thought: Enough.\nAction: code_interpreter\nAction Input:\n```py\ndone.set(); swapper.join(); print('ok')\n"
+    "```\nObservation:"
+)
+FINAL_SWAP = "Thought: I now know the final answer.\nFinal Answer: Done."
+
+
+def test_the_browser_gets_host_copies_of_workspace_files_and_figures(browser, serve, tmp_path: Path) -> None:
+    import urllib.request
+
+    secret_dir = Path(tempfile.mkdtemp(prefix="qa-test-host-"))
+    secret_text = f"TOPSECRET-{uuid.uuid4().hex}"
+    secret = secret_dir / "secret.txt"
+    secret.write_text(secret_text)
+    secret.chmod(0o600)
+    step = STEP_SWAP.replace("SECRET_PATH", repr(str(secret)))
+    url = serve(lambda: SlowLLM([step, STEP_AGAIN, STEP_AGAIN, STEP_STOP, FINAL_SWAP], delay=0.01))
+    try:
+        context, page = _open(browser, url)
+        _ask(page, "Write a report")
+        _wait_answer(page, "Done.")
+        page.wait_for_selector("#qa-files td.filename[aria-label='report.txt']")
+        links = page.eval_on_selector_all(
+            "#qa-files a[href], #qa-chat [data-testid=bot] img[src]", "els => els.map(e => e.href || e.src)"
+        )
+        assert len(links) >= 3, links  # report.txt, fig-001.png and the figure in the chat
+        fetched = [urllib.request.urlopen(link, timeout=10).read() for link in links]
+        assert b"numbers" in fetched and any(f.startswith(b"\x89PNG") for f in fetched)
+        assert all(secret_text.encode() not in f for f in fetched)
+        assert secret_text not in page.content()
+        cached = [p for p in Path(gr.Blocks().GRADIO_CACHE).rglob("*") if p.is_file()]
+        assert not [p for p in cached if secret_text.encode() in p.read_bytes()], "Gradio cached the secret"
+        assert secret.read_text() == secret_text and secret.stat().st_mode & 0o777 == 0o600
+        context.close()
+    finally:
+        shutil.rmtree(secret_dir, ignore_errors=True)

@@ -10,7 +10,8 @@ import pytest
 
 from qwen_agent.errors import ConfigError
 from qwen_agent.llm import ScriptedLLM
-from qwen_agent.serve.web_session import SessionPool, Settings, TurnEnded, workspace_files
+from qwen_agent.serve.web_session import SessionPool, Settings, TurnEnded
+from qwen_agent.tools.workspace import Workspace
 
 
 def _drain(events) -> list:
@@ -62,7 +63,14 @@ def test_workspace_listing_leaves_out_links_and_hidden_files(tmp_path: Path) -> 
     (tmp_path / "link").symlink_to("/etc/hostname")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "deep.csv").write_text("x")
-    assert [p.name for p in workspace_files(tmp_path)] == ["out.txt", "deep.csv"]
+    workspace = Workspace(tmp_path)
+    assert workspace.files() == ["out.txt", "sub/deep.csv"]
+    export = tmp_path.parent / "export"
+    assert workspace.export(export) == [export / "out.txt", export / "sub" / "deep.csv"]
+    (tmp_path / "out.txt").unlink()
+    (tmp_path / "out.txt").symlink_to("/etc/hostname")  # swapped for a link: neither listed nor followed
+    assert workspace.export(export) == [export / "sub" / "deep.csv"]
+    workspace.close()
 
 
 def test_stop_ends_a_generation_at_its_next_piece_and_closes_the_backend_stream() -> None:

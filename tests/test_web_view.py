@@ -56,7 +56,7 @@ def test_failed_and_stopped_steps_are_marked(tmp_path: Path) -> None:
     assert note["content"] == "Stopped."
 
 
-def test_only_figures_inside_the_workspace_are_shown(tmp_path: Path) -> None:
+def test_only_figures_in_the_host_only_directory_are_shown(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
     (workdir / "fig-001.png").write_bytes(b"\x89PNG")

@@ -156,7 +156,8 @@ def run_task(
         "code_runs": len(runs),
         "executable": executable,
         "errors": [f"{r.error.name}: {r.error.value}" if r.error else "timeout" for r in runs if not r.ok],
-        "figures": [str(Path(image).relative_to(workdir)) for r in runs if r.ok for image in r.images],
+        # the host's copies go with the interpreter; the code's copy of each stays in workdir under the same name
+        "figures": [Path(image).name for r in runs if r.ok for image in r.images],
     }
     if task.kind == "plot":
         record["plot_ok"] = bool(record["figures"])

@@ -544,7 +544,8 @@ class BackgroundServer:
         import uvicorn
 
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
-        self.server = GracefulServer(config, app.state.lifecycle, shutdown_timeout)
+        life = getattr(app.state, "lifecycle", None)  # an app of create_app's drains on exit; any other stops
+        self.server = GracefulServer(config, life, shutdown_timeout) if life else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="qwen-agent-server", daemon=True)
         self.host = host
 

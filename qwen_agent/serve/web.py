@@ -48,7 +48,7 @@ from ..llm_protocol import LLM
 from ..runtime.chat_format import DEFAULT_SYSTEM
 from ..tools.base import extract_code
 from ..tools.registry import ToolRegistry, default_registry
-from .web_session import SessionPool, Settings, TurnEnded, WebSession, workspace_files
+from .web_session import SessionPool, Settings, TurnEnded, WebSession
 
 __all__ = ["WebApp", "build_app", "launch", "TurnView"]
 
@@ -111,7 +111,7 @@ class TurnView:
     """Turns one agent run's events into Gradio chat messages (dicts), re-rendered as events arrive."""
 
     args_formats: dict[str, str]
-    workspace: Callable[[], Path | None]
+    figure_dir: Callable[[], Path | None]  # the interpreter's host-only directory, where its figures are
     messages: list[dict[str, Any] | None] = field(default_factory=list)  # None: a block taken out
     _blocks: dict[int, tuple[int, _StepBlock]] = field(default_factory=dict)
     _answer_at: int | None = None
@@ -169,14 +169,14 @@ class TurnView:
         return [m for m in self.messages if m is not None]
 
     def _add_figures(self, observation: str) -> None:
-        """Figures named in an Observation, shown only when they are files of this session's workspace."""
-        workdir = self.workspace()
-        if workdir is None:
+        """Figures named in an Observation, shown only when they are files of the interpreter's host-only
+        directory (the kernel writes the Observation text, so it could name any path)."""
+        root = self.figure_dir()
+        if root is None:
             return
-        root = workdir.resolve()
         for name in _FIGURE.findall(observation):
             path = Path(name)
-            if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(root):
+            if path.parent != root or path.is_symlink() or not path.is_file():
                 continue
             if path not in self._shown:
                 self._shown.add(path)
@@ -285,7 +285,7 @@ class WebApp:
         return f"This chat's kernel: **{mine}** · kernels on this server: **{self.pool.kernel_count()}**"
 
     def _files(self, session: WebSession) -> list[str]:
-        return [str(p) for p in workspace_files(session.workspace)]
+        return [str(p) for p in session.export_files()]
 
     def _respond(
         self,
@@ -335,7 +335,7 @@ class WebApp:
             chat.append(_error_message(str(exc)))
             yield cleared, chat, gr.update(), self._status(request)
             return
-        view = TurnView(self.args_formats, lambda: session.workspace)
+        view = TurnView(self.args_formats, lambda: session.figure_dir)
         while True:
             try:
                 item = events.get(timeout=0.5)

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..llm_protocol import LLM, Sampling
 from ..tools.registry import ToolRegistry, default_registry
 
-__all__ = ["Settings", "WebSession", "SessionPool", "TurnEnded", "workspace_files"]
+__all__ = ["Settings", "WebSession", "SessionPool", "TurnEnded"]
 
 CODE_TOOL = "code_interpreter"
 
@@ -48,26 +48,6 @@ class TurnEnded:
 
     reason: str
     error: str = ""
-
-
-def workspace_files(workdir: Path | None) -> list[Path]:
-    """Regular files in the workspace, sorted by name. Symlinks and anything resolving outside it are left
-    out: the sandboxed code must not be able to hand the browser a host file."""
-    if workdir is None or not workdir.is_dir():
-        return []
-    root = workdir.resolve()
-    files = []
-    for path in sorted(root.rglob("*")):
-        if (
-            path.is_symlink()
-            or not path.is_file()
-            or any(p.name.startswith(".") for p in path.parents if p != root)
-        ):
-            continue
-        if path.name.startswith(".") or not path.resolve().is_relative_to(root):
-            continue
-        files.append(path)
-    return files
 
 
 class WebSession:
@@ -107,6 +87,17 @@ class WebSession:
     def workspace(self) -> Path | None:
         """The interpreter's workspace, once its kernel has started."""
         return getattr(self._interpreter(), "workdir", None)
+
+    @property
+    def figure_dir(self) -> Path | None:
+        """Where the interpreter keeps its figures: a host-only directory the kernel cannot reach."""
+        return getattr(self._interpreter(), "host_dir", None)
+
+    def export_files(self) -> list[Path]:
+        """Host-owned copies of the workspace's files, for the download panel (never the kernel's own names)."""
+        interpreter = self._interpreter()
+        export = getattr(interpreter, "export_files", None)
+        return export() if export is not None else []
 
     def upload(self, paths: Sequence[str | Path]) -> list[str]:
         """Copy uploaded files into the interpreter's workspace (starting its kernel); returns their names."""

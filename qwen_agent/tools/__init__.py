@@ -21,7 +21,7 @@ from .base import BaseTool, ToolResult, extract_code
 from .builtin import CodeInterpreterTool, CurrentTimeTool, WebFetchTool, html_to_text
 from .interpreter import CodeInterpreter, ExecutionError, ExecutionResult, Executor
 from .registry import FunctionTool, ToolRegistry, default_registry, register_tool, tool
-from .sandbox import SandboxLimits
+from .sandbox import SandboxConfig, SandboxLimits
 
 __all__ = [
     "BaseTool",
@@ -36,6 +36,7 @@ __all__ = [
     "ExecutionResult",
     "ExecutionError",
     "Executor",
+    "SandboxConfig",
     "SandboxLimits",
     "CodeInterpreterTool",
     "WebFetchTool",

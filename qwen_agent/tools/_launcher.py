@@ -4,11 +4,12 @@ Outer stage (child of the host): ask for SIGKILL when the host dies, join the pi
 limits, then exec ``unshare`` (new pid/net/mount namespaces) running the inner stage, or run the inner stage
 directly when no namespaces are used.
 
-Inner stage: ask for SIGKILL when the parent dies, show the sandbox uid the roots it needs that lie below
-directories it cannot search (``/root``, mode 0700), make every mount of its namespace read-only but the workspace
-and runtime directory, drop to the sandbox uid if one is set, drop every capability (root in the kernel keeps
-uid 0 but no privilege over the host), confine the file system with Landlock (last, since Landlock forbids
-mounting), and exec the kernel.
+Inner stage: ask for SIGKILL when the parent dies; pivot into a private root holding only the read roots, the
+workspace and runtime directory (or, where that cannot be had, show the sandbox uid the roots below directories
+it cannot search and make every other mount read-only); make ``/proc/sys`` read-only; drop to the sandbox uid if
+one is set, drop every capability (root in the kernel keeps uid 0 but no privilege over the host), confine the
+file system with Landlock (after the mounts, since Landlock forbids mounting), set ``no_new_privs`` and install
+the seccomp filter (last: it refuses mounts), and exec the kernel.
 As pid 1 of a new pid namespace it instead forks the kernel and stays as a minimal init that reaps orphans and
 exits with the kernel's status; when it dies the kernel of the namespace kills every process left in it.
 
@@ -24,7 +25,13 @@ import resource
 import signal
 import sys
 
+# imported now: once the kernel's new root is entered, this directory may be out of view
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _landlock  # noqa: E402
+import _seccomp  # noqa: E402
+
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -167,10 +174,71 @@ def make_mounts_read_only(writable: list) -> None:
     os.chdir(os.getcwd())  # the cwd still points into the mount below the workspace's bind mount
 
 
-def confine_filesystem(rules: dict) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _landlock
+MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
+
+def enter_new_root(spec: dict) -> None:
+    """Make a root of only what the kernel needs and pivot into it: a tmpfs holding each read root bind-mounted
+    read-only at its own path, the workspace and runtime dir writable, the /proc of this pid namespace, a /dev of
+    the listed device nodes, an empty /tmp. Nothing else of the host is in view: no /run, /var/run, home dirs,
+    host sockets or other kernels' dirs. Every directory the tmpfs adds is 0755, so the sandbox uid reaches roots
+    that lie below a directory it could not search (``/root``) without anything being shown beside them."""
+    _require_own_namespace()
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.umask(0o022)
+    entries = [(p, False) for p in spec["read"] + spec["devices"]] + [(p, True) for p in spec["write"]]
+    entries = sorted(((p, w) for p, w in entries if os.path.exists(p)), key=lambda e: len(e[0]))
+    try:  # opened before the tmpfs covers anything; bind-mounted from /proc/self/fd afterwards
+        fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path, _ in entries]
+    except OSError as exc:
+        sys.exit(f"launcher: cannot open {exc.filename} for the kernel's root: {exc.strerror}")
+    base = "/tmp"
+    err = _mount("tmpfs", base, MS_NOSUID | MS_NODEV, fstype="tmpfs", data="mode=0755,size=4m")
+    if err:
+        sys.exit(f"launcher: cannot mount the kernel's root: {os.strerror(err)}")
+    for (path, _), fd in zip(entries, fds, strict=True):
+        target = base + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.lexists(target):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
+        err = _mount(f"/proc/self/fd/{fd}", target, MS_BIND | MS_REC)
+        if err:
+            sys.exit(f"launcher: cannot bind-mount {path} into the kernel's root: {os.strerror(err)}")
+        os.close(fd)
+    for path in ("/tmp", "/dev/shm"):
+        os.makedirs(base + path, exist_ok=True)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        if os.path.isdir(base + "/dev") and not os.path.lexists(f"{base}/dev/{name}"):
+            os.symlink(target, f"{base}/dev/{name}")
+    os.chdir(base)
+    if libc.syscall(_SYS_PIVOT_ROOT[os.uname().machine], b".", b".") != 0:
+        sys.exit(f"launcher: pivot_root failed: {os.strerror(ctypes.get_errno())}")
+    if libc.umount2(b".", MNT_DETACH) != 0:
+        sys.exit(f"launcher: cannot detach the host's root: {os.strerror(ctypes.get_errno())}")
+    os.chdir("/")
+    make_mounts_read_only(spec["write"])
+    os.chdir(spec["cwd"])
+
+
+def proc_sys_read_only() -> None:
+    """/proc/sys read-only in this mount namespace: a uid-0 kernel without capabilities still passes the owner
+    check of most sysctl files (the file-system layer off, nothing else stops it)."""
+    _require_own_namespace()
+    for path in ("/proc/sys", "/proc/sysrq-trigger"):
+        if os.path.exists(path) and (_mount(path, path, MS_BIND) or _remount(path, read_only=True)):
+            sys.exit(f"launcher: cannot make {path} read-only")
+
+
+def confine_filesystem(rules: dict) -> None:
     try:
         _landlock.restrict(rules["read"], rules["write"], rules["devices"])
     except OSError as exc:
@@ -199,10 +267,28 @@ def run_as_init(argv: list) -> None:
             os._exit(code if code >= 0 else 128 - code)
 
 
+def install_seccomp() -> None:
+    try:
+        _seccomp.install()
+    except OSError as exc:
+        sys.exit(f"launcher: cannot install the seccomp filter: {exc}")
+
+
+def set_no_new_privs() -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        sys.exit("launcher: prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
 def main() -> None:
     if sys.argv[1] == "--probe-mounts":  # run by the host once, inside the namespaces a kernel would get
         show_hidden_paths(json.loads(sys.argv[2]))
         make_mounts_read_only([])
+        return
+    if sys.argv[1] == "--probe-root":  # the same for a private root: the read roots and nothing else
+        enter_new_root(json.loads(sys.argv[2]))
+        proc_sys_read_only()
+        if os.path.exists("/run") or os.path.exists("/etc/shadow") or not os.path.exists("/usr"):
+            sys.exit("launcher: the new root does not hold what it should")
         return
     config = json.loads(sys.argv[1])
     die_with_parent(config["parent"])
@@ -222,10 +308,15 @@ def main() -> None:
                 json.dumps(inner),
             ]
             os.execv(argv[0], argv)
-    if config.get("show_hidden"):
-        show_hidden_paths(config["show_hidden"])
-    if config.get("read_only_mounts"):
-        make_mounts_read_only(config["read_only_mounts"])
+    if config.get("new_root"):
+        enter_new_root(config["new_root"])
+    else:
+        if config.get("show_hidden"):
+            show_hidden_paths(config["show_hidden"])
+        if config.get("read_only_mounts"):
+            make_mounts_read_only(config["read_only_mounts"])
+    if config.get("proc_sys_read_only"):
+        proc_sys_read_only()
     if config.get("uid") is not None:
         if config.get("drop_capabilities"):
             drop_bounding_set()
@@ -239,6 +330,10 @@ def main() -> None:
         drop_capabilities()
     if config.get("landlock"):
         confine_filesystem(config["landlock"])
+    if config.get("no_new_privs"):
+        set_no_new_privs()
+    if config.get("seccomp"):
+        install_seccomp()
     if os.getpid() == 1:
         run_as_init(config["argv"])
     os.execv(config["argv"][0], config["argv"])

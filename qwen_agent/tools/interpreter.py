@@ -16,9 +16,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -29,11 +27,10 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError, InterpreterError
 from .kernel import KernelProcess
-from .sandbox import (
-    SandboxLimits,
-    plan_sandbox,
+from .sandbox import SandboxConfig, SandboxLimits
+from .workspace import (
+    Workspace,
     private_temp_dir,
-    python_installation,
     remove_private_temp_dir,
     remove_stale_temp_dirs,
 )
@@ -61,7 +58,8 @@ class ExecutionError:
 
 @dataclass
 class ExecutionResult:
-    """Everything one cell produced. ``images`` are PNG files in the workspace."""
+    """Everything one cell produced. ``images`` are the host's own copies of the PNG figures, in a directory the
+    kernel cannot reach (a copy of each is also put in the workspace for the code)."""
 
     stdout: str = ""
     stderr: str = ""
@@ -178,24 +176,21 @@ class _Cell:
         )
 
 
-def _existing_path(path: str | Path, label: str) -> str:
-    resolved = Path(path).resolve()
-    if not resolved.exists():
-        raise ConfigError(f"CodeInterpreter: {label} entry {str(path)!r} does not exist")
-    return str(resolved)
-
-
 def _close_kernel(holder: dict[str, Any]) -> None:
     kernel = holder.pop("kernel", None)
     if kernel is not None:
         kernel.close()
 
 
-def _release(holder: dict[str, Any], temp_workdir: Path | None) -> None:
+def _release(holder: dict[str, Any], temp_workdir: Path | None, host_dir: Path) -> None:
     """Everything close() frees; also run at garbage collection and interpreter exit."""
     _close_kernel(holder)
+    workspace = holder.pop("workspace", None)
+    if workspace is not None:
+        workspace.close()
     if temp_workdir is not None:
         remove_private_temp_dir(temp_workdir)
+    remove_private_temp_dir(host_dir)
 
 
 class CodeInterpreter:
@@ -213,7 +208,8 @@ class CodeInterpreter:
         filesystem: confine the kernel's file access (Landlock): reads beneath the system, Python and
             ``read_paths`` roots, writes in the workspace only. Off when False or where Landlock is missing.
         read_paths: files or directories the kernel may read in place (read-only), e.g. a data directory.
-        require_isolation: raise :class:`SandboxError` instead of running with the file system unconfined.
+        require_isolation: raise :class:`SandboxError` instead of running without the file-system layer, the
+            namespaces, the private root or the seccomp filter.
         python: the kernel's Python interpreter (it needs ipykernel); its installation joins the read roots.
         env: extra environment variables for the kernel (the host's environment is never passed on).
         startup_timeout: how long a kernel may take to start.
@@ -252,47 +248,50 @@ class CodeInterpreter:
         self.timeout = timeout
         self.grace = grace
         self.max_output_chars = max_output_chars
-        self.limits = limits or SandboxLimits()
-        self.network = network
-        self.sandbox_uid = sandbox_uid
-        self.filesystem = filesystem
-        self.read_paths = [_existing_path(p, "read_paths") for p in read_paths]
-        self.require_isolation = require_isolation
-        self.python = sys.executable if python is None else str(python)
-        if python is not None and not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
-            raise ConfigError(f"CodeInterpreter: python {self.python!r} is not an executable file")
-        python_installation(self.python)  # fails here, naming the interpreter, if it cannot run a kernel
-        self.env = env
         self.startup_timeout = startup_timeout
+        self.config = SandboxConfig(
+            limits=limits or SandboxLimits(),
+            network=network,
+            sandbox_uid=sandbox_uid,
+            filesystem=filesystem,
+            read_paths=tuple(read_paths),
+            require_isolation=require_isolation,
+            python=sys.executable if python is None else str(python),
+            env=env,
+        )
         remove_stale_temp_dirs()
         owns_workdir = workdir is None
         self.workdir = (private_temp_dir("work") if workdir is None else Path(workdir)).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # figures, downloads and kernel logs: host-owned, 0700, outside anything the kernel can reach
+        self.host_dir = private_temp_dir("host")
         self._figures = 0
         self._closed = False
         self._lock = threading.RLock()  # one cell at a time; reset/close wait for a running cell
-        self._holder: dict[str, Any] = {}
+        self._export_lock = threading.Lock()
+        self._holder: dict[str, Any] = {"workspace": Workspace(self.workdir)}
         # closes the kernel when the interpreter is garbage-collected or at interpreter exit
         self._finalizer = weakref.finalize(
-            self, _release, self._holder, self.workdir if owns_workdir else None
+            self, _release, self._holder, self.workdir if owns_workdir else None, self.host_dir
         )
         self._launch()
 
     # ---- kernel lifecycle -------------------------------------------------------------------------------
     def _launch(self) -> None:
-        plan = plan_sandbox(
-            self.limits,
-            network=self.network,
-            sandbox_uid=self.sandbox_uid,
-            filesystem=self.filesystem,
-            read_paths=self.read_paths,
-            require_isolation=self.require_isolation,
-            python=self.python,
-        )
+        plan = self.config.plan()
+        self.workspace.owner = plan.uid
         if plan.uid is not None:
-            shutil.chown(self.workdir, plan.uid, plan.uid)
+            os.fchown(self.workspace.fd, plan.uid, plan.uid)
         self._plan = plan
-        self._holder["kernel"] = KernelProcess(self.workdir, plan, self.env)
+        self._holder["kernel"] = KernelProcess(self.workdir, plan, self.config.env, self.host_dir)
+
+    @property
+    def workspace(self) -> Workspace:
+        """The workspace as the host handles it: by directory descriptor, never following the kernel's links."""
+        workspace = self._holder.get("workspace")
+        if workspace is None:
+            raise InterpreterError("this CodeInterpreter is closed")
+        return workspace
 
     @property
     def _kernel(self) -> KernelProcess:
@@ -324,7 +323,7 @@ class CodeInterpreter:
 
     def close(self) -> None:
         """Kill the kernel and everything it started; remove the workspace if it was a temporary one."""
-        with self._lock:
+        with self._lock, self._export_lock:
             if self._closed:
                 return
             self._closed = True
@@ -432,20 +431,19 @@ class CodeInterpreter:
         return cell.result(start, restarted=True, state_lost=True)
 
     def _save_png(self, b64: str) -> Path:
-        """Write a figure under a fresh name. The kernel controls the workspace, so never follow or overwrite a
-        name it made (a planted ``fig-002.png`` symlink to a host file is skipped, not written through)."""
+        """Keep a figure in the host-only directory (what callers show or send on) and put a copy for the code
+        in the workspace under a fresh name, never replacing or following a name the kernel made."""
         data = base64.b64decode(b64)
-        while True:
-            self._figures += 1
-            path = self.workdir / f"fig-{self._figures:03d}.png"
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            self._give_to_kernel(path)
-            return path
+        self._figures += 1
+        path = self.host_dir / f"fig-{self._figures:03d}.png"
+        path.write_bytes(data)
+        try:
+            while not self.workspace.write_bytes(path.name, data, replace=False):
+                self._figures += 1
+                path = path.rename(self.host_dir / f"fig-{self._figures:03d}.png")
+        except OSError:
+            pass  # a full or vanished workspace: the host's copy is what counts
+        return path
 
     def upload(self, source: str | Path | bytes, name: str | None = None) -> Path:
         """Copy a file (a host path, or bytes) into the workspace as ``name`` (default: the source's file name),
@@ -459,29 +457,25 @@ class CodeInterpreter:
             raise ConfigError(f"CodeInterpreter.upload: name must be a plain file name, got {name!r}")
         if not isinstance(source, bytes) and not Path(source).is_file():
             raise ConfigError(f"CodeInterpreter.upload: {str(source)!r} is not a file")
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
         with self._lock:
-            # a new file then a rename: a symlink the kernel left under ``name`` is replaced, never followed
-            fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".upload-")
             try:
-                with os.fdopen(fd, "wb") as out:
-                    if isinstance(source, bytes):
-                        out.write(source)
-                    else:
-                        with open(source, "rb") as src:
-                            shutil.copyfileobj(src, out)
-                os.chmod(tmp, 0o644)
-                self._give_to_kernel(Path(tmp))
-                os.replace(tmp, self.workdir / name)
+                self.workspace.write_bytes(name, data)
             except OSError as exc:
-                Path(tmp).unlink(missing_ok=True)
                 raise InterpreterError(
                     f"CodeInterpreter.upload: cannot write {name!r} into the workspace: {exc}"
                 ) from exc
             return self.workdir / name
 
-    def _give_to_kernel(self, path: Path) -> None:
-        if self._plan.uid is not None:
-            os.chown(path, self._plan.uid, self._plan.uid)
+    def export_files(self) -> list[Path]:
+        """Host-owned copies of the workspace's regular files (hidden names and links left out), in a directory
+        the kernel cannot reach: what a UI may hand out, since the kernel can swap any workspace name."""
+        with self._export_lock:  # not the cell lock: a UI lists files while a cell runs
+            if self._closed:
+                return []
+            out = self.host_dir / "files"
+            out.mkdir(mode=0o700, exist_ok=True)
+            return self.workspace.export(out)
 
     def call(self, args: str | dict[str, Any]) -> str:
         """Run the code in ``args`` (``{"code": ...}``, a fenced block or raw code) and return the Observation."""

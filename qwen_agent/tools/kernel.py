@@ -22,7 +22,8 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
 from ..errors import InterpreterError
-from .sandbox import LAUNCHER, SandboxPlan, kernel_env, private_temp_dir, remove_private_temp_dir
+from .sandbox import LAUNCHER, SandboxPlan, kernel_env
+from .workspace import private_temp_dir, remove_private_temp_dir
 
 __all__ = ["KernelProcess"]
 
@@ -37,7 +38,9 @@ _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel-spawner"
 class KernelProcess:
     """A running kernel: ``launch`` returns at once; ``wait_ready`` blocks until it answers."""
 
-    def __init__(self, workdir: Path, plan: SandboxPlan, env: dict[str, str] | None) -> None:
+    def __init__(self, workdir: Path, plan: SandboxPlan, env: dict[str, str] | None, log_dir: Path) -> None:
+        """``log_dir``: a directory only the host can reach; the kernel's output goes to a file there through an
+        inherited descriptor, so reading it back never follows a name the kernel controls."""
         self.workdir = workdir
         self.plan = plan
         self.runtime = private_temp_dir("kernel")  # a short path: Unix socket names are capped at 107 bytes
@@ -50,9 +53,9 @@ class KernelProcess:
             key=secrets.token_hex(16).encode(),
             kernel_name="python3",
         )
-        if plan.uid is not None:
-            for path in [self.runtime, *self.runtime.iterdir()]:
-                os.chown(path, plan.uid, plan.uid)
+        if plan.uid is not None:  # children first, never following a link: nothing runs as that uid here yet
+            for path in [*self.runtime.iterdir(), self.runtime]:
+                os.chown(path, plan.uid, plan.uid, follow_symlinks=False)
         argv = [
             plan.python,
             "-m",
@@ -62,7 +65,8 @@ class KernelProcess:
             "--HistoryManager.enabled=False",
             "--IPKernelApp.quiet=True",
         ]
-        self._log = open(self.runtime / "kernel.log", "wb")  # noqa: SIM115 (closed in close())
+        self._log_path = log_dir / f"{self.runtime.name}.log"
+        self._log = open(self._log_path, "wb")  # noqa: SIM115 (closed in close())
         self.proc = _SPAWNER.submit(
             subprocess.Popen,
             [
@@ -113,7 +117,7 @@ class KernelProcess:
 
     def log_tail(self, limit: int = 600) -> str:
         try:
-            return (self.runtime / "kernel.log").read_bytes()[-limit:].decode("utf-8", "replace").strip()
+            return self._log_path.read_bytes()[-limit:].decode("utf-8", "replace").strip()
         except OSError:
             return ""
 
@@ -191,4 +195,5 @@ class KernelProcess:
         self.kill()
         self.client.stop_channels()
         self._log.close()
+        self._log_path.unlink(missing_ok=True)
         remove_private_temp_dir(self.runtime)

@@ -12,7 +12,12 @@ Layers, each reported by :meth:`SandboxPlan.info`:
   be shown to it: a read root below a directory other uids cannot search (``/root``, mode 0700) is bind-mounted
   back in place under a world-searchable tmpfs, in the kernel's mount namespace only (the host is not changed);
 - a scrubbed environment: only PATH, HOME, LANG and the kernel's own settings, never the host's secrets;
-- no capabilities: root in the kernel keeps uid 0 but cannot load modules, mount, or override file permissions;
+- no capabilities and ``no_new_privs``, always: root in the kernel keeps uid 0 but cannot load modules, mount, or
+  override file permissions; ``/proc/sys`` read-only in any namespace the kernel has;
+- IPC, UTS and (where the kernel has them) cgroup namespaces: no host SysV IPC by key, no renaming the host;
+- a private root (``_launcher.enter_new_root``): only the read roots, the workspace and runtime dir, ``/proc``, a
+  minimal ``/dev`` and an empty ``/tmp`` are in the kernel's view; other kernels and host sockets are not;
+- a seccomp filter (``_seccomp``): keyring, ptrace, userfaultfd, mounts, namespaces, TIOCSTI and more refused;
 - the file system (Landlock): reads only beneath the system, Python and granted roots, writes only in the
   workspace and the kernel's private directory.
 """
@@ -27,7 +32,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,18 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, SandboxError
-from . import _landlock
+from . import _landlock, _seccomp
 
 __all__ = [
+    "SandboxConfig",
     "SandboxLimits",
     "SandboxPlan",
     "plan_sandbox",
     "plan_filesystem",
     "python_installation",
     "kernel_env",
-    "private_temp_dir",
-    "remove_private_temp_dir",
-    "remove_stale_temp_dirs",
 ]
 
 NOBODY_UID = 65534
@@ -118,16 +120,19 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
     flags = [exe]
     if os.geteuid() != 0:
         flags += ["--user", "--map-root-user"]
-    flags += ["--pid", "--fork", "--kill-child", "--mount-proc"]
+    flags += ["--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
     if isolate_network:
         flags.append("--net")
-    try:
-        probe = subprocess.run([*flags, "true"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return (), f"unshare failed: {exc}"
-    if probe.returncode != 0:
-        return (), f"namespaces not permitted here: {probe.stderr.strip()[:200]}"
-    return tuple(flags), ""
+    reason = ""
+    for extra in (["--cgroup"], []):  # a cgroup namespace where the kernel has them
+        try:
+            probe = subprocess.run([*flags, *extra, "true"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return (), f"unshare failed: {exc}"
+        if probe.returncode == 0:
+            return tuple(flags + extra), ""
+        reason = reason or probe.stderr.strip()[:200]
+    return (), f"namespaces not permitted here: {reason}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,6 +142,22 @@ def _probe_read_only_mounts(unshare: tuple[str, ...], show: tuple[tuple[str, str
     try:
         probe = subprocess.run(
             [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts", json.dumps(show)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if probe.returncode == 0 else probe.stderr.strip()[-200:] or f"status {probe.returncode}"
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_new_root(unshare: tuple[str, ...], read_roots: tuple[str, ...]) -> str:
+    """Why the launcher cannot build a kernel root of only ``read_roots`` here ("" when it can)."""
+    spec = {"read": list(read_roots), "write": [], "devices": list(DEVICES), "cwd": "/"}
+    try:
+        probe = subprocess.run(
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-root", json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -274,6 +295,10 @@ class SandboxPlan:
     landlock_abi: int
     read_only_mounts: bool
     notes: list[str] = field(default_factory=list)
+    new_root: bool = (
+        False  # the kernel's root holds only the read and write roots (see _launcher.enter_new_root)
+    )
+    seccomp: bool = False
     # the launcher shows the uid the roots below directories it cannot search (see _launcher.show_hidden_paths)
     show_hidden: bool = False
 
@@ -293,12 +318,23 @@ class SandboxPlan:
             "landlock": landlock,
             "read_only_mounts": write_roots if self.read_only_mounts else None,
             "show_hidden": self._hidden(write_roots),
+            "new_root": {
+                "read": self.read_roots,
+                "write": write_roots,
+                "devices": list(DEVICES),
+                "cwd": write_roots[0],
+            }
+            if self.new_root
+            else None,
+            "proc_sys_read_only": bool(self.unshare),
+            "no_new_privs": True,
+            "seccomp": self.seccomp,
             "argv": argv,
         }
 
     def _hidden(self, write_roots: list[str]) -> list[tuple[str, str, bool]]:
         """``(hidden ancestor, path, read-only)`` for the roots the launcher must show to the sandbox uid."""
-        if not self.show_hidden:
+        if not self.show_hidden or self.new_root:  # a new root's own directories are searchable by any uid
             return []
         writable = set(write_roots)
         return [
@@ -319,6 +355,13 @@ class SandboxPlan:
             "process_group": True,
             "parent_death_signal": True,
             "pid_namespace": bool(self.unshare),
+            "ipc_namespace": bool(self.unshare),
+            "uts_namespace": bool(self.unshare),
+            "cgroup_namespace": "--cgroup" in self.unshare,
+            "private_root": self.new_root,
+            "seccomp": sorted(_seccomp.DENIED) if self.seccomp else None,
+            "no_new_privs": True,
+            "proc_sys_read_only": bool(self.unshare) or self.read_roots is not None,
             "network_isolated": bool(self.unshare) and self.isolate_network,
             "separate_uid": self.uid,
             "shown_to_uid": sorted({top for top, _, _ in self._hidden(write_roots)}),
@@ -402,6 +445,48 @@ def _outermost(paths: list[str]) -> list[str]:
     return sorted(kept, key=paths.index)
 
 
+@dataclass(frozen=True)
+class SandboxConfig:
+    """The sandbox settings of one interpreter, checked once; :meth:`plan` works out the layers for each kernel.
+
+    Field meanings are those of :class:`~qwen_agent.tools.CodeInterpreter`'s arguments of the same names."""
+
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    network: bool = False
+    sandbox_uid: int | str | None = "auto"
+    filesystem: bool = True
+    read_paths: tuple[str, ...] = ()
+    require_isolation: bool = False
+    python: str = sys.executable
+    env: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read_paths", tuple(_existing(p) for p in self.read_paths))
+        python = str(self.python)
+        if python != sys.executable and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise ConfigError(f"CodeInterpreter: python {python!r} is not an executable file")
+        object.__setattr__(self, "python", python)
+        python_installation(python)  # fails here, naming the interpreter, if it cannot run a kernel
+
+    def plan(self) -> SandboxPlan:
+        return plan_sandbox(
+            self.limits,
+            network=self.network,
+            sandbox_uid=self.sandbox_uid,
+            filesystem=self.filesystem,
+            read_paths=list(self.read_paths),
+            require_isolation=self.require_isolation,
+            python=self.python,
+        )
+
+
+def _existing(path: str | Path) -> str:
+    resolved = Path(path).resolve()
+    if not resolved.exists():
+        raise ConfigError(f"CodeInterpreter: read_paths entry {str(path)!r} does not exist")
+    return str(resolved)
+
+
 def plan_sandbox(
     limits: SandboxLimits,
     *,
@@ -431,6 +516,32 @@ def plan_sandbox(
         if reason:
             notes.append(
                 f"mounts not made read-only (chmod/utime of the kernel user's files possible): {reason}"
+            )
+
+    new_root = False
+    if read_roots is not None and unshare:
+        reason = _probe_new_root(unshare, tuple(read_roots))
+        new_root = not reason
+        if reason:
+            notes.append(f"no private root (host paths outside the read roots stay in view): {reason}")
+    elif not unshare:
+        notes.append("no private root: it needs the mount namespace that unshare gives")
+    if not _seccomp.SUPPORTED:
+        notes.append(f"no seccomp filter: none written for {os.uname().machine}")
+    if require_isolation:
+        missing = [
+            name
+            for name, ok in (
+                ("pid/ipc/uts/mount namespaces", bool(unshare)),
+                ("private root", new_root),
+                ("seccomp filter", _seccomp.SUPPORTED),
+            )
+            if not ok
+        ]
+        if missing:
+            raise SandboxError(
+                f"CodeInterpreter: require_isolation=True but these layers are unavailable: {', '.join(missing)}"
+                f" ({'; '.join(notes)})"
             )
 
     uid: int | None = None
@@ -470,7 +581,9 @@ def plan_sandbox(
         abi,
         read_only_mounts,
         notes,
-        show_hidden,
+        show_hidden=show_hidden,
+        new_root=new_root,
+        seccomp=_seccomp.SUPPORTED,
     )
 
 
@@ -512,66 +625,6 @@ def _choose_uid(
     )
 
 
-def _owner_identity(pid: int) -> dict[str, Any] | None:
-    """What tells this process apart from any later one with the same pid: boot, pid namespace, start time."""
-    try:
-        return {
-            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-            "pid_ns": os.readlink("/proc/self/ns/pid"),
-            "pid": pid,
-            "start": Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19],
-        }
-    except (OSError, IndexError):
-        return None
-
-
-def _owner_gone(marker: dict[str, Any]) -> bool:
-    """True only when the marker's process provably no longer runs (another boot, or the same pid namespace and
-    no process with that pid and start time); a process in another pid namespace cannot be checked, so it is not."""
-    here = _owner_identity(os.getpid())
-    if here is None:
-        return False
-    if marker.get("boot_id") != here["boot_id"]:
-        return True
-    if marker.get("pid_ns") != here["pid_ns"]:
-        return False
-    now = _owner_identity(int(marker["pid"]))
-    return now is None or now["start"] != marker.get("start")
-
-
-def _marker(path: Path) -> Path:
-    return path.with_name(path.name + ".owner")
-
-
-def private_temp_dir(kind: str) -> Path:
-    """A new 0700 directory ``qa-<kind>-<host pid>-XXXX`` in the temp dir, with an owner marker beside it (outside,
-    where the kernel cannot write) that lets a later host remove it once this process is provably gone."""
-    path = Path(tempfile.mkdtemp(prefix=f"qa-{kind}-{os.getpid()}-"))
-    identity = _owner_identity(os.getpid())
-    if identity is not None:
-        _marker(path).write_text(json.dumps(identity))
-    return path
-
-
-def remove_private_temp_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    _marker(path).unlink(missing_ok=True)
-
-
-@functools.lru_cache(maxsize=1)
-def remove_stale_temp_dirs() -> None:
-    """Delete the workspaces and kernel runtime dirs of hosts that died without cleaning up (SIGKILL)."""
-    for marker in Path(tempfile.gettempdir()).glob("qa-*-*-*.owner"):
-        if marker.name.split("-")[1] not in ("work", "kernel"):
-            continue
-        try:
-            gone = _owner_gone(json.loads(marker.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a marker this package wrote
-        if gone:
-            remove_private_temp_dir(marker.with_name(marker.name[: -len(".owner")]))
-
-
 def kernel_env(
     workdir: Path, runtime: Path, extra: dict[str, str] | None, python: str = sys.executable
 ) -> dict[str, str]:
@@ -592,6 +645,10 @@ def kernel_env(
         "JUPYTER_RUNTIME_DIR": str(runtime / "jupyter"),
         "JUPYTER_DATA_DIR": str(runtime / "jupyter"),
         "PYTHONDONTWRITEBYTECODE": "1",
+        # nothing from the cwd (the workspace) on sys.path before the kernel's own start-up has run, and no user
+        # site directory (below HOME, the workspace): a planted ipykernel_launcher.py or usercustomize.py is inert
+        "PYTHONSAFEPATH": "1",
+        "PYTHONNOUSERSITE": "1",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         "OPENBLAS_NUM_THREADS": "1",  # thread pools reserve address space against RLIMIT_AS
         "OMP_NUM_THREADS": "1",
