@@ -160,6 +160,35 @@ def test_sigterm_drains_then_aborts_what_is_left_and_exits_0_within_the_timeout(
     assert json.loads(short_stream[-2])["choices"][0]["finish_reason"] in ("length", "stop"), short_stream
 
 
+def test_a_second_signal_aborts_at_once(tiny_qwen_dir):
+    server = Served(tiny_qwen_dir, "--shutdown-timeout", "600")
+    chunks: list[str] = []
+    try:
+        server.wait_ready()
+        body = {**CHAT, "max_tokens": 2000, "stream": True}
+
+        def stream() -> None:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                _sse_lines(r, chunks)
+
+        client = threading.Thread(target=stream)
+        client.start()
+        deadline = time.monotonic() + 120
+        while len(chunks) < 2:
+            assert time.monotonic() < deadline, "".join(server.output)
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - signalled < 15  # not the 600 s grace period
+        client.join(10)
+    finally:
+        server.stop()
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["choices"][0]["finish_reason"] == "abort"
+
+
 # -- limits ---------------------------------------------------------------------------------------------------
 
 
