@@ -313,6 +313,29 @@ def test_metrics_move_after_a_request(served):
     assert after[("qwen_agent_requests_running", ())] == 0 and after[("qwen_agent_requests_waiting", ())] == 0
 
 
+def test_metrics_count_the_prefix_cache(served):
+    before = _metrics(served.url)
+    body = {**CHAT, "messages": [{"role": "user", "content": "count the prefix cache " * 8}], "max_tokens": 2}
+    usages = [
+        httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60).json()["usage"]
+        for _ in range(2)
+    ]
+    after = _metrics(served.url)
+
+    def moved(name: str) -> float:
+        return after.get((name, ()), 0.0) - before.get((name, ()), 0.0)
+
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert cached[1] > 0  # the second request found the first one's blocks
+    assert moved("qwen_agent_prefix_cache_requests_total") == 2
+    assert moved("qwen_agent_prefix_cache_hits_total") >= 1
+    assert moved("qwen_agent_prefix_cache_cached_tokens_total") == sum(cached)
+    assert moved("qwen_agent_prefix_cache_prefilled_tokens_total") == sum(
+        u["prompt_tokens"] - c for u, c in zip(usages, cached, strict=True)
+    )
+    assert after[("qwen_agent_prefix_cache_blocks_used", ())] > 0
+
+
 def test_two_apps_in_one_process_keep_their_own_metrics(tiny_qwen_dir):
     first = create_app(load_model(tiny_qwen_dir), model_name="tiny")
     second = create_app(load_model(tiny_qwen_dir), model_name="tiny")
