@@ -81,7 +81,12 @@ def create_app(
         chosen = choose_format(tool_format, engine)
         scheduler = engine.scheduler
         scheduler.configure(max_batch=max_batch, max_queue=max_queue)
-        return _Handlers(engine, scheduler, model_name, life, limits, meters, chosen), scheduler.stats
+
+        def stats() -> dict[str, Any]:
+            # the scheduler's figures, and the engine's prefix cache (None when it is off)
+            return {**scheduler.stats(), "prefix_cache": engine.stats()["prefix_cache"]}
+
+        return _Handlers(engine, scheduler, model_name, life, limits, meters, chosen), stats
 
     if engine is not None:
         life.ready(*start(engine))
