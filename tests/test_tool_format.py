@@ -307,3 +307,14 @@ def test_the_context_budget_drops_the_oldest_turns_of_a_hermes_prompt(hermes):
     sent = llm.calls[0][0].to_chatml()
     assert "question 19" in sent and "question 0 " not in sent and "last question" in sent
     assert result.answer == "Done."
+
+
+def test_the_server_speaks_the_checkpoints_format_unless_told(tiny_qwen25_dir):
+    pytest.importorskip("fastapi")
+    from qwen_agent.serve.openai_api import create_app
+
+    engine = load_model(tiny_qwen25_dir)
+    assert create_app(engine).state.tool_format == "hermes"
+    assert create_app(engine, tool_format="react").state.tool_format == "react"
+    with pytest.raises(ConfigError, match="unknown tool format 'json'"):
+        create_app(load=lambda: engine, tool_format="json")

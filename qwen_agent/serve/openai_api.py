@@ -104,6 +104,7 @@ def create_app(
     app.state.lifecycle = life
     if life.handlers is not None:
         app.state.scheduler = life.handlers.scheduler
+        app.state.tool_format = life.handlers.tool_format.name
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if meters is not None:
         routes = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
