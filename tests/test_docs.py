@@ -113,7 +113,28 @@ def test_site_builds_strict_with_every_public_name(tmp_path):
         timeout=600,
     )
     assert build.returncode == 0, build.stdout + build.stderr
+    broken = [
+        f"{page.relative_to(site)} -> {link}" for page in site.rglob("*.html") for link in dead_anchors(page)
+    ]
+    assert not broken, f"links to anchors that do not exist: {broken}"
     api = (site / "reference" / "api" / "index.html").read_text()
     public = [name for name in qwen_agent.__all__ if name not in ("__version__", "errors")]
     missing = [name for name in public if f'id="{qwen_agent._EXPORTS[name]}.{name}"' not in api]
     assert not missing, f"the API reference lacks {missing}"
+
+
+def dead_anchors(page: Path) -> list[str]:
+    """The links of a built page to ``#anchor`` on itself or on another page of the site that has no such id
+    (MkDocs checks that linked pages exist, not the anchors within them)."""
+    html, dead = page.read_text(), []
+    for target, anchor in re.findall(r'href="([^"#:]*)#([^"]+)"', html):
+        other = (
+            (page.parent / target / "index.html")
+            if target.endswith("/") or not target
+            else page.parent / target
+        )
+        if not target:
+            other = page
+        if other.is_file() and f'id="{anchor}"' not in other.read_text():
+            dead.append(f"{target}#{anchor}")
+    return dead
