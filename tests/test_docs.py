@@ -128,13 +128,12 @@ def dead_anchors(page: Path) -> list[str]:
     (MkDocs checks that linked pages exist, not the anchors within them)."""
     html, dead = page.read_text(), []
     for target, anchor in re.findall(r'href="([^"#:]*)#([^"]+)"', html):
-        other = (
-            (page.parent / target / "index.html")
-            if target.endswith("/") or not target
-            else page.parent / target
-        )
         if not target:
             other = page
+        elif target.endswith("/"):
+            other = page.parent / target / "index.html"
+        else:
+            other = page.parent / target
         if other.is_file() and f'id="{anchor}"' not in other.read_text():
             dead.append(f"{target}#{anchor}")
     return dead
