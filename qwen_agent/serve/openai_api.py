@@ -73,7 +73,12 @@ def create_app(
     def start(engine: Engine) -> tuple[_Handlers, Callable[[], dict[str, Any]]]:
         scheduler = engine.scheduler
         scheduler.configure(max_batch=max_batch, max_queue=max_queue)
-        return _Handlers(engine, scheduler, model_name, life, limits, meters), scheduler.stats
+
+        def stats() -> dict[str, Any]:
+            # the scheduler's figures, and the engine's prefix cache (None when it is off)
+            return {**scheduler.stats(), "prefix_cache": engine.stats()["prefix_cache"]}
+
+        return _Handlers(engine, scheduler, model_name, life, limits, meters), stats
 
     if engine is not None:
         life.ready(*start(engine))
