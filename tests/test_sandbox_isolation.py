@@ -368,6 +368,23 @@ def test_the_hosts_session_keyring_is_out_of_reach(host):
         _SPAWNER.submit(libc.syscall, keyctl, keyctl_unlink, key, ctypes.c_long(session_keyring)).result()
 
 
+def test_io_uring_is_refused_since_its_operations_pass_no_seccomp_filter():
+    # io_uring runs reads, writes, opens and socket calls submitted through a ring without each passing the
+    # filter: a kernel with a ring would have every call the filter allows now and any it refuses later
+    with CodeInterpreter(timeout=30) as ci:
+        obs = ok(
+            ci,
+            textwrap.dedent("""
+            import ctypes, errno
+            libc = ctypes.CDLL(None, use_errno=True)
+            params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+            ring = libc.syscall(425, 8, params)  # io_uring_setup
+            print("ring:", ring, errno.errorcode.get(ctypes.get_errno()) if ring < 0 else "made")
+            """),
+        )
+    assert "ring: -1 EPERM" in obs, obs
+
+
 # ---- class 5: defence in depth whatever layer is off ----------------------------------------------------------
 
 

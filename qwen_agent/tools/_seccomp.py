@@ -4,8 +4,8 @@ only (the launcher loads it); a small classic-BPF program, so no libseccomp is n
 Refused: the keyring (``keyctl``, ``add_key``, ``request_key``: the host's session keyring is inherited),
 ``ptrace`` and ``process_vm_*`` of other processes, ``userfaultfd``, mounts of every kind and ``pivot_root``,
 ``unshare``/``setns`` and ``clone`` with namespace flags (no new user namespace to regain capabilities in),
-``sethostname``, modules, ``kexec``, ``bpf``, ``perf_event_open``, ``open_by_handle_at``, ``TIOCSTI`` and
-``TIOCLINUX`` (pushing keystrokes into a terminal). ``clone3`` answers ENOSYS so libc falls back to ``clone``,
+``sethostname``, modules, ``kexec``, ``bpf``, ``perf_event_open``, ``open_by_handle_at``, ``io_uring_*`` (its
+operations run without passing this filter), ``TIOCSTI`` and ``TIOCLINUX`` (pushing keystrokes into a terminal). ``clone3`` answers ENOSYS so libc falls back to ``clone``,
 whose flags can be checked. x32 and 32-bit system calls are refused whole.
 """
 
@@ -22,6 +22,7 @@ _X32_BIT = 0x40000000
 DENIED = {
     "ptrace": 101,
     "chroot": 161,
+    "pivot_root": 155,
     "acct": 163,
     "mount": 165,
     "umount2": 166,
@@ -49,6 +50,9 @@ DENIED = {
     "kexec_file_load": 320,
     "bpf": 321,
     "userfaultfd": 323,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
     "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
