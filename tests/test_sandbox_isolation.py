@@ -186,6 +186,20 @@ def test_web_downloads_and_figures_are_host_copies_the_kernel_cannot_swap(host):
         session.close()
 
 
+def test_the_download_panel_survives_a_file_turned_into_a_directory_and_back():
+    # a name the host copied as a file and the kernel then made a directory (or the reverse) must not make every
+    # later export fail: the panel of that session would be broken for good
+    with CodeInterpreter(timeout=30) as ci:
+        ok(ci, "open('a', 'w').write('file')")
+        assert [p.read_text() for p in ci.export_files()] == ["file"]
+        ok(ci, "import os\nos.unlink('a'); os.mkdir('a'); open('a/b', 'w').write('inside')")
+        assert {
+            p.relative_to(ci.host_dir / "files").as_posix(): p.read_text() for p in ci.export_files()
+        } == {"a/b": "inside"}
+        ok(ci, "import shutil\nshutil.rmtree('a'); open('a', 'w').write('file again')")
+        assert [p.read_text() for p in ci.export_files()] == ["file again"]
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -186,6 +186,7 @@ class Workspace:
                     continue
                 target, key = dest / relpath, (info.st_ino, info.st_size, info.st_mtime_ns)
                 if self._exported.get(relpath) != key or not target.is_file():
+                    _clear_way(dest, target)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
                     with open(tmp, "wb") as out:
@@ -194,6 +195,16 @@ class Workspace:
                     self._exported[relpath] = key
             copies.append(target)
         return copies
+
+
+def _clear_way(dest: Path, target: Path) -> None:
+    """Remove the earlier copies in the way of ``target`` (all in the host's own ``dest``): a file where the
+    kernel has since made a directory of the same name, or a directory where it has since made a file."""
+    for parent in reversed(target.relative_to(dest).parents[:-1]):  # a, a/b, ... above the file
+        if (dest / parent).is_file() or (dest / parent).is_symlink():
+            (dest / parent).unlink()
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
 
 
 def _unlock_tree(dir_fd: int) -> None:
