@@ -35,6 +35,7 @@ _RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # listings stop there: the kernel can nest directories deeper than any stack or descriptor limit
 _MAX_DEPTH = 64
+_WRITE_ATTEMPTS = 3
 
 
 class _OpenHow(ctypes.Structure):
@@ -116,6 +117,14 @@ class Workspace:
         ``replace=False`` an existing ``name`` is kept and False returned."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
+        for _ in range(_WRITE_ATTEMPTS - 1):  # again when the kernel removed the temporary name in between
+            try:
+                return self._write_once(name, data, replace)
+            except FileNotFoundError:
+                pass
+        return self._write_once(name, data, replace)
+
+    def _write_once(self, name: str, data: bytes, replace: bool) -> bool:
         tmp = f".host-{uuid.uuid4().hex}"
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd
