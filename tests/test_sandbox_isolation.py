@@ -270,6 +270,40 @@ def test_a_kernel_cannot_find_watch_or_connect_to_another(host):
 # ---- class 3: host IPC is out of reach ------------------------------------------------------------------------
 
 
+def test_a_kernel_that_forks_cannot_starve_another_sessions_kernel():
+    # kernels of a root host all run as uid 65534: a per-uid process limit counted when B started is used up by
+    # what A forks afterwards, and B can then neither fork nor restart
+    limits = sandbox.SandboxLimits(max_processes=32)  # a kernel alone has about 13 tasks
+    with CodeInterpreter(timeout=30, limits=limits) as b, CodeInterpreter(timeout=30, limits=limits) as a:
+        if b.sandbox_info()["pids_cgroup"] is None:
+            pytest.skip(f"no pids cgroup here, only a per-uid limit: {b.sandbox_info()['notes']}")
+        ok(b, "print('B is up')")
+        ok(
+            a,
+            "import os, time\nfor _ in range(18):\n    if os.fork() == 0:\n        time.sleep(60); os._exit(0)",
+        )
+        obs = ok(
+            b,
+            textwrap.dedent("""
+            import os, signal, time
+            children = []
+            try:
+                for _ in range(6):
+                    pid = os.fork()
+                    if pid == 0:
+                        time.sleep(60); os._exit(0)
+                    children.append(pid)
+            except OSError as exc:
+                print(type(exc).__name__)
+            print("forked", len(children))
+            for pid in children:
+                os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+            """),
+        )
+    assert "forked 6" in obs, obs
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["world-writable", "host-user-only"])
 def test_a_host_service_on_a_unix_socket_is_not_reachable(host, private):
     where = Path(tempfile.mkdtemp(prefix="qa-test-sock-"))
     where.chmod(0o700 if private else 0o777)
@@ -500,7 +534,8 @@ def test_the_attacks_hold_as_an_unprivileged_host(tmp_path):
     script.append(
         f"cd '{repo}' && exec setpriv --reuid=65534 --regid=65534 --clear-groups "
         f"{sys.executable} -m pytest -q -p no:randomly -p no:cacheprovider '{Path(__file__).resolve()}' "
-        "-k 'not unprivileged_host'"
+        # a non-root host has no pids cgroup of its own, only the per-uid limit that the starve test is about
+        "-k 'not unprivileged_host and not starve_another'"
     )
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)],
