@@ -432,6 +432,27 @@ def test_io_uring_is_refused_since_its_operations_pass_no_seccomp_filter():
     assert "ring: -1 EPERM" in obs, obs
 
 
+def test_sockets_the_network_namespace_does_not_cover_are_refused():
+    # AF_VSOCK is not covered by the network namespace: on a virtual machine it reaches the hypervisor's services
+    # whatever network=False says. Unix and IP sockets (inside the namespace) still work.
+    with CodeInterpreter(timeout=30) as ci:
+        obs = ok(
+            ci,
+            textwrap.dedent("""
+            import errno, socket
+            out = {}
+            for name, family in (("vsock", 40), ("unix", socket.AF_UNIX), ("inet", socket.AF_INET)):
+                try:
+                    socket.socket(family, socket.SOCK_STREAM).close()
+                    out[name] = "made"
+                except OSError as exc:
+                    out[name] = errno.errorcode[exc.errno]
+            print(out)
+            """),
+        )
+    assert "'vsock': 'EAFNOSUPPORT'" in obs and "'unix': 'made'" in obs and "'inet': 'made'" in obs, obs
+
+
 # ---- class 5: defence in depth whatever layer is off ----------------------------------------------------------
 
 
