@@ -560,6 +560,7 @@ class _Run:
             prompt_tokens=total("prompt_tokens"),
             completion_tokens=total("completion_tokens"),
             prefill_tokens=total("prefill_tokens"),
+            cached_tokens=total("cached_tokens"),
             seconds=time.perf_counter() - self.started,
             llm_seconds=sum(c.seconds for c in self.completions),
             tool_seconds=sum(s.tool_seconds for s in self.steps),

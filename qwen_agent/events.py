@@ -75,6 +75,7 @@ class RunResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prefill_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the backend's prefix cache held
     seconds: float = 0.0
     llm_seconds: float = 0.0
     tool_seconds: float = 0.0

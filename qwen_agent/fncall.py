@@ -244,11 +244,14 @@ def _usage(completion: Completion) -> dict[str, int] | None:
     if completion.prompt_tokens is None or completion.completion_tokens is None:
         return None
     total = completion.prompt_tokens + completion.completion_tokens
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
         "total_tokens": total,
     }
+    if completion.cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": completion.cached_tokens}
+    return usage
 
 
 def completion_response(

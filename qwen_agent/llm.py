@@ -109,9 +109,10 @@ class LocalLLM:
     threads: every call is one request to the engine's scheduler, decoded alongside whatever else it runs.
 
     The prompt ids are built piece-wise (:func:`~qwen_agent.runtime.chat_format.chatml_ids`), so neither user
-    text nor tool output can become a control token. The engine's cache rows keep the keys and values of their
-    last sequence, so when the agent re-sends the same conversation with a longer assistant prefix only the new
-    tokens are encoded (``Completion.prefill_tokens``). Stop strings are cut by the engine.
+    text nor tool output can become a control token. The engine's prefix cache keeps the KV blocks of earlier
+    calls, so when the agent re-sends the same conversation with a longer assistant prefix only the new tokens
+    (and at most one block more) are encoded (``Completion.prefill_tokens``, ``cached_tokens``). Stop strings
+    are cut by the engine.
 
     ``constraint`` (see :meth:`with_constraint`) gives each call a token constraint for its prompt: the engine
     then masks every id the constraint does not allow (:mod:`qwen_agent.constrained` builds ReAct ones).
@@ -244,18 +245,25 @@ def local_completion(result: GenerationResult, seconds: float) -> Completion:
         result.completion_tokens,
         result.prefill_tokens,
         seconds,
+        result.cached_tokens,
     )
 
 
 def llm_from_spec(
-    model: str, *, api_key: str | None = None, served_model: str | None = None, device: str | None = None
+    model: str,
+    *,
+    api_key: str | None = None,
+    served_model: str | None = None,
+    device: str | None = None,
+    kv_cache_gb: float | None = None,
 ) -> LLM:
     """An LLM for a command-line ``--model``: an ``http(s)://`` URL is an OpenAI-compatible server (key from
-    ``api_key`` or ``$OPENAI_API_KEY``), anything else a local model directory."""
+    ``api_key`` or ``$OPENAI_API_KEY``), anything else a local model directory (``kv_cache_gb``: its prefix
+    cache's budget, see :func:`~qwen_agent.runtime.engine.load_model`)."""
     if model.startswith(("http://", "https://")):
         from .openai_client import OpenAICompatibleLLM
 
         return OpenAICompatibleLLM(model, served_model, api_key=api_key or os.environ.get("OPENAI_API_KEY"))
     from .runtime.engine import load_model
 
-    return LocalLLM(load_model(model, device=device))
+    return LocalLLM(load_model(model, device=device, kv_cache_gb=kv_cache_gb))

@@ -63,7 +63,8 @@ class Completion:
     ``finish_reason`` is ``"stop"`` (a stop string or end of turn) or ``"length"``; ``stop`` is the stop string
     that ended it, if one did. Token counts are ``None`` when the backend does not report them;
     ``prefill_tokens`` is how many prompt tokens had to be encoded (fewer than ``prompt_tokens`` when a KV cache
-    was reused).
+    was reused) and ``cached_tokens`` how many came from the backend's prefix cache (a server's
+    ``usage.prompt_tokens_details.cached_tokens``).
     """
 
     text: str
@@ -73,6 +74,7 @@ class Completion:
     completion_tokens: int | None = None
     prefill_tokens: int | None = None
     seconds: float = 0.0
+    cached_tokens: int | None = None
 
 
 @runtime_checkable

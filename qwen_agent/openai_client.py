@@ -13,7 +13,7 @@ import urllib3
 
 from .errors import ConfigError, LLMAuthError, LLMConnectionError, LLMError, LLMProtocolError, LLMTimeoutError
 from .llm_protocol import ChatPrompt, Completion, Sampling
-from .openai_stream import DONE, RETRY_STATUS, SSEDecoder, StreamState, preview, stop_reason
+from .openai_stream import DONE, RETRY_STATUS, SSEDecoder, StreamState, cache_counts, preview, stop_reason
 from .runtime.stops import cut_at_stop
 
 __all__ = ["OpenAICompatibleLLM"]
@@ -185,6 +185,7 @@ class OpenAICompatibleLLM:
             usage.get("prompt_tokens"),
             usage.get("completion_tokens"),
             seconds=time.perf_counter() - started,
+            **cache_counts(usage),
         )
 
     def stream(

@@ -12,7 +12,7 @@ from .errors import LLMConnectionError, LLMError, LLMProtocolError
 from .llm_protocol import Completion
 from .runtime.stops import StopScanner
 
-__all__ = ["DONE", "RETRY_STATUS", "StreamState", "SSEDecoder", "preview", "stop_reason"]
+__all__ = ["DONE", "RETRY_STATUS", "StreamState", "SSEDecoder", "cache_counts", "preview", "stop_reason"]
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 DONE = object()  # the `data: [DONE]` event
@@ -72,6 +72,7 @@ class StreamState:
             self.usage.get("prompt_tokens"),
             self.usage.get("completion_tokens"),
             seconds=time.perf_counter() - started,
+            **cache_counts(self.usage),
         )
 
 
@@ -120,3 +121,14 @@ def stop_reason(choice: dict[str, Any], stop: Sequence[str]) -> str | None:
 def preview(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def cache_counts(usage: dict[str, Any]) -> dict[str, int]:
+    """``cached_tokens`` and ``prefill_tokens`` from a usage whose ``prompt_tokens_details`` (OpenAI's field)
+    says how many prompt tokens the server's prefix cache held; nothing where it does not."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(cached, int) or not isinstance(prompt, int):
+        return {}
+    return {"cached_tokens": cached, "prefill_tokens": prompt - cached}

@@ -410,6 +410,9 @@ def test_tiny_checkpoint_through_the_cli(tiny_dir, tmp_path):
     )
     assert (meta["decoding"], meta["max_new_tokens"], meta["repetition_penalty"]) == ("greedy", 4, 1.1)
     assert meta["package_version"] == qwen_agent.__version__
+    # the prefix cache's counters: the prompts share the ReAct instructions, so the later ones reuse blocks
+    cache = meta["prefix_cache"]
+    assert cache["requests"] == 4 and cache["hits"] >= 1 and cache["cached_tokens"] >= 16
 
 
 def test_resuming_with_another_dataset_is_refused(tmp_path):

@@ -36,8 +36,10 @@ def engine(qwen_dir) -> QwenEngine:
 
 
 def fresh(engine: QwenEngine) -> QwenEngine:
-    """Another engine over the same weights, with nothing cached."""
-    return QwenEngine(engine.model, engine.tokenizer, engine.generation_config, engine.default_system)
+    """Another engine over the same weights, without a prefix cache."""
+    return QwenEngine(
+        engine.model, engine.tokenizer, engine.generation_config, engine.default_system, kv_cache_gb=0
+    )
 
 
 def test_load_model_public_api(engine):
@@ -79,37 +81,43 @@ def test_default_sampling_comes_from_generation_config_and_seed_repeats(engine):
 
 
 def test_react_continuation_prefills_only_the_new_tokens(engine):
+    """The second ReAct step takes every full 16-token block of what the first one ran from the prefix cache."""
     tok = engine.tokenizer
     prompt = tok.encode("Question: what is 2+2?\nThought:")
     first = engine.generate(prompt, **GREEDY)
     follow = prompt + first.token_ids + tok.encode("\nObservation: 4\nThought:")
     second = engine.generate(follow, **GREEDY)
-    cached = len(prompt) + len(first.token_ids) - 1  # the last generated token was never fed to the model
-    assert second.prefill_tokens == len(follow) - cached < len(follow)
+    fed = len(prompt) + len(first.token_ids) - 1  # the last generated token was never fed to the model
+    assert second.cached_tokens == fed // 16 * 16 > 0
+    assert second.prefill_tokens == len(follow) - second.cached_tokens
     assert second.prompt_tokens == len(follow)
     assert second.token_ids == fresh(engine).generate(follow, **GREEDY).token_ids
-    again = follow + second.token_ids[:-1] + tok.encode(" ok")
-    assert engine.generate(again, **GREEDY).prefill_tokens == len(again) - (
-        len(follow) + len(second.token_ids) - 1
-    )
-    # a batched call in between takes free rows, the one that keeps `prompt` first: reuse shrinks, not results
+    # a batched call in between shares the cache and evicts nothing
     engine.generate([prompt, prompt[:3]], **GREEDY)
-    result = engine.generate(again, **GREEDY)
-    assert result.prefill_tokens < len(again)
-    assert result.token_ids == fresh(engine).generate(again, **GREEDY).token_ids
+    again = follow + second.token_ids[:-1] + tok.encode(" ok")
+    third = engine.generate(again, **GREEDY)
+    assert third.cached_tokens == (len(follow) + len(second.token_ids) - 1) // 16 * 16
+    assert third.token_ids == fresh(engine).generate(again, **GREEDY).token_ids
 
 
-def test_prefix_is_not_reused_when_the_ntk_alpha_would_differ(engine):
-    """seq_length is 48: a 60-token prompt gets alpha 3 on a fresh prefill, so alpha-1 keys cannot be reused."""
-    base = list(range(1000, 1010))
-    engine.generate(base, **GREEDY)
-    longer = base + list(range(2000, 2050))
+def test_blocks_computed_under_another_ntk_alpha_are_not_reused(qwen_dir):
+    """seq_length is 48: a 60-token prompt gets alpha 3 on a fresh prefill, so its blocks are cached under alpha
+    3; a 22-token prompt with the same first 16 ids (alpha 1) must not take them, and gets the uncached result."""
+    engine = load_model(qwen_dir, device="cpu", kv_cache_gb=0.01)
+    base = list(range(1000, 1020))
+    longer = base + list(range(2000, 2040))
     result = engine.generate(longer, **GREEDY)
-    assert result.prefill_tokens == len(longer)
-    assert result.token_ids == fresh(engine).generate(longer, **GREEDY).token_ids
-    shorter = base + [7, 8]  # back under seq_length: the alpha-3 cache is not reusable either
-    assert engine.generate(shorter, **GREEDY).prefill_tokens == len(shorter)
-    assert engine.generate(shorter + [9], **GREEDY).prefill_tokens == 1
+    assert (result.prefill_tokens, result.cached_tokens) == (len(longer), 0)
+    assert engine.generate(longer + [5], **GREEDY).cached_tokens == 48  # the same alpha 3: reused
+    shorter = base + [7, 8]
+    alone = fresh(engine).generate(shorter, **GREEDY)
+    result = engine.generate(shorter, **GREEDY)
+    assert (result.prefill_tokens, result.cached_tokens) == (len(shorter), 0)
+    assert result.token_ids == alone.token_ids
+    assert engine.generate(shorter + [9], **GREEDY).cached_tokens == 16  # its own alpha-1 block
+    stats = engine.stats()["prefix_cache"]
+    assert (stats["requests"], stats["hits"], stats["cached_tokens"]) == (4, 2, 64)
+    assert stats["prefilled_tokens"] == len(longer) + 13 + len(shorter) + 7
 
 
 @pytest.mark.parametrize("prompt", [[], [1.5], "Hello", [[1, 2], []], [[1, "x"]], [-1], [10**9]], ids=repr)
@@ -130,7 +138,8 @@ def test_qwen2_family_directory_and_its_default_system(tmp_path):
     _, ids = make_context(
         engine.tokenizer, "hi", system=system, max_window_size=engine.generation_config.max_window_size
     )
-    assert engine.generate(ids, **GREEDY).prefill_tokens == 1  # the chat ran exactly this prompt
+    # the chat ran this prompt: every full block of it is cached
+    assert engine.generate(ids, **GREEDY).cached_tokens == (len(ids) - 1) // 16 * 16 > 0
 
 
 def test_directory_with_tokenizer_json_only_and_its_chat_template_file(tmp_path):

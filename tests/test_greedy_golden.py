@@ -85,11 +85,15 @@ def record_all() -> dict[str, dict[str, list]]:
 def test_greedy_outputs_equal_the_recorded_ones(tmp_path, name):
     expected = json.loads(GOLDEN.read_text())[name]
     got = run_cases(write_tiny_checkpoint(tmp_path / name, **CHECKPOINTS[name]))
+    # recorded when a cache row's whole kept prefix was reused; the prefix cache reuses whole 16-token blocks,
+    # so the continuation prefills its new tokens and at most one block more
+    recorded_prefill = expected["continued"][0].pop("prefill_tokens")
+    assert recorded_prefill <= got["continued"][0].pop("prefill_tokens") < recorded_prefill + 16
     assert got == expected
     # the recording is not degenerate: outputs depend on the prompt, and batching changed nothing
     assert len({tuple(case["token_ids"]) for case in expected["alone"]}) == len(expected["alone"])
     assert expected["batched"] == expected["alone"] == expected["stream"]
-    assert expected["continued"][0]["prefill_tokens"] < len(expected["alone"][0]["token_ids"]) + 30
+    assert recorded_prefill < len(expected["alone"][0]["token_ids"]) + 30
 
 
 if __name__ == "__main__":

@@ -326,6 +326,35 @@ def test_padded_prompts_prefilled_together_equal_each_prompt_alone(config):
         assert cache.ntk_alpha[rows].tolist() == [1.0, 3.0, 1.0]
 
 
+@pytest.mark.parametrize("config", [V1, QWEN2], ids=["qwen", "qwen2"])
+def test_prompts_prefilled_after_cached_prefixes_equal_each_prompt_alone(config):
+    """prefill with a start per row: each row already holds its prompt's first ``start`` keys and values (as the
+    prefix cache copies them in); the rest of every prompt is prefilled in one call, one of them past seq_length
+    (its alpha, logN) and one whose padding runs past the cache's end. Logits and keys are each alone's."""
+    model = ours_from_hf(config, random_hf_weights(config, seed=16))
+    lengths, starts, rows = [config.seq_length + 8, 36, 20], [0, 32, 16], [1, 2, 0]
+    prompts = [random_ids(n, config.vocab_size, seed=90 + n)[0] for n in lengths]
+    capacity = max(lengths) + 4  # row 2 starts at 32: its padding would reach slot 32 + width
+    cache = KVCache(config, 3, capacity, dtype=torch.float32, device="cpu")
+    alone = []
+    with torch.no_grad():
+        for prompt, start, row in zip(prompts, starts, rows, strict=True):
+            alone_cache = KVCache(config, 1, capacity, dtype=torch.float32, device="cpu")
+            alone.append((model(prompt[None], alone_cache, last_only=True)[0, -1], alone_cache))
+            cache.k[:, row, :, :start] = alone_cache.k[:, 0, :, :start]
+            cache.v[:, row, :, :start] = alone_cache.v[:, 0, :, :start]
+        new = [prompt[start:] for prompt, start in zip(prompts, starts, strict=True)]
+        width = max(map(len, new))
+        padded = torch.stack([torch.cat([part, torch.full((width - len(part),), 7)]) for part in new])
+        news = torch.tensor([len(part) for part in new])
+        logits = model.prefill(padded, news, cache, torch.tensor(rows), starts)
+    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        want, alone_cache = alone[b]
+        assert (logits[b] - want).abs().max().item() <= TOL
+        assert (cache.k[:, row, :, :n] - alone_cache.k[:, 0, :, :n]).abs().max().item() <= TOL
+        assert torch.equal(cache.ntk_alpha[row], alone_cache.ntk_alpha[0])
+
+
 def test_decode_step_past_seq_length_keeps_the_prefill_alpha_and_logn(logn_in_transformers):
     """Past seq_length, decode_step decodes as cached forward() steps do: alpha frozen at prefill, logN scaled."""
     model = ours_from_hf(V1, random_hf_weights(V1, seed=12))

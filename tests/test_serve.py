@@ -579,3 +579,33 @@ def test_a_request_too_big_for_the_open_cache_joins_it_at_the_next_step_by_growi
     )
     assert order == ["first", "huge", "behind"] and scheduler.stats()["in_flight"] == 0
     engine.close()
+
+
+# -- the prefix cache over HTTP -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["completions", "chat"])
+def test_a_continued_conversation_reuses_the_cached_prefix_and_the_usage_says_so(server, client, mode):
+    """An agent's next step re-sends the conversation: the server prefills only what its prefix cache lacks, and
+    ``usage.prompt_tokens_details.cached_tokens`` (OpenAI's field) carries the count back to the client."""
+    llm = OpenAICompatibleLLM(server.url + "/v1", "tiny", api_key=KEY, mode=mode)
+    greedy = Sampling(max_tokens=8, temperature=0)
+    prompt = ChatPrompt(f"Describe the {mode} prefix cache in one line. " * 3, system="Be brief and exact.")
+    before = httpx.get(server.url + "/health").json()["prefix_cache"]
+    first = llm.complete(prompt, sampling=greedy)
+    assert first.cached_tokens == 0 and first.prefill_tokens == first.prompt_tokens
+    step = ChatPrompt(prompt.query, system=prompt.system, assistant_prefix="Thought: x\nObservation: y\n")
+    second = llm.complete(step, sampling=greedy)
+    assert second.cached_tokens >= (first.prompt_tokens - 4) // 16 * 16 > 0
+    assert second.prefill_tokens == second.prompt_tokens - second.cached_tokens
+    *_, streamed = llm.stream(step, sampling=greedy)  # the whole prompt is cached now, but its last block
+    assert streamed.cached_tokens == (second.prompt_tokens - 1) // 16 * 16
+    after = httpx.get(server.url + "/health").json()["prefix_cache"]
+    assert after["requests"] - before["requests"] == 3 and after["hits"] - before["hits"] == 2
+    assert after["cached_tokens"] - before["cached_tokens"] == second.cached_tokens + streamed.cached_tokens
+    assert after["blocks_used"] + after["blocks_free"] > after["blocks_used"] > 0
+    if mode == "chat":  # the openai package reads the field too
+        reply = client.chat.completions.create(
+            model="tiny", messages=step.to_messages(), temperature=0, max_tokens=8
+        )
+        assert reply.usage.prompt_tokens_details.cached_tokens == streamed.cached_tokens

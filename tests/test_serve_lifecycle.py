@@ -160,6 +160,35 @@ def test_sigterm_drains_then_aborts_what_is_left_and_exits_0_within_the_timeout(
     assert json.loads(short_stream[-2])["choices"][0]["finish_reason"] in ("length", "stop"), short_stream
 
 
+def test_a_second_signal_aborts_at_once(tiny_qwen_dir):
+    server = Served(tiny_qwen_dir, "--shutdown-timeout", "600")
+    chunks: list[str] = []
+    try:
+        server.wait_ready()
+        body = {**CHAT, "max_tokens": 2000, "stream": True}
+
+        def stream() -> None:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                _sse_lines(r, chunks)
+
+        client = threading.Thread(target=stream)
+        client.start()
+        deadline = time.monotonic() + 120
+        while len(chunks) < 2:
+            assert time.monotonic() < deadline, "".join(server.output)
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - signalled < 15  # not the 600 s grace period
+        client.join(10)
+    finally:
+        server.stop()
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["choices"][0]["finish_reason"] == "abort"
+
+
 # -- limits ---------------------------------------------------------------------------------------------------
 
 
@@ -282,6 +311,29 @@ def test_metrics_move_after_a_request(served):
     assert moved("qwen_agent_decode_steps_total") >= 1
     assert moved("qwen_agent_decode_step_rows_count") == moved("qwen_agent_decode_steps_total")
     assert after[("qwen_agent_requests_running", ())] == 0 and after[("qwen_agent_requests_waiting", ())] == 0
+
+
+def test_metrics_count_the_prefix_cache(served):
+    before = _metrics(served.url)
+    body = {**CHAT, "messages": [{"role": "user", "content": "count the prefix cache " * 8}], "max_tokens": 2}
+    usages = [
+        httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60).json()["usage"]
+        for _ in range(2)
+    ]
+    after = _metrics(served.url)
+
+    def moved(name: str) -> float:
+        return after.get((name, ()), 0.0) - before.get((name, ()), 0.0)
+
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert cached[1] > 0  # the second request found the first one's blocks
+    assert moved("qwen_agent_prefix_cache_requests_total") == 2
+    assert moved("qwen_agent_prefix_cache_hits_total") >= 1
+    assert moved("qwen_agent_prefix_cache_cached_tokens_total") == sum(cached)
+    assert moved("qwen_agent_prefix_cache_prefilled_tokens_total") == sum(
+        u["prompt_tokens"] - c for u, c in zip(usages, cached, strict=True)
+    )
+    assert after[("qwen_agent_prefix_cache_blocks_used", ())] > 0
 
 
 def test_two_apps_in_one_process_keep_their_own_metrics(tiny_qwen_dir):

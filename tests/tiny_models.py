@@ -62,9 +62,10 @@ class ScriptedModel(nn.Module):
         self.tok_embeddings = nn.Embedding(1, 1)  # the engine reads device and dtype from here
         self.scripts, self.prefills = scripts, 0
 
-    def prefill(self, ids, lengths, cache, rows, start=0):
+    def prefill(self, ids, lengths, cache, rows, starts=None):
         scripted = []
-        for row, length in zip(rows.tolist(), lengths.tolist(), strict=True):
+        starts = starts or [0] * len(rows)
+        for row, length, start in zip(rows.tolist(), lengths.tolist(), starts, strict=True):
             number = min(self.prefills, len(self.scripts) - 1)
             self.prefills += 1
             cache.k[0, row, 0, 0, :2] = torch.tensor(

@@ -267,7 +267,8 @@ def compare_runs(
                 "changed_jobs": _changed_jobs(ids, runs, outcomes, 0, b),
             }
         )
-    meta_keys = sorted({key for run in runs for key in run.meta})
+    # settings only: the prefix cache's counters say what a run did, and differ between any two runs
+    meta_keys = sorted({key for run in runs for key in run.meta} - {"prefix_cache"})
     return {
         "runs": [
             {

@@ -254,6 +254,7 @@ class EngineGenerator:
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
+            "prefix_cache": self.engine.stats()["prefix_cache"],  # its counters so far; None when off
         }
 
     def _ids(self, prompt: str) -> list[int]:
@@ -304,10 +305,11 @@ def open_generator(
     dtype: str | None = None,
     constrained: bool = False,
     plugins: str | Path | None = None,
+    kv_cache_gb: float | None = None,
 ) -> Generator:
     """A URL gets ``batch_size`` requests in flight; a model directory is loaded and generates in batches.
     ``constrained`` (local models only) decodes each prompt under the ReAct grammar of its tools from the
-    ``plugins`` catalog (the shipped one by default)."""
+    ``plugins`` catalog (the shipped one by default). ``kv_cache_gb``: a local model's prefix cache (0: off)."""
     if model.startswith(("http://", "https://")):
         if constrained:
             raise ConfigError(
@@ -328,7 +330,7 @@ def open_generator(
 
         require_llguidance()  # before the model loads
         catalog = load_catalog(plugins or shipped_path("tool_use_plugins.json"))
-    engine = load_model(model, device=device, dtype=dtype)
+    engine = load_model(model, device=device, dtype=dtype, kv_cache_gb=kv_cache_gb)
     return EngineGenerator(
         engine,
         batch_size=batch_size,

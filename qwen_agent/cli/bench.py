@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import QwenAgentError
-from .options import CONSTRAINED_HELP, positive_int
+from .options import CONSTRAINED_HELP, add_kv_cache_gb, positive_int
 
 _PLUGINS_HELP = "plugin catalog for schema checks (default: the shipped one)"
 
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--constrained", action="store_true", help=CONSTRAINED_HELP)
     p.add_argument("--json", action="store_true", help="also print the report as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_kv_cache_gb(p)
     p.set_defaults(func=run_tool_use)
 
     p = bench_sub.add_parser("score", help="score recorded generations without a model")
@@ -99,6 +100,7 @@ def run_tool_use(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         constrained=args.constrained,
         plugins=args.plugins,
+        kv_cache_gb=args.kv_cache_gb,
     )
     meta = {
         "constrained": args.constrained,

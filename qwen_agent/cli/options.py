@@ -33,6 +33,17 @@ def number_at_least(kind: type, minimum: float, exclusive: bool = False) -> Call
 positive_int = number_at_least(int, 1)
 
 
+def add_kv_cache_gb(p: argparse.ArgumentParser) -> None:
+    """``--kv-cache-gb``: the budget of a local model's prefix cache (``load_model``'s ``kv_cache_gb``)."""
+    p.add_argument(
+        "--kv-cache-gb",
+        type=number_at_least(float, 0),
+        default=None,
+        help="a local model's prefix cache of KV blocks, in GiB (default: a quarter of the memory free after "
+        "loading, at most 16; 0: off)",
+    )
+
+
 def tool_names(text: str | None) -> list[str] | None:
     """A comma-separated ``--tools`` value as names; None (not given) stays None, ``''`` is no tools."""
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .options import CONSTRAINED_HELP, positive_int, tool_names
+from .options import CONSTRAINED_HELP, add_kv_cache_gb, positive_int, tool_names
 
 if TYPE_CHECKING:
     from ..agent import Event
@@ -41,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-chars", type=int, default=2000, help="longest observation shown in full")
     p.add_argument("--constrained", action="store_true", help=CONSTRAINED_HELP)
+    add_kv_cache_gb(p)
     p.set_defaults(func=run)
 
 
@@ -48,7 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from ..agent import Agent
     from ..llm import Sampling, llm_from_spec
 
-    llm = llm_from_spec(args.model, api_key=args.api_key, served_model=args.served_model, device=args.device)
+    llm = llm_from_spec(
+        args.model,
+        api_key=args.api_key,
+        served_model=args.served_model,
+        device=args.device,
+        kv_cache_gb=args.kv_cache_gb,
+    )
     tools = tool_registry(args)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     agent = Agent(
@@ -113,7 +120,8 @@ def print_events(events: Iterable[Event], show_chars: int) -> None:
             out.flush()
             print(
                 f"[{r.stop_reason}; {len(r.steps)} model turns; {r.prompt_tokens} prompt / "
-                f"{r.completion_tokens} completion / {r.prefill_tokens} prefilled tokens; {r.seconds:.1f} s]",
+                f"{r.completion_tokens} completion tokens; {r.prefill_tokens} prefilled, {r.cached_tokens} cached; "
+                f"{r.seconds:.1f} s]",
                 file=sys.stderr,
             )
         out.flush()

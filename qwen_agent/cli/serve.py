@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import QwenAgentError
-from .options import add_shutdown_timeout, number_at_least, positive_int
+from .options import add_kv_cache_gb, add_shutdown_timeout, number_at_least, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)"
     )
+    add_kv_cache_gb(p)
     add_shutdown_timeout(p)
     p.add_argument(
         "--max-body-mb",
@@ -82,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
     )
     app = create_app(
-        load=lambda: load_model(args.model, device=args.device, dtype=args.dtype),
+        load=lambda: load_model(
+            args.model, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb
+        ),
         model_name=name,
         api_key=args.api_key,
         max_batch=args.max_batch,

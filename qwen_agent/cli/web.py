@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import QwenAgentError
-from .options import add_shutdown_timeout, number_at_least, positive_int, tool_names
+from .options import add_kv_cache_gb, add_shutdown_timeout, number_at_least, positive_int, tool_names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="a local model's generations decoded at once, across sessions (default: 4)",
     )
+    add_kv_cache_gb(p)
     add_shutdown_timeout(p)
     p.set_defaults(func=run)
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         idle_timeout=args.session_timeout,
         mcp=args.mcp,
         max_batch=args.max_batch,
+        kv_cache_gb=args.kv_cache_gb,
         shutdown_timeout=args.shutdown_timeout,
     )
     return 0

@@ -10,13 +10,15 @@ Every call becomes :class:`~qwen_agent.runtime.request.PromptRequest` s handed t
 decode together in shared steps, and each result comes back with its own request (a :class:`Handle`), so the
 engine is safe to share.
 
-**Prefix reuse.** A cache row keeps the keys and values of the last sequence it ran (prompt plus generated
-tokens), and a later prompt that starts with them prefills only the rest: the ReAct loop, which re-sends
-prompt + previous output + Observation, prefills only the new tokens (``prefill_tokens`` shows how many ran).
-Reuse happens only when it gives the same result as prefilling the whole prompt afresh (see
-:class:`~qwen_agent.runtime.generate.Generation` for Qwen v1's dynamic NTK). (The maths is the same; the
+**Prefix reuse.** Every request shares one prefix cache of KV blocks (:mod:`qwen_agent.runtime.prefix_cache`): a
+prompt prefills only what follows its longest cached run of 16-token blocks, so the ReAct loop, which re-sends
+prompt + previous output + Observation, prefills only the new tokens and at most one block more
+(``prefill_tokens`` and ``cached_tokens`` of each result; :meth:`QwenEngine.stats` for the totals). Blocks are
+keyed by every token up to them and by Qwen v1's dynamic-NTK alpha, so a prompt gets only keys a fresh prefill
+of it would compute; logN touches queries only, which are always computed afresh. (The maths is the same; the
 floating-point rounding of a shorter prefill can differ in the last bits, as with any change of batch shape,
-which in bf16 can occasionally flip a near-tie in greedy decoding.)
+which in bf16 can occasionally flip a near-tie in greedy decoding.) ``kv_cache_gb`` bounds the pool (default: a
+quarter of the memory free after loading, at most 16 GiB; 0 turns the cache off).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .constraint import TokenConstraint
 from .generate import GenerationResult
 from .grammar import Grammar
 from .model import Transformer
+from .prefix_cache import PrefixCache, default_budget_bytes
 from .request import PromptRequest, SamplingParams
 from .scheduler import Event, Handle, Scheduler
 from .tokenizer import QwenTokenizer
@@ -88,16 +91,21 @@ class Engine(Protocol):
         self, requests: Sequence[PromptRequest], max_batch: int | None = None
     ) -> Iterator[tuple[int, GenerationResult]]: ...
 
+    def stats(self) -> dict[str, Any]: ...  # {"prefix_cache": its counters, or None when off}
+
 
 def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    *,
+    kv_cache_gb: float | None = None,
 ) -> QwenEngine:
     """Load a Qwen-7B-Chat (v1) or Qwen2-family model directory, or a Hub id, without running its code.
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``/None (a GPU when there is one).
     ``dtype``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or ``"auto"``/None (bf16 on a GPU that has it, fp32 on CPU).
+    ``kv_cache_gb``: the prefix cache's budget in GiB (None: a quarter of the memory then free, at most 16; 0: off).
     Raises :class:`~qwen_agent.errors.CheckpointError` naming the file and tensor when the directory is bad.
     """
     model_dir = resolve_model_dir(path)
@@ -108,7 +116,13 @@ def load_model(
             f"{model_dir}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary "
             f"has {model.config.vocab_size} rows"
         )
-    return QwenEngine(model, tokenizer, GenerationConfig.from_dir(model_dir), default_system(model_dir))
+    return QwenEngine(
+        model,
+        tokenizer,
+        GenerationConfig.from_dir(model_dir),
+        default_system(model_dir),
+        kv_cache_gb=kv_cache_gb,
+    )
 
 
 def default_system(model_dir: Path) -> str:
@@ -148,6 +162,8 @@ class QwenEngine:
     prompt (:mod:`qwen_agent.runtime.grammar`; a schema or grammar that does not compile is a ConfigError).
     Every call also stops on the end-of-text id and, for ChatML models, on ``<|im_end|>`` and
     ``<|im_start|>``. Safe to call from many threads at once: every call goes to ``scheduler``.
+    ``kv_cache_gb`` sizes the prefix cache every call shares (see the module docstring; None: the default share,
+    0: no prefix cache).
     """
 
     def __init__(
@@ -160,6 +176,7 @@ class QwenEngine:
         max_batch: int = 32,
         cuda_graphs: bool | None = None,
         fused_kernels: bool | None = None,
+        kv_cache_gb: float | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config: QwenConfig = model.config
@@ -167,13 +184,33 @@ class QwenEngine:
         self.default_system = system
         # cuda_graphs None: replay the decode step as CUDA graphs on a GPU; fused_kernels None: the Triton decode
         # kernels on a GPU when Triton is installed; False: never
+        self.prefix_cache = self._new_prefix_cache(kv_cache_gb)
         self.scheduler = Scheduler(
-            model, tokenizer, max_batch=max_batch, cuda_graphs=cuda_graphs, fused_kernels=fused_kernels
+            model,
+            tokenizer,
+            max_batch=max_batch,
+            cuda_graphs=cuda_graphs,
+            fused_kernels=fused_kernels,
+            prefix_cache=self.prefix_cache,
         )
 
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
+
+    def stats(self) -> dict[str, Any]:
+        """The prefix cache's counters (:meth:`~qwen_agent.runtime.prefix_cache.PrefixCache.stats`) under
+        ``prefix_cache``, or ``{"prefix_cache": None}`` when it is off."""
+        return {"prefix_cache": self.prefix_cache.stats() if self.prefix_cache is not None else None}
+
+    def _new_prefix_cache(self, kv_cache_gb: float | None) -> PrefixCache | None:
+        if kv_cache_gb is not None and not (isinstance(kv_cache_gb, (int, float)) and kv_cache_gb >= 0):
+            raise ConfigError(f"kv_cache_gb must be a number >= 0 (0: no prefix cache), got {kv_cache_gb!r}")
+        budget = default_budget_bytes(self.device) if kv_cache_gb is None else int(kv_cache_gb * (1 << 30))
+        dtype = self.model.tok_embeddings.weight.dtype
+        if budget < PrefixCache.block_bytes(self.config, dtype):
+            return None
+        return PrefixCache(self.config, budget, dtype=dtype, device=self.device)
 
     def close(self) -> None:
         """Stop the scheduler; calls still running get an error, later ones raise."""

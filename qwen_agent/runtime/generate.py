@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, GenerationError
-from .config import ntk_alpha
 from .constraint import apply_bitmask, bitmask_words
 from .decode_runner import DecodeRunner
+from .prefix_cache import PrefixCache, PrefixLease
 from .request import PromptRequest, SamplingParams
 from .stops import StopScanner
 from .tokenizer import QwenTokenizer
@@ -67,11 +67,10 @@ class GenerationResult:
     stop: str | int | None  # the stop string or stop id that ended it
     prompt_tokens: int
     completion_tokens: int
-    prefill_tokens: (
-        int  # prompt tokens run through the model (fewer than prompt_tokens when a prefix was reused)
-    )
+    prefill_tokens: int  # prompt tokens run through the model: prompt_tokens less cached_tokens
     prefill_seconds: float
     decode_seconds: float
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 # -- hot path ------------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ class _Row:
     index: int  # of the prompt in its batch
     request: PromptRequest
     text: _RowText
-    reused: int  # prompt slots the row already held (a kept prefix)
+    lease: PrefixLease | None  # its blocks in the prefix cache
     started: float  # when its prefill began
     first_token_at: float = 0.0
     received: int = 0  # generated tokens read on the host
@@ -187,14 +186,6 @@ class _Row:
     def slot(self) -> int:
         """The cache slot the row's newest token goes to (on the device: ``runner.slots``)."""
         return len(self.request.prompt) + self.fed
-
-
-@dataclass
-class _Kept:
-    """What a free cache row still holds: the keys and values of ``ids``, rotated with NTK ``alpha``."""
-
-    ids: tuple[int, ...] = ()
-    alpha: int = 1
 
 
 Event = tuple[int, "str | GenerationResult"]  # (prompt index, a text delta or the prompt's result)
@@ -218,20 +209,21 @@ class Generation:
     next step. One thread drives a batch (the :class:`~qwen_agent.runtime.scheduler.Scheduler`'s); ``last_step_rows``
     is how many rows its last step decoded.
 
-    **Prefix reuse.** A free row keeps the keys and values of the last sequence it ran (prompt and generated
-    tokens); a prompt that starts with part of it gets those slots (copied into its own row, the lowest free
-    one, when another row keeps them) and prefills only the rest, when that gives
-    the same result as prefilling the whole prompt afresh: with Qwen v1's dynamic NTK the kept keys were
-    rotated with the alpha frozen at their prefill, so they are reused only if the new prompt's own alpha
-    (:func:`~qwen_agent.runtime.config.ntk_alpha` of its length) is the same; below ``seq_length`` it always is.
-    LogN scaling touches queries only, which are always computed afresh.
+    **Prefix reuse.** With a ``prefix_cache`` (:mod:`qwen_agent.runtime.prefix_cache`, shared by every batch
+    of an engine), a prompt starts from its longest cached run of full blocks, copied into its row, and
+    prefills only the rest (rows at different offsets in one call); its full blocks go into the cache once it
+    is prefilled and, with its generated tokens, when it finishes. Blocks are keyed by Qwen v1's NTK alpha too,
+    so a prompt only gets keys a fresh prefill of it would compute. :meth:`close` gives back the blocks of rows
+    still live when the batch is dropped.
 
     A request's :class:`~qwen_agent.runtime.constraint.TokenConstraint` (or None) masks its row's logits; the
     mask of a step is filled on the host while the device runs that step, and rows without one are not touched.
     """
 
-    def __init__(self, runner: DecodeRunner, tokenizer: QwenTokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(
+        self, runner: DecodeRunner, tokenizer: QwenTokenizer, prefix_cache: PrefixCache | None = None
+    ) -> None:
+        self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
         self.model, self.config = runner.model, runner.model.config
         self._waiting: deque[tuple[int, PromptRequest]] = deque()
         self._cancelled: set[int] = set()
@@ -244,12 +236,11 @@ class Generation:
         """Take ``runner`` and its cache, carrying over every row's state from the ones used so far."""
         cache, device, old = runner.cache, runner.cache.k.device, getattr(self, "runner", None)
         rows, capacity = cache.batch_size, cache.capacity
-        kept = getattr(self, "_kept", [])
         # per cache row, the ids the repetition penalty sees: the prompt, the generated ids at their slots, and
         # the prompt's first id in every other column (a repeat changes nothing)
         seen = torch.zeros(rows, capacity, dtype=torch.long, device=device)
-        # 1 for a row in use: a step advances only those rows' slots; a free row stays at the slot after what it
-        # keeps (0 for an empty one), so a step that spans it writes there and keeps the rest intact
+        # 1 for a row in use: a step advances only those rows' slots; a free row stays at slot 0, which the next
+        # prompt in it writes before it reads
         advancing = torch.zeros(rows, dtype=torch.long, device=device)
         # 1 for a row whose last logits were all finite; read on the host with the tokens
         finite = torch.ones(rows, dtype=torch.long, device=device)
@@ -268,7 +259,6 @@ class Generation:
             runner.slots[: was.batch_size] = old.slots
         self.runner, self.cache = runner, cache
         self._seen, self._advancing, self._finite = seen, advancing, finite
-        self._kept = kept + [_Kept() for _ in range(rows - len(kept))]
         self._free = [r for r in range(rows) if r not in self._active]  # a heap: the lowest free row first
         heapq.heapify(self._free)
         pinned = device.type == "cuda"
@@ -328,6 +318,12 @@ class Generation:
     @property
     def idle(self) -> bool:
         return not self._active and not self._waiting
+
+    def close(self) -> None:
+        """Give the prefix-cache blocks of every live row back: the batch is dropped (a failed step, a
+        shutdown) and its rows will not finish."""
+        for row in self._active.values():
+            self._give_back(row)
 
     def step(self) -> list[Event]:
         """Admit what waits, run one decode step for every live row, and return the events it produced."""
@@ -407,72 +403,62 @@ class Generation:
         return picked
 
     def _admit(self) -> None:
-        """Prefill waiting prompts into free rows, several per model call; each row's first token goes to
-        ``runner.tokens``. A prompt takes the lowest free row (rows stay packed, so a step spans few); when a
-        free row keeps a usable prefix of it, those slots are copied over first and only the rest is prefilled."""
-        fresh, reusing = [], []
+        """Prefill waiting prompts into free rows, several per model call, each after its longest cached block
+        prefix; each row's first token goes to ``runner.tokens``."""
+        wave: list[tuple[int, int, PromptRequest, PrefixLease | None]] = []
         while self._free and self._waiting:
-            index, request = self._waiting.popleft()
-            r = heapq.heappop(self._free)
-            source, reused = self._kept_prefix(request.prompt, [r, *self._free])
-            if reused and source != r:
-                for kv in (self.cache.k, self.cache.v):
-                    kv[:, r, :, :reused] = kv[:, source, :, :reused]
-                self.cache.ntk_alpha[r] = self.cache.ntk_alpha[source]
-            self._kept[r] = _Kept()
-            (reusing if reused else fresh).append((r, index, request, reused))
-        for joining in reusing:  # each from its own slot: one call apiece
-            self._prefill([joining])
+            r, (index, request) = heapq.heappop(self._free), self._waiting.popleft()
+            wave.append((r, index, request, self._take_prefix(r, request.prompt)))
         # they all join now, so their order does not matter: similar lengths side by side pad the least
-        fresh.sort(key=lambda joining: len(joining[2].prompt))
-        group: list[tuple[int, int, PromptRequest, int]] = []
-        for joining in fresh:
-            width = len(joining[2].prompt)  # the longest so far (sorted)
-            if group and (len(group) + 1) * width > PREFILL_TOKENS:
+        wave.sort(key=lambda joining: len(joining[2].prompt) - _cached(joining[3]))
+        group: list[tuple[int, int, PromptRequest, PrefixLease | None]] = []
+        try:
+            for joining in wave:
+                width = len(joining[2].prompt) - _cached(joining[3])  # the longest so far (sorted)
+                if group and (len(group) + 1) * width > PREFILL_TOKENS:
+                    self._prefill(group)
+                    group = []
+                group.append(joining)
+            if group:
                 self._prefill(group)
-                group = []
-            group.append(joining)
-        if group:
-            self._prefill(group)
+        except BaseException:  # a failed prefill: the blocks of the rows that never started go back
+            for r, _, _, lease in wave:
+                if lease is not None and r not in self._active:
+                    self.prefix_cache.release(lease)
+            raise
 
-    def _kept_prefix(self, prompt: tuple[int, ...], rows: list[int]) -> tuple[int, int]:
-        """The row among ``rows`` that keeps the longest prefix of ``prompt`` with the prompt's own NTK alpha,
-        and that prefix's length (0: none). The prompt's last id always runs, for its logits."""
-        alpha, best, reused = self._alpha(len(prompt)), -1, 0
-        for r in rows:
-            kept = self._kept[r]
-            if kept.alpha != alpha:
-                continue
-            limit, common = min(len(kept.ids), len(prompt) - 1), 0
-            while common < limit and kept.ids[common] == prompt[common]:
-                common += 1
-            if common > reused:
-                best, reused = r, common
-        return best, reused
+    def _take_prefix(self, r: int, prompt: Sequence[int]) -> PrefixLease | None:
+        """Cache row ``r`` starts with ``prompt``'s longest cached block prefix (None: no prefix cache)."""
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.admit(prompt, self.cache, r)
 
-    def _alpha(self, length: int) -> int:
-        if not self.config.use_dynamic_ntk:
-            return 1
-        return ntk_alpha(length, self.config.seq_length)
+    def _give_back(self, row: _Row) -> None:
+        if row.lease is not None:
+            self.prefix_cache.release(row.lease)
+            row.lease = None
 
-    def _prefill(self, group: list[tuple[int, int, PromptRequest, int]]) -> None:
-        """One model call for ``group``'s (cache row, prompt index, request, reused slots), right-padded to the
-        longest; every member of a group with reused slots reuses the same number."""
+    def _prefill(self, group: list[tuple[int, int, PromptRequest, PrefixLease | None]]) -> None:
+        """One model call for ``group``'s (cache row, prompt index, request, lease), each prompt after its
+        cached prefix, right-padded to the longest."""
         started, device = time.perf_counter(), self.cache.k.device
-        reused = group[0][3]
-        new = [list(request.prompt[reused:]) for _, _, request, _ in group]
+        starts = [_cached(lease) for *_, lease in group]
+        new = [list(request.prompt[start:]) for (_, _, request, _), start in zip(group, starts, strict=True)]
         width = max(map(len, new))
         ids = torch.tensor([part + [0] * (width - len(part)) for part in new], device=device)
         rows = torch.tensor([r for r, *_ in group], device=device)
         lengths = torch.tensor([len(request.prompt) for _, _, request, _ in group], device=device)
         with torch.no_grad():
-            logits = self.model.prefill(ids, lengths - reused, self.cache, rows, reused)
-        for r, index, request, _ in group:
+            new_lengths = torch.tensor([len(part) for part in new], device=device)
+            logits = self.model.prefill(ids, new_lengths, self.cache, rows, starts)
+        for r, index, request, lease in group:
             seen = self._seen[r]
             seen.fill_(request.prompt[0])
             seen[: len(request.prompt)] = torch.tensor(request.prompt)
             text = _RowText(self.tokenizer, request.stop_strings, request.stop_ids)
-            self._active[r] = _Row(index, request, text, reused, started)
+            self._active[r] = _Row(index, request, text, lease, started)
+            if lease is not None:  # concurrent prompts with this prefix can take it from now on
+                self.prefix_cache.store(lease, request.prompt, self.cache, r)
         self._finite[rows] = _finite_rows(logits).long()  # before the mask's -inf
         logits = self._constrain(logits, [r for r, *_ in group], [r for r, *_ in group])
         first = self._pick(logits, self._seen[rows], [r for r, *_ in group])
@@ -524,13 +510,12 @@ class Generation:
         heapq.heappush(self._free, r)
         self._cancelled.discard(row.index)
         prompt = row.request.prompt
-        # the ids whose keys and values the row now holds, for a later prompt that starts with them (a reused
-        # prefix had the prompt's own alpha, or it would not have been reused); the slot after them takes what
-        # decode steps write for the row while it is free
-        kept = (prompt + tuple(row.text.token_ids[: row.fed]))[: self.cache.capacity - 1]
-        self._kept[r] = _Kept(kept, self._alpha(len(prompt)))
+        cached = _cached(row.lease)
+        if row.lease is not None:  # every id whose keys and values are in the row
+            self.prefix_cache.store(row.lease, prompt + tuple(row.text.token_ids[: row.fed]), self.cache, r)
+        self._give_back(row)
         self._advancing[r] = 0
-        self.runner.slots[r] = len(kept)
+        self.runner.slots[r] = 0
         first_token_at = row.first_token_at or time.perf_counter()
         return GenerationResult(
             text=row.text.text,
@@ -539,9 +524,10 @@ class Generation:
             stop=row.text.stop,
             prompt_tokens=len(prompt),
             completion_tokens=len(row.text.token_ids),
-            prefill_tokens=len(prompt) - row.reused,
+            prefill_tokens=len(prompt) - cached,
             prefill_seconds=first_token_at - row.started,
             decode_seconds=time.perf_counter() - first_token_at,
+            cached_tokens=cached,
         )
 
 
@@ -558,3 +544,7 @@ def generate_all(
             if isinstance(event, GenerationResult):
                 results[index] = event
     return [results[i] for i in range(len(requests))]
+
+
+def _cached(lease: PrefixLease | None) -> int:
+    return lease.cached if lease is not None else 0

@@ -19,6 +19,7 @@ Qwen v1's long-context rules, both exact no-ops up to ``config.seq_length``:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +65,23 @@ class KVCache:
         return self.k.shape[1]
 
     def update(
-        self, layer: int, start: int, k: Tensor, v: Tensor, rows: Tensor | None = None
+        self,
+        layer: int,
+        start: int | Tensor,
+        k: Tensor,
+        v: Tensor,
+        rows: Tensor | None = None,
+        kv_len: int = 0,
     ) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` ([B, Hkv, S, D]) at slots ``start..start+S`` of ``layer`` in cache rows ``rows`` (every
-        row when None); return those rows' slots so far."""
+        row when None); return those rows' slots so far. ``start`` [B], one per row, needs ``rows`` and
+        ``kv_len``, the slots to return; slots past a row's end take its last slot (padding: a decode step
+        writes a slot before it reads it)."""
+        if isinstance(start, Tensor):
+            slots = (start[:, None] + torch.arange(k.shape[2], device=k.device)).clamp(max=self.capacity - 1)
+            self.k[layer, rows[:, None], :, slots] = k.transpose(1, 2)  # [B, S, Hkv, D] at [row, slot]
+            self.v[layer, rows[:, None], :, slots] = v.transpose(1, 2)
+            return self.k[layer, rows, :, :kv_len], self.v[layer, rows, :, :kv_len]
         end = start + k.shape[2]
         index = slice(None) if rows is None else rows
         self.k[layer, index, :, start:end] = k
@@ -121,7 +135,7 @@ class Attention(nn.Module):
         if ctx.slots is not None:
             k, v = ctx.cache.write_at(layer, ctx.rows, ctx.slots, k, v, ctx.kv_len)  # [B, Hkv, kv_len, D]
         elif ctx.cache is not None:
-            k, v = ctx.cache.update(layer, ctx.start, k, v, ctx.rows)  # [B, Hkv, T, D]
+            k, v = ctx.cache.update(layer, ctx.start, k, v, ctx.rows, ctx.kv_len)  # [B, Hkv, T, D]
         if cfg.num_kv_heads != cfg.num_heads:
             groups = cfg.num_heads // cfg.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -175,7 +189,7 @@ class _StepContext:
     def __init__(self, cos, sin, q_scale, mask, is_causal, cache, start, rows=None, slots=None, kv_len=0):  # noqa: ANN001
         self.cos, self.sin, self.q_scale = cos, sin, q_scale
         self.mask, self.is_causal, self.cache, self.start = mask, is_causal, cache, start
-        self.rows, self.slots, self.kv_len = rows, slots, kv_len  # cache rows; decode: slots, slots read
+        self.rows, self.slots, self.kv_len = rows, slots, kv_len  # cache rows; decode: slots; slots read
 
 
 class Transformer(nn.Module):
@@ -206,37 +220,66 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.output(self.norm(x))  # [B, S, V]
 
-    def prefill(self, ids: Tensor, lengths: Tensor, cache: KVCache, rows: Tensor, start: int = 0) -> Tensor:
+    def prefill(
+        self, ids: Tensor, lengths: Tensor, cache: KVCache, rows: Tensor, starts: Sequence[int] | None = None
+    ) -> Tensor:
         """Several prompts in one call: ``ids`` [B, S] right-padded, prompt ``b`` being its first ``lengths[b]``
-        ids, go to cache row ``rows[b]`` after the ``start`` slots it already holds; logits [B, V] in fp32 of
-        each prompt's last id. Attention is causal, so no prompt sees the padding after it; the padding's keys
-        land in slots past the prompt, which a decode step overwrites before it reads them. Each prompt's NTK
-        alpha is that of its own length. ``cache.length`` is not used or changed."""
-        x = self._encode(ids, start + lengths, cache, rows, start)
+        ids, go to cache row ``rows[b]`` after the ``starts[b]`` slots it already holds (a cached prefix; host
+        ints, as they fix shapes; None: nothing cached); logits [B, V] in fp32 of each prompt's last id.
+        Attention is causal, so no prompt sees the padding after it; the padding's keys land in slots past the
+        prompt (or the row's last slot), which a decode step overwrites before it reads them. Each prompt's NTK
+        alpha is that of its full length ``starts[b] + lengths[b]``, as a prefill of the whole prompt would fix
+        it: the keys of a cached prefix must have been rotated with that alpha too. ``cache.length`` is not
+        used or changed."""
+        starts = list(starts) if starts is not None else [0] * ids.shape[0]
+        start: int | Tensor = starts[0]
+        if any(s != starts[0] for s in starts):  # rows at their own offsets
+            start = torch.tensor(starts, device=ids.device)
+        x = self._encode(
+            ids, lengths + torch.tensor(starts, device=ids.device), cache, rows, start, max(starts)
+        )
         last = x[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # [B, E]
         return self.output(self.norm(last)).float()
 
     def _encode(
-        self, ids: Tensor, lengths: Tensor, cache: KVCache | None, rows: Tensor | None, start: int
+        self,
+        ids: Tensor,
+        lengths: Tensor,
+        cache: KVCache | None,
+        rows: Tensor | None,
+        start: int | Tensor,
+        last_start: int | None = None,
     ) -> Tensor:
-        """The layers over ``ids`` [B, S] at positions ``start..start+S`` of each row, ``lengths`` [B] the rows'
-        full lengths (they fix the NTK alpha at prefill)."""
+        """The layers over ``ids`` [B, S] at positions ``start..start+S`` of each row (``start`` an int, or [B]
+        per row with ``last_start`` its largest), ``lengths`` [B] the rows' full lengths (they fix the NTK
+        alpha at prefill; a call from :meth:`prefill` always fixes it, one from :meth:`forward` only at 0)."""
         B, S = ids.shape
         device = ids.device
         index = slice(None) if rows is None else rows
-        if cache is None or start == 0:
+        if cache is None or last_start is not None or start == 0:
             alpha = self._ntk_alpha(lengths)  # the prefill fixes alpha ...
             if cache is not None:
                 cache.ntk_alpha[index] = alpha
         else:
             alpha = cache.ntk_alpha[index]  # ... and every later step reuses it
-        positions = torch.arange(start, start + S, device=device)[None, :].expand(B, S)
+        last_start = start if last_start is None else last_start
+        offsets = start[:, None] if isinstance(start, Tensor) else start
+        positions = (offsets + torch.arange(S, device=device)[None, :]).expand(B, S)
         cos, sin = self._rotary(positions, alpha)
         # logN scales only positions past seq_length; short of it (a chat prompt, as a rule) it multiplies by 1
-        logn = self.config.use_logn_attn and start + S > self.config.seq_length
+        logn = self.config.use_logn_attn and last_start + S > self.config.seq_length
         q_scale = self._logn_scale(positions) if logn else None
-        mask, is_causal = self._mask(start, S, device)
-        return self._layers(ids, _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows))
+        kv_len = 0
+        if isinstance(start, Tensor):
+            # [B, 1, S, T]: each row's queries see its own slots up to themselves; padding can run past the
+            # cache's end (its keys go to the last slot), a prompt cannot
+            kv_len = min(last_start + S, cache.capacity)
+            mask = (torch.arange(kv_len, device=device) <= positions[:, :, None])[:, None]
+            is_causal = False
+        else:
+            mask, is_causal = self._mask(start, S, device)
+        ctx = _StepContext(cos, sin, q_scale, mask, is_causal, cache, start, rows, kv_len=kv_len)
+        return self._layers(ids, ctx)
 
     def decode_step(
         self,

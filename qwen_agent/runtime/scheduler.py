@@ -26,12 +26,13 @@ drain as their requests finish, and once the batch is empty the cache is rebuilt
 (a single request always gets at least one row of its size). ``max_batch + max_queue`` bounds the requests in
 flight; ``add`` past it raises :class:`QueueFullError`.
 
-**Blocks and eviction.** Today each cache row is its own block: a free row keeps the keys and values of the last
-sequence it ran, and a prompt that starts with part of it gets those slots copied into its own row (the lowest
-free one, so rows stay packed) and prefills only the rest (see :class:`~qwen_agent.runtime.generate.Generation`).
-A kept row is overwritten when it is the lowest free row a new prompt takes; nothing is evicted by age or
-memory. A shared prefix cache of fixed-size KV blocks, keyed by the hash of the tokens up to them, with LRU
-eviction of unreferenced blocks, replaces this.
+**Blocks and eviction.** The engine's :class:`~qwen_agent.runtime.prefix_cache.PrefixCache` holds full 16-token
+KV blocks of every sequence the batch ran, keyed by all the tokens up to them (and the NTK alpha). A request
+admitted into a row gets its longest cached block prefix copied into the row and prefills only the rest; its
+full blocks go into the pool once its prompt is prefilled and again, with what it generated, when it finishes.
+A request holds a reference on its blocks while it runs, so they are never evicted under it; unreferenced
+blocks are evicted least recently used first when the pool (``kv_cache_gb``) is full. A batch the scheduler
+drops (a failed step, a shutdown) gives its live rows' blocks back (``Generation.close``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..errors import ConfigError, GenerationError, QwenAgentError
 from .decode_runner import DecodeRunner
 from .generate import Generation, GenerationResult
 from .model import KVCache, Transformer
+from .prefix_cache import PrefixCache
 from .request import PromptRequest
 from .tokenizer import QwenTokenizer
 
@@ -145,8 +147,9 @@ class Scheduler:
         cuda_graphs: bool | None = None,
         fused_kernels: bool | None = None,
         thread: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
         self.cuda_graphs, self.fused_kernels = cuda_graphs, fused_kernels
         self.max_context = model.config.max_context
         self.configure(max_batch=max_batch, max_queue=max_queue, cache_tokens=cache_tokens)
@@ -259,6 +262,7 @@ class Scheduler:
             events = batch.step()
         except Exception as exc:  # a failed batch fails its requests, not the scheduler
             log.exception("a decode step failed")
+            batch.close()
             self._batch = None  # its rows are in an unknown state
             self._fail(list(self._live.values()), exc, outputs)
             self._live = {}
@@ -296,6 +300,8 @@ class Scheduler:
                 log.exception("the scheduler failed")
                 self._take_inbox()
                 self._fail([*self._live.values(), *self._waiting], exc, [])
+                if self._batch is not None:
+                    self._batch.close()
                 self._live, self._waiting, self._batch = {}, deque(), None
         if closed:
             self._shut_down()
@@ -306,6 +312,8 @@ class Scheduler:
         self._fail(
             [*self._live.values(), *self._waiting], QwenAgentError("the scheduler is shutting down"), outputs
         )
+        if self._batch is not None:
+            self._batch.close()
         self._live, self._waiting, self._batch = {}, deque(), None
 
     def _take_inbox(self) -> None:
@@ -354,7 +362,7 @@ class Scheduler:
         with self._lock:
             self._batches += 1
         if batch is None:
-            self._batch = Generation(runner, self.tokenizer)
+            self._batch = Generation(runner, self.tokenizer, self.prefix_cache)
         else:
             batch.resize(runner)
         return True

@@ -97,7 +97,8 @@ class Lifecycle:
         stats = self.stats()
         if not stats["alive"]:
             return 503, {**body, "status": "down", "reason": "the scheduler has stopped"}
-        return 200, {**body, "status": "ok", "scheduler": stats}
+        prefix_cache = stats.pop("prefix_cache", None)  # the engine's prefix cache; None when off
+        return 200, {**body, "status": "ok", "scheduler": stats, "prefix_cache": prefix_cache}
 
     def _not_ready(self) -> str:
         if self.load_error is not None:

@@ -8,7 +8,7 @@ not collide. What is measured where:
 - time to first token, the gaps between streamed deltas, end-to-end latency, prompt and generated tokens:
   a :class:`RequestTrace` per request, fed each event the scheduler hands the request;
 - queue length, running rows, decode steps and rows per step: read from
-  :meth:`~qwen_agent.serve.scheduler.Scheduler.stats` when Prometheus scrapes, so the decode loop pays nothing.
+  :meth:`~qwen_agent.runtime.scheduler.Scheduler.stats` when Prometheus scrapes, so the decode loop pays nothing.
 
 Names follow vLLM's where there is one (``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``), with the ``qwen_agent_`` prefix.
@@ -34,7 +34,7 @@ _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    """The metrics of one app. ``stats`` returns the scheduler's :meth:`~qwen_agent.serve.scheduler.Scheduler.stats`,
+    """The metrics of one app. ``stats`` returns the scheduler's :meth:`~qwen_agent.runtime.scheduler.Scheduler.stats`,
     or None while the model loads."""
 
     def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
@@ -105,6 +105,20 @@ class RequestTrace:
             self.metrics.e2e.observe(now - self.started)
 
 
+_PREFIX_COUNTERS = {
+    "requests": "Requests the prefix cache looked up",
+    "hits": "Requests that reused at least one cached block",
+    "cached_tokens": "Prompt tokens taken from the prefix cache",
+    "prefilled_tokens": "Prompt tokens computed",
+    "evictions": "Blocks evicted to make room",
+}
+_PREFIX_GAUGES = {
+    "blocks_used": "KV blocks holding a cached prefix",
+    "blocks_free": "KV blocks free",
+    "blocks_referenced": "KV blocks held by running requests",
+}
+
+
 class _SchedulerCollector(Collector):
     """The scheduler's figures, read from its ``stats()`` at each scrape."""
 
@@ -132,7 +146,12 @@ class _SchedulerCollector(Collector):
         yield HistogramMetricFamily(
             "qwen_agent_decode_step_rows", "Rows decoded per decode step", buckets=buckets, sum_value=total
         )
-        # prefix-cache counters go here, read from the scheduler's stats() once the engine reports them
+        cache = stats.get("prefix_cache")
+        if cache is not None:  # the engine's prefix cache of KV blocks (absent when it is off)
+            for key, text in _PREFIX_COUNTERS.items():
+                yield CounterMetricFamily(f"qwen_agent_prefix_cache_{key}", text, value=cache[key])
+            for key, text in _PREFIX_GAUGES.items():
+                yield GaugeMetricFamily(f"qwen_agent_prefix_cache_{key}", text, value=cache[key])
 
 
 class RequestCounter:

@@ -73,7 +73,12 @@ def create_app(
     def start(engine: Engine) -> tuple[_Handlers, Callable[[], dict[str, Any]]]:
         scheduler = engine.scheduler
         scheduler.configure(max_batch=max_batch, max_queue=max_queue)
-        return _Handlers(engine, scheduler, model_name, life, limits, meters), scheduler.stats
+
+        def stats() -> dict[str, Any]:
+            # the scheduler's figures, and the engine's prefix cache (None when it is off)
+            return {**scheduler.stats(), "prefix_cache": engine.stats()["prefix_cache"]}
+
+        return _Handlers(engine, scheduler, model_name, life, limits, meters), stats
 
     if engine is not None:
         life.ready(*start(engine))
@@ -521,10 +526,15 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
-def _usage(results: Sequence[GenerationResult]) -> dict[str, int]:
+def _usage(results: Sequence[GenerationResult]) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in results)},
+    }
 
 
 class BackgroundServer:

@@ -434,11 +434,14 @@ def launch(
     idle_timeout: float = 1800.0,
     mcp: str | None = None,
     max_batch: int = 4,
+    kv_cache_gb: float | None = None,
     shutdown_timeout: float = 30.0,
 ) -> None:
     """Serve the UI until SIGTERM or SIGINT (then shut down as :meth:`WebApp.serve_until_signalled` does).
     ``model`` is a local model directory (loaded once, shared by every session: their generations are decoded
-    together, up to ``max_batch`` at a time) or the URL of an OpenAI-compatible server (a client per session). ``mcp`` is an ``mcpServers`` config: its servers start
+    together, up to ``max_batch`` at a time, over one prefix cache of ``kv_cache_gb``; see
+    :func:`~qwen_agent.runtime.engine.load_model`) or the URL of an OpenAI-compatible server (a client per
+    session). ``mcp`` is an ``mcpServers`` config: its servers start
     once, and their tools join the built-in ones (all offered unless ``tools`` names some), shared by every
     session."""
     from ..llm import llm_from_spec
@@ -458,7 +461,7 @@ def launch(
             from ..llm import LocalLLM
             from ..runtime.engine import load_model
 
-            engine = load_model(model, device=device)
+            engine = load_model(model, device=device, kv_cache_gb=kv_cache_gb)
             engine.scheduler.configure(max_batch=max_batch)
             shared = LocalLLM(engine)  # every session's calls go to the engine's one scheduler
 
