@@ -200,6 +200,21 @@ def test_the_download_panel_survives_a_file_turned_into_a_directory_and_back():
         assert [p.read_text() for p in ci.export_files()] == ["file again"]
 
 
+def test_a_sparse_file_costs_the_hosts_disk_no_more_than_the_kernels():
+    # a 200 MiB file of holes takes no disk in the workspace; a plain copy would write 200 MiB on the host's, and
+    # a few hundred such files would fill it
+    with CodeInterpreter(timeout=30) as ci:
+        ok(
+            ci,
+            "f = open('holes.bin', 'wb'); f.seek(100 << 20); f.write(b'data'); f.truncate(200 << 20); f.close()",
+        )
+        (copy,) = ci.export_files()
+        assert copy.stat().st_size == 200 << 20 and copy.stat().st_blocks * 512 < 1 << 20
+        with copy.open("rb") as f:
+            f.seek(100 << 20)
+            assert f.read(4) == b"data"
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

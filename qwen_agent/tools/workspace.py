@@ -192,7 +192,7 @@ class Workspace:
                 fd = open_beneath(self.fd, relpath, os.O_RDONLY | os.O_NONBLOCK)
             except (OSError, ValueError):
                 continue  # swapped for a link (or gone) since the listing
-            with os.fdopen(fd, "rb") as src:
+            with os.fdopen(fd, "rb"):  # closes fd
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     continue
@@ -202,11 +202,31 @@ class Workspace:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
                     with open(tmp, "wb") as out:
-                        shutil.copyfileobj(src, out)
+                        _copy_data(fd, out.fileno(), info.st_size)
                     os.replace(tmp, target)
                     self._exported[relpath] = key
             copies.append(target)
         return copies
+
+
+def _copy_data(src: int, out: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` leaving its holes as holes: a sparse file costs the kernel no disk,
+    and a plain copy of one would cost the host's disk its full size."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but a hole up to the end
+            break
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        while start < end:
+            chunk = os.pread(src, min(end - start, 1 << 20), start)
+            if not chunk:
+                break
+            os.pwrite(out, chunk, start)
+            start += len(chunk)
+        offset = end
+    os.ftruncate(out, size)
 
 
 def _clear_way(dest: Path, target: Path) -> None:
