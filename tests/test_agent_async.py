@@ -462,20 +462,20 @@ def test_step_started_carries_the_budget():
     assert [e for e in events if isinstance(e, ObservationEvent)] == []
 
 
-# ------------------------------------------------------------------------------------------------------- README
+# -------------------------------------------------------------------------------------------------- docs example
 
 
-def test_readme_fastapi_example_streams_events_and_keeps_the_conversation():
+def test_docs_fastapi_example_streams_events_and_keeps_the_conversation():
     import json
     import re
 
     from qwen_agent.serve.openai_api import BackgroundServer
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "apps.md").read_text()
     start = readme.index("<!-- fastapi-example:start -->")
     code = re.search(r"```python\n(.*?)^```", readme[start:], re.S | re.M).group(1)
     namespace = {"__name__": "readme_fastapi"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/apps.md", "exec"), namespace)
     with BackgroundServer(namespace["app"]) as server:
         events = []
         with httpx.stream(

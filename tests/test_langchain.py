@@ -618,14 +618,14 @@ def test_langchain_tool_as_qwen_tool():
     assert from_langchain_tool(to_langchain_tool(add)).schema["properties"] == add.schema["properties"]
 
 
-# ------------------------------------------------------------------------------------------------------- README
+# -------------------------------------------------------------------------------------------------- docs example
 
 
-def test_readme_example_runs(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_docs_langchain_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "langchain.md").read_text()
     start = readme.index("<!-- langchain-example:start -->")
     code = re.search(r"```python\n(.*?)^```", readme[start:], re.S | re.M).group(1)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(code, "docs/langchain.md", "exec"), {"__name__": "readme_example"})
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "42 {'a': 6, 'b': 7} 42"
     assert lines[1] == "{'city': 'Paris'} -> Sunny, 25 C in Paris -> Sunny, 25 C."

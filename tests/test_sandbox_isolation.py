@@ -186,6 +186,35 @@ def test_web_downloads_and_figures_are_host_copies_the_kernel_cannot_swap(host):
         session.close()
 
 
+def test_the_download_panel_survives_a_file_turned_into_a_directory_and_back():
+    # a name the host copied as a file and the kernel then made a directory (or the reverse) must not make every
+    # later export fail: the panel of that session would be broken for good
+    with CodeInterpreter(timeout=30) as ci:
+        ok(ci, "open('a', 'w').write('file')")
+        assert [p.read_text() for p in ci.export_files()] == ["file"]
+        ok(ci, "import os\nos.unlink('a'); os.mkdir('a'); open('a/b', 'w').write('inside')")
+        assert {
+            p.relative_to(ci.host_dir / "files").as_posix(): p.read_text() for p in ci.export_files()
+        } == {"a/b": "inside"}
+        ok(ci, "import shutil\nshutil.rmtree('a'); open('a', 'w').write('file again')")
+        assert [p.read_text() for p in ci.export_files()] == ["file again"]
+
+
+def test_a_sparse_file_costs_the_hosts_disk_no_more_than_the_kernels():
+    # a 200 MiB file of holes takes no disk in the workspace; a plain copy would write 200 MiB on the host's, and
+    # a few hundred such files would fill it
+    with CodeInterpreter(timeout=30) as ci:
+        ok(
+            ci,
+            "f = open('holes.bin', 'wb'); f.seek(100 << 20); f.write(b'data'); f.truncate(200 << 20); f.close()",
+        )
+        (copy,) = ci.export_files()
+        assert copy.stat().st_size == 200 << 20 and copy.stat().st_blocks * 512 < 1 << 20
+        with copy.open("rb") as f:
+            f.seek(100 << 20)
+            assert f.read(4) == b"data"
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -254,6 +283,39 @@ def test_a_kernel_cannot_find_watch_or_connect_to_another(host):
 
 
 # ---- class 3: host IPC is out of reach ------------------------------------------------------------------------
+
+
+def test_a_kernel_that_forks_cannot_starve_another_sessions_kernel():
+    # kernels of a root host all run as uid 65534: a per-uid process limit counted when B started is used up by
+    # what A forks afterwards, and B can then neither fork nor restart
+    limits = sandbox.SandboxLimits(max_processes=32)  # a kernel alone has about 13 tasks
+    with CodeInterpreter(timeout=30, limits=limits) as b, CodeInterpreter(timeout=30, limits=limits) as a:
+        if b.sandbox_info()["pids_cgroup"] is None:
+            pytest.skip(f"no pids cgroup here, only a per-uid limit: {b.sandbox_info()['notes']}")
+        ok(b, "print('B is up')")
+        ok(
+            a,
+            "import os, time\nfor _ in range(18):\n    if os.fork() == 0:\n        time.sleep(60); os._exit(0)",
+        )
+        obs = ok(
+            b,
+            textwrap.dedent("""
+            import os, signal, time
+            children = []
+            try:
+                for _ in range(6):
+                    pid = os.fork()
+                    if pid == 0:
+                        time.sleep(60); os._exit(0)
+                    children.append(pid)
+            except OSError as exc:
+                print(type(exc).__name__)
+            print("forked", len(children))
+            for pid in children:
+                os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+            """),
+        )
+    assert "forked 6" in obs, obs
 
 
 @pytest.mark.parametrize("private", [False, True], ids=["world-writable", "host-user-only"])
@@ -368,6 +430,44 @@ def test_the_hosts_session_keyring_is_out_of_reach(host):
         _SPAWNER.submit(libc.syscall, keyctl, keyctl_unlink, key, ctypes.c_long(session_keyring)).result()
 
 
+def test_io_uring_is_refused_since_its_operations_pass_no_seccomp_filter():
+    # io_uring runs reads, writes, opens and socket calls submitted through a ring without each passing the
+    # filter: a kernel with a ring would have every call the filter allows now and any it refuses later
+    with CodeInterpreter(timeout=30) as ci:
+        obs = ok(
+            ci,
+            textwrap.dedent("""
+            import ctypes, errno
+            libc = ctypes.CDLL(None, use_errno=True)
+            params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+            ring = libc.syscall(425, 8, params)  # io_uring_setup
+            print("ring:", ring, errno.errorcode.get(ctypes.get_errno()) if ring < 0 else "made")
+            """),
+        )
+    assert "ring: -1 EPERM" in obs, obs
+
+
+def test_sockets_the_network_namespace_does_not_cover_are_refused():
+    # AF_VSOCK is not covered by the network namespace: on a virtual machine it reaches the hypervisor's services
+    # whatever network=False says. Unix and IP sockets (inside the namespace) still work.
+    with CodeInterpreter(timeout=30) as ci:
+        obs = ok(
+            ci,
+            textwrap.dedent("""
+            import errno, socket
+            out = {}
+            for name, family in (("vsock", 40), ("unix", socket.AF_UNIX), ("inet", socket.AF_INET)):
+                try:
+                    socket.socket(family, socket.SOCK_STREAM).close()
+                    out[name] = "made"
+                except OSError as exc:
+                    out[name] = errno.errorcode[exc.errno]
+            print(out)
+            """),
+        )
+    assert "'vsock': 'EAFNOSUPPORT'" in obs and "'unix': 'made'" in obs and "'inet': 'made'" in obs, obs
+
+
 # ---- class 5: defence in depth whatever layer is off ----------------------------------------------------------
 
 
@@ -421,6 +521,24 @@ def test_close_removes_everything_whatever_modes_the_kernel_set():
     assert not leftovers
 
 
+def test_directories_nested_deeper_than_any_stack_neither_break_the_listing_nor_survive_close():
+    ci = CodeInterpreter(timeout=30)
+    dirs = [ci.workdir, ci.host_dir, ci._kernel.runtime]
+    ok(
+        ci,
+        "import os\nopen('top.txt', 'w').write('x')\ntop = os.open('.', os.O_RDONLY)\n"
+        "for _ in range(1500):\n    os.mkdir('d'); os.chdir('d')\nopen('leaf', 'w').write('x')\n"
+        "os.chdir('..'); os.chmod('d', 0)\nos.fchdir(top)",
+    )
+    assert [p.name for p in ci.export_files()] == ["top.txt"]
+    ci.close()
+    leftovers = [p for p in dirs if os.path.lexists(p) or os.path.lexists(f"{p}.owner")]
+    assert not leftovers
+    # and what a killed host would have left is swept at the next start without failing it
+    with CodeInterpreter(timeout=30) as again:
+        ok(again, "print(1)")
+
+
 # ---- the same attacks with an unprivileged host ---------------------------------------------------------------
 
 
@@ -452,7 +570,8 @@ def test_the_attacks_hold_as_an_unprivileged_host(tmp_path):
     script.append(
         f"cd '{repo}' && exec setpriv --reuid=65534 --regid=65534 --clear-groups "
         f"{sys.executable} -m pytest -q -p no:randomly -p no:cacheprovider '{Path(__file__).resolve()}' "
-        "-k 'not unprivileged_host'"
+        # a non-root host has no pids cgroup of its own, only the per-uid limit that the starve test is about
+        "-k 'not unprivileged_host and not starve_another'"
     )
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)],

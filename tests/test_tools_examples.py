@@ -1,4 +1,4 @@
-"""The README's tool examples run as written (the search API against a local stand-in server)."""
+"""The tool examples of docs/tools.md run as written (the search API against a local stand-in server)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "tools.md").read_text()
 
 
 def _block(after: str) -> str:
-    start = README.index(after)
-    return re.search(r"```python\n(.*?)^```", README[start:], re.S | re.M).group(1)
+    start = GUIDE.index(after)
+    return re.search(r"```python\n(.*?)^```", GUIDE[start:], re.S | re.M).group(1)
 
 
 class FakeSearchAPI(BaseHTTPRequestHandler):
@@ -45,7 +45,7 @@ def search_api():
 
 
 def test_readme_quick_example_runs(capsys):
-    exec(compile(_block("## Tools and the sandboxed code interpreter"), "README", "exec"), {})
+    exec(compile(_block("# Tools and the sandboxed code interpreter"), "docs/tools.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("add: Call this tool to interact with the add API.")
     assert out[1:] == [
@@ -62,7 +62,7 @@ def test_readme_quick_example_runs(capsys):
 def test_readme_api_tool_examples(search_api, monkeypatch, capsys):
     monkeypatch.delenv("SEARCH_API_KEY", raising=False)
     namespace: dict = {}
-    exec(compile(_block("<!-- tools-example:start -->"), "README", "exec"), namespace)
+    exec(compile(_block("<!-- tools-example:start -->"), "docs/tools.md", "exec"), namespace)
     assert (
         capsys.readouterr().out
         == '{"image_url": "https://image.pollinations.ai/prompt/a%20cat%20on%20the%20moon"}\n'
@@ -85,7 +85,7 @@ def test_readme_api_tool_examples(search_api, monkeypatch, capsys):
 
 
 def test_readme_interpreter_example_runs(capsys):
-    exec(compile(_block("### The code interpreter"), "README", "exec"), {})
+    exec(compile(_block("## The code interpreter"), "docs/tools.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith("45\n ")
     assert re.search(r"^!\[fig-001\]\(/.+/fig-001\.png\)$", out, re.M)

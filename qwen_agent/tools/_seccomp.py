@@ -4,9 +4,11 @@ only (the launcher loads it); a small classic-BPF program, so no libseccomp is n
 Refused: the keyring (``keyctl``, ``add_key``, ``request_key``: the host's session keyring is inherited),
 ``ptrace`` and ``process_vm_*`` of other processes, ``userfaultfd``, mounts of every kind and ``pivot_root``,
 ``unshare``/``setns`` and ``clone`` with namespace flags (no new user namespace to regain capabilities in),
-``sethostname``, modules, ``kexec``, ``bpf``, ``perf_event_open``, ``open_by_handle_at``, ``TIOCSTI`` and
-``TIOCLINUX`` (pushing keystrokes into a terminal). ``clone3`` answers ENOSYS so libc falls back to ``clone``,
-whose flags can be checked. x32 and 32-bit system calls are refused whole.
+``sethostname``, modules, ``kexec``, ``bpf``, ``perf_event_open``, ``open_by_handle_at``, ``io_uring_*`` (its
+operations run without passing this filter), ``TIOCSTI`` and ``TIOCLINUX`` (pushing keystrokes into a terminal),
+and sockets of any family but Unix, IPv4, IPv6 and netlink (``AF_VSOCK`` reaches the hypervisor whatever the
+network namespace). ``clone3`` answers ENOSYS so libc falls back to ``clone``, whose flags can be checked. x32 and
+32-bit system calls are refused whole.
 """
 
 import ctypes
@@ -22,6 +24,7 @@ _X32_BIT = 0x40000000
 DENIED = {
     "ptrace": 101,
     "chroot": 161,
+    "pivot_root": 155,
     "acct": 163,
     "mount": 165,
     "umount2": 166,
@@ -49,6 +52,9 @@ DENIED = {
     "kexec_file_load": 320,
     "bpf": 321,
     "userfaultfd": 323,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
     "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
@@ -57,7 +63,11 @@ DENIED = {
     "fspick": 433,
     "mount_setattr": 442,
 }
-_IOCTL, _CLONE, _CLONE3 = 16, 56, 435
+_IOCTL, _SOCKET, _CLONE, _CLONE3 = 16, 41, 56, 435
+# AF_UNIX, AF_INET, AF_INET6, AF_NETLINK: what Python and its libraries use. The others are refused with
+# EAFNOSUPPORT (libraries fall back as on a kernel without them): some, like AF_VSOCK to the hypervisor, are not
+# covered by the network namespace, and the rest are kernel attack surface an interpreter never needs
+_SOCKET_FAMILIES = (1, 2, 10, 16)
 _DENIED_IOCTLS = (0x5412, 0x541C)  # TIOCSTI, TIOCLINUX
 _NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 SUPPORTED = os.uname().machine == "x86_64"
@@ -80,6 +90,10 @@ def _program() -> list[tuple[int, int, int, int]]:
         ioctl_block += [(_JEQ, 0, 1, request), deny]
     ioctl_block.append((_RET, 0, 0, _ALLOW))
     prog += [(_JEQ, 0, len(ioctl_block), _IOCTL), *ioctl_block]
+    families = [(_LD_W_ABS, 0, 0, _ARG0)]
+    families += [(_JEQ, len(_SOCKET_FAMILIES) - i, 0, family) for i, family in enumerate(_SOCKET_FAMILIES)]
+    families += [(_RET, 0, 0, _ERRNO | errno.EAFNOSUPPORT), (_RET, 0, 0, _ALLOW)]
+    prog += [(_JEQ, 0, len(families), _SOCKET), *families]
     clone_block = [(_LD_W_ABS, 0, 0, _ARG0), (_JSET, 0, 1, _NAMESPACE_FLAGS), deny, (_RET, 0, 0, _ALLOW)]
     prog += [(_JEQ, 0, len(clone_block), _CLONE), *clone_block]
     prog.append((_RET, 0, 0, _ALLOW))

@@ -562,8 +562,10 @@ def plan_sandbox(
     rlimits = limits.rlimits()
     effective_uid = uid if uid is not None else os.geteuid()
     nproc_effective = False
-    if limits.max_processes is not None and effective_uid != 0:
-        # RLIMIT_NPROC counts every process of the uid, so allow for those already running
+    if limits.max_processes is not None and effective_uid != 0 and cgroup is None:
+        # RLIMIT_NPROC counts every process of the uid, so allow for those already running. Only without a
+        # pids cgroup: kernels of other sessions run as the same uid, and one that forks after this count is
+        # taken would leave this kernel too few processes to start or fork
         rlimits["nproc"] = _uid_task_count(effective_uid) + limits.max_processes + 2
         nproc_effective = True
     elif limits.max_processes is not None and cgroup is None:

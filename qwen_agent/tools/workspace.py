@@ -33,6 +33,9 @@ __all__ = [
 _SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# listings stop there: the kernel can nest directories deeper than any stack or descriptor limit
+_MAX_DEPTH = 64
+_WRITE_ATTEMPTS = 3
 
 
 class _OpenHow(ctypes.Structure):
@@ -114,6 +117,14 @@ class Workspace:
         ``replace=False`` an existing ``name`` is kept and False returned."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
+        for _ in range(_WRITE_ATTEMPTS - 1):  # again when the kernel removed the temporary name in between
+            try:
+                return self._write_once(name, data, replace)
+            except FileNotFoundError:
+                pass
+        return self._write_once(name, data, replace)
+
+    def _write_once(self, name: str, data: bytes, replace: bool) -> bool:
         tmp = f".host-{uuid.uuid4().hex}"
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd
@@ -140,20 +151,21 @@ class Workspace:
                 pass
 
     def files(self) -> list[str]:
-        """Relative paths of the regular files, hidden names and links left out, sorted."""
+        """Relative paths of the regular files, hidden names, links and what lies deeper than ``_MAX_DEPTH``
+        directories left out, sorted."""
         found: list[str] = []
 
-        def walk(fd: int, prefix: str) -> None:
+        def walk(fd: int, prefix: str, depth: int) -> None:
             for entry in sorted(os.scandir(fd), key=lambda e: e.name):
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_dir(follow_symlinks=False) and depth < _MAX_DEPTH:
                     try:
                         sub = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
                     except OSError:
                         continue
                     try:
-                        walk(sub, f"{prefix}{entry.name}/")
+                        walk(sub, f"{prefix}{entry.name}/", depth + 1)
                     finally:
                         os.close(sub)
                 elif entry.is_file(follow_symlinks=False):
@@ -164,7 +176,7 @@ class Workspace:
         except OSError:
             return []
         try:
-            walk(top, "")
+            walk(top, "", 0)
         except OSError:
             pass  # a directory the code made unreadable: what was found so far
         finally:
@@ -180,65 +192,130 @@ class Workspace:
                 fd = open_beneath(self.fd, relpath, os.O_RDONLY | os.O_NONBLOCK)
             except (OSError, ValueError):
                 continue  # swapped for a link (or gone) since the listing
-            with os.fdopen(fd, "rb") as src:
+            with os.fdopen(fd, "rb"):  # closes fd
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     continue
                 target, key = dest / relpath, (info.st_ino, info.st_size, info.st_mtime_ns)
                 if self._exported.get(relpath) != key or not target.is_file():
+                    _clear_way(dest, target)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
                     with open(tmp, "wb") as out:
-                        shutil.copyfileobj(src, out)
+                        _copy_data(fd, out.fileno(), info.st_size)
                     os.replace(tmp, target)
                     self._exported[relpath] = key
             copies.append(target)
         return copies
 
 
-def _unlock_tree(dir_fd: int) -> None:
-    """Give every directory beneath ``dir_fd`` mode 0700 so the owner can empty it (a kernel may chmod one 0)."""
-    for entry in os.scandir(dir_fd):
-        if not entry.is_dir(follow_symlinks=False):
-            continue
+def _copy_data(src: int, out: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` leaving its holes as holes: a sparse file costs the kernel no disk,
+    and a plain copy of one would cost the host's disk its full size."""
+    offset = 0
+    while offset < size:
         try:
-            handle = os.open(
-                entry.name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-            )
-        except OSError:
-            continue
-        try:
-            os.chmod(
-                f"/proc/self/fd/{handle}", 0o700
-            )  # the directory itself: an O_PATH handle is never a link
-            sub = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        finally:
-            os.close(handle)
-        try:
-            _unlock_tree(sub)
-        finally:
-            os.close(sub)
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but a hole up to the end
+            break
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        while start < end:
+            chunk = os.pread(src, min(end - start, 1 << 20), start)
+            if not chunk:
+                break
+            os.pwrite(out, chunk, start)
+            start += len(chunk)
+        offset = end
+    os.ftruncate(out, size)
+
+
+def _clear_way(dest: Path, target: Path) -> None:
+    """Remove the earlier copies in the way of ``target`` (all in the host's own ``dest``): a file where the
+    kernel has since made a directory of the same name, or a directory where it has since made a file."""
+    for parent in reversed(target.relative_to(dest).parents[:-1]):  # a, a/b, ... above the file
+        if (dest / parent).is_file() or (dest / parent).is_symlink():
+            (dest / parent).unlink()
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+
+
+def _open_unlocked(dir_fd: int, name: str) -> int | None:
+    """A descriptor of the directory ``name`` beneath ``dir_fd`` (never a link), first given mode 0700 so the
+    owner can empty it (a kernel may chmod one 0); None when it is not such a directory or cannot be opened."""
+    try:
+        handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        os.chmod(f"/proc/self/fd/{handle}", 0o700)  # the directory itself: an O_PATH handle is never a link
+        return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(handle)
+
+
+def _move(dir_fd: int, name: str, to_fd: int) -> None:
+    """Move ``name`` from ``dir_fd`` to a fresh name in ``to_fd``."""
+    new_name = f".rm-{uuid.uuid4().hex}"
+    try:
+        os.rename(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=to_fd)
+    except PermissionError:  # moving a directory needs write access to it, which the kernel may have taken
+        unlocked = _open_unlocked(dir_fd, name)
+        if unlocked is not None:
+            os.close(unlocked)
+        os.rename(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=to_fd)
+
+
+def _empty(top: int) -> None:
+    """Empty the directory ``top`` without recursion, however deep the kernel nested directories: files are
+    unlinked, and each subdirectory's entries are moved up into ``top`` until it is empty and can go."""
+    progress = True
+    while progress:
+        progress = False
+        for name in os.listdir(top):
+            try:
+                os.unlink(name, dir_fd=top)
+                progress = True
+                continue
+            except IsADirectoryError:
+                pass
+            except OSError:
+                continue
+            sub = _open_unlocked(top, name)
+            if sub is None:
+                continue
+            try:
+                for child in os.listdir(sub):
+                    _move(sub, child, top)
+                    progress = True
+                os.rmdir(name, dir_fd=top)
+                progress = True
+            except OSError:
+                pass
+            finally:
+                os.close(sub)
 
 
 def remove_tree(path: Path) -> bool:
-    """Remove ``path`` whatever modes the kernel left inside; True when it is gone."""
-    shutil.rmtree(path, ignore_errors=True)  # descriptor-based on Linux: never follows a link out
-    if not os.path.lexists(path):
-        return True
+    """Remove ``path`` whatever modes and depth the kernel left inside; True when it is gone."""
     try:
         fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
     try:
         os.fchmod(fd, 0o700)
-        _unlock_tree(fd)
+        _empty(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
     return not os.path.lexists(path)
 
 
