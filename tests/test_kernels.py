@@ -285,19 +285,25 @@ def test_a_fused_runner_needs_one_shape_per_row_count(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_engine_with_fused_kernels_equals_without(device):
-    """Batched generation, then two single-prompt calls where the second reuses the kept cache's prefix (and its
-    runner): the same tokens with the kernels as without."""
+    """Batched generation, then two single-prompt calls where the second copies the first's blocks in from the
+    prefix cache (and reuses its runner): the same tokens with the kernels as without."""
     model, tokenizer = peaked_tiny_model(device), QwenTokenizer.from_pretrained()
-    prompts = [tokenizer.encode(t) for t in ("Hello", "Some other words, quite a few of them")]
+    longer = (
+        "Some other words, quite a few of them, enough to fill more than two blocks of the prefix cache. " * 2
+    )
+    prompts = [tokenizer.encode(t) for t in ("Hello", longer)]
     outputs = {}
     for fused in (False, True):
         engine = QwenEngine(model, tokenizer, GenerationConfig(chat_format="raw"), fused_kernels=fused)
         batch = engine.generate(prompts, max_new_tokens=4, do_sample=False)
         first = engine.generate(prompts[1], max_new_tokens=4, do_sample=False)
         second = engine.generate(prompts[1] + first.token_ids + prompts[0], max_new_tokens=4, do_sample=False)
+        # whole 16-token blocks of the first call's prompt and reply come from the cache, the rest is prefilled
+        assert second.cached_tokens == (len(prompts[1]) + len(first.token_ids) - 1) // 16 * 16 >= 32
         assert (
-            second.prefill_tokens <= len(prompts[0]) + 1
-        )  # the rest (all but the last id) from the kept cache
+            second.prefill_tokens
+            == len(prompts[1]) + len(first.token_ids) + len(prompts[0]) - second.cached_tokens
+        )
         outputs[fused] = [r.token_ids for r in (*batch, first, second)]
     assert outputs[True] == outputs[False]
 
