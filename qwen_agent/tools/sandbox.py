@@ -139,25 +139,21 @@ def _probe_unshare(isolate_network: bool) -> tuple[tuple[str, ...], str]:
 def _probe_read_only_mounts(unshare: tuple[str, ...], show: tuple[tuple[str, str, bool], ...] = ()) -> str:
     """Why the launcher cannot make the mounts of a new namespace read-only here, after showing the ``show``
     entries (see ``_launcher.show_hidden_paths``) when given ("" when it can)."""
-    try:
-        probe = subprocess.run(
-            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-mounts", json.dumps(show)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    return "" if probe.returncode == 0 else probe.stderr.strip()[-200:] or f"status {probe.returncode}"
+    return _launcher_probe(unshare, "--probe-mounts", show)
 
 
 @functools.lru_cache(maxsize=8)
 def _probe_new_root(unshare: tuple[str, ...], read_roots: tuple[str, ...]) -> str:
     """Why the launcher cannot build a kernel root of only ``read_roots`` here ("" when it can)."""
     spec = {"read": list(read_roots), "write": [], "devices": list(DEVICES), "cwd": "/"}
+    return _launcher_probe(unshare, "--probe-root", spec)
+
+
+def _launcher_probe(unshare: tuple[str, ...], flag: str, payload: object) -> str:
+    """Run the launcher's ``flag`` probe with ``payload`` in the namespaces of ``unshare``: why it failed, or ""."""
     try:
         probe = subprocess.run(
-            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), "--probe-root", json.dumps(spec)],
+            [*unshare, sys.executable, "-I", "-S", str(LAUNCHER), flag, json.dumps(payload)],
             capture_output=True,
             text=True,
             timeout=30,
