@@ -177,6 +177,7 @@ class Agent:
         self.tools = _tool_map(tools)
         self.llm = llm
         self.format = choose_format(tool_format, llm)
+        self.constrained = bool(constrained)
         if constrained:
             options = constrained if isinstance(constrained, ConstraintOptions) else None
             self.llm = constrain_llm(llm, self.tools, variant, options, self.format)
@@ -457,7 +458,7 @@ class _Run:
         self.trace.model_finished(completion)
         self.completions.append(completion)
         if hermes:
-            turn = parse_hermes(completion.text)
+            turn = parse_hermes(completion.text, tagged_only=agent.constrained)
             if answer_only:  # the whole reply is the answer; calls it wrote anyway are dropped
                 turn = type(turn)(turn.content, (), completion.text)
             outputs = turn.outputs(agent._formats)

@@ -244,10 +244,15 @@ def _bare_calls(text: str) -> tuple[list[ToolCall], str]:
     return calls, (_FENCE_LINE.sub("", rest) if calls else rest)
 
 
-def parse_hermes(text: str) -> HermesTurn:
-    """Read one model turn in the Hermes format (see the module docstring). Never raises."""
+def parse_hermes(text: str, *, tagged_only: bool = False) -> HermesTurn:
+    """Read one model turn in the Hermes format (see the module docstring). Never raises.
+
+    ``tagged_only``: the turn was decoded under the Hermes grammar, which writes every call in its tags, so text
+    without them is an answer even when it looks like a call (its arguments were never checked)."""
     text = text if isinstance(text, str) else str(text)
     if "<tool_call>" not in text:
+        if tagged_only:
+            return HermesTurn(text.strip(), (), text)
         calls, content = _bare_calls(text)
         return HermesTurn(content.strip(), tuple(calls), text)
     calls, kept, start = [], [], 0

@@ -4,6 +4,7 @@ decoding on a tiny Qwen2.5-template checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -224,6 +225,46 @@ def test_constrained_agent_on_random_weights_writes_valid_calls(tiny_qwen25_dir)
                 assert step.ok or step.problems == (), step
                 schema = {t.name: t.schema for t in tools}[step.action]
                 jsonschema.validate(step.arguments, schema)
+
+
+# what Qwen2.5-Coder-0.5B wrote under the grammar on one benchmark job: the answer branch (text without tags),
+# shaped like a call whose pollutant is not in the schema's enum
+BARE_UNDER_GRAMMAR = (
+    '```json\n{"name": "air_quality", "arguments": {"city": "Beijing", "pollutant": "pm2.5"}}\n```'
+)
+
+
+def test_under_the_grammar_only_tagged_calls_are_calls(hermes):
+    from qwen_agent.bench.hermes import react_gen
+    from qwen_agent.fncall import build_prompt, response_message
+
+    assert [c.name for c in parse_hermes(BARE_UNDER_GRAMMAR).calls] == [
+        "air_quality"
+    ]  # free decoding: a call
+    turn = parse_hermes(BARE_UNDER_GRAMMAR, tagged_only=True)
+    assert turn.calls == () and turn.content == BARE_UNDER_GRAMMAR
+    tagged = parse_hermes(call("add", {"a": 1, "b": 2}), tagged_only=True)
+    assert [(c.name, c.arguments) for c in tagged.calls] == [("add", {"a": 1, "b": 2})]
+
+    assert "\nAction: air_quality" in react_gen(BARE_UNDER_GRAMMAR)
+    assert "\nFinal Answer: " in react_gen(BARE_UNDER_GRAMMAR, constrained=True)
+
+    tools = [{"type": "function", "function": {"name": "air_quality", "parameters": {"type": "object"}}}]
+    request = build_prompt([{"role": "user", "content": "Beijing?"}], tools=tools, tool_format=hermes)
+    assert response_message(BARE_UNDER_GRAMMAR, request)[1] == "tool_calls"
+    strict = dataclasses.replace(request, constrained=True)
+    assert response_message(BARE_UNDER_GRAMMAR, strict) == (
+        {"role": "assistant", "content": BARE_UNDER_GRAMMAR},
+        "stop",
+    )
+
+
+def test_a_constrained_agent_answers_with_text_shaped_like_a_call(tiny_qwen25_dir):
+    pytest.importorskip("llguidance")
+    agent = Agent(LocalLLM(load_model(tiny_qwen25_dir)), [Add()], constrained=True)
+    agent.llm = ScriptedLLM([BARE_UNDER_GRAMMAR])  # replays the grammar's answer branch in place of decoding
+    result = agent.run("Air quality in Beijing?")
+    assert result.answer == BARE_UNDER_GRAMMAR and all(step.action is None for step in result.steps)
 
 
 # -- OpenAI function calling and LangChain in the Hermes format ---------------------------------------------------

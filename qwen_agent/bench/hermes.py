@@ -56,9 +56,10 @@ class HermesJobs:
         return self.format.prompt([{"role": "user", "content": question}], tools)
 
 
-def react_gen(text: str) -> str:
-    """The ReAct text the scorecard reads for a Hermes reply (see the module docstring)."""
-    turn = parse_hermes(text)
+def react_gen(text: str, *, constrained: bool = False) -> str:
+    """The ReAct text the scorecard reads for a Hermes reply (see the module docstring); ``constrained``: it was
+    decoded under the Hermes grammar, so only its tagged calls are calls."""
+    turn = parse_hermes(text, tagged_only=constrained)
     thought = " ".join(turn.content.split())
     if not turn.calls:
         return f"Thought: I now know the final answer\nFinal Answer: {turn.content}".strip()

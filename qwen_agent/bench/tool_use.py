@@ -298,7 +298,7 @@ class EngineGenerator:
             if self.hermes is not None:
                 from .hermes import react_gen
 
-                yield index, react_gen(result.text), {"raw": result.text}
+                yield index, react_gen(result.text, constrained=constraint is not None), {"raw": result.text}
             else:
                 yield index, _with_stop_word(result.text, result.stop)
 

@@ -14,6 +14,7 @@ Errors have OpenAI's JSON shape (see :mod:`qwen_agent.serve.schema`); each reque
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -222,6 +223,8 @@ class _Handlers:
         stop = [*request.stop, *(body.stop_token_ids or [])]
         # compiling a grammar takes milliseconds (the vocabulary's walk, once, half a second): off the event loop
         constraint = await asyncio.to_thread(self._constraint, body, request, tools or functions or [])
+        if constraint is not None and request.function_names:  # the strict functions' grammar
+            request = dataclasses.replace(request, constrained=True)
         prompt = self._prompt_request(ids, stop, body, max_tokens, constraint)
         started = time.perf_counter()
         calls = self._submit([prompt])
