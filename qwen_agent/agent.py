@@ -458,7 +458,7 @@ class _Run:
         self.trace.model_finished(completion)
         self.completions.append(completion)
         if hermes:
-            turn = parse_hermes(completion.text, tagged_only=agent.constrained)
+            turn = parse_hermes(completion.text, constrained=agent.constrained)
             if answer_only:  # the whole reply is the answer; calls it wrote anyway are dropped
                 turn = type(turn)(turn.content, (), completion.text)
             outputs = turn.outputs(agent._formats)

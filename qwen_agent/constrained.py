@@ -21,10 +21,12 @@ microseconds a token (through :class:`~qwen_agent.runtime.grammar.Grammar`, whic
 ``engine.generate(..., json_schema=..., grammar=...)``).
 
 For the ``hermes`` tool format (:mod:`qwen_agent.tool_format`) the grammar is :func:`hermes_grammar`: either an
-answer (text that holds no ``<tool_call>``) or one or more calls, each ``<tool_call>\n{"name": "<offered>",
-"arguments": <JSON matching that tool's schema>}\n</tool_call>``, one per line, as the chat template writes
-them (the tags as the tokenizer's own tokens where it has them). A code tool's arguments there are its schema's
-object (``{"code": "..."}``).
+answer or one or more calls, each ``{"name": "<offered>", "arguments": <JSON matching that tool's schema>}``,
+one per line: in ``<tool_call>`` tags as the chat template writes them (the tags as the tokenizer's own tokens
+where it has them), or bare, or in one ```` ```json ```` fence, as some Qwen2.5 models write them. An answer
+holds no ``<tool_call>`` and does not begin like a bare or fenced call, so whatever begins like a call is one
+the grammar checked (``parse_hermes(text, constrained=True)`` reads a turn that way). A code tool's arguments
+there are its schema's object (``{"code": "..."}``).
 """
 
 from __future__ import annotations
@@ -233,7 +235,8 @@ def hermes_grammar(
     """The Lark grammar of one Hermes turn for ``tools`` (name -> tool): an answer, or calls (see the module
     docstring). ``open_tag``/``close_tag`` are Lark items for the tags."""
     limit = options.max_text_chars
-    answer = r"/(?s:\s*[^\s{].*)/ & ~/(?s:.*<tool_call>.*)/"
+    # not a tag anywhere, nor the start of a bare or fenced call: those are the calls' own forms
+    answer = r"/(?s:\s*[^\s{].*)/ & ~/(?s:.*<tool_call>.*)/ & ~/(?s:\s*```[\w-]*\s*\{.*)/"
     lines = ["start: answer | calls" if tools else "start: answer", "answer: ANSWER"]
     lines.append("ANSWER: " + answer + (f" & /(?s:.{{1,{limit}}})/" if limit is not None else ""))
     if tools:
@@ -244,8 +247,11 @@ def hermes_grammar(
             lines.append(f"c{i}: {json.dumps(head)} args{i}")
             lines.append(f"args{i}: %json{json.dumps(_argument_schema(schema, options), ensure_ascii=False)}")
             names.append(f"c{i}")
-        lines.append('calls: call ("\\n" call)*')
-        lines.append(f'call: {open_tag} "\\n{{\\"name\\": " ({" | ".join(names)}) "}}\\n" {close_tag}')
+        lines.append(
+            'calls: tagged ("\\n" tagged)* | call ("\\n" call)* | "```json\\n" call ("\\n" call)* "\\n```"'
+        )
+        lines.append(f'tagged: {open_tag} "\\n" call "\\n" {close_tag}')
+        lines.append(f'call: "{{\\"name\\": " ({" | ".join(names)}) "}}"')
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ class FunctionPrompt:
     use_tools: bool  # answer with tool_calls (the request used `tools`) rather than function_call
     stop: tuple[str, ...]
     tool_format: ToolFormat = ReActFormat()
-    constrained: bool = False  # decoded under the functions' grammar: in Hermes, only tagged calls are calls
+    constrained: bool = False  # decoded under the functions' grammar: Hermes reads only its call forms
 
 
 def _clean(text: str) -> str:
@@ -286,7 +286,7 @@ def _object_arguments(arguments: str) -> Any:
 
 
 def _hermes_message(text: str, request: FunctionPrompt) -> tuple[dict[str, Any], str]:
-    turn = parse_hermes(text, tagged_only=request.constrained)
+    turn = parse_hermes(text, constrained=request.constrained)
     calls = [call for call in turn.calls if call.name in request.function_names]
     if not calls:  # nothing offered was called: the reply is text, as written
         return {"role": "assistant", "content": text.strip()}, "stop"

@@ -226,6 +226,10 @@ def _load(text: str) -> tuple[Any, int] | None:
         return None
 
 
+# how a bare or fenced call begins, which the Hermes grammar allows no answer to begin with
+_CALL_START = re.compile(r"\s*(```[\w-]*\s*)?\{")
+
+
 def _bare_calls(text: str) -> tuple[list[ToolCall], str]:
     """Calls written as bare JSON objects in ``text``, and the text without them (and their fences)."""
     calls, kept, start = [], [], 0
@@ -244,14 +248,15 @@ def _bare_calls(text: str) -> tuple[list[ToolCall], str]:
     return calls, (_FENCE_LINE.sub("", rest) if calls else rest)
 
 
-def parse_hermes(text: str, *, tagged_only: bool = False) -> HermesTurn:
+def parse_hermes(text: str, *, constrained: bool = False) -> HermesTurn:
     """Read one model turn in the Hermes format (see the module docstring). Never raises.
 
-    ``tagged_only``: the turn was decoded under the Hermes grammar, which writes every call in its tags, so text
-    without them is an answer even when it looks like a call (its arguments were never checked)."""
+    ``constrained``: the turn was decoded under the Hermes grammar (:func:`qwen_agent.constrained.hermes_grammar`),
+    whose calls are tagged, or begin the turn bare or fenced; a call-shaped object inside an answer is text then,
+    since the grammar never checked its arguments."""
     text = text if isinstance(text, str) else str(text)
     if "<tool_call>" not in text:
-        if tagged_only:
+        if constrained and not _CALL_START.match(text):
             return HermesTurn(text.strip(), (), text)
         calls, content = _bare_calls(text)
         return HermesTurn(content.strip(), tuple(calls), text)

@@ -198,6 +198,11 @@ def test_hermes_grammar_allows_offered_calls_and_answers_only(tiny_qwen25_dir):
         weather + tok.encode("\n") + tagged('{"name": "add", "arguments": {"a": 1, "b": 2}}')
     )
     assert accepts(tok.encode("It is sunny in Paris."))
+    assert accepts(tok.encode("Here:\n```python\nprint(1)\n```"))  # an answer may hold code
+    add = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    assert accepts(tok.encode(add)) and accepts(tok.encode(f"```json\n{add}\n{add}\n```"))  # bare, fenced
+    assert not accepts(tok.encode('```json\n{"name": "add", "arguments": {"a": "one", "b": 2}}\n```'))
+    assert not accepts(tok.encode('{"name": "nope", "arguments": {}}'))
     assert not accepts(tagged('{"name": "nope", "arguments": {}}'))
     assert not accepts(tagged('{"name": "add", "arguments": {"a": "one", "b": 2}}'))
     assert not accepts(tagged('{"name": "get_weather", "arguments": {"town": "Paris"}}'))
@@ -227,44 +232,37 @@ def test_constrained_agent_on_random_weights_writes_valid_calls(tiny_qwen25_dir)
                 jsonschema.validate(step.arguments, schema)
 
 
-# what Qwen2.5-Coder-0.5B wrote under the grammar on one benchmark job: the answer branch (text without tags),
-# shaped like a call whose pollutant is not in the schema's enum
-BARE_UNDER_GRAMMAR = (
-    '```json\n{"name": "air_quality", "arguments": {"city": "Beijing", "pollutant": "pm2.5"}}\n```'
-)
+# what Qwen2.5-Coder-0.5B wrote under a grammar that allowed it as an answer: a fenced call whose pollutant is not
+# in the schema's enum; after text, the same block is inside an answer
+FENCED = '```json\n{"name": "air_quality", "arguments": {"city": "Beijing", "pollutant": "pm2.5"}}\n```'
+IN_ANSWER = "The call would be:\n" + FENCED
 
 
-def test_under_the_grammar_only_tagged_calls_are_calls(hermes):
+def test_under_the_grammar_only_its_call_forms_are_calls(hermes):
     from qwen_agent.bench.hermes import react_gen
     from qwen_agent.fncall import build_prompt, response_message
 
-    assert [c.name for c in parse_hermes(BARE_UNDER_GRAMMAR).calls] == [
-        "air_quality"
-    ]  # free decoding: a call
-    turn = parse_hermes(BARE_UNDER_GRAMMAR, tagged_only=True)
-    assert turn.calls == () and turn.content == BARE_UNDER_GRAMMAR
-    tagged = parse_hermes(call("add", {"a": 1, "b": 2}), tagged_only=True)
-    assert [(c.name, c.arguments) for c in tagged.calls] == [("add", {"a": 1, "b": 2})]
-
-    assert "\nAction: air_quality" in react_gen(BARE_UNDER_GRAMMAR)
-    assert "\nFinal Answer: " in react_gen(BARE_UNDER_GRAMMAR, constrained=True)
+    for constrained in (False, True):  # a turn beginning with a call is one (the grammar checked it)
+        assert [c.name for c in parse_hermes(FENCED, constrained=constrained).calls] == ["air_quality"]
+    assert [c.name for c in parse_hermes(IN_ANSWER).calls] == ["air_quality"]  # free decoding: any call shape
+    turn = parse_hermes(IN_ANSWER, constrained=True)
+    assert turn.calls == () and turn.content == IN_ANSWER
+    assert "\nAction: air_quality" in react_gen(IN_ANSWER)
+    assert "\nFinal Answer: The call would be:" in react_gen(IN_ANSWER, constrained=True)
 
     tools = [{"type": "function", "function": {"name": "air_quality", "parameters": {"type": "object"}}}]
     request = build_prompt([{"role": "user", "content": "Beijing?"}], tools=tools, tool_format=hermes)
-    assert response_message(BARE_UNDER_GRAMMAR, request)[1] == "tool_calls"
+    assert response_message(IN_ANSWER, request)[1] == "tool_calls"
     strict = dataclasses.replace(request, constrained=True)
-    assert response_message(BARE_UNDER_GRAMMAR, strict) == (
-        {"role": "assistant", "content": BARE_UNDER_GRAMMAR},
-        "stop",
-    )
+    assert response_message(IN_ANSWER, strict) == ({"role": "assistant", "content": IN_ANSWER}, "stop")
 
 
-def test_a_constrained_agent_answers_with_text_shaped_like_a_call(tiny_qwen25_dir):
+def test_a_constrained_agent_reads_a_call_inside_its_answer_as_text(tiny_qwen25_dir):
     pytest.importorskip("llguidance")
     agent = Agent(LocalLLM(load_model(tiny_qwen25_dir)), [Add()], constrained=True)
-    agent.llm = ScriptedLLM([BARE_UNDER_GRAMMAR])  # replays the grammar's answer branch in place of decoding
+    agent.llm = ScriptedLLM([IN_ANSWER])  # replays an answer in place of decoding
     result = agent.run("Air quality in Beijing?")
-    assert result.answer == BARE_UNDER_GRAMMAR and all(step.action is None for step in result.steps)
+    assert result.answer == IN_ANSWER and all(step.action is None for step in result.steps)
 
 
 # -- OpenAI function calling and LangChain in the Hermes format ---------------------------------------------------

@@ -58,8 +58,8 @@ class HermesJobs:
 
 def react_gen(text: str, *, constrained: bool = False) -> str:
     """The ReAct text the scorecard reads for a Hermes reply (see the module docstring); ``constrained``: it was
-    decoded under the Hermes grammar, so only its tagged calls are calls."""
-    turn = parse_hermes(text, tagged_only=constrained)
+    decoded under the Hermes grammar, so only the grammar's call forms are calls."""
+    turn = parse_hermes(text, constrained=constrained)
     thought = " ".join(turn.content.split())
     if not turn.calls:
         return f"Thought: I now know the final answer\nFinal Answer: {turn.content}".strip()
