@@ -235,8 +235,9 @@ def hermes_grammar(
     """The Lark grammar of one Hermes turn for ``tools`` (name -> tool): an answer, or calls (see the module
     docstring). ``open_tag``/``close_tag`` are Lark items for the tags."""
     limit = options.max_text_chars
-    # not a tag anywhere, nor the start of a bare or fenced call: those are the calls' own forms
-    answer = r"/(?s:\s*[^\s{].*)/ & ~/(?s:.*<tool_call>.*)/ & ~/(?s:\s*```[\w-]*\s*\{.*)/"
+    answer = r"/(?s:\s*[^\s{].*)/"
+    if tools:  # no tag anywhere, nor the opening of a fenced call: those are the calls' own forms
+        answer += r" & ~/(?s:.*<tool_call>.*)/ & ~/(?s:```json\n\{.*)/"
     lines = ["start: answer | calls" if tools else "start: answer", "answer: ANSWER"]
     lines.append("ANSWER: " + answer + (f" & /(?s:.{{1,{limit}}})/" if limit is not None else ""))
     if tools:

@@ -226,8 +226,9 @@ def _load(text: str) -> tuple[Any, int] | None:
         return None
 
 
-# how a bare or fenced call begins, which the Hermes grammar allows no answer to begin with
-_CALL_START = re.compile(r"\s*(```[\w-]*\s*)?\{")
+# how the Hermes grammar's bare and fenced calls begin, exactly (no answer may): a looser pattern would read
+# Python's whitespace and word characters where the grammar's engine reads others
+_CALL_START = re.compile(r"(?:```json\n)?\{")
 
 
 def _bare_calls(text: str) -> tuple[list[ToolCall], str]:

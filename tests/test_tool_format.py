@@ -184,9 +184,9 @@ def test_hermes_grammar_allows_offered_calls_and_answers_only(tiny_qwen25_dir):
     tok = engine.tokenizer
     constraints = HermesConstraints(tok, engine.config.vocab_size, {"get_weather": Weather(), "add": Add()})
 
-    def accepts(ids: list[int]) -> bool:
+    def accepts(ids: list[int]) -> bool:  # as a whole turn: the ids, then the end of the turn
         constraint = constraints(None)
-        return all(constraint.accept(t) for t in ids)
+        return all(constraint.accept(t) for t in ids) and constraint.accept(tok.im_end_id)
 
     open_, close = tok.special_tokens["<tool_call>"], tok.special_tokens["</tool_call>"]
 
@@ -203,6 +203,12 @@ def test_hermes_grammar_allows_offered_calls_and_answers_only(tiny_qwen25_dir):
     assert accepts(tok.encode(add)) and accepts(tok.encode(f"```json\n{add}\n{add}\n```"))  # bare, fenced
     assert not accepts(tok.encode('```json\n{"name": "add", "arguments": {"a": "one", "b": 2}}\n```'))
     assert not accepts(tok.encode('{"name": "nope", "arguments": {}}'))
+    assert not accepts(tok.encode(f"{add}\nThat is all."))  # calls end the turn
+    # the grammar's engine and Python read some characters differently as whitespace (\x1c) or word characters
+    # (²): answers beginning with them are answers to the reader too, never calls
+    bad = '{"name": "add", "arguments": {"a": "one", "b": 2}}'
+    for answer in ("\x1c" + bad, "```\u00b2" + bad, "```json\x1c" + bad):
+        assert accepts(tok.encode(answer)) and parse_hermes(answer, constrained=True).calls == ()
     assert not accepts(tagged('{"name": "nope", "arguments": {}}'))
     assert not accepts(tagged('{"name": "add", "arguments": {"a": "one", "b": 2}}'))
     assert not accepts(tagged('{"name": "get_weather", "arguments": {"town": "Paris"}}'))
